@@ -1,0 +1,35 @@
+// Schemas of the compiled kernels, all in one place. The public ops (synq::fake_quant, ...)
+// are declared in Python (synq_kernels/ops/); they pick a backend and, for the "cpu" and
+// "cuda" backends, call these kernels, whose CPU and CUDA implementations are registered per
+// dispatch key in csrc/cpu/ and csrc/cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing synq_kernels._C runs the static registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace synq {
+
+bool compiled_with_cuda() {
+#ifdef SYNQ_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY_FRAGMENT(synq, m) {
+  m.def("_compiled_with_cuda() -> bool", &compiled_with_cuda);
+  // qmin/qmax already resolved from bits and signedness; axis = -1 means per-tensor.
+  m.def("_fake_quant_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, "
+        "int axis) -> Tensor");
+  m.def("_fake_quant_bwd(Tensor dy, Tensor x, Tensor scale, Tensor zero_point, int qmin, "
+        "int qmax, int axis, float grad_factor, bool qparam_grads) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace synq

@@ -1,0 +1,22 @@
+"""synq_kernels: the fused kernels of synq as PyTorch custom ops.
+
+Every op has the backends "reference" (plain PyTorch), "cpu" (C++), "cuda" (CUDA C++) and
+"triton"; `backend=None` picks the fastest one available for the input's device.
+"""
+from . import _ext, backends, compiled  # noqa: F401  (compiled registers cpu / cuda)
+from . import reference
+from ._checks import value_checks
+from .backends import available_backends
+from .ops.fake_quant import fake_quant, quant_range
+
+backends.register("fake_quant", "reference",
+                  (reference.fake_quant_forward, reference.fake_quant_backward))
+
+try:
+    from .triton import fake_quant as _triton_fake_quant  # noqa: F401
+except ImportError:  # no triton on this platform: the other backends still work
+    pass
+
+__all__ = ["fake_quant", "quant_range", "available_backends", "value_checks", "backends",
+           "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The public ops: custom-op definitions in the `synq` namespace, fake kernels, autograd."""

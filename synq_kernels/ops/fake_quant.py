@@ -1,0 +1,117 @@
+"""Fused fake quantization with a straight-through estimator (LSQ+ gradients).
+
+Two custom ops, `synq::fake_quant` and `synq::fake_quant_backward`, each taking the name of
+the backend that runs it; autograd and the fake (meta) kernels are registered here once for
+all backends. The backends register their implementations in `synq_kernels.backends`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _checks, backends
+
+OP = "fake_quant"
+
+
+@torch.library.custom_op("synq::fake_quant", mutates_args=())
+def _fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                axis: int, grad_factor: float, backend: str) -> Tensor:
+    _checks.check_positive_finite("scale", scale)
+    fwd, _ = backends.implementation(OP, backend)
+    return fwd(x, scale, zero_point, qmin, qmax, axis)
+
+
+@_fake_quant.register_fake
+def _(x, scale, zero_point, qmin, qmax, axis, grad_factor, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("synq::fake_quant_backward", mutates_args=())
+def _fake_quant_backward(dy: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
+                         qmax: int, axis: int, grad_factor: float, qparam_grads: bool,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _, bwd = backends.implementation(OP, backend)
+    return bwd(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, qparam_grads)
+
+
+@_fake_quant_backward.register_fake
+def _(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, qparam_grads, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(scale, dtype=torch.float32),
+            torch.empty_like(zero_point, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, scale, zero_point, qmin, qmax, axis, grad_factor, backend = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.args = (qmin, qmax, axis, grad_factor, backend)
+
+
+def _backward(ctx, dy):
+    x, scale, zero_point = ctx.saved_tensors
+    qmin, qmax, axis, grad_factor, backend = ctx.args
+    need_s, need_z = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dx, ds, dz = torch.ops.synq.fake_quant_backward(
+        dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, need_s or need_z, backend)
+    return (dx if ctx.needs_input_grad[0] else None,
+            ds.to(scale.dtype) if need_s else None,
+            dz.to(zero_point.dtype) if need_z else None,
+            None, None, None, None, None)
+
+
+_fake_quant.register_autograd(_backward, setup_context=_setup_context)
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a `bits`-bit integer grid."""
+    _checks.check_int_range("bits", bits, 2, 8)
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _as_param(name: str, p, x: Tensor) -> Tensor:
+    if not isinstance(p, torch.Tensor):
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"{name} must be a tensor or a number, got {type(p).__name__}")
+        return torch.tensor(float(p), device=x.device)
+    if not p.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float32), got dtype {p.dtype}")
+    return p
+
+
+def fake_quant(x: Tensor, scale, zero_point, bits: int, signed: bool = False, axis=None,
+               grad_factor: float = 1.0, backend: str | None = None) -> Tensor:
+    """Fake-quantize `x` to a `bits`-bit grid and back, in one fused kernel.
+
+    y = (clamp(round(x / scale) + z, qmin, qmax) - z) * scale with
+    z = clamp(round(zero_point), qmin, qmax), rounding half to even, and
+    (qmin, qmax) = (-2^(bits-1), 2^(bits-1) - 1) if `signed` else (0, 2^bits - 1).
+
+    Args:
+        x: float32, float16 or bfloat16 tensor (computed in float32, returned in x's dtype).
+        scale, zero_point: float32 tensors of one element (`axis=None`, per-tensor) or of
+            x.shape[axis] elements (per-channel along dim `axis`, negative allowed).
+        bits: 2 to 8.
+        grad_factor: multiplies the scale and zero-point gradients (LSQ's gradient scale).
+        backend: "reference", "cpu", "cuda", "triton", or None for the fastest available on
+            x's device (the SYNQ_BACKEND environment variable may set the default).
+
+    Gradients (straight-through estimator, LSQ+): dx = dy where x is inside the clamp range
+    and 0 elsewhere; d scale = dy * (round(x/s) - x/s) inside, dy * (q_clamped - z) outside;
+    d zero_point = 0 inside, -dy * scale outside; both reduced to scale's shape.
+    """
+    qmin, qmax = quant_range(bits, signed)
+    _checks.check_float_tensor("x", x)
+    scale = _as_param("scale", scale, x)
+    zero_point = _as_param("zero_point", zero_point, x)
+    _checks.check_same_device(x=x, scale=scale, zero_point=zero_point)
+    ax = _checks.normalize_axis(axis, x.dim())
+    want = 1 if ax < 0 else x.shape[ax]
+    for name, p in (("scale", scale), ("zero_point", zero_point)):
+        if p.numel() != want:
+            where = "per-tensor (axis=None)" if ax < 0 else f"x.shape[{axis}]"
+            raise ValueError(f"{name} must hold {want} element(s) for {where}, "
+                             f"got shape {tuple(p.shape)}")
+    grad_factor = _checks.check_finite_float("grad_factor", grad_factor)
+    be = backends.resolve(OP, x.device, backend)
+    return torch.ops.synq.fake_quant(x, scale, zero_point, qmin, qmax, ax, grad_factor, be)
