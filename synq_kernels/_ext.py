@@ -5,7 +5,6 @@ for a compiled backend explains how to build it.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -17,9 +16,7 @@ _BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def load_error() -> str | None:
-    """None when `_C` is loaded, else why it is not."""
+def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (importing registers the kernels with the dispatcher)
     except ImportError as e:
@@ -30,13 +27,23 @@ def load_error() -> str | None:
     return None
 
 
+# Loaded once at import (plain globals rather than a cache, so torch.compile traces the
+# backend choice as constants).
+_LOAD_ERROR = _load()
+_HAS_CUDA = _LOAD_ERROR is None and bool(torch.ops.synq._compiled_with_cuda())
+
+
+def load_error() -> str | None:
+    """None when `_C` is loaded, else why it is not."""
+    return _LOAD_ERROR
+
+
 def has_cpu_kernels() -> bool:
-    return load_error() is None
+    return _LOAD_ERROR is None
 
 
-@functools.lru_cache(maxsize=None)
 def has_cuda_kernels() -> bool:
-    return load_error() is None and bool(torch.ops.synq._compiled_with_cuda())
+    return _HAS_CUDA
 
 
 def missing_reason(backend: str) -> str:
