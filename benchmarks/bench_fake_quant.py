@@ -1,0 +1,116 @@
+"""fake_quant forward and forward+backward against PyTorch's fake-quant ops.
+
+Byte counts (fp32): forward reads x and writes y, 8 B/element; backward reads x and dy and
+writes dx, 12 B/element; forward+backward 20 B/element. "copy %" compares the achieved rate
+with a plain copy of the same tensor (8 B/element) measured in the same run.
+
+    python -m benchmarks.bench_fake_quant [--quick] [--device cpu|cuda] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import synq_kernels as sk
+
+from .common import device_name, markdown_table, time_fn, write_results
+
+CHANNELS = 64
+
+
+def _torch_ops(x, s, z, zi, axis):
+    """PyTorch baselines: (name, forward, forward+backward or None)."""
+    if axis is None:
+        return [
+            ("torch.fake_quantize_per_tensor_affine",
+             lambda: torch.fake_quantize_per_tensor_affine(x, float(s.detach()), int(zi), 0, 15), None),
+            ("torch._fake_quantize_learnable_per_tensor_affine",
+             lambda: torch._fake_quantize_learnable_per_tensor_affine(x, s, z, 0, 15, 1.0),
+             lambda: torch._fake_quantize_learnable_per_tensor_affine(x, s, z, 0, 15, 1.0)),
+        ]
+    return [
+        ("torch.fake_quantize_per_channel_affine",
+         lambda: torch.fake_quantize_per_channel_affine(x, s.detach(), zi, 0, 0, 15), None),
+        ("torch._fake_quantize_learnable_per_channel_affine",
+         lambda: torch._fake_quantize_learnable_per_channel_affine(x, s, z, 0, 0, 15, 1.0),
+         lambda: torch._fake_quantize_learnable_per_channel_affine(x, s, z, 0, 0, 15, 1.0)),
+    ]
+
+
+def _fwd_bwd(f, x, s, z, dy):
+    def run():
+        y = f()
+        return torch.autograd.grad(y, (x, s, z), dy)
+    return run
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None,
+        backends: list[str] | None = None) -> list[dict]:
+    sizes = [1 << 16, 1 << 20, 1 << 24] if quick else [1 << 16, 1 << 20, 1 << 24, 1 << 26]
+    if backends is None:
+        backends = [b for b in sk.available_backends("fake_quant", device)
+                    if not (device == "cpu" and b == "triton")]
+    rows = []
+    for n in sizes:
+        x = torch.randn(CHANNELS, n // CHANNELS, device=device).requires_grad_()
+        dy = torch.randn_like(x)
+        copy_dst = torch.empty_like(x)
+        t_copy = time_fn(lambda: copy_dst.copy_(x.detach()), device)
+        copy_gbs = 8 * n / t_copy / 1e9
+        for axis in (None, 0):
+            shape = () if axis is None else (CHANNELS,)
+            s = torch.full(shape, 0.05, device=device, requires_grad=True)
+            z = torch.full(shape, 7.0, device=device, requires_grad=True)
+            zi = z.detach().to(torch.int32)
+            kind = "per-tensor" if axis is None else "per-channel"
+            base = {}
+            for name, fwd, fb in _torch_ops(x, s.reshape(1) if axis is None else s,
+                                            z.reshape(1) if axis is None else z, zi, axis):
+                t_f = time_fn(fwd, device)
+                t_fb = time_fn(_fwd_bwd(fb, x, s, z, dy), device) if fb else None
+                if fb:
+                    base = {"fwd": t_f, "fwd+bwd": t_fb}
+                elif "fwd" not in base:
+                    base["fwd_plain"] = t_f
+                rows.append(_row(n, kind, name, t_f, t_fb, copy_gbs, None, None))
+            for b in backends:
+                def fwd(b=b):
+                    return sk.fake_quant(x, s, z, 4, axis=axis, backend=b)
+                with torch.no_grad():
+                    t_f = time_fn(fwd, device)
+                t_fb = time_fn(_fwd_bwd(fwd, x, s, z, dy), device)
+                rows.append(_row(n, kind, f"synq[{b}]", t_f, t_fb, copy_gbs,
+                                 base["fwd"] / t_f, base["fwd+bwd"] / t_fb))
+            print(markdown_table(rows[-(len(backends) + 2):]), flush=True)
+    if out_dir:
+        write_results("fake_quant", rows, device, out_dir,
+                      notes="speedup = PyTorch learnable op time / synq time, same tensor, "
+                            "same run. 4 bits, unsigned; per-channel along dim 0 of a "
+                            f"({CHANNELS}, n/{CHANNELS}) tensor.")
+    return rows
+
+
+def _row(n, kind, impl, t_f, t_fb, copy_gbs, sp_f, sp_fb):
+    return {
+        "elements": n, "quant": kind, "impl": impl,
+        "fwd_ms": t_f * 1e3, "fwd_GB/s": 8 * n / t_f / 1e9,
+        "fwd+bwd_ms": t_fb * 1e3 if t_fb else "",
+        "fwd+bwd_GB/s": 20 * n / t_fb / 1e9 if t_fb else "",
+        "fwd+bwd_copy_%": 100 * (20 * n / t_fb / 1e9) / copy_gbs if t_fb else "",
+        "speedup_fwd": sp_f if sp_f else "", "speedup_fwd+bwd": sp_fb if sp_fb else "",
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="skip the 64M-element size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    print(f"fake_quant on {device_name(a.device)}")
+    run(a.quick, a.device, a.out)
+
+
+if __name__ == "__main__":
+    main()

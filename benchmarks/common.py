@@ -1,0 +1,93 @@
+"""Timing and result-writing helpers shared by the benchmarks.
+
+GPU timings use CUDA events through triton.testing.do_bench (median); CPU timings use
+torch.utils.benchmark (median of blocked runs). Every result file names its device, the
+versions and the date."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import re
+
+import torch
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def device_tag(device: str) -> str:
+    if device == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu"
+
+
+def time_fn(fn, device: str, min_run_time: float = 0.5) -> float:
+    """Median seconds per call of `fn`."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    from torch.utils import benchmark
+    fn()  # warm-up (first-call allocations, lazy initialisation)
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+def environment(device: str) -> dict:
+    env = {"device": device_name(device), "torch": torch.__version__,
+           "python": platform.python_version(),
+           "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_results(name: str, rows: list[dict], device: str, out_dir: str,
+                  notes: str = "") -> tuple[str, str]:
+    """Write rows as CSV and as a markdown table; returns the two paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{name}_{device_tag(device)}_{_dt.date.today().isoformat()}")
+    keys = list(rows[0]) if rows else []
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    env = environment(device)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {name}\n\n")
+        f.write("".join(f"- {k}: {v}\n" for k, v in env.items()))
+        if notes:
+            f.write(f"\n{notes}\n")
+        f.write("\n" + markdown_table(rows) + "\n")
+    return stem + ".csv", stem + ".md"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (torch preinstalled, no network): build the extension with its
+# CUDA kernels, run the tests (CUDA and Triton ones on the GPU), run every GPU benchmark,
+# and leave tables and a log in the folder given as the argument. Budget: under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh "$OUT"
+set -uo pipefail
+OUT=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+PY=${PYTHON:-python3}
+STATUS=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step environment
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+step build
+# sm_90 only: the check runs on an H100 and every second counts.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SYNQ_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+timeout 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
+"$PY" -c "import synq_kernels._ext as e; assert e.has_cuda_kernels(), e.load_error(); print('cuda kernels loaded')"
+
+step "tests (GPU)"
+timeout 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fake_quant.py tests/test_fake_quant_api.py \
+  $(ls tests/test_lowpass.py 2>/dev/null) -k "cuda or triton or compile or opcheck" \
+  --junitxml="$OUT/gpu_tests.xml" || STATUS=1
+
+step benchmarks
+timeout 200 "$PY" -m benchmarks --device cuda --quick --out "$OUT" || STATUS=1
+
+step done
+ls -la "$OUT"
+exit $STATUS
