@@ -58,9 +58,10 @@ def _extensions():
     # The C++ standard is left to torch (C++20 for torch 2.14, C++17 before).
     # -O3 and no -g: debug info doubles compile time and is not needed in a release build.
     # OpenMP drives at::parallel_for (torch's own libgomp is already loaded at run time).
-    # -fno-math-errno lets GCC vectorize nearbyint; -ffp-contract=off keeps the rounding of
+    # -fno-math-errno / -fno-trapping-math let GCC if-convert and vectorize the rounding and
+    # clamping selects (no code relies on FP exceptions); -ffp-contract=off keeps the rounding of
     # x / scale and (q - z) * scale identical to the reference.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
