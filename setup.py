@@ -34,6 +34,24 @@ def _have_cxx():
     return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 
 
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from the folder above `nvcc` on PATH, which is wrong when that
+    nvcc is a wrapper script (as on this project's CI machine); prefer a folder that really
+    holds the toolkit (bin/nvcc and libcudart)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    cands = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in cands:
+        has_lib = any(os.path.exists(os.path.join(home, d, "libcudart.so"))
+                      for d in ("lib64", "lib", "targets/x86_64-linux/lib"))
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and has_lib:
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     if _flag("SYNQ_BUILD_EXT") is False:
         print("synq: SYNQ_BUILD_EXT=0, building without synq_kernels._C")
@@ -42,6 +60,7 @@ def _extensions():
         print("synq: no C++ compiler found, building without synq_kernels._C "
               "(reference and Triton backends only)")
         return [], {}
+    _find_cuda_home()
     import torch
     from torch.utils import cpp_extension as ce
 
