@@ -106,7 +106,16 @@ def _extensions():
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))}
+    class BuildExt(ce.BuildExtension):
+        def build_extensions(self):
+            # Python's own CFLAGS carry -g; debug info doubles the C++ compile time.
+            for attr in ("compiler_so", "compiler", "compiler_cxx", "linker_so"):
+                cmd = getattr(self.compiler, attr, None)
+                if isinstance(cmd, list):
+                    setattr(self.compiler, attr, [a for a in cmd if a != "-g"])
+            super().build_extensions()
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=bool(shutil.which("ninja")))}
 
 
 ext_modules, cmdclass = _extensions()
