@@ -30,6 +30,8 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
         "int axis) -> Tensor");
   m.def("_fake_quant_bwd(Tensor dy, Tensor x, Tensor scale, Tensor zero_point, int qmin, "
         "int qmax, int axis, float grad_factor, bool qparam_grads) -> (Tensor, Tensor, Tensor)");
+  // y = a_h @ x @ a_w over the last two dims; a_h, a_w: the Gaussian low-pass circulants.
+  m.def("_lowpass_gaussian(Tensor x, Tensor a_h, Tensor a_w) -> Tensor");
 }
 
 }  // namespace synq

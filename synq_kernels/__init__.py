@@ -8,15 +8,21 @@ from . import reference
 from ._checks import value_checks
 from .backends import available_backends
 from .ops.fake_quant import fake_quant, quant_range
+from .ops.lowpass import lowpass
 
 backends.register("fake_quant", "reference",
                   (reference.fake_quant_forward, reference.fake_quant_backward))
+backends.register("lowpass", "reference", reference.lowpass_forward)
 
 try:
     from .triton import fake_quant as _triton_fake_quant  # noqa: F401
 except ImportError:  # no triton on this platform: the other backends still work
     pass
+try:
+    from .triton import lowpass as _triton_lowpass  # noqa: F401
+except ImportError:
+    pass
 
-__all__ = ["fake_quant", "quant_range", "available_backends", "value_checks", "backends",
-           "reference"]
+__all__ = ["fake_quant", "lowpass", "quant_range", "available_backends", "value_checks",
+           "backends", "reference"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .ops.lowpass import gaussian_matrix, lowpass_fft, use_separable
 
 
 def fake_quant_forward(x, scale, zero_point, qmin, qmax, axis):
@@ -21,3 +22,17 @@ def fake_quant_backward(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor,
 
 for _backend in ("cpu", "cuda"):
     backends.register("fake_quant", _backend, (fake_quant_forward, fake_quant_backward))
+
+
+def lowpass_filter(x, d0, mask):
+    if not use_separable(x, mask):
+        return lowpass_fft(x, d0, mask)
+    h, w = x.shape[-2:]
+    # float64 for the CPU kernel (it splits them by parity before rounding), float32 on GPUs.
+    dt = torch.float64 if x.device.type == "cpu" else torch.float32
+    return torch.ops.synq._lowpass_gaussian(x, gaussian_matrix(h, d0, x.device, dt),
+                                            gaussian_matrix(w, d0, x.device, dt))
+
+
+for _backend in ("cpu", "cuda"):
+    backends.register("lowpass", _backend, lowpass_filter)
