@@ -1,0 +1,480 @@
+"""The `synq` command: zero-shot quantization end to end, its stages, and the benchmarks.
+
+    synq quantize      synthesize, fine-tune with SynQ, evaluate, save (defaults: the bundled
+                       Fashion-MNIST ResNet-20 at W4A4 on a budget that runs in minutes on a CPU)
+    synq synthesize    only the synthetic calibration set
+    synq finetune      only the fine-tuning, from a synthetic set file
+    synq evaluate      top-1 / top-5 of a float or a saved quantized model on a test set
+    synq bench         the kernel benchmarks
+
+Exit codes: 0 success, 1 a run-time error (missing file, model that cannot be quantized),
+2 a bad command line, 130 interrupted (continue with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import pickle
+import platform
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+log = logging.getLogger("synq")
+
+# The default budget of `synq quantize`: sized so that the whole run on the bundled model
+# (synthesis, fine-tuning, two evaluations on 10k test images) stays under 10 minutes on a
+# 2-core CPU. The paper's budget (5,120 images x 1,000 steps, 100 x 200 iterations) is a
+# flag away.
+QUICK_SYNTH = {"num_images": 512, "batch_size": 256, "steps": 100}
+QUICK_FINETUNE = {"epochs": 6, "calib_epochs": 1, "iters_per_epoch": 40, "batch_size": 64}
+
+
+class UsageError(Exception):
+    """A bad option value found after parsing (exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------
+# options generated from the config dataclasses, so every hyper-parameter is a flag
+
+def _parse_optional(kind):
+    def parse(text):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _parse_pair(text):
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers 'lo,hi', got {text!r}")
+    return (lo, hi)
+
+
+def _add_dataclass_options(parser, cls, prefix: str, dest_prefix: str, defaults: dict,
+                           skip=()):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = dest_prefix + f.name
+        default = defaults.get(f.name, f.default)
+        hint = hints[f.name]
+        text = f"(default: {default})"
+        if hint is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=default, help=text)
+            continue
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint)
+        if hint is tuple or base is tuple:
+            kind = _parse_pair
+        elif type(None) in args:
+            kind = _parse_optional(base)
+        else:
+            kind = base
+        parser.add_argument(flag, dest=dest, type=kind, default=default, metavar=f.name.upper(),
+                            help=text)
+
+
+def _collect(args, cls, dest_prefix: str, skip=()):
+    return cls(**{f.name: getattr(args, dest_prefix + f.name)
+                  for f in dataclasses.fields(cls) if f.name not in skip})
+
+
+# ------------------------------------------------------------------------------------------
+# model and data
+
+def _add_model_options(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="default",
+                   help="'default' (the bundled Fashion-MNIST ResNet-20), a registry name "
+                        "(resnet20, resnet18, resnet50, mobilenet_v2; needs --weights), or "
+                        "'module:function' returning an nn.Module")
+    g.add_argument("--model-kwargs", default="{}", type=json.loads,
+                   help="JSON keyword arguments for the registry model or the function")
+    g.add_argument("--weights", help="state dict (.safetensors or .pt) to load into the model")
+    g.add_argument("--image-shape", type=lambda t: tuple(int(v) for v in t.split(",")),
+                   help="C,H,W of one input image (default: the bundled model's, or the test "
+                        "set's)")
+
+
+def _add_test_options(p):
+    p.add_argument("--test-set", default=None,
+                   help="fashion-mnist, digits, none, or 'module:function' returning a Dataset "
+                        "or an (x, y) pair (default: fashion-mnist for the bundled model, none "
+                        "otherwise)")
+
+
+def _add_run_options(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_model(args):
+    """(float model in eval mode, model spec for reloading, default image shape or None)."""
+    from . import io
+    if args.model == "default":
+        from .assets import DEFAULT_TEACHER, load_default_teacher
+        model, meta = load_default_teacher()
+        return model, {"source": "bundled", "name": DEFAULT_TEACHER}, tuple(meta["input_size"])
+    if ":" in args.model:
+        model = io.call_target(args.model, args.model_kwargs)
+        spec = {"source": "callable", "target": args.model, "kwargs": args.model_kwargs}
+    else:
+        from .models import get_model
+        if not args.weights:
+            raise UsageError(f"--model {args.model} is an untrained architecture: give its "
+                             f"pre-trained weights with --weights")
+        model = get_model(args.model, **args.model_kwargs)
+        spec = {"source": "registry", "name": args.model, "kwargs": args.model_kwargs}
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {args.model} returned {type(model).__name__}, not an "
+                         f"nn.Module")
+    if args.weights:
+        model.load_state_dict(_load_state(args.weights))
+    return model.eval(), spec, None
+
+
+def _load_state(path):
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {p} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p))
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_test_set(args):
+    from . import io
+    name = args.test_set
+    if name is None:
+        name = "fashion-mnist" if args.model == "default" else "none"
+    if name == "none":
+        return None
+    if name == "fashion-mnist":
+        from .data.fashion_mnist import fashion_mnist_dataset
+        return fashion_mnist_dataset("test")
+    if name == "digits":
+        from .data.digits import digits_datasets
+        return digits_datasets()[1]
+    if ":" in name:
+        return io.call_target(name)
+    raise UsageError(f"--test-set must be fashion-mnist, digits, none or module:function, "
+                     f"got {name!r}")
+
+
+def _image_shape(args, default, test_set):
+    if args.image_shape:
+        return args.image_shape
+    if default:
+        return default
+    if test_set is not None:
+        x = test_set[0][0] if not isinstance(test_set, (tuple, list)) else test_set[0][0]
+        return tuple(x.shape)
+    raise UsageError("give --image-shape C,H,W (no bundled model or test set to read it from)")
+
+
+# ------------------------------------------------------------------------------------------
+# the commands
+
+def _setup_run(out_dir: Path | None, args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.synq_run = True  # removed when the command ends
+        log.addHandler(handler)
+    log.info("synq %s: synq %s", __version__, " ".join(args.argv))
+
+
+def _check_quantizable(model, cfg) -> None:
+    """Fail before any long stage when the model holds a layer the quantizer cannot take."""
+    from .quant import quantize_model
+    quantize_model(model, cfg.wbits, cfg.abits)
+
+
+def _environment(device: str) -> dict:
+    env = {"synq": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "device": device, "threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    import synq_kernels
+    env["backends"] = synq_kernels.available_backends("fake_quant", torch.device(device).type)
+    return env
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _synth_config(args):
+    from .synth import SynthConfig
+    return dataclasses.replace(_collect(args, SynthConfig, "synth_", skip=("seed",)),
+                               seed=args.seed)
+
+
+def cmd_synthesize(args, model=None, out_file=None):
+    from . import synth
+    if model is None:
+        model, _, default_shape = load_model(args)
+        test_set = None if args.image_shape or default_shape else load_test_set(args)
+        shape = _image_shape(args, default_shape, test_set)
+        out_file = Path(args.out)
+        _setup_run(out_file.parent, args)
+    else:
+        shape = args._image_shape
+    cfg = _synth_config(args)
+    model = model.to(args.device)
+    t0 = time.time()
+    synth.synthesize(model, out_file, shape, config=cfg, device=args.device,
+                     progress=not args.no_progress)
+    log.info("synthetic set: %s (%d images, %.0f s)", out_file, cfg.num_images, time.time() - t0)
+    return out_file
+
+
+def _finetune_config(args):
+    from . import finetune
+    cfg = _collect(args, finetune.FinetuneConfig, "ft_", skip=("seed", "backend"))
+    return dataclasses.replace(cfg, seed=args.seed, backend=args.backend)
+
+
+def cmd_finetune(args, model=None, spec=None, data=None, test_set=None, out_dir=None):
+    from . import finetune, io
+    standalone = model is None
+    if standalone:
+        model, spec, _ = load_model(args)
+        test_set = load_test_set(args)
+        data = Path(args.data)
+        if not data.is_file():
+            raise FileNotFoundError(f"synthetic set {data} does not exist (make it with "
+                                    f"`synq synthesize`)")
+        _check_quantizable(model, _finetune_config(args))
+        from .synth import load_synthetic
+        try:
+            load_synthetic(data)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+            raise ValueError(f"{data} is not a synthetic set written by `synq synthesize` "
+                             f"({type(e).__name__}: {e})") from e
+        out_dir = Path(args.out)
+        _guard_out_dir(out_dir, args.resume, ("checkpoint.pt", "model.json"))
+        _setup_run(out_dir, args)
+    cfg = _finetune_config(args)
+    t0 = time.time()
+    result = finetune.finetune(model.to(args.device), str(data), cfg, eval_data=test_set,
+                               checkpoint=out_dir / "checkpoint.pt", resume=args.resume,
+                               device=args.device, progress=not args.no_progress)
+    io.save_quantized(result.student, out_dir, spec,
+                      extra={"finetune_config": cfg.to_dict(), "test_top1": result.top1})
+    log.info("fine-tuned in %.0f s; saved %s", time.time() - t0, out_dir)
+    if standalone and result.top1 is not None:
+        print(f"quantized top-1 {result.top1:.2f}% (top-5 {result.top5:.2f}%, n={result.n})")
+    return result
+
+
+def _guard_out_dir(out_dir: Path, resume: bool, markers) -> None:
+    found = [m for m in markers if (out_dir / m).exists()]
+    if found and not resume:
+        raise UsageError(f"{out_dir} already holds a run ({', '.join(found)}): pass --resume to "
+                         f"continue it, or choose another --out")
+
+
+def cmd_quantize(args):
+    from .evaluate import evaluate
+    t_start = time.time()
+    out_dir = Path(args.out)
+    _guard_out_dir(out_dir, args.resume, ("synthetic.pt", "checkpoint.pt", "summary.json"))
+    _setup_run(out_dir, args)
+    model, spec, default_shape = load_model(args)
+    _check_quantizable(model, _finetune_config(args))
+    test_set = load_test_set(args)
+    args._image_shape = _image_shape(args, default_shape, test_set)
+    model = model.to(args.device)
+    fp = evaluate(model, test_set, args.device) if test_set is not None else None
+    if fp:
+        log.info("float top-1 %.2f%%", fp["top1"])
+    data = cmd_synthesize(args, model, out_dir / "synthetic.pt")
+    result = cmd_finetune(args, model, spec, data, test_set, out_dir)
+    cfg = _finetune_config(args)
+    rows = [("float", fp), (f"W{cfg.wbits}A{cfg.abits} SynQ",
+                            {"top1": result.top1, "top5": result.top5, "n": result.n}
+                            if result.top1 is not None else None)]
+    summary = {
+        "command": ["synq"] + args.argv, "model": spec, "test_set": args.test_set or (
+            "fashion-mnist" if args.model == "default" else "none"),
+        "synth_config": _synth_config(args).validate().__dict__,
+        "finetune_config": cfg.to_dict(), "environment": _environment(args.device),
+        "float": fp, "quantized": rows[1][1], "wall_time_s": round(time.time() - t_start, 1),
+        "output": str(out_dir),
+    }
+    _write_json(out_dir / "summary.json", summary)
+    print(_table(rows, summary["test_set"]))
+    print(f"\nsaved to {out_dir} (model.safetensors, model.json, summary.json, log.txt) "
+          f"in {summary['wall_time_s']:.0f} s; reload with synq.io.load_quantized('{out_dir}')")
+    return summary
+
+
+def _table(rows, test_set):
+    lines = [f"| model | top-1 % ({test_set}) | top-5 % |", "|---|---|---|"]
+    for name, r in rows:
+        if r is None:
+            lines.append(f"| {name} | - | - |")
+        else:
+            lines.append(f"| {name} | {r['top1']:.2f} | {r['top5']:.2f} |")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate
+    from .io import load_quantized
+    test_set = load_test_set(args)
+    if test_set is None:
+        raise UsageError("evaluate needs a test set (--test-set)")
+    if args.quantized:
+        model = load_quantized(args.quantized, device=args.device)
+        name = "quantized"
+    else:
+        model, _, _ = load_model(args)
+        model, name = model.to(args.device), "float"
+    r = evaluate(model, test_set, args.device)
+    print(_table([(name, r)], args.test_set or "fashion-mnist"))
+    return r
+
+
+def cmd_bench(args):
+    from benchmarks.__main__ import main as bench_main
+    argv = ["--device", args.device, "--out", args.out] + (["--quick"] if args.quick else [])
+    argv += ["--only", args.only] if args.only else []
+    return bench_main(argv)
+
+
+# ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .finetune import FinetuneConfig
+    from .synth import SynthConfig
+    p = argparse.ArgumentParser(prog="synq", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"synq {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def synth_opts(sp):
+        g = sp.add_argument_group("synthesis (BN-statistics matching)")
+        _add_dataclass_options(g, SynthConfig, "synth-", "synth_", QUICK_SYNTH, skip=("seed",))
+
+    def ft_opts(sp):
+        g = sp.add_argument_group("quantization and SynQ fine-tuning")
+        _add_dataclass_options(g, FinetuneConfig, "", "ft_", QUICK_FINETUNE,
+                               skip=("seed", "backend"))
+        g.add_argument("--no-lowpass", dest="ft_use_lowpass", action="store_false",
+                       help="ablation: no low-pass filter")
+        g.add_argument("--no-cam", dest="ft_use_cam", action="store_false",
+                       help="ablation: no CAM alignment")
+        g.add_argument("--no-hard-soft-labels", dest="ft_use_hard_soft_labels",
+                       action="store_false", help="ablation: CE on every sample")
+        g.add_argument("--backend", default=None, choices=["reference", "cpu", "cuda", "triton"],
+                       help="synq_kernels backend (default: fastest available)")
+        sp.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out")
+
+    q = sub.add_parser("quantize", help="zero-shot quantization end to end")
+    _add_model_options(q), _add_test_options(q), _add_run_options(q)
+    q.add_argument("--out", default="runs/quantize", help="output folder (default: %(default)s)")
+    synth_opts(q), ft_opts(q)
+    q.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("synthesize", help="synthesize a calibration set from a model")
+    _add_model_options(s), _add_run_options(s)
+    s.add_argument("--out", default="runs/synthetic.pt", help="output file (resumes if present)")
+    s.set_defaults(test_set="none")
+    synth_opts(s)
+    s.set_defaults(func=cmd_synthesize)
+
+    f = sub.add_parser("finetune", help="quantize and fine-tune on a synthetic set")
+    _add_model_options(f), _add_test_options(f), _add_run_options(f)
+    f.add_argument("--data", required=True, help="synthetic set written by `synq synthesize`")
+    f.add_argument("--out", default="runs/finetune", help="output folder")
+    ft_opts(f)
+    f.set_defaults(func=cmd_finetune)
+
+    e = sub.add_parser("evaluate", help="top-1 / top-5 on a test set")
+    _add_model_options(e), _add_test_options(e), _add_run_options(e)
+    e.add_argument("--quantized", help="folder of a saved quantized model (else the float model)")
+    e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("bench", help="run the kernel benchmarks")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--out", default="benchmarks/results")
+    b.add_argument("--only", default=None)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def _validate_options(args) -> None:
+    """Check the hyper-parameters before any model is loaded, as command-line errors."""
+    from .finetune import FinetuneConfig
+    from .synth import SynthConfig
+    try:
+        if hasattr(args, "synth_steps"):
+            _collect(args, SynthConfig, "synth_", skip=("seed",)).validate()
+        if hasattr(args, "ft_wbits"):
+            _collect(args, FinetuneConfig, "ft_", skip=("seed", "backend")).validate()
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if not log.handlers:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("synq: %(message)s"))
+        log.addHandler(console)
+        log.setLevel(logging.INFO)
+    try:
+        _validate_options(args)
+        result = args.func(args)
+    except UsageError as e:
+        parser.error(str(e))  # exits 2
+    except KeyboardInterrupt:
+        print("\nsynq: interrupted; run the same command with --resume to continue",
+              file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+        print(f"synq: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for h in [h for h in log.handlers if getattr(h, "synq_run", False)]:
+            log.removeHandler(h)
+            h.close()
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

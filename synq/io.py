@@ -1,0 +1,93 @@
+"""Saving and reloading quantized models: weights and quantizer state as safetensors, and a
+JSON beside them with what is needed to rebuild the module (the float architecture and the
+quantization settings)."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import quant
+
+FORMAT = "synq-quantized-v1"
+
+
+def build_float_model(spec: dict) -> nn.Module:
+    """The float architecture described by a model spec (weights as initialized):
+    {"source": "bundled", "name"} | {"source": "registry", "name", "kwargs"} |
+    {"source": "callable", "target": "module:function", "kwargs"}."""
+    source = spec.get("source")
+    if source == "bundled":
+        from .assets import ASSETS_DIR
+        from .models import get_model
+        meta = json.loads((ASSETS_DIR / f"{spec['name']}.json").read_text())
+        return get_model(meta["architecture"], **meta["kwargs"])
+    if source == "registry":
+        from .models import get_model
+        return get_model(spec["name"], **spec.get("kwargs", {}))
+    if source == "callable":
+        return call_target(spec["target"], spec.get("kwargs", {}))
+    raise ValueError(f"unknown model source {source!r} in the model spec {spec!r}")
+
+
+def call_target(target: str, kwargs: dict | None = None):
+    """Import `module:function` and call it with `kwargs`."""
+    if not isinstance(target, str) or target.count(":") != 1:
+        raise ValueError(f"expected 'module:function', got {target!r}")
+    mod_name, fn_name = target.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {mod_name!r} of {target!r}: {e}") from e
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"{target!r}: module {mod_name!r} has no callable {fn_name!r}")
+    return fn(**(kwargs or {}))
+
+
+def save_quantized(model: nn.Module, out_dir, model_spec: dict, extra: dict | None = None) -> Path:
+    """Write `model.safetensors` and `model.json` into `out_dir` (atomically each)."""
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "quant_config", None)
+    if cfg is None:
+        raise ValueError("save_quantized takes a model returned by synq.quant.quantize_model")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    meta = {"format": FORMAT, "model": model_spec, "quant_config": cfg, **(extra or {})}
+    tmp = out / "model.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "model.json")
+    return out
+
+
+def load_quantized(path, device="cpu") -> nn.Module:
+    """Reload a model saved by `save_quantized` (a folder, or its model.json), in eval mode with
+    frozen activation ranges: its outputs equal the saved model's."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    meta_path, weights = folder / "model.json", folder / "model.safetensors"
+    for f in (meta_path, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: not a folder written by synq "
+                                    f"(save_quantized / `synq quantize`)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    cfg = dict(meta["quant_config"])
+    model = quant.quantize_model(build_float_model(meta["model"]), **cfg)
+    model.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+    for q in quant.act_quantizers(model).values():
+        q.calibrating = False
+    model.meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,189 @@
+"""The `synq` command: argument handling, errors and exit codes, a tiny end-to-end run on
+sklearn's digits, save / reload, resume."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from synq import cli
+from synq.io import load_quantized
+
+TEACHER_MODULE = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from synq.data.digits import digits_datasets
+
+    _CACHE = {}
+
+    def model():
+        """A small BatchNorm CNN trained on digits for a few seconds (cached per process)."""
+        if "m" not in _CACHE:
+            torch.manual_seed(0)
+            net = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+            x, y = digits_datasets()[0].tensors
+            opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(15):
+                for idx in torch.randperm(len(y), generator=g).split(64):
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+                    opt.step()
+            _CACHE["m"] = net.eval()
+        return _CACHE["m"]
+
+    def test_set():
+        return digits_datasets()[1]
+
+    def not_a_model():
+        return 42
+''')
+
+FT_TINY = ["--image-shape", "1,8,8", "--epochs", "2", "--calib-epochs", "1",
+           "--iters-per-epoch", "4", "--batch-size", "32", "--no-progress", "--device", "cpu"]
+TINY = FT_TINY + ["--synth-num-images", "64", "--synth-batch-size", "32", "--synth-steps", "10"]
+
+
+@pytest.fixture
+def digits_module(tmp_path, monkeypatch):
+    (tmp_path / "digits_teacher.py").write_text(TEACHER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "digits_teacher"
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert "synq" in capsys.readouterr().out
+    for sub in ("quantize", "synthesize", "finetune", "evaluate", "bench"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+
+
+def test_every_hyper_parameter_is_an_option():
+    text = cli.build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
+    for flag in ("--tau", "--lambda-cam", "--lambda-ce", "--d0", "--kd-temperature",
+                 "--kd-alpha", "--no-lowpass", "--no-cam", "--no-hard-soft-labels",
+                 "--synth-beta", "--synth-gamma", "--synth-steps", "--backend", "--seed",
+                 "--wbits", "--abits", "--resume", "--model", "--test-set", "--device"):
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "--wbits", "9"], "wbits must be"),
+    (["quantize", "--abits", "1"], "abits must be"),
+    (["quantize", "--tau", "1.5"], "tau"),
+    (["quantize", "--tau", "0"], "tau"),
+    (["quantize", "--d0", "-1"], "d0"),
+    (["quantize", "--epochs", "0"], "epochs must be a positive integer"),
+    (["quantize", "--synth-steps", "0"], "steps must be a positive integer"),
+    (["quantize", "--threads", "0"], "--threads"),
+    (["quantize", "--wbits", "four"], "invalid int value"),
+    (["quantize", "--backend", "gpu"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_option_values_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_synthetic_file_exits_1(tmp_path, digits_module, capsys):
+    code = cli.main(["finetune", "--model", f"{digits_module}:model", "--data",
+                     str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")] + FT_TINY)
+    assert code == 1
+    assert "nope.pt does not exist" in capsys.readouterr().err
+
+
+def test_missing_weights_and_bad_model(tmp_path, digits_module, capsys):
+    assert cli.main(["evaluate", "--model", "resnet20", "--weights", str(tmp_path / "w.pt"),
+                     "--test-set", "digits"]) == 1
+    assert "w.pt does not exist" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", "no_such_module_xyz:f", "--test-set", "digits"]) == 1
+    assert "cannot import module" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--model", f"{digits_module}:not_a_model", "--test-set", "digits"])
+    assert e.value.code == 2
+    assert "not an nn.Module" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--model", "resnet20", "--test-set", "digits"])
+    assert e.value.code == 2 and "--weights" in capsys.readouterr().err
+
+
+def test_model_that_cannot_be_quantized(tmp_path, monkeypatch, capsys):
+    (tmp_path / "conv3d_model.py").write_text(
+        "from torch import nn\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2), nn.ReLU())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = cli.main(["finetune", "--model", "conv3d_model:model", "--data", __file__,
+                     "--out", str(tmp_path / "o")] + FT_TINY)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "synq: error:" in err
+
+
+def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
+    out = tmp_path / "run"
+    argv = ["quantize", "--model", f"{digits_module}:model", "--test-set",
+            f"{digits_module}:test_set", "--out", str(out), "--wbits", "8", "--abits", "8"] + TINY
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| float |" in printed and "W8A8 SynQ" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["float"]["top1"] > 80
+    assert summary["quantized"]["top1"] > 50, summary["quantized"]  # chance is 10%
+    for name in ("model.safetensors", "model.json", "log.txt", "synthetic.pt", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert summary["environment"]["torch"] == torch.__version__
+
+    # the saved model reloads with one call and gives the reported accuracy
+    model = load_quantized(out)
+    from digits_teacher import test_set
+    from synq.evaluate import evaluate
+    assert evaluate(model, test_set())["top1"] == pytest.approx(summary["quantized"]["top1"])
+    x = test_set().tensors[0][:16]
+    assert torch.equal(model(x), load_quantized(out)(x))
+
+    # a second run into the same folder must not silently overwrite it ...
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "--resume" in capsys.readouterr().err
+    # ... and --resume picks the finished run up again with the same result
+    assert cli.main(argv + ["--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["quantized"]["top1"] == summary["quantized"]["top1"]
+
+    # the stage commands read and write the same files
+    assert cli.main(["evaluate", "--quantized", str(out), "--test-set",
+                     f"{digits_module}:test_set", "--no-progress"]) == 0
+    assert f"{summary['quantized']['top1']:.2f}" in capsys.readouterr().out
+
+
+def test_interrupt_exits_130_and_says_resume(tmp_path, digits_module, monkeypatch, capsys):
+    import synq.finetune
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synq.finetune, "finetune", interrupted)
+    argv = ["quantize", "--model", f"{digits_module}:model", "--test-set", "none",
+            "--out", str(tmp_path / "r")] + TINY
+    assert cli.main(argv) == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    """`python -m synq` is the same program as the installed `synq` command."""
+    r = subprocess.run([sys.executable, "-m", "synq", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("synq ")
