@@ -1,0 +1,71 @@
+"""Top-1 / top-5 accuracy on a labelled test set, and an FP-versus-quantized report."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["evaluate", "compare", "format_report", "as_loader"]
+
+
+def as_loader(data, batch_size: int = 500) -> DataLoader:
+    """A DataLoader over `data`: a DataLoader (returned as is), a Dataset of (x, y), or a pair
+    of tensors (x, y)."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        data = TensorDataset(*data)
+    if not isinstance(data, Dataset):
+        raise TypeError(f"expected a DataLoader, a Dataset or an (x, y) pair of tensors, got "
+                        f"{type(data).__name__}")
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device=None) -> dict:
+    """{"top1", "top5", "n"}: accuracies in percent over every sample of `loader` (a DataLoader,
+    Dataset or (x, y) pair). Top-5 becomes top-k with k = number of classes when there are
+    fewer than 5. The model runs in eval mode; its previous mode is restored."""
+    loader = as_loader(loader)
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = n = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            correct1 += int(hit[:, 0].sum())
+            correct5 += int(hit.any(dim=1).sum())
+            n += int(y.numel())
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate got an empty test set")
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+
+
+def compare(fp_model: nn.Module, quant_model: nn.Module, loader, device=None) -> dict:
+    """Accuracy of the float and the quantized model on the same test set, and the drop."""
+    loader = as_loader(loader)
+    fp = evaluate(fp_model, loader, device)
+    q = evaluate(quant_model, loader, device)
+    return {"fp": fp, "quant": q, "top1_drop": fp["top1"] - q["top1"]}
+
+
+def format_report(report: dict, label: str = "quantized") -> str:
+    """A small markdown table of a `compare` result."""
+    fp, q = report["fp"], report["quant"]
+    return "\n".join([
+        "| model | top-1 % | top-5 % | n |",
+        "|---|---|---|---|",
+        f"| float | {fp['top1']:.2f} | {fp['top5']:.2f} | {fp['n']} |",
+        f"| {label} | {q['top1']:.2f} | {q['top5']:.2f} | {q['n']} |",
+        f"\ntop-1 drop: {report['top1_drop']:.2f} points",
+    ])

@@ -1,0 +1,467 @@
+"""Synthesis-aware fine-tuning of a quantized model (METHOD.md sections 3 and 4).
+
+Per batch: augmentation (random-resized-crop, flip), the low-pass filter
+(`synq_kernels.lowpass`), then
+
+    L = KD(S, T) + lambda_ce * CE_easy(S, y) + lambda_cam * MSE(CAM_S, CAM_T)
+        [+ fa_weight * feature attention] [+ the same on x + eps * sign(grad_x L)]
+
+with KD on every sample, CE averaged over the easy samples only (delta = 1 - p_T(y) < tau),
+and Grad-CAM maps of both models at the last convolution with spatial extent above 1x1. Each
+SynQ component has its own switch (`use_lowpass`, `use_cam`, `use_hard_soft_labels`; with the
+last off, CE covers every sample), so an ablation is one flag each.
+
+The teacher is a frozen copy (requires_grad False); its Grad-CAM gradient comes from
+torch.autograd.grad with respect to its last-conv activation alone. Hooks are registered once
+per run and removed at the end. The student stays in eval mode (BatchNorm running statistics
+frozen, affine parameters trained). The first `calib_epochs` epochs only calibrate the
+activation ranges (EMA), then SGD (Nesterov) with a cosine schedule trains. Data order and
+augmentation come from generators seeded by (seed, epoch), and a checkpoint (student with
+quantizer ranges, optimizer, scheduler, RNG states, epoch, history) is written atomically after
+every epoch, so `resume=True` continues an interrupted run to the same result.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import random
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+from tqdm import tqdm
+
+from . import filters
+from .evaluate import evaluate
+from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce,
+                     feature_attention_loss, gradcam_map, kd_loss)
+from .quant import ActQuantizer, act_quantizers, check_bits, quantize_model, set_calibration
+from .synth import augment_batch, load_synthetic, model_fingerprint, save_atomic, \
+    seeded_generator
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
+           "residual_add_layers"]
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that determines a fine-tuning run's result (checkpoints must match it)."""
+    # quantization
+    wbits: int = 4
+    abits: int = 4
+    first_last_bits: int | None = None
+    symmetric_weights: bool = False
+    learnable: str | None = None          # None, "lsq" or "lsq+"
+    backend: str | None = None            # synq_kernels backend of fake_quant and lowpass
+    # schedule
+    epochs: int = 100                     # calibration epochs included
+    calib_epochs: int = 4
+    iters_per_epoch: int | None = 200     # None: one pass over the data per epoch
+    batch_size: int = 256
+    lr: float = 1e-5                      # searched in {1e-4, 1e-5, 1e-6} by the paper
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"              # or "constant"
+    # input pipeline
+    augment: bool = True
+    crop_scale: tuple = (0.5, 1.0)
+    flip: bool = True
+    # SynQ component 1: low-pass filter
+    use_lowpass: bool = True
+    d0: float = 80.0
+    lowpass_mask: str = "gaussian"
+    # SynQ component 2: CAM alignment
+    use_cam: bool = True
+    lambda_cam: float = 200.0
+    cam_layer: str | None = None          # None: last conv with spatial extent above 1x1
+    cam_eps: float = 1e-8
+    # SynQ component 3: soft labels only for hard samples
+    use_hard_soft_labels: bool = True
+    tau: float = 0.5
+    lambda_ce: float = 5.0
+    # knowledge distillation (always on)
+    kd_temperature: float = 20.0
+    kd_alpha: float = 20.0
+    # HAST terms (off by default)
+    feature_attention: bool = False
+    fa_weight: float = 1000.0
+    difficulty_promotion: bool = False
+    dp_eps: float = 0.01
+    seed: int = 0
+
+    def validate(self) -> "FinetuneConfig":
+        check_bits("wbits", self.wbits)
+        check_bits("abits", self.abits)
+        if self.first_last_bits is not None:
+            check_bits("first_last_bits", self.first_last_bits)
+        check_tau(self.tau)
+        for name in ("epochs", "calib_epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.calib_epochs > self.epochs:
+            raise ValueError(f"calib_epochs ({self.calib_epochs}) must not exceed epochs "
+                             f"({self.epochs})")
+        if self.iters_per_epoch is not None and (not isinstance(self.iters_per_epoch, int)
+                                                 or self.iters_per_epoch < 1):
+            raise ValueError(f"iters_per_epoch must be None or a positive integer, got "
+                             f"{self.iters_per_epoch!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        for name in ("lambda_cam", "lambda_ce", "kd_alpha", "fa_weight", "dp_eps",
+                     "weight_decay", "momentum"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature must be positive, got {self.kd_temperature!r}")
+        if not self.cam_eps > 0:
+            raise ValueError(f"cam_eps must be positive, got {self.cam_eps!r}")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, "
+                             f"got {self.crop_scale!r}")
+        if self.use_lowpass:
+            filters.check_lowpass_args(self.d0, self.lowpass_mask)
+        if self.learnable not in (None, "lsq", "lsq+"):
+            raise ValueError(f"learnable must be None, 'lsq' or 'lsq+', got {self.learnable!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["crop_scale"] = list(d["crop_scale"])
+        return d
+
+
+@dataclass
+class FinetuneResult:
+    student: nn.Module
+    top1: float | None          # final epoch's accuracy on eval_data (None without it)
+    top5: float | None
+    n: int | None
+    history: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer selection
+
+def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """Name of the last Conv2d (in execution order) whose output is larger than 1x1."""
+    seen = []
+    handles = [m.register_forward_hook(
+        lambda mod, inp, out, name=name: seen.append((name, tuple(out.shape[2:]))))
+        for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, hw in reversed(seen):
+        if hw[0] * hw[1] > 1:
+            return name
+    raise ValueError(f"{type(model).__name__} has no Conv2d with an output larger than 1x1 "
+                     f"for input {tuple(example.shape[1:])}; name a CAM layer (cam_layer=...)")
+
+
+def residual_add_layers(model: nn.Module) -> list[str]:
+    """Names of the residual-add modules (synq.models.common.Add): the block outputs the HAST
+    feature-attention term compares."""
+    from .models.common import Add
+    return [n for n, m in model.named_modules() if isinstance(m, Add)]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, (str, Path)):
+        data = load_synthetic(data)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+    elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+    elif isinstance(data, Dataset):
+        items = [data[i] for i in range(len(data))]
+        x = torch.stack([torch.as_tensor(a) for a, _ in items])
+        y = torch.as_tensor([int(b) for _, b in items])
+    else:
+        raise TypeError(f"train_data must be a synthetic-data file, a Dataset of (x, y) or an "
+                        f"(x, y) pair of tensors, got {type(data).__name__}")
+    if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"train_data must hold N x C x H x W images and N labels, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    return x.float(), y.long()
+
+
+def _data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(str((tuple(x.shape), tuple(y.shape))).encode())
+    h.update(x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(y.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _epoch_indices(n: int, iters: int, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """`iters` batches drawn without replacement from successive permutations of range(n)."""
+    need = iters * batch
+    perms = [torch.randperm(n, generator=gen) for _ in range(math.ceil(need / n))]
+    order = torch.cat(perms)[:need]
+    return [order[i * batch:(i + 1) * batch] for i in range(iters)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Step:
+    """The losses of one batch; holds the hooks (registered once per run)."""
+
+    def __init__(self, cfg: FinetuneConfig, teacher, student, cam_layer, fa_layers, stack):
+        self.cfg, self.teacher, self.student = cfg, teacher, student
+        self.cam_layer, self.fa_layers = cam_layer, fa_layers
+        self.t_cam = self.s_cam = self.t_fa = self.s_fa = None
+        if cfg.use_cam:
+            self.t_cam = stack.enter_context(ActivationCapture(teacher, [cam_layer], True))
+            self.s_cam = stack.enter_context(ActivationCapture(student, [cam_layer]))
+        if cfg.feature_attention:
+            self.t_fa = stack.enter_context(ActivationCapture(teacher, fa_layers))
+            self.s_fa = stack.enter_context(ActivationCapture(student, fa_layers))
+
+    def losses(self, x, y):
+        cfg = self.cfg
+        parts = {}
+        with torch.set_grad_enabled(cfg.use_cam):
+            t_logits = self.teacher(x)
+        if cfg.use_cam:
+            a_t = self.t_cam.outputs[self.cam_layer]
+            score = t_logits.gather(1, t_logits.argmax(1, keepdim=True)).sum()
+            (g_t,) = torch.autograd.grad(score, a_t)
+            cam_t = gradcam_map(a_t.detach(), g_t, x.shape[2:], cfg.cam_eps)
+        t_logits = t_logits.detach()
+
+        s_logits = self.student(x)
+        kd = kd_loss(s_logits, t_logits, cfg.kd_temperature, cfg.kd_alpha)
+        if cfg.use_hard_soft_labels:
+            easy = difficulty(t_logits, y) < cfg.tau
+            ce = easy_ce(s_logits, y, easy)
+            parts["easy"] = easy.float().mean().detach()
+        else:
+            ce = F.cross_entropy(s_logits, y)
+        total = kd + cfg.lambda_ce * ce
+        parts.update(kd=kd.detach(), ce=ce.detach())
+        if cfg.use_cam:
+            a_s = self.s_cam.outputs[self.cam_layer]
+            score = s_logits.gather(1, s_logits.argmax(1, keepdim=True)).sum()
+            (g_s,) = torch.autograd.grad(score, a_s, retain_graph=True)
+            cam = cam_loss(gradcam_map(a_s, g_s, x.shape[2:], cfg.cam_eps), cam_t)
+            total = total + cfg.lambda_cam * cam
+            parts["cam"] = cam.detach()
+        if cfg.feature_attention:
+            fa = feature_attention_loss([self.s_fa.outputs[n] for n in self.fa_layers],
+                                        [self.t_fa.outputs[n] for n in self.fa_layers])
+            total = total + cfg.fa_weight * fa
+            parts["fa"] = fa.detach()
+        return total, s_logits.detach(), parts
+
+    def __call__(self, x, y):
+        if not self.cfg.difficulty_promotion:
+            return self.losses(x, y)
+        # HAST difficulty promotion: the same losses again on x + eps * sign(grad_x L).
+        x = x.detach().requires_grad_(True)
+        total, logits, parts = self.losses(x, y)
+        (gx,) = torch.autograd.grad(total, x, retain_graph=True)
+        x2 = (x + self.cfg.dp_eps * gx.sign()).detach()
+        total2, _, _ = self.losses(x2, y)
+        parts["promoted"] = total2.detach()
+        return total + total2, logits, parts
+
+
+def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = None, *,
+             eval_data=None, checkpoint=None, resume: bool = False, device=None,
+             eval_every: int = 0, progress: bool = True,
+             on_epoch_end: Callable[[int, dict], None] | None = None,
+             **overrides) -> FinetuneResult:
+    """Quantize `teacher` and fine-tune the quantized copy on `train_data`.
+
+    Args:
+        teacher: the pre-trained float model (not modified; a frozen copy is used).
+        train_data: a `synthesize` output file, a Dataset of (x, y), or an (x, y) pair of
+            tensors (real images give the ceiling of the method).
+        config: a FinetuneConfig; keyword `overrides` replace its fields.
+        eval_data: test set (DataLoader, Dataset or (x, y)); its accuracy after the final epoch
+            is the result (`eval_every` > 0 also evaluates every that many epochs, for the
+            curve in the history; never used to pick an epoch).
+        checkpoint: file written atomically after every epoch; with `resume=True` an existing
+            one (same config, teacher and data, else ValueError) is continued.
+        on_epoch_end: called with (epoch index, that epoch's history entry) after the checkpoint
+            is written.
+
+    Returns a FinetuneResult (student in eval mode, final top1 / top5 / n, per-epoch history).
+    """
+    cfg = dataclasses.replace(config or FinetuneConfig(), **overrides).validate()
+    if cfg.use_lowpass and not filters.has_lowpass():
+        raise RuntimeError("use_lowpass=True needs synq_kernels.lowpass, which the installed "
+                           "synq_kernels lacks; update it or set use_lowpass=False")
+    x_all, y_all = _as_tensors(train_data)
+    if device is None:
+        p = next(teacher.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    student = quantize_model(teacher, cfg.wbits, cfg.abits, first_last_bits=cfg.first_last_bits,
+                             symmetric_weights=cfg.symmetric_weights, learnable=cfg.learnable,
+                             backend=cfg.backend).requires_grad_(True).eval()
+
+    cam_layer = None
+    if cfg.use_cam:
+        modules = dict(teacher.named_modules())
+        if cfg.cam_layer is not None:
+            if cfg.cam_layer not in modules or cfg.cam_layer == "":
+                convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)][-3:]
+                raise ValueError(f"cam_layer {cfg.cam_layer!r} is not a module of "
+                                 f"{type(teacher).__name__} (its last convolutions: "
+                                 f"{', '.join(convs)})")
+            cam_layer = cfg.cam_layer
+        else:
+            cam_layer = find_cam_layer(teacher, x_all[:1].to(device))
+    fa_layers = residual_add_layers(teacher) if cfg.feature_attention else []
+    if cfg.feature_attention and not fa_layers:
+        raise ValueError("feature_attention needs residual-add modules (synq.models.common.Add)"
+                         f" in the model; {type(teacher).__name__} has none")
+
+    n = len(y_all)
+    iters = cfg.iters_per_epoch or math.ceil(n / cfg.batch_size)
+    train_iters = (cfg.epochs - cfg.calib_epochs) * iters
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        (no_decay if "quantizer" in name else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                          momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(train_iters, 1))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    meta = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+            "teacher": model_fingerprint(teacher), "data": _data_fingerprint(x_all, y_all)}
+    history, start_epoch = [], 0
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        for key in ("format", "config", "teacher", "data"):
+            if ckpt["meta"].get(key) != meta[key]:
+                raise ValueError(f"checkpoint {ckpt_path} belongs to another run (its {key} "
+                                 f"differs); delete it or pass resume=False")
+        student.load_state_dict(ckpt["student"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+    else:
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+
+    def batches(epoch):
+        gen = seeded_generator(cfg.seed, 3, epoch)
+        for idx in _epoch_indices(n, iters, cfg.batch_size, gen):
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            if cfg.augment:
+                x = augment_batch(x, gen, cfg.crop_scale, cfg.flip)
+            if cfg.use_lowpass:
+                x = filters.lowpass(x, cfg.d0, cfg.lowpass_mask, cfg.backend)
+            yield x, y
+
+    quantizers = list(act_quantizers(student).values())
+    with ExitStack() as stack:
+        step = _Step(cfg, teacher, student, cam_layer, fa_layers, stack)
+        for epoch in range(start_epoch, cfg.epochs):
+            calibrating = epoch < cfg.calib_epochs
+            for q in quantizers:
+                q.calibrating = calibrating
+            t0 = time.time()
+            sums, correct, seen = {}, 0, 0
+            bar = tqdm(batches(epoch), total=iters, disable=not progress, mininterval=1.0,
+                       dynamic_ncols=True,
+                       desc=f"{'calibrate' if calibrating else 'fine-tune'} "
+                            f"{epoch + 1}/{cfg.epochs}")
+            for x, y in bar:
+                if calibrating:
+                    with torch.no_grad():
+                        logits = student(x)
+                    parts = {}
+                else:
+                    loss, logits, parts = step(x, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    parts["loss"] = loss.detach()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                post = {"acc": f"{100.0 * correct / seen:.1f}"}
+                if "loss" in sums:
+                    post["loss"] = f"{sums['loss'] / seen:.4f}"
+                bar.set_postfix(post, refresh=False)
+            bar.close()
+            if epoch == cfg.calib_epochs - 1:
+                set_calibration(student, False)  # freeze; learnable ranges start from here
+            entry = {"epoch": epoch + 1, "phase": "calibrate" if calibrating else "train",
+                     "train_acc": 100.0 * correct / max(seen, 1),
+                     "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+            entry.update({k: v / max(seen, 1) for k, v in sums.items()})
+            if eval_data is not None and eval_every and (epoch + 1) % eval_every == 0 \
+                    and epoch + 1 < cfg.epochs:
+                entry["test"] = evaluate(student, eval_data, device)
+            history.append(entry)
+            if ckpt_path is not None:
+                save_atomic({"meta": meta, "epoch": epoch + 1, "student": student.state_dict(),
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "rng": _rng_state(), "history": history}, ckpt_path)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, entry)
+    for q in quantizers:
+        q.calibrating = False
+    student.eval()
+    top1 = top5 = n_eval = None
+    if eval_data is not None:
+        res = evaluate(student, eval_data, device)
+        top1, top5, n_eval = res["top1"], res["top5"], res["n"]
+        if history:
+            history[-1]["test"] = res
+    return FinetuneResult(student, top1, top5, n_eval, history, cfg.to_dict())

@@ -1,0 +1,366 @@
+"""Fake-quantized models: weight and activation quantizers, quantized Conv2d / Linear, and
+`quantize_model`, which turns a float CNN into its fake-quantized copy.
+
+The quantizer is the one of the SynQ paper (METHOD.md section 2):
+
+- weights: per-output-channel, asymmetric, range = min / max of the current float weights,
+  recomputed at every forward (under no_grad, so the range itself gets no gradient);
+- activations: per-tensor, asymmetric (unsigned grid), one quantizer after every ReLU / ReLU6
+  module (residual adds followed by a ReLU are covered by the quantizer of that ReLU); range =
+  EMA (momentum 0.9) of the batch min / max while calibrating, then frozen;
+- every fake quantization goes through `synq_kernels.fake_quant` (straight-through estimator
+  for the input, LSQ+ gradients for learnable scale / zero point);
+- BatchNorm is left untouched in floating point.
+
+Ranges always include zero, so that zero (padding, dead ReLUs) is exactly representable.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import synq_kernels
+
+__all__ = ["WeightQuantizer", "ActQuantizer", "QuantAct", "QuantConv2d", "QuantLinear",
+           "quantize_model", "quant_layers", "act_quantizers", "set_calibration",
+           "calibrate", "check_bits", "LEARNABLE_MODES"]
+
+LEARNABLE_MODES = (None, "lsq", "lsq+")
+_EPS = 1e-8  # smallest scale: a constant tensor (max == min) quantizes to itself, no NaN
+
+# Modules that quantize_model refuses: weight-bearing layers it has no quantized version of,
+# and non-linearities after which it would silently leave the activations in float.
+_UNSUPPORTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+                            nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
+                            nn.Hardtanh)
+_FLOAT_OK = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def check_bits(name: str, bits) -> int:
+    """`bits` as an int from 2 to 8, else a ValueError naming `name`."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+def _check_learnable(learnable):
+    if learnable not in LEARNABLE_MODES:
+        raise ValueError(f"learnable must be one of None, 'lsq', 'lsq+', got {learnable!r}")
+    return learnable
+
+
+def _asym_params(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int):
+    """Scale and (float) zero point mapping [lo, hi] (widened to hold 0) onto [qmin, qmax]."""
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=_EPS)
+    zero_point = qmin - lo / scale
+    return scale.float(), zero_point.float()
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel (dim 0) weight quantizer.
+
+    Not learnable: scale / zero point come from the min / max of the current weights at every
+    forward, computed under no_grad (the paper's quantizer). `learnable="lsq"`: the scale is an
+    nn.Parameter initialized from the weights' range, the zero point a fixed buffer;
+    `"lsq+"`: both are parameters. Their gradients are scaled by 1 / sqrt(n * qmax) with n the
+    number of weights per output channel (LSQ's gradient scale).
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int, symmetric: bool = False,
+                 learnable=None, backend: str | None = None):
+        super().__init__()
+        self.bits = check_bits("weight bits", bits)
+        self.symmetric = bool(symmetric)
+        self.learnable = _check_learnable(learnable)
+        self.backend = backend
+        self.qmin, self.qmax = synq_kernels.quant_range(bits, self.symmetric)
+        per_channel = weight[0].numel() if weight.dim() > 1 else 1
+        self.grad_factor = 1.0 / math.sqrt(per_channel * self.qmax)
+        if self.learnable is not None:
+            scale, zero_point = self._minmax_params(weight.detach())
+            self.scale = nn.Parameter(scale.clone())
+            if self.learnable == "lsq+" and not self.symmetric:
+                self.zero_point = nn.Parameter(zero_point.clone())
+            else:
+                self.register_buffer("zero_point", zero_point.clone())
+
+    def _minmax_params(self, w: torch.Tensor):
+        flat = w.reshape(w.shape[0], -1)
+        if self.symmetric:
+            amax = flat.abs().amax(dim=1)
+            scale = torch.clamp(amax / float(self.qmax), min=_EPS).float()
+            return scale, torch.zeros_like(scale)
+        return _asym_params(flat.amin(dim=1), flat.amax(dim=1), self.qmin, self.qmax)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.learnable is None:
+            with torch.no_grad():
+                scale, zero_point = self._minmax_params(w.detach())
+            grad_factor = 1.0
+        else:
+            scale, zero_point, grad_factor = self.scale, self.zero_point, self.grad_factor
+        return synq_kernels.fake_quant(w, scale, zero_point, self.bits, signed=self.symmetric,
+                                       axis=0, grad_factor=grad_factor, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"bits={self.bits}, per-channel {kind}, learnable={self.learnable}"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor asymmetric activation quantizer with an EMA-calibrated, then frozen, range.
+
+    While `calibrating`, each forward folds the batch min / max into the running range
+    (first batch: taken as is; later: running = momentum * running + (1 - momentum) * batch)
+    and quantizes with the updated range. `freeze()` ends calibration; with a learnable mode the
+    frozen range initializes the scale (and, for "lsq+", zero point) parameters.
+    The range lives in buffers, so it is part of the state dict (checkpoints keep it).
+    """
+
+    def __init__(self, bits: int, momentum: float = 0.9, learnable=None,
+                 backend: str | None = None):
+        super().__init__()
+        self.bits = check_bits("activation bits", bits)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.learnable = _check_learnable(learnable)
+        self.backend = backend
+        self.qmin, self.qmax = synq_kernels.quant_range(bits, False)
+        self.calibrating = False
+        self.enabled = True
+        self.name = ""  # set by quantize_model, for error messages
+        self.register_buffer("running_min", torch.zeros(()))
+        self.register_buffer("running_max", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        if self.learnable is not None:
+            self.scale = nn.Parameter(torch.ones(()))
+            if self.learnable == "lsq+":
+                self.zero_point = nn.Parameter(torch.zeros(()))
+            else:
+                self.register_buffer("zero_point", torch.zeros(()))
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.detach().min().float(), x.detach().max().float()
+        if not bool(self.initialized):
+            self.running_min.copy_(lo)
+            self.running_max.copy_(hi)
+            self.initialized.fill_(True)
+        else:
+            m = self.momentum
+            self.running_min.mul_(m).add_(lo, alpha=1 - m)
+            self.running_max.mul_(m).add_(hi, alpha=1 - m)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Stop calibrating; a learnable quantizer takes the calibrated range as its start."""
+        self.calibrating = False
+        if self.learnable is not None and bool(self.initialized):
+            scale, zero_point = _asym_params(self.running_min, self.running_max,
+                                             self.qmin, self.qmax)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.calibrating:
+            self._observe(x)
+        elif not bool(self.initialized):
+            raise RuntimeError(f"activation quantizer {self.name or '(unnamed)'} has no range: "
+                               f"calibrate the model first (synq.quant.calibrate)")
+        if self.learnable is not None and not self.calibrating:
+            return synq_kernels.fake_quant(x, self.scale, self.zero_point, self.bits,
+                                           grad_factor=1.0 / math.sqrt(x[0].numel() * self.qmax),
+                                           backend=self.backend)
+        with torch.no_grad():
+            scale, zero_point = _asym_params(self.running_min, self.running_max,
+                                             self.qmin, self.qmax)
+        return synq_kernels.fake_quant(x, scale, zero_point, self.bits, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, per-tensor asymmetric, momentum={self.momentum}, "
+                f"learnable={self.learnable}")
+
+
+class QuantAct(nn.Module):
+    """A ReLU / ReLU6 module followed by its activation quantizer."""
+
+    def __init__(self, act: nn.Module, quantizer: ActQuantizer):
+        super().__init__()
+        self.act = act
+        self.quantizer = quantizer
+
+    def forward(self, x):
+        return self.quantizer(self.act(x))
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight passes through a WeightQuantizer at every forward. Keeps the
+    float parameters under the same names, so it loads an nn.Conv2d state dict."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int, symmetric=False, learnable=None,
+                   backend=None) -> "QuantConv2d":
+        q = cls.__new__(cls)
+        q.__dict__ = copy.copy(conv.__dict__)
+        q._parameters = dict(conv._parameters)
+        q._buffers = dict(conv._buffers)
+        q._modules = dict(conv._modules)
+        q.weight_quantizer = WeightQuantizer(conv.weight, bits, symmetric, learnable, backend)
+        return q
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with a per-output-channel WeightQuantizer (same parameter names)."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, symmetric=False, learnable=None,
+                   backend=None) -> "QuantLinear":
+        q = cls.__new__(cls)
+        q.__dict__ = copy.copy(linear.__dict__)
+        q._parameters = dict(linear._parameters)
+        q._buffers = dict(linear._buffers)
+        q._modules = dict(linear._modules)
+        q.weight_quantizer = WeightQuantizer(linear.weight, bits, symmetric, learnable, backend)
+        return q
+
+    def forward(self, x):
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+
+def _check_supported(model: nn.Module) -> list[str]:
+    """Names of the Conv2d / Linear layers in registration order; ValueError for a module the
+    quantizer cannot handle."""
+    layers = []
+    for name, m in model.named_modules():
+        shown = name or "(the model itself)"
+        if isinstance(m, (QuantConv2d, QuantLinear, QuantAct, ActQuantizer, WeightQuantizer)):
+            raise ValueError(f"module {shown} ({type(m).__name__}) is already quantized; pass "
+                             f"the float model to quantize_model")
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            layers.append(name)
+            continue
+        if type(m) in (nn.ReLU, nn.ReLU6):  # ReLU6 is a Hardtanh subclass: test it first
+            continue
+        if isinstance(m, _UNSUPPORTED_ACTIVATIONS):
+            raise ValueError(f"cannot quantize module {shown} ({type(m).__name__}): activation "
+                             f"quantizers are placed after ReLU / ReLU6 only, so its output would "
+                             f"stay in floating point")
+        own = [p for p, _ in m.named_parameters(recurse=False)]
+        if own and not isinstance(m, _FLOAT_OK):
+            raise ValueError(f"cannot quantize module {shown} ({type(m).__name__}): only Conv2d "
+                             f"and Linear layers are quantized (BatchNorm stays in float); "
+                             f"it holds parameters {', '.join(own)}")
+    if not layers:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    return layers
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
+                   first_last_bits: int | None = None, symmetric_weights: bool = False,
+                   learnable: str | None = None, act_momentum: float = 0.9,
+                   backend: str | None = None) -> nn.Module:
+    """A fake-quantized deep copy of `model` (the input model is left untouched).
+
+    Every nn.Conv2d / nn.Linear becomes a QuantConv2d / QuantLinear with `wbits`-bit
+    per-output-channel weights; every nn.ReLU / nn.ReLU6 module becomes a QuantAct whose
+    `abits`-bit quantizer must be calibrated (see `calibrate` / `set_calibration`) before the
+    model is evaluated. BatchNorm stays in float. The copy is returned in eval mode.
+
+    Args:
+        first_last_bits: weight bits of the first and last Conv2d / Linear (registration
+            order); None uses `wbits` for them too (the paper's setting), 8 is the usual
+            deployment policy.
+        symmetric_weights: signed symmetric weight grid (zero point 0) instead of asymmetric.
+        learnable: None (min/max ranges, the paper), "lsq" (learnable step sizes) or "lsq+"
+            (learnable step sizes and zero points) for weights and activations.
+        backend: the synq_kernels backend for every fake_quant call (None: fastest available).
+
+    Functional non-linearities (F.relu in a forward) cannot be seen and get no quantizer.
+    """
+    check_bits("wbits", wbits)
+    check_bits("abits", abits)
+    if first_last_bits is not None:
+        check_bits("first_last_bits", first_last_bits)
+    _check_learnable(learnable)
+    if backend is not None and backend not in synq_kernels.backends.BACKENDS:
+        raise ValueError(f"backend must be None or one of "
+                         f"{', '.join(synq_kernels.backends.BACKENDS)}, got {backend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = _check_supported(model)
+    edge = {layers[0], layers[-1]} if first_last_bits is not None else set()
+
+    qmodel = copy.deepcopy(model)
+    for name, m in list(qmodel.named_modules()):
+        if name in layers:
+            bits = first_last_bits if name in edge else wbits
+            cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
+            _set_child(qmodel, name, cls.from_float(m, bits, symmetric_weights, learnable,
+                                                    backend))
+        elif type(m) in (nn.ReLU, nn.ReLU6):
+            quantizer = ActQuantizer(abits, act_momentum, learnable, backend)
+            quantizer.name = name
+            _set_child(qmodel, name, QuantAct(m, quantizer))
+    qmodel.quant_config = {"wbits": wbits, "abits": abits, "first_last_bits": first_last_bits,
+                           "symmetric_weights": symmetric_weights, "learnable": learnable,
+                           "act_momentum": act_momentum, "backend": backend}
+    return qmodel.eval()
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> QuantConv2d / QuantLinear of a quantized model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    """name -> ActQuantizer of a quantized model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
+def set_calibration(model: nn.Module, enabled: bool) -> None:
+    """Start (True) or end (False: freeze the ranges) activation-range calibration."""
+    for q in act_quantizers(model).values():
+        if enabled:
+            q.calibrating = True
+        else:
+            q.freeze()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, device=None) -> nn.Module:
+    """Calibrate the activation ranges of a quantized model on `batches` (tensors or
+    (x, y) pairs), then freeze them. The model is put in eval mode (BN statistics untouched)."""
+    model.eval()
+    set_calibration(model, True)
+    seen = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if device is not None:
+                x = x.to(device)
+            model(x)
+            seen += 1
+    finally:
+        set_calibration(model, False)
+    if seen == 0:
+        raise ValueError("calibrate got no batches")
+    return model

@@ -1,0 +1,215 @@
+"""synq.finetune and synq.evaluate: an end-to-end run on sklearn's digits, resume, switches,
+hooks and bad configuration."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synq import filters
+from synq.data import digits_datasets
+from synq.evaluate import compare, evaluate, format_report
+from synq.finetune import FinetuneConfig, find_cam_layer, finetune
+from synq.models import resnet20
+from synq.quant import QuantConv2d, calibrate, quantize_model
+from synq.synth import synthesize
+
+needs_lowpass = pytest.mark.skipif(not filters.has_lowpass(),
+                                   reason="synq_kernels.lowpass is not available yet")
+LOWPASS = filters.has_lowpass()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _digits_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """(teacher trained for a few seconds, train set, test set)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    train, test = digits_datasets()
+    model = _digits_cnn()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x, y = train.tensors
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.set_num_threads(old)
+    return model.eval(), train, test
+
+
+@pytest.fixture(scope="module")
+def synthetic(digits, tmp_path_factory):
+    teacher = digits[0]
+    path = tmp_path_factory.mktemp("syn") / "digits_syn.pt"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    synthesize(teacher, path, (1, 8, 8), num_images=128, batch_size=64, steps=60, beta=0.1,
+               progress=False)
+    torch.set_num_threads(old)
+    return path
+
+
+SMALL = dict(wbits=4, abits=4, epochs=3, calib_epochs=1, iters_per_epoch=6, batch_size=32,
+             lr=1e-4, d0=3.0, use_lowpass=LOWPASS)
+
+
+def test_end_to_end_digits_beats_chance(digits, synthetic):
+    teacher, _, test = digits
+    fp = evaluate(teacher, test)
+    assert fp["top1"] > 85 and fp["n"] == len(test)
+    before = copy.deepcopy(teacher.state_dict())
+    result = finetune(teacher, synthetic, wbits=3, abits=3, epochs=4, calib_epochs=1,
+                      iters_per_epoch=10, batch_size=64, lr=1e-4, d0=3.0, use_lowpass=LOWPASS,
+                      eval_data=test, progress=False)
+    assert result.top1 > 60, result.top1  # chance is 10%
+    assert result.n == len(test) and result.top5 >= result.top1
+    assert [h["phase"] for h in result.history] == ["calibrate", "train", "train", "train"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history[1:])
+    assert "cam" in result.history[-1] and "easy" in result.history[-1]
+    # the teacher is untouched: weights, requires_grad, no hooks left behind
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.requires_grad for p in teacher.parameters())
+    for model in (teacher, result.student):
+        assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    # the student is quantized, in eval mode, and its report reads
+    assert any(isinstance(m, QuantConv2d) for m in result.student.modules())
+    assert not result.student.training
+    report = compare(teacher, result.student, test)
+    assert report["quant"]["top1"] == pytest.approx(result.top1)
+    assert "| float |" in format_report(report)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(digits, synthetic, tmp_path):
+    teacher = digits[0]
+    cfg = FinetuneConfig(**SMALL, learnable="lsq+", seed=3)
+    full = finetune(teacher, synthetic, cfg, checkpoint=tmp_path / "full.pt", progress=False)
+
+    def interrupt(epoch, entry):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(teacher, synthetic, cfg, checkpoint=ckpt, progress=False,
+                 on_epoch_end=interrupt)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    resumed = finetune(teacher, synthetic, cfg, checkpoint=ckpt, resume=True, progress=False)
+    a, b = full.student.state_dict(), resumed.student.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in full.history]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history]
+    # a checkpoint from another configuration is refused
+    with pytest.raises(ValueError, match="config"):
+        finetune(teacher, synthetic, cfg, checkpoint=ckpt, resume=True, progress=False,
+                 lr=2e-4)
+
+
+@pytest.mark.parametrize("switches", [
+    dict(use_lowpass=False, use_cam=False, use_hard_soft_labels=False),  # baseline
+    dict(use_lowpass=False, use_cam=True, use_hard_soft_labels=False),
+    dict(use_lowpass=False, use_cam=False, use_hard_soft_labels=True),
+    pytest.param(dict(use_lowpass=True, use_cam=False, use_hard_soft_labels=False),
+                 marks=needs_lowpass),
+])
+def test_each_switch_runs(digits, synthetic, switches):
+    teacher = digits[0]
+    cfg = dict(SMALL, epochs=2, iters_per_epoch=2, **switches)
+    res = finetune(teacher, synthetic, progress=False, **cfg)
+    last = res.history[-1]
+    assert ("cam" in last) == switches["use_cam"]
+    assert ("easy" in last) == switches["use_hard_soft_labels"]
+    assert torch.isfinite(torch.tensor(last["loss"]))
+
+
+def test_hast_terms_and_real_data(digits):
+    _, train, test = digits
+    torch.manual_seed(0)
+    teacher = resnet20(10, 1).eval()
+    with torch.no_grad():  # give the BN layers non-trivial statistics
+        teacher.train()
+        teacher(train.tensors[0][:64])
+        teacher.eval()
+    res = finetune(teacher, train, epochs=2, calib_epochs=1, iters_per_epoch=1, batch_size=16,
+                   use_lowpass=False, feature_attention=True, difficulty_promotion=True,
+                   eval_data=(test.tensors[0][:50], test.tensors[1][:50]), progress=False)
+    assert "fa" in res.history[-1] and "promoted" in res.history[-1]
+    assert res.n == 50
+
+
+def test_min_max_only_when_all_epochs_calibrate(digits, synthetic):
+    teacher, _, test = digits
+    res = finetune(teacher, synthetic, progress=False, **dict(SMALL, epochs=1, calib_epochs=1))
+    q = quantize_model(teacher, 4, 4)
+    assert res.history[0]["phase"] == "calibrate"
+    for (n, a), (_, b) in zip(res.student.named_parameters(), q.named_parameters()):
+        assert torch.equal(a, b), n  # nothing trained
+
+
+def test_cam_layer_selection():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 3, 1), nn.Flatten()).eval()
+    # the last conv works on a 1x1 map: the one before it is chosen
+    assert find_cam_layer(model, torch.zeros(1, 1, 6, 6)) == "0"
+    with pytest.raises(ValueError, match="1x1"):
+        find_cam_layer(model, torch.zeros(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(wbits=9), "wbits"),
+    (dict(abits=1), "abits"),
+    (dict(tau=0.0), "tau"),
+    (dict(tau=1.2), "tau"),
+    (dict(cam_layer="no.such.layer"), "no.such.layer"),
+    (dict(calib_epochs=5, epochs=3), "calib_epochs"),
+    (dict(learnable="lsq++"), "learnable"),
+])
+def test_bad_configuration(digits, synthetic, kwargs, match):
+    teacher = digits[0]
+    with pytest.raises(ValueError, match=match):
+        finetune(teacher, synthetic, progress=False, **dict(SMALL, **kwargs))
+
+
+def test_evaluate_topk_and_empty(digits):
+    teacher, _, test = digits
+    res = evaluate(teacher, (test.tensors[0][:20], test.tensors[1][:20]))
+    assert res["n"] == 20 and 0 <= res["top1"] <= res["top5"] <= 100
+    two_class = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    res = evaluate(two_class, (torch.zeros(3, 1, 8, 8), torch.tensor([0, 1, 1])))
+    assert res["top5"] == 100.0  # top-k with k = 2 classes
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(teacher, (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SYNQ_SLOW"), reason="set SYNQ_SLOW=1 to run")
+def test_calibrated_min_max_accuracy_on_digits(digits):
+    teacher, train, test = digits
+    q = quantize_model(teacher, 4, 4)
+    calibrate(q, [train.tensors[0][:256]])
+    assert evaluate(q, test)["top1"] > 80

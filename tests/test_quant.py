@@ -1,0 +1,229 @@
+"""synq.quant: quantizers, quantized layers and quantize_model on every supported architecture."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import synq_kernels
+from synq.models import Add, mobilenet_v2, resnet18, resnet20, resnet50
+from synq.quant import (ActQuantizer, QuantAct, QuantConv2d, QuantLinear, WeightQuantizer,
+                        act_quantizers, calibrate, quant_layers, quantize_model,
+                        set_calibration)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small tensors: threads cost more than they give, and the CI machine is shared.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _counts(model):
+    convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    acts = sum(type(m) in (nn.ReLU, nn.ReLU6) for m in model.modules())
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    return convs, acts, bns
+
+
+# (builder, kwargs, input shape, conv+linear layers, ReLU modules)
+ARCHS = {
+    "resnet20": (resnet20, {"num_classes": 10, "in_channels": 1}, (2, 1, 28, 28), 22, 19),
+    "resnet18": (resnet18, {"num_classes": 10}, (2, 3, 32, 32), 21, 17),
+    "resnet50": (resnet50, {"num_classes": 10}, (1, 3, 32, 32), 54, 49),
+    "mobilenet_v2": (mobilenet_v2, {"num_classes": 10}, (2, 3, 32, 32), 53, 35),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_quantize_model_architectures(arch):
+    build, kwargs, shape, n_layers, n_acts = ARCHS[arch]
+    torch.manual_seed(0)
+    model = build(**kwargs).eval()
+    before = copy.deepcopy(model.state_dict())
+    convs, acts, bns = _counts(model)
+    assert (convs, acts) == (n_layers, n_acts)
+
+    q = quantize_model(model, wbits=4, abits=3, first_last_bits=8)
+
+    # the input model is untouched
+    assert not any(isinstance(m, (QuantConv2d, QuantLinear, QuantAct)) for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # one quantized layer per Conv2d / Linear, one quantizer per ReLU / ReLU6
+    layers = quant_layers(q)
+    assert len(layers) == n_layers
+    assert len(act_quantizers(q)) == n_acts
+    names = list(layers)
+    bits = [m.weight_quantizer.bits for m in layers.values()]
+    assert bits[0] == 8 and bits[-1] == 8 and set(bits[1:-1]) == {4}
+    assert {q_.bits for q_ in act_quantizers(q).values()} == {3}
+    assert isinstance(layers[names[-1]], QuantLinear)
+    # BatchNorm stays a float nn.BatchNorm2d with the same statistics
+    q_bns = [m for m in q.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(q_bns) == bns and all(type(m) is nn.BatchNorm2d for m in q_bns)
+    assert all(m.weight.dtype == torch.float32 for m in q_bns)
+    # the float state dict still loads (same parameter names)
+    q.load_state_dict(model.state_dict(), strict=False)
+    # calibrate, then forward
+    x = torch.randn(shape)
+    calibrate(q, [x])
+    with torch.no_grad():
+        out = q(x)
+    assert out.shape == (shape[0], 10) and torch.isfinite(out).all()
+    assert not q.training
+
+
+def test_residual_add_followed_by_relu_is_quantized():
+    q = quantize_model(resnet20(10, 1), 4, 4)
+    block = q.layer1[0]
+    assert isinstance(block.add, Add) and isinstance(block.relu2, QuantAct)
+
+
+def test_weight_quantizer_per_channel_asymmetric_minmax():
+    torch.manual_seed(1)
+    w = torch.randn(3, 2, 3, 3)
+    w[1] += 2.0  # a channel whose values are all positive: the range still holds 0
+    wq = WeightQuantizer(w, bits=3)
+    out = wq(w)
+    for c in range(3):
+        lo = min(float(w[c].min()), 0.0)
+        hi = max(float(w[c].max()), 0.0)
+        scale = (hi - lo) / 7
+        z = round(-lo / scale)
+        expect = (torch.clamp(torch.round(w[c] / scale) + z, 0, 7) - z) * scale
+        torch.testing.assert_close(out[c], expect, rtol=0, atol=1e-6)
+        assert len(torch.unique(out[c])) <= 8
+    # gradient: straight-through to the weight; the range itself gets none
+    w.requires_grad_(True)
+    wq(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_weight_quantizer_symmetric():
+    w = torch.tensor([[-1.0, 0.5, 0.25], [2.0, -0.1, 0.0]])
+    out = WeightQuantizer(w, bits=4, symmetric=True)(w)
+    for c in range(2):
+        scale = float(w[c].abs().max()) / 7
+        expect = torch.clamp(torch.round(w[c] / scale), -8, 7) * scale
+        torch.testing.assert_close(out[c], expect, rtol=0, atol=1e-6)
+
+
+def test_act_quantizer_ema_then_frozen():
+    q = ActQuantizer(bits=4)
+    q.name = "relu"
+    with pytest.raises(RuntimeError, match="relu"):
+        q(torch.rand(4))  # never calibrated
+    q.calibrating = True
+    q(torch.tensor([0.0, 2.0]))
+    assert float(q.running_max) == 2.0
+    q(torch.tensor([0.0, 1.0, 4.0]))
+    assert float(q.running_max) == pytest.approx(0.9 * 2.0 + 0.1 * 4.0)
+    assert float(q.running_min) == 0.0
+    q.freeze()
+    y = q(torch.tensor([0.0, 1.0, 10.0]))
+    assert float(q.running_max) == pytest.approx(2.2)  # frozen: unchanged
+    scale = 2.2 / 15
+    assert float(y[2]) == pytest.approx(15 * scale)  # clamped at the top of the range
+    assert float(y[1]) == pytest.approx(round(1.0 / scale) * scale)
+
+
+def test_calibration_switch_and_state_dict_keeps_ranges():
+    torch.manual_seed(0)
+    q = quantize_model(resnet20(10, 1), 4, 4)
+    set_calibration(q, True)
+    with torch.no_grad():
+        q(torch.randn(4, 1, 16, 16))
+    set_calibration(q, False)
+    state = q.state_dict()
+    assert any(k.endswith("quantizer.running_max") for k in state)
+    q2 = quantize_model(resnet20(10, 1), 4, 4)
+    q2.load_state_dict(state)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), q2(x))
+
+
+@pytest.mark.parametrize("mode", ["lsq", "lsq+"])
+def test_learnable_step_sizes(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))
+    q = quantize_model(model, 4, 4, learnable=mode)
+    conv = q[0]
+    assert isinstance(conv.weight_quantizer.scale, nn.Parameter)
+    assert isinstance(conv.weight_quantizer.zero_point, nn.Parameter) == (mode == "lsq+")
+    assert conv.weight_quantizer.grad_factor == pytest.approx(1 / (9 * 15) ** 0.5)
+    x = torch.randn(8, 1, 8, 8)
+    calibrate(q, [x])
+    aq = q[2].quantizer
+    assert float(aq.scale.detach()) == pytest.approx(float(aq.running_max - aq.running_min) / 15,
+                                            rel=1e-5)
+    q(x).square().mean().backward()
+    assert conv.weight_quantizer.scale.grad is not None
+    assert conv.weight_quantizer.scale.grad.abs().sum() > 0
+    assert aq.scale.grad is not None and conv.weight.grad is not None
+
+
+def test_gradients_reach_weights_and_bn_affine():
+    torch.manual_seed(0)
+    q = quantize_model(resnet20(10, 1), 4, 4)
+    x = torch.randn(4, 1, 12, 12)
+    calibrate(q, [x])
+    q(x).sum().backward()
+    assert q.conv1.weight.grad is not None and q.conv1.weight.grad.abs().sum() > 0
+    assert q.bn1.weight.grad is not None
+    assert torch.equal(q.bn1.running_mean, torch.zeros(16))  # eval: statistics frozen
+
+
+def test_backend_is_threaded_through():
+    torch.manual_seed(0)
+    model = resnet20(10, 1)
+    x = torch.randn(2, 1, 12, 12)
+    ref = quantize_model(model, 4, 4, backend="reference")
+    assert {m.weight_quantizer.backend for m in quant_layers(ref).values()} == {"reference"}
+    assert {m.backend for m in act_quantizers(ref).values()} == {"reference"}
+    default = quantize_model(model, 4, 4)
+    calibrate(ref, [x])
+    calibrate(default, [x])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), default(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no-such-backend"):
+        quantize_model(model, 4, 4, backend="no-such-backend")
+
+
+@pytest.mark.parametrize("kwargs", [{"wbits": 1}, {"wbits": 9}, {"abits": 0}, {"abits": 4.0},
+                                    {"first_last_bits": 16}])
+def test_bad_bits(kwargs):
+    args = {"wbits": 4, "abits": 4, **kwargs}
+    with pytest.raises(ValueError, match="from 2 to 8"):
+        quantize_model(resnet20(10, 1), **args)
+
+
+def test_unsupported_layers_are_named():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(),
+                          nn.Sequential(nn.Conv3d(2, 2, 1)))
+    with pytest.raises(ValueError, match=r"2\.0 \(Conv3d\)"):
+        quantize_model(model, 4, 4)
+    with pytest.raises(ValueError, match=r"1 \(GELU\)"):
+        quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU()), 4, 4)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(quantize_model(resnet20(10, 1), 4, 4), 4, 4)
+    with pytest.raises(ValueError, match="learnable"):
+        quantize_model(resnet20(10, 1), 4, 4, learnable="yes")
+
+
+def test_fake_quant_is_used(monkeypatch):
+    calls = []
+    real = synq_kernels.fake_quant
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("axis"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synq_kernels, "fake_quant", spy)
+    q = quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()), 4, 4)
+    calibrate(q, [torch.randn(2, 1, 5, 5)])
+    assert calls == [0, None]  # weight per channel (axis 0), activation per tensor

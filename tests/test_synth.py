@@ -1,0 +1,133 @@
+"""synq.synth: BN-statistics synthesis (loss moves the statistics, seeding, resume, format)."""
+import pytest
+import torch
+from torch import nn
+
+from synq.losses import BNStats, bns_loss
+from synq.synth import SynthConfig, augment_batch, load_synthetic, seeded_generator, synthesize
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _bn_model():
+    """A small BN CNN whose running statistics are far from those of N(0, 1) noise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1.0, 1.0)
+                m.running_var.uniform_(0.2, 2.0)
+    return model.eval()
+
+
+def _bns(model, images):
+    with BNStats(model) as stats, torch.no_grad():
+        model(images)
+        return float(bns_loss(stats.inputs, stats.layers))
+
+
+FAST = dict(num_images=24, batch_size=12, steps=40)
+
+
+def test_synthesis_moves_bn_statistics_to_running_ones(tmp_path):
+    model = _bn_model()
+    out = synthesize(model, tmp_path / "syn.pt", (1, 8, 8), progress=False, **FAST)
+    images, labels = out["images"], out["labels"]
+    assert images.shape == (24, 1, 8, 8) and images.dtype == torch.float32
+    assert labels.shape == (24,) and labels.dtype == torch.int64 and labels.max() < 4
+    assert out["meta"]["complete"] and out["meta"]["num_classes"] == 4
+    noise = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    before, after = _bns(model, noise), _bns(model, images)
+    assert after < 0.5 * before, (before, after)
+    # the model is left as it was
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    # the file reads back as a dataset
+    ds = load_synthetic(tmp_path / "syn.pt")
+    assert torch.equal(ds.tensors[0], images) and torch.equal(ds.tensors[1], labels)
+
+
+def test_batches_do_not_depend_on_earlier_ones(tmp_path):
+    model = _bn_model()
+    two = synthesize(model, tmp_path / "two.pt", (1, 8, 8), num_images=8, batch_size=4,
+                     steps=3, progress=False)
+    one = synthesize(model, tmp_path / "one.pt", (1, 8, 8), num_images=4, batch_size=4,
+                     steps=3, progress=False)
+    assert torch.equal(two["images"][:4], one["images"])
+    assert torch.equal(two["labels"][:4], one["labels"])
+    assert not torch.equal(two["images"][:4], two["images"][4:])
+    other_seed = synthesize(model, tmp_path / "s1.pt", (1, 8, 8), num_images=4, batch_size=4,
+                            steps=3, seed=1, progress=False)
+    assert not torch.equal(other_seed["images"], one["images"])
+
+
+def test_resume_after_interruption_gives_the_same_file(tmp_path):
+    model = _bn_model()
+    cfg = SynthConfig(num_images=10, batch_size=4, steps=5, augment=True)  # 3 batches
+    full = synthesize(model, tmp_path / "full.pt", (1, 8, 8), config=cfg, progress=False)
+
+    def interrupt(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "cut.pt"
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(model, path, (1, 8, 8), config=cfg, progress=False, on_batch_end=interrupt)
+    partial = torch.load(path, weights_only=False)
+    assert partial["meta"]["batches_done"] == 2 and not partial["meta"]["complete"]
+    assert partial["images"].shape[0] == 8
+    with pytest.raises(ValueError, match="incomplete"):
+        load_synthetic(path)
+    resumed = synthesize(model, path, (1, 8, 8), config=cfg, progress=False)
+    assert resumed["images"].shape[0] == 10
+    assert torch.equal(resumed["images"], full["images"])
+    assert torch.equal(resumed["labels"], full["labels"])
+    # a different configuration or model must not silently extend the file
+    with pytest.raises(ValueError, match="config"):
+        synthesize(model, path, (1, 8, 8), config=cfg, steps=6, progress=False)
+    other = _bn_model()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    with pytest.raises(ValueError, match="model"):
+        synthesize(other, path, (1, 8, 8), config=cfg, progress=False)
+
+
+def test_class_centres_option(tmp_path):
+    model = _bn_model()
+    out = synthesize(model, tmp_path / "c.pt", (1, 8, 8), num_images=8, batch_size=8, steps=5,
+                     lbns=True, centre_steps=5, progress=False)
+    assert out["centres"]["images"].shape == (4, 1, 8, 8)
+    assert len(out["centres"]["means"]) == 1  # the later half of 2 BN layers
+    assert "lbns" in out["meta"]["batch_losses"][0]
+
+
+def test_bad_configuration(tmp_path):
+    no_bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    no_bn(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        synthesize(no_bn, tmp_path / "x.pt", (1, 8, 8), progress=False, **FAST)
+    with pytest.raises(ValueError, match="steps"):
+        synthesize(_bn_model(), tmp_path / "x.pt", (1, 8, 8), steps=0, progress=False)
+    with pytest.raises(ValueError, match="image_shape"):
+        synthesize(_bn_model(), tmp_path / "x.pt", (8, 8), progress=False, **FAST)
+
+
+def test_augment_batch_is_seeded_and_differentiable():
+    x = torch.randn(3, 2, 6, 6, requires_grad=True)
+    a = augment_batch(x, seeded_generator(0, 1))
+    b = augment_batch(x, seeded_generator(0, 1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    a.sum().backward()
+    assert x.grad is not None
+    # the full-size, unflipped crop is the identity
+    same = augment_batch(x.detach(), seeded_generator(0), crop_scale=(1.0, 1.0), flip=False)
+    assert same.shape == x.shape
