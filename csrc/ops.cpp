@@ -32,6 +32,19 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
         "int qmax, int axis, float grad_factor, bool qparam_grads) -> (Tensor, Tensor, Tensor)");
   // y = a_h @ x @ a_w over the last two dims; a_h, a_w: the Gaussian low-pass circulants.
   m.def("_lowpass_gaussian(Tensor x, Tensor a_h, Tensor a_w) -> Tensor");
+  // a (M, K) @ b (N, K).T in int32; a packed int4 of a_signed-ness or int8, b packed signed
+  // int4 or int8 (packed rows: ceil(K/2) bytes, element 2i in the low nibble of byte i).
+  m.def("_int_mm(Tensor a, Tensor b, int k, bool a_packed, bool a_signed, bool b_packed) "
+        "-> Tensor");
+  // x (M, K) int8; x_scale (M,) float32, x_zero (M,) int32; w (N, K) int8 or packed int4;
+  // w_scale (N,) float32; w_rowsum (N,) int32; bias (N,) float32.
+  m.def("_quantized_linear(Tensor x, Tensor x_scale, Tensor x_zero, Tensor w, Tensor w_scale, "
+        "Tensor w_rowsum, Tensor? bias, bool relu, ScalarType out_dtype, bool w_packed) "
+        "-> Tensor");
+  // x (B, C, H, W) int8 (any strides); x_scale / x_zero one element; w (Cout, C/g, kh, kw).
+  m.def("_quantized_conv2d(Tensor x, Tensor x_scale, Tensor x_zero, Tensor w, "
+        "Tensor w_scale, Tensor w_rowsum, Tensor? bias, int[] stride, int[] padding, "
+        "int[] dilation, int groups, bool relu, ScalarType out_dtype) -> Tensor");
 }
 
 }  // namespace synq

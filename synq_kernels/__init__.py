@@ -9,10 +9,16 @@ from ._checks import value_checks
 from .backends import available_backends
 from .ops.fake_quant import fake_quant, quant_range
 from .ops.lowpass import lowpass
+from .ops.int_gemm import (int4_matmul, int8_matmul, pack_int4, quantized_conv2d,
+                           quantized_linear, unpack_int4, weight_row_sums)
+from .ops import int_gemm as _int_gemm
 
 backends.register("fake_quant", "reference",
                   (reference.fake_quant_forward, reference.fake_quant_backward))
 backends.register("lowpass", "reference", reference.lowpass_forward)
+backends.register("int_mm", "reference", _int_gemm.reference_int_mm)
+backends.register("quantized_linear", "reference", _int_gemm.reference_quantized_linear)
+backends.register("quantized_conv2d", "reference", _int_gemm.reference_quantized_conv2d)
 
 try:
     from .triton import fake_quant as _triton_fake_quant  # noqa: F401
@@ -22,7 +28,12 @@ try:
     from .triton import lowpass as _triton_lowpass  # noqa: F401
 except ImportError:
     pass
+try:
+    from .triton import int_gemm as _triton_int_gemm  # noqa: F401
+except ImportError:
+    pass
 
-__all__ = ["fake_quant", "lowpass", "quant_range", "available_backends", "value_checks",
-           "backends", "reference"]
+__all__ = ["fake_quant", "lowpass", "quant_range", "int8_matmul", "int4_matmul", "pack_int4",
+           "unpack_int4", "quantized_linear", "quantized_conv2d", "weight_row_sums",
+           "available_backends", "value_checks", "backends", "reference"]
 __version__ = "0.1.0"

@@ -36,3 +36,25 @@ def lowpass_filter(x, d0, mask):
 
 for _backend in ("cpu", "cuda"):
     backends.register("lowpass", _backend, lowpass_filter)
+
+
+def int_mm(a, b, k, a_packed, a_signed, b_packed):
+    return torch.ops.synq._int_mm(a, b, k, a_packed, a_signed, b_packed)
+
+
+def quantized_linear(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_dtype,
+                     w_packed):
+    return torch.ops.synq._quantized_linear(x, x_scale, x_zero, w, w_scale, w_rowsum, bias,
+                                            relu, out_dtype, w_packed)
+
+
+def quantized_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
+                     dilation, groups, relu, out_dtype):
+    return torch.ops.synq._quantized_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias,
+                                            stride, padding, dilation, groups, relu, out_dtype)
+
+
+# CPU only: the integer kernels have no CUDA implementation yet.
+backends.register("int_mm", "cpu", int_mm)
+backends.register("quantized_linear", "cpu", quantized_linear)
+backends.register("quantized_conv2d", "cpu", quantized_conv2d)

@@ -1,0 +1,146 @@
+"""Integer GEMM and conv against PyTorch's baselines in the same run.
+
+GEMM: a (M, K) @ w (N, K).T with K = N = 4096: fp32 torch.matmul and torch._int_mm on the
+CPU (fp16 / bf16 torch.matmul and torch._int_mm on a GPU) against synq int8_matmul, W4A8
+int4_matmul and int8 quantized_linear (fused dequantizing epilogue, float32 out). Conv:
+ResNet-18 layers against F.conv2d (fp32 on the CPU, fp16 on a GPU) and quantized_conv2d.
+Rate: GOP/s = 2 M N K / time.
+
+    python -m benchmarks.bench_int_gemm [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import synq_kernels as sk
+
+from .common import device_name, markdown_table, time_fn, write_results
+
+# (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input
+RESNET18_CONVS = [
+    ("conv1", 3, 224, 224, 64, 7, 2, 3),
+    ("layer1.conv", 64, 56, 56, 64, 3, 1, 1),
+    ("layer2.0.conv1", 64, 56, 56, 128, 3, 2, 1),
+    ("layer3.conv", 256, 14, 14, 256, 3, 1, 1),
+    ("layer4.conv", 512, 7, 7, 512, 3, 1, 1),
+]
+
+
+def _backends(op, device):
+    return [b for b in sk.available_backends(op, device)
+            if b != "reference" and not (device == "cpu" and b == "triton")]
+
+
+def _row(kind, shape, impl, t, ops, base_t):
+    return {"kind": kind, "shape": shape, "impl": impl, "ms": t * 1e3,
+            "GOP/s": ops / t / 1e9, "speedup_vs_float": base_t / t if base_t else ""}
+
+
+def _gemm_rows(m, k, n, device, quick):
+    rows = []
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+    w4 = sk.pack_int4(torch.randint(-8, 8, (n, k), device=device))
+    ops = 2 * m * n * k
+    shape = f"{m}x{k}x{n}"
+    mrt = 0.2 if quick else 0.5
+    floats = [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
+    base_t = None
+    for dt in floats:
+        af, wf = a.to(dt), w.to(dt)
+        t = time_fn(lambda: af @ wf.T, device, mrt)
+        base_t = base_t or t
+        rows.append(_row("gemm", shape, f"torch.matmul {str(dt)[6:]}", t, ops, base_t))
+    wt = w.T  # torch._int_mm's fast layout: (K, N) with N-major strides
+    try:
+        t = time_fn(lambda: torch._int_mm(a, wt), device, mrt)
+        rows.append(_row("gemm", shape, "torch._int_mm", t, ops, base_t))
+    except RuntimeError as e:  # e.g. M <= 16 on CUDA
+        rows.append({"kind": "gemm", "shape": shape, "impl": "torch._int_mm",
+                     "ms": f"n/a ({str(e).splitlines()[0][:60]})", "GOP/s": "",
+                     "speedup_vs_float": ""})
+    xs, xz, ws = 0.02, 3, torch.rand(n, device=device) + 0.1
+    rs = sk.weight_row_sums(w)
+    for b in _backends("int_mm", device):
+        t = time_fn(lambda: sk.int8_matmul(a, w, backend=b), device, mrt)
+        rows.append(_row("gemm", shape, f"synq int8_matmul [{b}]", t, ops, base_t))
+        t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
+        rows.append(_row("gemm", shape, f"synq int4_matmul W4A8 [{b}]", t, ops, base_t))
+        with sk.value_checks(False):
+            t = time_fn(lambda: sk.quantized_linear(a, xs, xz, w, ws, w_rowsum=rs, backend=b),
+                        device, mrt)
+        rows.append(_row("gemm", shape, f"synq quantized_linear int8 [{b}]", t, ops, base_t))
+    return rows
+
+
+def _conv_rows(layer, batch, device, quick):
+    name, c, h, w_, cout, k, s, p = layer
+    rows = []
+    x = torch.randint(-128, 128, (batch, c, h, w_), dtype=torch.int8, device=device)
+    wq = torch.randint(-128, 128, (cout, c, k, k), dtype=torch.int8, device=device)
+    oh = (h + 2 * p - k) // s + 1
+    ow = (w_ + 2 * p - k) // s + 1
+    ops = 2 * batch * cout * oh * ow * c * k * k
+    shape = f"{name} b{batch} {c}x{h}x{w_}->{cout} k{k}s{s}"
+    mrt = 0.2 if quick else 0.5
+    dt = torch.float32 if device == "cpu" else torch.float16
+    xf, wf = x.to(dt), wq.to(dt)
+    base_t = time_fn(lambda: F.conv2d(xf, wf, None, s, p), device, mrt)
+    rows.append(_row("conv", shape, f"F.conv2d {str(dt)[6:]}", base_t, ops, base_t))
+    ws, rs = torch.rand(cout, device=device) + 0.1, sk.weight_row_sums(wq)
+    for b in _backends("quantized_conv2d", device):
+        with sk.value_checks(False):
+            t = time_fn(lambda: sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
+                                                    w_rowsum=rs, backend=b), device, mrt)
+        rows.append(_row("conv", shape, f"synq quantized_conv2d int8 [{b}]", t, ops, base_t))
+    return rows
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None) -> list[dict]:
+    if device == "cpu":
+        ms = [1, 16, 256]
+        batches = [1]
+    else:
+        ms = [1, 16, 256, 4096]
+        batches = [1, 256]
+    if quick:
+        ms = ms[:2] if device == "cpu" else ms
+    rows = []
+    for m in ms:
+        rows += _gemm_rows(m, 4096, 4096, device, quick)
+        print(markdown_table(rows[-6:]), flush=True)
+    layers = RESNET18_CONVS[1:4] if quick else RESNET18_CONVS
+    for batch in batches:
+        for layer in layers:
+            rows += _conv_rows(layer, batch, device, quick)
+            print(markdown_table(rows[-2:]), flush=True)
+    if out_dir:
+        write_results("int_gemm", rows, device, out_dir,
+                      notes="speedup_vs_float = time of the first float baseline of the same "
+                            "shape (fp32 torch.matmul / F.conv2d on the CPU, fp16 on a GPU) / "
+                            "time of the row, same run. GOP/s counts 2 M N K. int8 operands "
+                            "are uniformly random; quantized_linear / conv include the float32 "
+                            "dequantizing epilogue.")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer sizes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 gives steadier numbers on a "
+                        "machine whose cores are shared with other jobs")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"int_gemm on {device_name(a.device)}")
+    run(a.quick, a.device, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+// Integer GEMM and convolution on the CPU: int8 or packed-int4 operands, exact int32
+// accumulation, and a dequantizing epilogue (scales, zero-point correction from weight row
+// sums, bias, ReLU, cast) applied as each output tile leaves the registers.
+//
+// Without AVX-512 VNNI the exact x86 multiply-add is vpmaddwd on int16 (vpmaddubsw would
+// saturate its int16 pair sums), so both operands are widened to int16 before multiplying:
+// the left operand (activations, small) once per call into a zero-padded int16 scratch, the
+// right operand (weights, N x K rows) in registers as it streams (vpmovsxbw for int8; nibble
+// split + sign fix + vpmovsxbw for int4, so the weights cost 4 bits of memory traffic). Each
+// output element is a dot product along K kept as 8 int32 lanes and summed at the end, so
+// both operands keep their natural K-contiguous row layout and no packing pass over the
+// weights is needed. The micro-kernel computes a 3 x 3 tile (9 accumulators); K is blocked
+// so that the left block stays in L2 and three weight rows in L1. Convolution builds the
+// left operand tile by tile (im2col of at most a few hundred output pixels, padded with the
+// zero point), never the whole matrix. A portable scalar kernel serves CPUs without AVX2.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SYNQ_INT_GEMM_X86 1
+#include <immintrin.h>
+#else
+#define SYNQ_INT_GEMM_X86 0
+#endif
+
+namespace synq {
+namespace {
+
+constexpr int kMR = 3;            // rows of the left operand per micro-kernel call
+constexpr int kNR = 3;            // weight rows per micro-kernel call
+constexpr int64_t kChunk = 16;    // K values per vector step
+constexpr int64_t kKC = 1024;     // K block (multiple of kChunk)
+constexpr int64_t kL2 = 256 * 1024;  // bytes of left-operand block kept in L2
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// One K block's view of the operands for the micro-kernel: left rows a[r] (int16, already
+// offset to the block), weight rows b[j] (bytes, offset to the block), `nfull` whole chunks,
+// and an optional last chunk taken from zero-padded copies bt[j].
+struct Tile {
+  const int16_t* a[kMR];
+  const uint8_t* b[kNR];
+  const uint8_t* bt[kNR];
+  int64_t nfull;
+  bool tail;
+};
+
+using MicroFn = void (*)(const Tile& t, int32_t out[kMR][kNR]);
+
+// Widens one chunk of weight bytes to 16 int16 values (portable path).
+template <bool B4>
+inline void widen_chunk_scalar(const uint8_t* p, int16_t v[kChunk]) {
+  if constexpr (B4) {
+    for (int i = 0; i < 8; ++i) {
+      const int lo = p[i] & 0xF, hi = p[i] >> 4;
+      v[2 * i] = static_cast<int16_t>(lo - ((lo & 8) << 1));
+      v[2 * i + 1] = static_cast<int16_t>(hi - ((hi & 8) << 1));
+    }
+  } else {
+    for (int i = 0; i < kChunk; ++i) v[i] = static_cast<int8_t>(p[i]);
+  }
+}
+
+template <bool B4>
+void micro_generic(const Tile& t, int32_t out[kMR][kNR]) {
+  constexpr int64_t step = B4 ? 8 : 16;
+  int32_t acc[kMR][kNR] = {};
+  int16_t bv[kNR][kChunk];
+  const int64_t nc = t.nfull + (t.tail ? 1 : 0);
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int j = 0; j < kNR; ++j)
+      widen_chunk_scalar<B4>(c < t.nfull ? t.b[j] + c * step : t.bt[j], bv[j]);
+    for (int r = 0; r < kMR; ++r) {
+      const int16_t* a = t.a[r] + c * kChunk;
+      for (int j = 0; j < kNR; ++j) {
+        int32_t s = 0;
+        for (int i = 0; i < kChunk; ++i) s += static_cast<int32_t>(a[i]) * bv[j][i];
+        acc[r][j] += s;
+      }
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#if SYNQ_INT_GEMM_X86
+template <bool B4>
+__attribute__((target("avx2"), always_inline)) inline __m256i widen_chunk(const uint8_t* p) {
+  if constexpr (B4) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(v, m);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    // Element 2i is the low nibble of byte i: interleave, then sign-extend 4 -> 8 bits.
+    __m128i x = _mm_unpacklo_epi8(lo, hi);
+    const __m128i eight = _mm_set1_epi8(8);
+    x = _mm_sub_epi8(_mm_xor_si128(x, eight), eight);
+    return _mm256_cvtepi8_epi16(x);
+  } else {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+__attribute__((target("avx2"), always_inline)) inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// acc[r][j] += madd(a_r, w_j) over r < 3, j < 3; 9 accumulators + 3 weights + 2 temporaries
+// fit the 16 ymm registers (a 4 x 3 tile spills accumulators to the stack).
+#define SYNQ_INT_GEMM_STEP(W0, W1, W2, OFF)                                              \
+  do {                                                                                    \
+    const __m256i w0_ = (W0), w1_ = (W1), w2_ = (W2);                                     \
+    __m256i x_ = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + (OFF)));        \
+    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(x_, w0_));                              \
+    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(x_, w1_));                              \
+    c02 = _mm256_add_epi32(c02, _mm256_madd_epi16(x_, w2_));                              \
+    x_ = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a1 + (OFF)));                \
+    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(x_, w0_));                              \
+    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(x_, w1_));                              \
+    c12 = _mm256_add_epi32(c12, _mm256_madd_epi16(x_, w2_));                              \
+    x_ = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a2 + (OFF)));                \
+    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(x_, w0_));                              \
+    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(x_, w1_));                              \
+    c22 = _mm256_add_epi32(c22, _mm256_madd_epi16(x_, w2_));                              \
+  } while (0)
+
+template <bool B4>
+__attribute__((target("avx2"))) void micro_avx2(const Tile& t, int32_t out[kMR][kNR]) {
+  constexpr int64_t step = B4 ? 8 : 16;
+  const int16_t *a0 = t.a[0], *a1 = t.a[1], *a2 = t.a[2];
+  const uint8_t *b0 = t.b[0], *b1 = t.b[1], *b2 = t.b[2];
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00,
+          c20 = c00, c21 = c00, c22 = c00;
+  const int64_t n = t.nfull;
+  for (int64_t c = 0; c < n; ++c)
+    SYNQ_INT_GEMM_STEP(widen_chunk<B4>(b0 + c * step), widen_chunk<B4>(b1 + c * step),
+                       widen_chunk<B4>(b2 + c * step), c * kChunk);
+  if (t.tail)
+    SYNQ_INT_GEMM_STEP(widen_chunk<B4>(t.bt[0]), widen_chunk<B4>(t.bt[1]),
+                       widen_chunk<B4>(t.bt[2]), n * kChunk);
+  out[0][0] = hsum(c00); out[0][1] = hsum(c01); out[0][2] = hsum(c02);
+  out[1][0] = hsum(c10); out[1][1] = hsum(c11); out[1][2] = hsum(c12);
+  out[2][0] = hsum(c20); out[2][1] = hsum(c21); out[2][2] = hsum(c22);
+}
+#undef SYNQ_INT_GEMM_STEP
+
+// One left row against kNR weight rows: the leftover rows of a tile and M < kMR (batch-1
+// inference), where the 3 x 3 kernel would repeat a row and triple the work. Weight-bandwidth
+// bound: each widened weight vector feeds a single multiply-add.
+template <bool B4>
+__attribute__((target("avx2"))) void micro_avx2_row(const Tile& t, int32_t out[kMR][kNR]) {
+  constexpr int64_t step = B4 ? 8 : 16;
+  const int16_t* a0 = t.a[0];
+  const uint8_t *b0 = t.b[0], *b1 = t.b[1], *b2 = t.b[2];
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, d0 = c0, d1 = c0, d2 = c0;
+  const int64_t n = t.nfull;
+  int64_t c = 0;
+  // Two chunks per iteration into separate accumulators: twice the loads in flight.
+  for (; c + 2 <= n; c += 2) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + c * kChunk));
+    const __m256i y =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + (c + 1) * kChunk));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(x, widen_chunk<B4>(b0 + c * step)));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(x, widen_chunk<B4>(b1 + c * step)));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(x, widen_chunk<B4>(b2 + c * step)));
+    d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(y, widen_chunk<B4>(b0 + (c + 1) * step)));
+    d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(y, widen_chunk<B4>(b1 + (c + 1) * step)));
+    d2 = _mm256_add_epi32(d2, _mm256_madd_epi16(y, widen_chunk<B4>(b2 + (c + 1) * step)));
+  }
+  for (; c < n; ++c) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + c * kChunk));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(x, widen_chunk<B4>(b0 + c * step)));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(x, widen_chunk<B4>(b1 + c * step)));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(x, widen_chunk<B4>(b2 + c * step)));
+  }
+  if (t.tail) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a0 + n * kChunk));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(x, widen_chunk<B4>(t.bt[0])));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(x, widen_chunk<B4>(t.bt[1])));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(x, widen_chunk<B4>(t.bt[2])));
+  }
+  out[0][0] = hsum(_mm256_add_epi32(c0, d0));
+  out[0][1] = hsum(_mm256_add_epi32(c1, d1));
+  out[0][2] = hsum(_mm256_add_epi32(c2, d2));
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+#endif
+
+// full: a kMR x kNR tile; row: one left row (out[0]) for the rows left over.
+struct Micro {
+  MicroFn full, row;
+};
+
+// SYNQ_CPU_PORTABLE=1 forces the portable kernels (to test them on an AVX2 machine).
+bool force_portable() {
+  static const bool on = [] {
+    const char* v = std::getenv("SYNQ_CPU_PORTABLE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+Micro pick_micro(bool b_int4) {
+#if SYNQ_INT_GEMM_X86
+  if (cpu_has_avx2() && !force_portable())
+    return b_int4 ? Micro{micro_avx2<true>, micro_avx2_row<true>}
+                  : Micro{micro_avx2<false>, micro_avx2_row<false>};
+#endif
+  return b_int4 ? Micro{micro_generic<true>, micro_generic<true>}
+                : Micro{micro_generic<false>, micro_generic<false>};
+}
+
+// The right operand: N rows of K int8 values, or of ceil(K/2) bytes of packed signed int4.
+struct BMat {
+  const uint8_t* p;
+  int64_t ld;  // bytes between rows
+  int64_t K;
+  bool int4;
+  int64_t row_bytes() const { return int4 ? (K + 1) / 2 : K; }
+  int64_t chunk_bytes() const { return int4 ? 8 : 16; }
+};
+
+// C[m, n] = sum_k A[m, k] B[n, k] for m in [m0, m1), n in [n0, n1); each finished element
+// goes to store(m, n, value). A: int16 rows with stride lda (>= round_up(K, 16), zero padded
+// past K). K is blocked by kKC; partial sums of all but the last block wait in `acc`.
+template <class Store>
+void gemm_region(const Micro& micro, const int16_t* A, int64_t lda, int64_t m0, int64_t m1,
+                 const BMat& B, int64_t n0, int64_t n1, Store&& store) {
+  const int64_t K = B.K;
+  const int64_t kp = round_up(K, kChunk);
+  const int64_t rows = m1 - m0, cols = n1 - n0;
+  // No K blocking when the whole left block fits in L2 (small M): the weight rows then
+  // stream start to end, which the hardware prefetchers follow far better than 1 KB pieces.
+  const int64_t kc = rows * kp * 2 <= kL2 ? std::max<int64_t>(kp, kChunk) : kKC;
+  const int64_t nkb = (kp + kc - 1) / kc;
+  if (nkb == 0) {  // K = 0: empty sums
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = n0; n < n1; ++n) store(m, n, 0);
+    return;
+  }
+  std::vector<int32_t> acc(nkb > 1 ? rows * cols : 0, 0);
+  const int64_t kc_eff = std::min(kc, kp);
+  const int64_t mc = std::max<int64_t>(kMR, (kL2 / (2 * kc_eff)) / kMR * kMR);
+  alignas(16) uint8_t tailbuf[kNR][16];
+  int32_t out[kMR][kNR];
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t k0 = kb * kc;
+    const int64_t k1 = std::min(kp, k0 + kc);  // in padded K
+    const bool last = kb == nkb - 1;
+    // Whole chunks read straight from B; a ragged last chunk comes from a padded copy.
+    const int64_t kvalid = std::min(K, k1) - k0;
+    const int64_t nfull = kvalid / kChunk;
+    const bool tail = kvalid % kChunk != 0;
+    const int64_t boff = k0 / kChunk * B.chunk_bytes();
+    for (int64_t mb = m0; mb < m1; mb += mc) {
+      const int64_t me = std::min(m1, mb + mc);
+      for (int64_t n = n0; n < n1; n += kNR) {
+        Tile t;
+        t.nfull = nfull;
+        t.tail = tail;
+        for (int j = 0; j < kNR; ++j) {
+          const int64_t nn = std::min(n + j, n1 - 1);
+          t.b[j] = B.p + nn * B.ld + boff;
+          t.bt[j] = tailbuf[j];
+          if (tail) {
+            std::memset(tailbuf[j], 0, sizeof(tailbuf[j]));
+            const int64_t done = boff + nfull * B.chunk_bytes();
+            std::memcpy(tailbuf[j], B.p + nn * B.ld + done, B.row_bytes() - done);
+          }
+        }
+        const int nn_valid = static_cast<int>(std::min<int64_t>(kNR, n1 - n));
+        for (int64_t m = mb; m < me; m += kMR) {
+          const int mm_valid = static_cast<int>(std::min<int64_t>(kMR, me - m));
+          for (int r = 0; r < kMR; ++r) t.a[r] = A + std::min(m + r, me - 1) * lda + k0;
+          if (mm_valid == kMR) {
+            micro.full(t, out);
+          } else {
+            for (int r = mm_valid - 1; r >= 0; --r) {  // row r's result lands in out[r]
+              t.a[0] = A + (m + r) * lda + k0;
+              micro.row(t, out);
+              for (int j = 0; j < kNR; ++j) out[r][j] = out[0][j];
+            }
+          }
+          for (int r = 0; r < mm_valid; ++r)
+            for (int j = 0; j < nn_valid; ++j) {
+              const int64_t idx = (m + r - m0) * cols + (n + j - n0);
+              if (last)
+                store(m + r, n + j, out[r][j] + (nkb > 1 ? acc[idx] : 0));
+              else
+                acc[idx] += out[r][j];
+            }
+        }
+      }
+    }
+  }
+}
+
+// Rows [m0, m1) of a (int8, or packed int4 of `a_signed`ness) into zero-padded int16 rows.
+void widen_rows(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K, bool packed,
+                bool a_signed, int16_t* out, int64_t kp) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* src = a + m * lda;
+    int16_t* dst = out + m * kp;
+    if (!packed) {
+      const int8_t* s = reinterpret_cast<const int8_t*>(src);
+      for (int64_t k = 0; k < K; ++k) dst[k] = s[k];
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const int v = (src[k >> 1] >> ((k & 1) * 4)) & 0xF;
+        dst[k] = static_cast<int16_t>(a_signed ? v - ((v & 8) << 1) : v);
+      }
+    }
+    std::fill(dst + K, dst + kp, int16_t{0});
+  }
+}
+
+// Splits an (M x N) product into tasks for at::parallel_for: N in chunks of whole micro
+// tiles first (the weights are the large operand), M too when N alone gives too few.
+struct Split {
+  int64_t mchunks, nchunks;
+};
+
+Split split_work(int64_t M, int64_t N, int64_t kp) {
+  const int64_t nth = at::get_num_threads();
+  if (nth <= 1 || M * N * kp < (int64_t{1} << 18)) return {1, 1};
+  const int64_t ntiles = (N + kNR - 1) / kNR;
+  const int64_t nch = std::min(ntiles, 4 * nth);
+  const int64_t mtiles = (M + kMR - 1) / kMR;
+  const int64_t mch = std::max<int64_t>(1, std::min(mtiles, (4 * nth + nch - 1) / nch));
+  return {mch, nch};
+}
+
+inline std::pair<int64_t, int64_t> chunk_range(int64_t i, int64_t chunks, int64_t tiles,
+                                               int64_t tile, int64_t total) {
+  const int64_t t0 = tiles * i / chunks, t1 = tiles * (i + 1) / chunks;
+  return {std::min(total, t0 * tile), std::min(total, t1 * tile)};
+}
+
+template <class Store>
+void gemm_parallel(const int16_t* A, int64_t lda, int64_t M, const BMat& B, int64_t N,
+                   Store store) {
+  const Micro micro = pick_micro(B.int4);
+  const Split s = split_work(M, N, lda);
+  const int64_t mtiles = (M + kMR - 1) / kMR, ntiles = (N + kNR - 1) / kNR;
+  at::parallel_for(0, s.mchunks * s.nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const auto [m0, m1] = chunk_range(t / s.nchunks, s.mchunks, mtiles, kMR, M);
+      const auto [n0, n1] = chunk_range(t % s.nchunks, s.nchunks, ntiles, kNR, N);
+      if (m0 < m1 && n0 < n1) gemm_region(micro, A, lda, m0, m1, B, n0, n1, store);
+    }
+  });
+}
+
+std::vector<int16_t> widen_parallel(const at::Tensor& a, int64_t K, bool packed, bool a_signed,
+                                    int64_t kp) {
+  const int64_t M = a.size(0);
+  std::vector<int16_t> out(M * kp);
+  const uint8_t* ap = static_cast<const uint8_t*>(a.const_data_ptr());
+  const int64_t lda = a.stride(0);
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / kp), [&](int64_t b, int64_t e) {
+    widen_rows(ap, lda, b, e, K, packed, a_signed, out.data(), kp);
+  });
+  return out;
+}
+
+void check_operand(const at::Tensor& t, const char* name, bool packed, int64_t K) {
+  TORCH_CHECK(t.dim() == 2, "synq int gemm (cpu backend): ", name, " must be 2-D, got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == (packed ? at::kByte : at::kChar), "synq int gemm (cpu backend): ",
+              name, " must be ", packed ? "uint8 (packed int4)" : "int8", ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.size(1) == (packed ? (K + 1) / 2 : K), "synq int gemm (cpu backend): ", name,
+              " has ", t.size(1), " columns, K = ", K, " needs ", packed ? (K + 1) / 2 : K);
+}
+
+at::Tensor int_mm_cpu(const at::Tensor& a_, const at::Tensor& b_, int64_t K, bool a_packed,
+                      bool a_signed, bool b_packed) {
+  check_operand(a_, "a", a_packed, K);
+  check_operand(b_, "b", b_packed, K);
+  const auto a = a_.contiguous(), b = b_.contiguous();
+  const int64_t M = a.size(0), N = b.size(0);
+  auto out = at::empty({M, N}, a.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const int64_t kp = round_up(K, kChunk);
+  const auto A16 = widen_parallel(a, K, a_packed, a_signed, kp);
+  const BMat B{static_cast<const uint8_t*>(b.const_data_ptr()), b.stride(0), K, b_packed};
+  int32_t* o = out.mutable_data_ptr<int32_t>();
+  gemm_parallel(A16.data(), kp, M, B, N,
+                [o, N](int64_t m, int64_t n, int32_t v) { o[m * N + n] = v; });
+  return out;
+}
+
+// out = relu?(float(acc - xz * rowsum[n]) * (xs * ws[n]) + bias[n]) cast to scalar_t.
+template <typename scalar_t>
+inline scalar_t dequant(int32_t acc, int32_t xz, float xs, int32_t rowsum, float ws,
+                        const float* bias, int64_t n, bool relu) {
+  float y = static_cast<float>(acc - xz * rowsum) * (xs * ws);
+  if (bias) y += bias[n];
+  if (relu) y = y < 0.f ? 0.f : y;
+  return static_cast<scalar_t>(y);
+}
+
+void check_epilogue(const at::Tensor& t, const char* name, at::ScalarType st, int64_t n) {
+  TORCH_CHECK(t.scalar_type() == st && t.is_contiguous() && t.numel() == n,
+              "synq int gemm (cpu backend): ", name, " must be a contiguous ", st, " tensor of ",
+              n, " elements, got ", t.scalar_type(), " ", t.sizes());
+}
+
+at::Tensor quantized_linear_cpu(const at::Tensor& x_, const at::Tensor& x_scale,
+                                const at::Tensor& x_zero, const at::Tensor& w_,
+                                const at::Tensor& w_scale, const at::Tensor& w_rowsum,
+                                const std::optional<at::Tensor>& bias, bool relu,
+                                at::ScalarType out_dtype, bool w_packed) {
+  TORCH_CHECK(x_.dim() == 2, "synq quantized_linear (cpu backend): x must be 2-D");
+  const int64_t K = x_.size(1);
+  check_operand(x_, "x", false, K);
+  check_operand(w_, "w", w_packed, K);
+  const auto x = x_.contiguous(), w = w_.contiguous();
+  const int64_t M = x.size(0), N = w.size(0);
+  check_epilogue(x_scale, "x_scale", at::kFloat, M);
+  check_epilogue(x_zero, "x_zero", at::kInt, M);
+  check_epilogue(w_scale, "w_scale", at::kFloat, N);
+  check_epilogue(w_rowsum, "w_rowsum", at::kInt, N);
+  if (bias) check_epilogue(*bias, "bias", at::kFloat, N);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "synq quantized_linear (cpu backend): out_dtype must be float32, float16 or "
+              "bfloat16, got ", out_dtype);
+  auto out = at::empty({M, N}, x.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  const int64_t kp = round_up(std::max<int64_t>(K, 1), kChunk);
+  const auto A16 = widen_parallel(x, K, false, true, kp);
+  const BMat B{static_cast<const uint8_t*>(w.const_data_ptr()), w.stride(0), K, w_packed};
+  const float* xs = x_scale.const_data_ptr<float>();
+  const int32_t* xz = x_zero.const_data_ptr<int32_t>();
+  const float* ws = w_scale.const_data_ptr<float>();
+  const int32_t* rs = w_rowsum.const_data_ptr<int32_t>();
+  const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quantized_linear_cpu",
+                                  [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    gemm_parallel(A16.data(), kp, M, B, N, [=](int64_t m, int64_t n, int32_t v) {
+      o[m * N + n] = dequant<scalar_t>(v, xz[m], xs[m], rs[n], ws[n], bp, n, relu);
+    });
+  });
+  return out;
+}
+
+// Implicit GEMM over output-pixel tiles: per (image, group, pixel tile, channel chunk) task
+// the tile's im2col rows (K = C/groups * kh * kw, in w's (c, ky, kx) order, padded positions
+// holding the zero point) are built in an int16 scratch and multiplied by the group's weight
+// rows; the epilogue writes straight into the NCHW or channels-last output.
+at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
+                                const at::Tensor& x_zero, const at::Tensor& w_,
+                                const at::Tensor& w_scale, const at::Tensor& w_rowsum,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, bool relu, at::ScalarType out_dtype) {
+  const char* who = "synq quantized_conv2d (cpu backend): ";
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kChar, who, "x must be 4-D int8, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(w_.dim() == 4 && w_.scalar_type() == at::kChar, who, "w must be 4-D int8");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, who,
+              "stride, padding and dilation must have 2 entries");
+  const int64_t Bn = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cout = w_.size(0), kh = w_.size(2), kw = w_.size(3);
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && Cout % groups == 0 &&
+                  w_.size(1) == C / groups,
+              who, "groups = ", groups, " does not fit C = ", C, ", w ", w_.sizes());
+  const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1],
+                dh = dilation[0], dw = dilation[1];
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(OH >= 1 && OW >= 1, who, "empty output");
+  check_epilogue(x_scale, "x_scale", at::kFloat, 1);
+  check_epilogue(x_zero, "x_zero", at::kInt, 1);
+  check_epilogue(w_scale, "w_scale", at::kFloat, Cout);
+  check_epilogue(w_rowsum, "w_rowsum", at::kInt, Cout);
+  if (bias) check_epilogue(*bias, "bias", at::kFloat, Cout);
+  // Same rule as synq_kernels.reference.int_gemm.conv_memory_format.
+  const auto fmt = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
+                       ? at::MemoryFormat::ChannelsLast
+                       : at::MemoryFormat::Contiguous;
+  auto out = at::empty({Bn, Cout, OH, OW}, x.options().dtype(out_dtype), fmt);
+  const auto w = w_.contiguous();
+  const int64_t Cg = C / groups, Og = Cout / groups;
+  const int64_t K = Cg * kh * kw, kp = round_up(K, kChunk);
+  const int64_t P = OH * OW;
+  const int64_t ptile = std::min(round_up(P, kMR),
+                                 std::max<int64_t>(16, (1 << 20) / (2 * kp) / kMR * kMR));
+  const int64_t npt = (P + ptile - 1) / ptile;
+  const int64_t base_tasks = Bn * groups * npt;
+  const int64_t nth = at::get_num_threads();
+  const int64_t otiles = (Og + kNR - 1) / kNR;
+  const int64_t nch = std::max<int64_t>(
+      1, std::min(otiles, (2 * nth + base_tasks - 1) / base_tasks));
+  const float xs = x_scale.const_data_ptr<float>()[0];
+  const int32_t xz = x_zero.const_data_ptr<int32_t>()[0];
+  const float* ws = w_scale.const_data_ptr<float>();
+  const int32_t* rs = w_rowsum.const_data_ptr<int32_t>();
+  const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
+  const int8_t* xp = x.const_data_ptr<int8_t>();
+  const int64_t sxb = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
+  const int64_t sob = out.stride(0), soc = out.stride(1);
+  const int64_t sop = fmt == at::MemoryFormat::ChannelsLast ? Cout : 1;
+  const Micro micro = pick_micro(false);
+  // Per output channel: zero-point correction, combined scale and bias of the epilogue.
+  std::vector<int32_t> corr(Cout);
+  std::vector<float> scale(Cout), shift(Cout);
+  for (int64_t co = 0; co < Cout; ++co) {
+    corr[co] = xz * rs[co];
+    scale[co] = xs * ws[co];
+    shift[co] = bp ? bp[co] : 0.f;
+  }
+  // Offset of each im2col column (c, ky, kx) from its window's top-left input element.
+  std::vector<int64_t> offs(K);
+  for (int64_t c = 0; c < Cg; ++c)
+    for (int64_t ky = 0; ky < kh; ++ky)
+      for (int64_t kx = 0; kx < kw; ++kx)
+        offs[(c * kh + ky) * kw + kx] = c * sxc + ky * dh * sxh + kx * dw * sxw;
+  const uint8_t* wp = static_cast<const uint8_t*>(w.const_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quantized_conv2d_cpu",
+                                  [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = (P * K * Og < (1 << 16)) ? base_tasks * nch : 1;
+    at::parallel_for(0, base_tasks * nch, grain, [&](int64_t tb, int64_t te) {
+      std::vector<int16_t> A(ptile * kp);
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t ci = t % nch;
+        const int64_t pt = (t / nch) % npt;
+        const int64_t g = (t / nch / npt) % groups;
+        const int64_t bi = t / nch / npt / groups;
+        const int64_t p0 = pt * ptile, p1 = std::min(P, p0 + ptile);
+        const int8_t* xg = xp + bi * sxb + g * Cg * sxc;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t oy = p / OW, ox = p % OW;
+          const int64_t iy0 = oy * sh - ph, ix0 = ox * sw - pw;
+          int16_t* row = A.data() + (p - p0) * kp;
+          if (iy0 >= 0 && iy0 + (kh - 1) * dh < H && ix0 >= 0 && ix0 + (kw - 1) * dw < W) {
+            // Interior pixel: the whole window is in bounds, a plain gather.
+            const int8_t* src = xg + iy0 * sxh + ix0 * sxw;
+            for (int64_t k = 0; k < K; ++k) row[k] = src[offs[k]];
+          } else {
+            for (int64_t c = 0; c < Cg; ++c)
+              for (int64_t ky = 0; ky < kh; ++ky) {
+                const int64_t iy = iy0 + ky * dh;
+                int16_t* dst = row + (c * kh + ky) * kw;
+                if (iy < 0 || iy >= H) {
+                  for (int64_t kx = 0; kx < kw; ++kx) dst[kx] = static_cast<int16_t>(xz);
+                  continue;
+                }
+                const int8_t* src = xg + c * sxc + iy * sxh;
+                for (int64_t kx = 0; kx < kw; ++kx) {
+                  const int64_t ix = ix0 + kx * dw;
+                  dst[kx] = (ix < 0 || ix >= W) ? static_cast<int16_t>(xz)
+                                                : static_cast<int16_t>(src[ix * sxw]);
+                }
+              }
+          }
+          std::fill(row + K, row + kp, int16_t{0});
+        }
+        const auto [n0, n1] = chunk_range(ci, nch, otiles, kNR, Og);
+        if (n0 >= n1) continue;
+        const BMat B{wp + g * Og * K, K, K, false};
+        scalar_t* ob = o + bi * sob;
+        const int64_t cbase = g * Og;
+        const int32_t* corr_g = corr.data() + cbase;
+        const float* scale_g = scale.data() + cbase;
+        const float* bias_g = shift.data() + cbase;
+        scalar_t* og = ob + cbase * soc;
+        gemm_region(micro, A.data() - p0 * kp, kp, p0, p1, B, n0, n1,
+                    [&](int64_t p, int64_t n, int32_t v) {
+                      float y = static_cast<float>(v - corr_g[n]) * scale_g[n] + bias_g[n];
+                      og[n * soc + p * sop] = static_cast<scalar_t>(relu ? std::max(y, 0.f) : y);
+                    });
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(synq, CPU, m) {
+  m.impl("_int_mm", &int_mm_cpu);
+  m.impl("_quantized_linear", &quantized_linear_cpu);
+  m.impl("_quantized_conv2d", &quantized_conv2d_cpu);
+}
+
+}  // namespace synq

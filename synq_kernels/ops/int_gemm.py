@@ -1,0 +1,439 @@
+"""Integer GEMM and convolution with int32 accumulation and a fused dequantizing epilogue.
+
+Three custom ops, each taking the name of the backend that runs it, with their fake (meta)
+kernels registered here once for all backends:
+
+- `synq::int_mm(a, b, k, a_packed, a_signed, b_packed, backend)`: a (M, K) @ b (N, K).T in
+  int32, either operand int8 or packed int4 (see `pack_int4` for the layout); behind
+  `int8_matmul` and `int4_matmul`.
+- `synq::quantized_linear(...)`: the same product with the epilogue
+  out = x_scale[m] w_scale[n] (acc[m, n] - x_zero[m] rowsum(w)[n]) + bias[n], ReLU, cast.
+- `synq::quantized_conv2d(...)`: the convolution form (implicit-GEMM semantics).
+
+The backends register functions under the op names "int_mm", "quantized_linear" and
+"quantized_conv2d" in `synq_kernels.backends` (signatures: see `reference_*` below). The ops
+are not differentiable (integer inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks, backends
+from ..reference import int_gemm as R
+
+# int32 accumulation is exact while K * 2^15 (largest |product| after the uint8 shift, times
+# K) stays below 2^31.
+MAX_K = 1 << 16
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_values(x_scale, x_zero, w_scale):
+    """The data-dependent checks, run inside the ops so that torch.compile traces around them
+    (x_zero is already in the int8 domain: uint8 activations are shifted by -128)."""
+    _checks.check_positive_finite("x_scale", x_scale)
+    _checks.check_positive_finite("w_scale", w_scale)
+    if x_zero.numel() and _checks.value_checks_enabled(x_zero):
+        bad = (x_zero < -128) | (x_zero > 127)
+        if bool(bad.any()):
+            raise ValueError("x_zero must be within the range of x_q's dtype (int8: -128..127, "
+                             "uint8: 0..255), got "
+                             f"{int(x_zero.flatten()[bad.flatten()][0])} in the int8 domain "
+                             "(uint8 zero points are shifted by -128)")
+
+
+# -- custom ops ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("synq::int_mm", mutates_args=())
+def _int_mm(a: Tensor, b: Tensor, k: int, a_packed: bool, a_signed: bool, b_packed: bool,
+            backend: str) -> Tensor:
+    if a.shape[0] == 0 or b.shape[0] == 0 or k == 0:
+        return torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    return backends.implementation("int_mm", backend)(a, b, k, a_packed, a_signed, b_packed)
+
+
+@_int_mm.register_fake
+def _(a, b, k, a_packed, a_signed, b_packed, backend):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("synq::quantized_linear", mutates_args=())
+def _quantized_linear(x: Tensor, x_scale: Tensor, x_zero: Tensor, w: Tensor, w_scale: Tensor,
+                      w_rowsum: Tensor, bias: Optional[Tensor], relu: bool,
+                      out_dtype: torch.dtype, w_packed: bool, backend: str) -> Tensor:
+    _check_values(x_scale, x_zero, w_scale)
+    if x.shape[0] == 0 or w.shape[0] == 0:
+        return torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
+    fn = backends.implementation("quantized_linear", backend)
+    return fn(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_dtype, w_packed)
+
+
+@_quantized_linear.register_fake
+def _(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_dtype, w_packed, backend):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+def conv_out_size(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.custom_op("synq::quantized_conv2d", mutates_args=())
+def _quantized_conv2d(x: Tensor, x_scale: Tensor, x_zero: Tensor, w: Tensor, w_scale: Tensor,
+                      w_rowsum: Tensor, bias: Optional[Tensor], stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, relu: bool,
+                      out_dtype: torch.dtype, backend: str) -> Tensor:
+    _check_values(x_scale, x_zero, w_scale)
+    fn = backends.implementation("quantized_conv2d", backend)
+    if x.numel() == 0 or w.shape[0] == 0:
+        return _conv_empty(x, w, stride, padding, dilation, out_dtype)
+    return fn(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
+              groups, relu, out_dtype)
+
+
+def _conv_empty(x, w, stride, padding, dilation, out_dtype):
+    oh = conv_out_size(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_out_size(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
+    out = x.new_empty((x.shape[0], w.shape[0], oh, ow), dtype=out_dtype)
+    return out.contiguous(memory_format=R.conv_memory_format(x))
+
+
+@_quantized_conv2d.register_fake
+def _(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation, groups, relu,
+      out_dtype, backend):
+    return _conv_empty(x, w, stride, padding, dilation, out_dtype)
+
+
+# -- reference backend (registered by synq_kernels/__init__.py) ---------------------------------
+
+def reference_int_mm(a, b, k, a_packed, a_signed, b_packed):
+    return R.int_mm(a, b, k, a_packed, a_signed, b_packed)
+
+
+def reference_quantized_linear(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu,
+                               out_dtype, w_packed):
+    return R.quantized_linear(x, x_scale, x_zero, w, w_scale, bias, relu, out_dtype, w_packed)
+
+
+def reference_quantized_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride,
+                               padding, dilation, groups, relu, out_dtype):
+    return R.quantized_conv2d(x, x_scale, x_zero, w, w_scale, bias, stride, padding, dilation,
+                              groups, relu, out_dtype)
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+def _check_tensor(name, t, dtypes, ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _check_k(k):
+    if k > MAX_K:
+        raise ValueError(f"K = {k} is too large: int32 accumulation is exact for K <= {MAX_K}")
+
+
+def _packed_len(k):
+    return (k + 1) // 2
+
+
+def _resolve(op, device, backend):
+    return backends.resolve(op, device, backend)
+
+
+# -- public API ---------------------------------------------------------------------------------
+
+def pack_int4(q: Tensor, signed: bool = True) -> Tensor:
+    """Pack 4-bit integers two per byte along the last dim.
+
+    Layout: byte i of a row holds element 2i in its low nibble and element 2i+1 in its high
+    nibble, each as a 4-bit two's-complement pattern (signed: -8..7) or plain value
+    (unsigned: 0..15); an odd last dim n is padded with a zero nibble, so the result is uint8
+    of shape (..., ceil(n / 2)). `unpack_int4(pack_int4(q, s), s, n)` returns q as int8.
+
+    Args:
+        q: integer tensor (int8, uint8, int16, int32, int64) with every value in range.
+        signed: whether the values are signed 4-bit (-8..7) or unsigned (0..15).
+    """
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise TypeError(f"q must be an integer tensor, got dtype {q.dtype}")
+    if q.dim() == 0:
+        raise ValueError("q must have at least one dim (values are packed along the last)")
+    lo, hi = R.int4_range(signed)
+    if q.numel() and _checks.value_checks_enabled(q):
+        bad = (q < lo) | (q > hi)
+        if bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0])
+            kind = "signed" if signed else "unsigned"
+            raise ValueError(f"q must hold {kind} 4-bit values ({lo}..{hi}), got "
+                             f"{int(q.flatten()[i])} at flat index {i}")
+    return R.pack_int4(q, signed)
+
+
+def unpack_int4(p: Tensor, signed: bool = True, n: int | None = None) -> Tensor:
+    """Inverse of `pack_int4`: int8 of shape (..., n), n = 2 * p.shape[-1] by default (give
+    the original odd length to drop the padding nibble)."""
+    _check_tensor("p", p, (torch.uint8,))
+    if p.dim() == 0:
+        raise ValueError("p must have at least one dim")
+    if n is not None:
+        _checks.check_int_range("n", n, 0, 2 * p.shape[-1])
+        if _packed_len(n) != p.shape[-1]:
+            raise ValueError(f"n = {n} does not match p's last dim {p.shape[-1]} "
+                             f"(expected ceil(n / 2) = {p.shape[-1]})")
+    return R.unpack_int4(p, signed, n)
+
+
+def int8_matmul(a: Tensor, b: Tensor, backend: str | None = None) -> Tensor:
+    """a (M, K) int8 @ b (N, K) int8 .T (nn.Linear weight layout) -> int32 (M, N), exact.
+
+    Any M, K, N >= 0 (batch-1 works). backend: "reference", "cpu", "cuda", "triton", or None
+    for the fastest available on a's device."""
+    _check_tensor("a", a, (torch.int8,), 2)
+    _check_tensor("b", b, (torch.int8,), 2)
+    _checks.check_same_device(a=a, b=b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"K mismatch: a is {tuple(a.shape)} (M, K) and b is "
+                         f"{tuple(b.shape)} (N, K)")
+    _check_k(a.shape[1])
+    be = _resolve("int_mm", a.device, backend)
+    return torch.ops.synq.int_mm(a, b, a.shape[1], False, True, False, be)
+
+
+def int4_matmul(a: Tensor, b: Tensor, k: int | None = None, a_signed: bool = True,
+                backend: str | None = None) -> Tensor:
+    """a @ b.T in int32 with b packed signed int4 (N, ceil(K/2)) (see `pack_int4`).
+
+    a is either packed int4 (uint8, (M, ceil(K/2)); W4A4; signed or unsigned per a_signed)
+    or int8 (M, K) (W4A8). k: the unpacked K, needed when it is odd and a is packed
+    (default: a's last dim for int8 a, twice it for packed a). The 4-bit operands are
+    unpacked inside the kernel."""
+    _check_tensor("a", a, (torch.int8, torch.uint8), 2)
+    _check_tensor("b", b, (torch.uint8,), 2)
+    _checks.check_same_device(a=a, b=b)
+    a_packed = a.dtype == torch.uint8
+    if k is None:
+        k = a.shape[1] * 2 if a_packed else a.shape[1]
+    _checks.check_int_range("k", k, 0, 1 << 40)
+    if a_packed and _packed_len(k) != a.shape[1]:
+        raise ValueError(f"K mismatch: packed a has {a.shape[1]} bytes per row, K = {k} needs "
+                         f"{_packed_len(k)}")
+    if not a_packed and a.shape[1] != k:
+        raise ValueError(f"K mismatch: int8 a is {tuple(a.shape)} but k = {k}")
+    if _packed_len(k) != b.shape[1]:
+        raise ValueError(f"K mismatch: packed b is {tuple(b.shape)} (N, ceil(K/2)) but K = {k} "
+                         f"needs {_packed_len(k)} bytes per row")
+    _check_k(k)
+    be = _resolve("int_mm", a.device, backend)
+    return torch.ops.synq.int_mm(a, b, k, a_packed, bool(a_signed), True, be)
+
+
+def weight_row_sums(w_q: Tensor, k: int | None = None) -> Tensor:
+    """Row sums (int32, shape (N,)) of an int8 weight (N, ...) or of a packed int4 weight
+    (N, ceil(K/2)), for the zero-point correction; compute once per weight and pass to
+    `quantized_linear` / `quantized_conv2d` as w_rowsum."""
+    if w_q.dtype == torch.uint8:
+        w_q = R.unpack_int4(w_q, True, k)
+    return w_q.reshape(w_q.shape[0], -1).sum(1, dtype=torch.int32)
+
+
+def _int_param(name, v, device):
+    if isinstance(v, torch.Tensor):
+        if v.dtype.is_floating_point:
+            if _checks.value_checks_enabled(v) and bool((v != v.round()).any()):
+                raise ValueError(f"{name} must hold integers, got {v}")
+        return v.to(device=device, dtype=torch.int32)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {v!r}")
+    return torch.tensor(v, dtype=torch.int32, device=device)
+
+
+def _float_param(name, v, device):
+    if isinstance(v, torch.Tensor):
+        _checks.check_float_tensor(name, v, (torch.float32, torch.float64, torch.float16,
+                                             torch.bfloat16))
+        v = v.to(device=device, dtype=torch.float32)
+    else:
+        v = torch.tensor(_checks.check_finite_float(name, v), dtype=torch.float32,
+                         device=device)
+    return v
+
+
+def _per_row(name, t, lead_shape, m):
+    """A scalar or per-row parameter as a contiguous (M,) tensor."""
+    if t.numel() == 1:
+        return t.reshape(1).expand(m).contiguous()
+    if tuple(t.shape) in (tuple(lead_shape), (m,)):
+        return t.reshape(m).contiguous()
+    raise ValueError(f"{name} must be a scalar (per-tensor) or have shape {tuple(lead_shape)} "
+                     f"(one per row of x_q), got shape {tuple(t.shape)}")
+
+
+def _per_channel(name, t, n):
+    if t.numel() == 1:
+        return t.reshape(1).expand(n).contiguous()
+    if tuple(t.shape) == (n,):
+        return t.contiguous()
+    raise ValueError(f"{name} must be a scalar or have shape ({n},) (one per output channel), "
+                     f"got shape {tuple(t.shape)}")
+
+
+def _check_activation(x_q, x_zero):
+    """int8 or uint8 activations; uint8 ones are shifted to int8 (exact, zero point too)."""
+    if x_q.dtype == torch.uint8:
+        return (x_q.to(torch.int16) - 128).to(torch.int8), x_zero - 128
+    return x_q, x_zero
+
+
+def _out_dtype(out_dtype):
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+
+
+def _bias(bias, n, device):
+    if bias is None:
+        return None
+    _checks.check_float_tensor("bias", bias, (torch.float32, torch.float64, torch.float16,
+                                              torch.bfloat16))
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return bias.to(device=device, dtype=torch.float32).contiguous()
+
+
+def quantized_linear(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=None,
+                     relu: bool = False, out_dtype: torch.dtype = torch.float32,
+                     w_rowsum: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """Integer linear layer with a fused dequantizing epilogue:
+
+        out[..., n] = x_scale * w_scale[n] * ((x_q - x_zero) @ w_q.T)[..., n] + bias[n]
+
+    then ReLU (relu=True) and the cast to out_dtype, all in the kernel's epilogue. The
+    zero-point term is x_zero * rowsum(w_q)[n], from precomputed row sums (w_rowsum, see
+    `weight_row_sums`; computed here when None).
+
+    Args:
+        x_q: (..., K) int8 or uint8 activations.
+        x_scale, x_zero: per-tensor (numbers or one-element tensors) or per-row (shape
+            x_q.shape[:-1]); x_zero integer and within x_q's dtype range.
+        w_q: (N, K) int8, or packed signed int4 (uint8, (N, ceil(K/2)), see `pack_int4`).
+        w_scale: scalar or (N,), positive.
+        bias: None or (N,) float.
+        out_dtype: float32, float16 or bfloat16.
+    Returns (..., N) of out_dtype.
+    """
+    _check_tensor("x_q", x_q, (torch.int8, torch.uint8))
+    _check_tensor("w_q", w_q, (torch.int8, torch.uint8), 2)
+    if x_q.dim() < 1:
+        raise ValueError("x_q must have at least one dim (..., K)")
+    _checks.check_same_device(x_q=x_q, w_q=w_q)
+    _out_dtype(out_dtype)
+    dev = x_q.device
+    k = x_q.shape[-1]
+    n = w_q.shape[0]
+    w_packed = w_q.dtype == torch.uint8
+    want = _packed_len(k) if w_packed else k
+    if w_q.shape[1] != want:
+        form = "packed int4 (N, ceil(K/2))" if w_packed else "int8 (N, K)"
+        raise ValueError(f"K mismatch: x_q has K = {k} but w_q {form} has shape "
+                         f"{tuple(w_q.shape)} (expected {want} columns)")
+    _check_k(k)
+    lead = x_q.shape[:-1]
+    x2 = x_q.reshape(-1, k)
+    m = x2.shape[0]
+    xs = _per_row("x_scale", _float_param("x_scale", x_scale, dev), lead, m)
+    xz = _per_row("x_zero", _int_param("x_zero", x_zero, dev), lead, m)
+    x2, xz = _check_activation(x2, xz)
+    ws = _per_channel("w_scale", _float_param("w_scale", w_scale, dev), n)
+    b = _bias(bias, n, dev)
+    if w_rowsum is None:
+        w_rowsum = weight_row_sums(w_q, k)
+    elif tuple(w_rowsum.shape) != (n,):
+        raise ValueError(f"w_rowsum must have shape ({n},), got {tuple(w_rowsum.shape)}")
+    w_rowsum = w_rowsum.to(device=dev, dtype=torch.int32).contiguous()
+    be = _resolve("quantized_linear", dev, backend)
+    out = torch.ops.synq.quantized_linear(x2.contiguous(), xs, xz, w_q.contiguous(), ws,
+                                          w_rowsum, b, bool(relu), out_dtype, w_packed, be)
+    return out.reshape(*lead, n)
+
+
+def _pair(name, v):
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(e, int) and not isinstance(e, bool) for e in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return [int(v[0]), int(v[1])]
+
+
+def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=None,
+                     stride=1, padding=0, dilation=1, groups: int = 1, relu: bool = False,
+                     out_dtype: torch.dtype = torch.float32, w_rowsum: Tensor | None = None,
+                     backend: str | None = None) -> Tensor:
+    """Integer conv2d with a fused dequantizing epilogue: the convolution of the real input
+    x_scale (x_q - x_zero) (zero padding in the real domain, i.e. x_q padded with x_zero) with
+    the weight w_scale[n] w_q[n], + bias, ReLU, cast to out_dtype.
+
+    Args:
+        x_q: (B, C, H, W) int8 or uint8, NCHW or channels-last (the output keeps the format).
+        x_scale, x_zero: per-tensor (numbers or one-element tensors).
+        w_q: (Cout, C / groups, kh, kw) int8. groups must divide C and Cout; groups = C is
+            depthwise.
+        w_scale: scalar or (Cout,); bias None or (Cout,).
+        stride, padding, dilation: int or pair (padding >= 0, the others >= 1).
+    Returns (B, Cout, OH, OW) of out_dtype.
+    """
+    _check_tensor("x_q", x_q, (torch.int8, torch.uint8), 4)
+    if w_q.dtype == torch.uint8:
+        raise TypeError("w_q of quantized_conv2d must be int8 (packed int4 conv weights are "
+                        "not supported)")
+    _check_tensor("w_q", w_q, (torch.int8,), 4)
+    _checks.check_same_device(x_q=x_q, w_q=w_q)
+    _out_dtype(out_dtype)
+    stride, padding, dilation = (_pair("stride", stride), _pair("padding", padding),
+                                 _pair("dilation", dilation))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    c, cout = x_q.shape[1], w_q.shape[0]
+    if c % groups or cout % groups:
+        raise ValueError(f"groups = {groups} must divide the input channels ({c}) and the "
+                         f"output channels ({cout})")
+    if w_q.shape[1] != c // groups:
+        raise ValueError(f"w_q has shape {tuple(w_q.shape)}: expected {c // groups} input "
+                         f"channels per group (C = {c}, groups = {groups})")
+    kh, kw = w_q.shape[2:]
+    oh = conv_out_size(x_q.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(x_q.shape[3], kw, stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(f"the kernel ({kh}x{kw}, dilation {dilation}) does not fit the padded "
+                         f"input {tuple(x_q.shape[2:])} with padding {padding}")
+    _check_k(w_q[0].numel())
+    dev = x_q.device
+    xs = _float_param("x_scale", x_scale, dev)
+    xz = _int_param("x_zero", x_zero, dev)
+    if xs.numel() != 1 or xz.numel() != 1:
+        raise ValueError(f"x_scale and x_zero of quantized_conv2d must be per-tensor (one "
+                         f"element), got shapes {tuple(xs.shape)} and {tuple(xz.shape)}")
+    xs, xz = xs.reshape(()), xz.reshape(())
+    x_q, xz = _check_activation(x_q, xz)
+    ws = _per_channel("w_scale", _float_param("w_scale", w_scale, dev), cout)
+    b = _bias(bias, cout, dev)
+    if w_rowsum is None:
+        w_rowsum = weight_row_sums(w_q)
+    elif tuple(w_rowsum.shape) != (cout,):
+        raise ValueError(f"w_rowsum must have shape ({cout},), got {tuple(w_rowsum.shape)}")
+    w_rowsum = w_rowsum.to(device=dev, dtype=torch.int32).contiguous()
+    be = _resolve("quantized_conv2d", dev, backend)
+    return torch.ops.synq.quantized_conv2d(x_q, xs, xz, w_q.contiguous(), ws, w_rowsum, b,
+                                           stride, padding, dilation, groups, bool(relu),
+                                           out_dtype, be)

@@ -1,0 +1,133 @@
+"""Reference integer GEMM and convolution in plain PyTorch, exact on any device.
+
+Integer products are computed in float64, which holds every partial sum exactly while it
+stays below 2^53 (int8 x int8 products are at most 2^14 in magnitude, so any K below 2^39),
+then converted to int32: bit-exact, and float64 matmul / conv2d exist on every device, unlike
+integer matmul. The float epilogues (scales, zero-point correction, bias, ReLU) are computed
+in float64 and rounded once to the output dtype.
+
+int4 layout (`pack_int4`): two 4-bit values per byte along the last dim, element 2i in the
+low nibble and element 2i+1 in the high nibble of byte i, each as its two's-complement
+(signed, -8..7) or plain (unsigned, 0..15) 4-bit pattern; an odd last dim is padded with a
+zero nibble.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def int4_range(signed: bool) -> tuple[int, int]:
+    return (-8, 7) if signed else (0, 15)
+
+
+def pack_int4(q: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """Pack 4-bit integers (any integer dtype, values in int4_range(signed)) two per byte
+    along the last dim; returns uint8 of shape (..., ceil(n / 2)). No range check here (the
+    public `synq_kernels.pack_int4` checks)."""
+    n = q.shape[-1]
+    v = q.to(torch.int16) & 0xF
+    if n % 2:
+        v = F.pad(v, (0, 1))
+    v = v.reshape(*v.shape[:-1], -1, 2)
+    return (v[..., 0] | (v[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack_int4(p: torch.Tensor, signed: bool = True, n: int | None = None) -> torch.Tensor:
+    """Inverse of `pack_int4`: int8 of shape (..., n), n = 2 * p.shape[-1] by default."""
+    v = p.to(torch.int16)
+    out = torch.stack((v & 0xF, (v >> 4) & 0xF), dim=-1).reshape(*p.shape[:-1], -1)
+    if signed:
+        out = out - ((out & 0x8) << 1)
+    if n is not None:
+        out = out[..., :n]
+    return out.to(torch.int8)
+
+
+def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (N, K).T of integer tensors, as int32 (exact via float64)."""
+    return (a.to(torch.float64) @ b.to(torch.float64).T).round().to(torch.int32)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) int8 @ b (N, K) int8 .T -> int32 (M, N)."""
+    return _exact_mm(a, b)
+
+
+def int_mm(a, b, k: int, a_packed: bool, a_signed: bool, b_packed: bool) -> torch.Tensor:
+    """The backend form: a (M, K or ceil(K/2) packed), b (N, K or ceil(K/2) packed, signed)."""
+    a = unpack_int4(a, a_signed, k) if a_packed else a
+    b = unpack_int4(b, True, k) if b_packed else b
+    return _exact_mm(a, b)
+
+
+def int4_matmul(a, b, k: int | None = None, a_signed: bool = True) -> torch.Tensor:
+    """a packed int4 (M, ceil(K/2)) or int8 (M, K); b packed signed int4 (N, ceil(K/2))."""
+    a_packed = a.dtype == torch.uint8
+    if k is None:
+        k = a.shape[-1] * (2 if a_packed else 1)
+    return int_mm(a, b, k, a_packed, a_signed, True)
+
+
+def _epilogue(acc: torch.Tensor, x_scale, x_zero, w_rowsum, w_scale, bias, relu, out_dtype,
+              channel_dim: int) -> torch.Tensor:
+    """acc: exact integer products (float64) with the channel along `channel_dim`."""
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    v = acc - x_zero * w_rowsum.to(torch.float64).reshape(shape)
+    y = v * x_scale * w_scale.to(torch.float64).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(torch.float64).reshape(shape)
+    if relu:
+        y = y.clamp_min(0)
+    return y.to(out_dtype)
+
+
+def quantized_linear(x_q, x_scale, x_zero, w_q, w_scale, bias=None, relu=False,
+                     out_dtype=torch.float32, w_packed: bool = False) -> torch.Tensor:
+    """out[m, n] = x_scale[m] w_scale[n] ((x_q[m] - x_zero[m]) . w_q[n]) + bias[n] on 2-D x_q
+    (M, K); x_scale / x_zero of shape (M,) (float / integer), w_scale (N,), w_q int8 (N, K)
+    or packed signed int4 (N, ceil(K/2)) when w_packed. Computed in float64."""
+    k = x_q.shape[-1]
+    w = unpack_int4(w_q, True, k) if w_packed else w_q
+    acc = x_q.to(torch.float64) @ w.to(torch.float64).T
+    rs = w.to(torch.float64).sum(1)
+    xs = x_scale.to(torch.float64).reshape(-1, 1)
+    xz = x_zero.to(torch.float64).reshape(-1, 1)
+    return _epilogue(acc, xs, xz, rs, w_scale, bias, relu, out_dtype, 1)
+
+
+def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The output format of the conv ops: channels-last for an input that is channels-last
+    and not also plain contiguous, else contiguous NCHW."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def quantized_conv2d(x_q, x_scale, x_zero, w_q, w_scale, bias=None, stride=(1, 1),
+                     padding=(0, 0), dilation=(1, 1), groups=1, relu=False,
+                     out_dtype=torch.float32) -> torch.Tensor:
+    """Convolution of the real input x_scale (x_q - x_zero) (zero padding in the real
+    domain) with the weight w_scale[n] w_q[n]: x_q (B, C, H, W) integer, per-tensor x_scale
+    and x_zero (0-dim tensors), w_q int8 (Cout, C / groups, kh, kw), w_scale (Cout,).
+    Exact integer products in float64, float64 epilogue; the output keeps x_q's memory
+    format."""
+    xc = x_q.to(torch.float64) - x_zero.to(torch.float64)
+    acc = F.conv2d(xc, w_q.to(torch.float64), None, stride, padding, dilation, groups)
+    zero = torch.zeros((), dtype=torch.float64, device=x_q.device)
+    rs = torch.zeros(w_q.shape[0], dtype=torch.float64, device=x_q.device)
+    y = _epilogue(acc, x_scale.to(torch.float64), zero, rs, w_scale, bias, relu, out_dtype, 1)
+    return y.contiguous(memory_format=conv_memory_format(x_q))
+
+
+def quantized_conv2d_int(x_q, x_zero, w_q, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                         groups=1) -> torch.Tensor:
+    """The int32 accumulator of quantized_conv2d: conv2d(x_q - x_zero, w_q), zero padded."""
+    xc = x_q.to(torch.float64) - float(x_zero)
+    acc = F.conv2d(xc, w_q.to(torch.float64), None, stride, padding, dilation, groups)
+    return acc.round().to(torch.int32)
+
+
+__all__ = ["int4_range", "pack_int4", "unpack_int4", "int8_matmul", "int4_matmul", "int_mm",
+           "quantized_linear", "quantized_conv2d", "quantized_conv2d_int", "conv_memory_format"]

@@ -1,0 +1,170 @@
+"""quantized_conv2d: layer shapes of ResNet-20, ResNet-18 and MobileNetV2 (small batch),
+integer accumulators bit-exact against the reference (unit scales make the float32 output
+the accumulator itself), float epilogues against float64, NCHW / channels-last / strided
+input, errors, opcheck, torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import synq_kernels as sk
+from synq_kernels.reference import int_gemm as R
+
+CPU_BACKENDS = [b for b in ("cpu",) if b in sk.available_backends("quantized_conv2d", "cpu")]
+BACKENDS = ["reference"] + CPU_BACKENDS
+
+# (name, batch, C, H, W, Cout, k, stride, padding, groups)
+LAYERS = [
+    ("resnet20.stem", 2, 3, 32, 32, 16, 3, 1, 1, 1),
+    ("resnet20.block1", 2, 16, 32, 32, 16, 3, 1, 1, 1),
+    ("resnet20.down2", 2, 16, 32, 32, 32, 3, 2, 1, 1),
+    ("resnet20.shortcut3", 2, 32, 16, 16, 64, 1, 2, 0, 1),
+    ("resnet18.stem", 1, 3, 64, 64, 64, 7, 2, 3, 1),
+    ("resnet18.layer1", 1, 64, 28, 28, 64, 3, 1, 1, 1),
+    ("resnet18.layer3.down", 1, 128, 14, 14, 256, 3, 2, 1, 1),
+    ("resnet18.layer4", 1, 512, 7, 7, 512, 3, 1, 1, 1),
+    ("mobilenetv2.dw32", 2, 32, 28, 28, 32, 3, 1, 1, 32),
+    ("mobilenetv2.dw96.s2", 1, 96, 28, 28, 96, 3, 2, 1, 96),
+    ("mobilenetv2.expand", 2, 16, 28, 28, 96, 1, 1, 0, 1),
+    ("mobilenetv2.project", 2, 96, 14, 14, 24, 1, 1, 0, 1),
+]
+
+
+def rand_i8(*shape):
+    return torch.randint(-128, 128, shape, dtype=torch.int8)
+
+
+def layer_inputs(b, c, h, w, cout, k, groups):
+    return rand_i8(b, c, h, w), rand_i8(cout, c // groups, k, k)
+
+
+def exact_conv(x_q, x_zero, w_q, stride, padding, dilation=1, groups=1):
+    """Ground truth in int64: conv of (x_q - x_zero), zero padded, by unfold."""
+    xc = (x_q.to(torch.int64) - x_zero)
+    b, c, h, w = xc.shape
+    cout, cg, kh, kw = w_q.shape
+    cols = F.unfold(xc.to(torch.float64), (kh, kw), dilation, padding, stride)  # exact
+    cols = cols.round().to(torch.int64).reshape(b, groups, cg * kh * kw, -1)
+    wg = w_q.to(torch.int64).reshape(groups, cout // groups, -1)
+    out = torch.einsum("gok,bgkp->bgop", wg, cols).reshape(b, cout, -1)
+    oh = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    return out.reshape(b, cout, oh, -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer", LAYERS, ids=[l[0] for l in LAYERS])
+def test_layer_accumulators_exact(backend, layer):
+    _, b, c, h, w, cout, k, s, p, g = layer
+    x_q, w_q = layer_inputs(b, c, h, w, cout, k, g)
+    xz = 7
+    y = sk.quantized_conv2d(x_q, 1.0, xz, w_q, 1.0, stride=s, padding=p, groups=g,
+                            backend=backend)
+    want = R.quantized_conv2d_int(x_q, xz, w_q, (s, s), (p, p), (1, 1), g)
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    assert torch.equal(y.to(torch.int32), want)
+    if layer[0] in ("resnet20.down2", "mobilenetv2.dw32"):  # the reference itself, in int64
+        assert torch.equal(want.long(), exact_conv(x_q, xz, w_q, s, p, groups=g))
+
+
+def float64_conv(x_q, xs, xz, w_q, ws, bias, relu, **kw):
+    acc = R.quantized_conv2d_int(x_q, xz, w_q, **kw).to(torch.float64)
+    v = acc * xs * ws.to(torch.float64).reshape(1, -1, 1, 1)
+    b64 = bias.to(torch.float64).reshape(1, -1, 1, 1) if bias is not None else 0
+    y = v + b64
+    mag = v.abs() + (b64.abs() if bias is not None else 0)
+    return (y.clamp_min(0) if relu else y), mag
+
+
+def assert_epilogue_close(y, want, mag, out_dtype):
+    """float32 epilogue: int32 -> float, scale product and bias add round once each (4 ulps
+    of the terms' magnitude), then one rounding to out_dtype."""
+    tol = 4 * torch.finfo(torch.float32).eps * mag + torch.finfo(out_dtype).eps * want.abs()
+    err = (y.to(torch.float64) - want).abs()
+    assert y.dtype == out_dtype
+    assert bool((err <= tol + 1e-30).all()), f"max excess {float((err - tol).max()):.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_epilogue(backend, out_dtype):
+    cases = [(2, 16, 15, 13, 24, 3, 2, 1, 1, 1), (1, 32, 9, 9, 32, 3, 1, 2, 2, 32),
+             (2, 24, 8, 8, 12, 1, 1, 0, 1, 4), (1, 8, 11, 7, 6, 5, 3, 2, 2, 2)]
+    for i, (b, c, h, w, cout, k, s, p, d, g) in enumerate(cases):
+        x_u8 = i % 2 == 1
+        x_q = (torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8) if x_u8
+               else rand_i8(b, c, h, w))
+        xz = 131 if x_u8 else -9
+        w_q = rand_i8(cout, c // g, k, k)
+        ws = torch.rand(cout) * 0.01 + 0.001
+        bias = torch.randn(cout) * 5 if i != 2 else None
+        relu = i % 2 == 0
+        y = sk.quantized_conv2d(x_q, 0.05, xz, w_q, ws, bias, stride=s, padding=p,
+                                dilation=d, groups=g, relu=relu, out_dtype=out_dtype,
+                                backend=backend)
+        want, mag = float64_conv(x_q, 0.05, xz, w_q, ws, bias, relu, stride=(s, s),
+                                 padding=(p, p), dilation=(d, d), groups=g)
+        assert_epilogue_close(y, want, mag, out_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_formats_and_strides(backend):
+    x_q, w_q = rand_i8(2, 16, 12, 10), rand_i8(8, 16, 3, 3)
+    ws = torch.rand(8) + 0.5
+    want = sk.quantized_conv2d(x_q, 0.1, 2, w_q, ws, stride=(2, 1), padding=(1, 2),
+                               backend="reference")
+    cl = x_q.contiguous(memory_format=torch.channels_last)
+    y = sk.quantized_conv2d(cl, 0.1, 2, w_q, ws, stride=(2, 1), padding=(1, 2), backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-5)
+    big = rand_i8(2, 32, 14, 12)
+    strided = big[:, ::2, 1:13, 1:11]            # (2, 16, 12, 10), not contiguous
+    want = sk.quantized_conv2d(strided.contiguous(), 0.1, 2, w_q, ws, padding=1,
+                               backend="reference")
+    y = sk.quantized_conv2d(strided, 0.1, 2, w_q, ws, padding=1, backend=backend)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-5)
+
+
+def test_errors():
+    x, w = rand_i8(1, 8, 6, 6), rand_i8(4, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"groups = 3 must divide the input channels \(8\)"):
+        sk.quantized_conv2d(x, 0.1, 0, rand_i8(6, 2, 3, 3), 0.1, groups=3)
+    with pytest.raises(ValueError, match="expected 4 input channels per group"):
+        sk.quantized_conv2d(x, 0.1, 0, w, 0.1, groups=2)
+    with pytest.raises(TypeError, match="x_q must have dtype int8 or uint8, got torch.int32"):
+        sk.quantized_conv2d(x.int(), 0.1, 0, w, 0.1)
+    with pytest.raises(TypeError, match="packed int4 conv weights are not supported"):
+        sk.quantized_conv2d(x, 0.1, 0, torch.zeros(4, 8, 3, 2, dtype=torch.uint8), 0.1)
+    with pytest.raises(ValueError, match=r"w_scale must be a scalar or have shape \(4,\)"):
+        sk.quantized_conv2d(x, 0.1, 0, w, torch.ones(3))
+    with pytest.raises(ValueError, match="per-tensor"):
+        sk.quantized_conv2d(x, torch.ones(2), 0, w, 0.1)
+    with pytest.raises(ValueError, match="does not fit"):
+        sk.quantized_conv2d(rand_i8(1, 8, 2, 2), 0.1, 0, w, 0.1)
+    with pytest.raises(ValueError, match="stride and dilation must be >= 1"):
+        sk.quantized_conv2d(x, 0.1, 0, w, 0.1, stride=0)
+    with pytest.raises(ValueError, match="w_scale must be positive"):
+        sk.quantized_conv2d(x, 0.1, 0, w, torch.tensor([1.0, 0.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x, w = rand_i8(2, 4, 7, 5), rand_i8(6, 2, 3, 3)
+    args = (x, torch.tensor(0.1), torch.tensor(3, dtype=torch.int32), w, torch.rand(6) + 0.1,
+            sk.weight_row_sums(w), torch.randn(6), [2, 1], [1, 1], [1, 2], 2, True,
+            torch.float16, backend)
+    torch.library.opcheck(torch.ops.synq.quantized_conv2d.default, args)
+    cl = (x.contiguous(memory_format=torch.channels_last),) + args[1:]
+    torch.library.opcheck(torch.ops.synq.quantized_conv2d.default, cl)
+
+
+def test_torch_compile_fullgraph():
+    w = rand_i8(8, 4, 3, 3)
+    ws = torch.rand(8) + 0.1
+
+    def block(x):
+        x_q = torch.clamp(torch.round(x / 0.05), -128, 127).to(torch.int8)
+        return sk.quantized_conv2d(x_q, 0.05, 0, w, ws, padding=1, relu=True).sum(1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(compiled(x), block(x))
