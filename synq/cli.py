@@ -29,12 +29,16 @@ from . import __version__
 
 log = logging.getLogger("synq")
 
-# The default budget of `synq quantize`: sized so that the whole run on the bundled model
-# (synthesis, fine-tuning, two evaluations on 10k test images) stays under 10 minutes on a
-# 2-core CPU. The paper's budget (5,120 images x 1,000 steps, 100 x 200 iterations) is a
-# flag away.
-QUICK_SYNTH = {"num_images": 512, "batch_size": 256, "steps": 100}
-QUICK_FINETUNE = {"epochs": 6, "calib_epochs": 1, "iters_per_epoch": 40, "batch_size": 64}
+# The default budget of `synq quantize`, sized from costs measured on this project's 2-core
+# CPU (ResNet-20, 28x28: about 1.7 s per synthesis step at batch 256 and 0.5-0.65 s per
+# fine-tuning iteration at batch 64 on one loaded core; 17 s per 10k-image evaluation), so
+# that the whole run on the bundled model stays under 10 minutes there. lr 1e-5: 1e-4
+# diverged in short runs (benchmarks/results/ablation.md). The paper's budget (5,120 images
+# x 1,000 steps, 100 x 200 iterations) is a flag away.
+QUICK_SYNTH = {"num_images": 256, "batch_size": 256, "steps": 150}
+QUICK_FINETUNE = {"epochs": 6, "calib_epochs": 1, "iters_per_epoch": 24, "batch_size": 64,
+                  "lr": 1e-5, "d0": None}
+PAPER_D0, PAPER_SIZE = 80.0, 224  # SynQ's Gaussian cut-off at ImageNet resolution
 
 
 class UsageError(Exception):
@@ -70,6 +74,8 @@ def _add_dataclass_options(parser, cls, prefix: str, dest_prefix: str, defaults:
         default = defaults.get(f.name, f.default)
         hint = hints[f.name]
         text = f"(default: {default})"
+        if f.name == "d0" and default is None:
+            text = f"(default: {PAPER_D0:g} scaled from {PAPER_SIZE}px to the image size)"
         if hint is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=default, help=text)
@@ -256,10 +262,16 @@ def cmd_synthesize(args, model=None, out_file=None):
     return out_file
 
 
-def _finetune_config(args):
+def _finetune_config(args, image_shape=None):
+    """The FinetuneConfig of the command line. d0 left unset scales SynQ's 80 at 224x224 to
+    the image size (80 barely filters a 28x28 image: its smallest gain is above 0.96)."""
     from . import finetune
-    cfg = _collect(args, finetune.FinetuneConfig, "ft_", skip=("seed", "backend"))
-    return dataclasses.replace(cfg, seed=args.seed, backend=args.backend)
+    cfg = _collect(args, finetune.FinetuneConfig, "ft_", skip=("seed", "backend", "d0"))
+    d0 = args.ft_d0
+    if d0 is None:
+        shape = image_shape or getattr(args, "_image_shape", None)
+        d0 = PAPER_D0 * min(shape[-2:]) / PAPER_SIZE if shape else PAPER_D0
+    return dataclasses.replace(cfg, seed=args.seed, backend=args.backend, d0=float(d0))
 
 
 def cmd_finetune(args, model=None, spec=None, data=None, test_set=None, out_dir=None):
@@ -275,7 +287,7 @@ def cmd_finetune(args, model=None, spec=None, data=None, test_set=None, out_dir=
         _check_quantizable(model, _finetune_config(args))
         from .synth import load_synthetic
         try:
-            load_synthetic(data)
+            args._image_shape = tuple(load_synthetic(data).tensors[0].shape[1:])
         except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
             raise ValueError(f"{data} is not a synthetic set written by `synq synthesize` "
                              f"({type(e).__name__}: {e})") from e
@@ -441,7 +453,9 @@ def _validate_options(args) -> None:
         if hasattr(args, "synth_steps"):
             _collect(args, SynthConfig, "synth_", skip=("seed",)).validate()
         if hasattr(args, "ft_wbits"):
-            _collect(args, FinetuneConfig, "ft_", skip=("seed", "backend")).validate()
+            d0 = args.ft_d0 if args.ft_d0 is not None else PAPER_D0
+            dataclasses.replace(_collect(args, FinetuneConfig, "ft_",
+                                         skip=("seed", "backend", "d0")), d0=d0).validate()
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
     if getattr(args, "threads", None) is not None and args.threads < 1:

@@ -44,9 +44,9 @@ from . import filters
 from .evaluate import evaluate
 from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce,
                      feature_attention_loss, gradcam_map, kd_loss)
-from .quant import ActQuantizer, act_quantizers, check_bits, quantize_model, set_calibration
-from .synth import augment_batch, load_synthetic, model_fingerprint, save_atomic, \
-    seeded_generator
+from .quant import act_quantizers, check_bits, quantize_model, set_calibration
+from .synth import (augment_batch, load_synthetic, model_fingerprint, progress_interval,
+                    save_atomic, seeded_generator)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
            "residual_add_layers"]
@@ -414,7 +414,8 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
                 q.calibrating = calibrating
             t0 = time.time()
             sums, correct, seen = {}, 0, 0
-            bar = tqdm(batches(epoch), total=iters, disable=not progress, mininterval=1.0,
+            bar = tqdm(batches(epoch), total=iters, disable=not progress,
+                       mininterval=progress_interval(),
                        dynamic_ncols=True,
                        desc=f"{'calibrate' if calibrating else 'fine-tune'} "
                             f"{epoch + 1}/{cfg.epochs}")

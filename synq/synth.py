@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,6 +121,11 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, crop_scale=(0.5, 1.0),
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def progress_interval() -> float:
+    """tqdm refresh interval: 1 s on a terminal, 30 s into a log file (keeps logs small)."""
+    return 1.0 if sys.stderr.isatty() else 30.0
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -272,7 +278,7 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
         if cfg.lbns and centres is None:
             total_steps += cfg.centre_steps
         bar = tqdm(total=total_steps, desc=f"synthesis {out_path.name}", disable=not progress,
-                   mininterval=1.0, dynamic_ncols=True)
+                   mininterval=progress_interval(), dynamic_ncols=True)
         try:
             t0 = time.time()
             late = list(range(len(stats.layers) // 2, len(stats.layers)))

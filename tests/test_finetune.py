@@ -1,7 +1,6 @@
 """synq.finetune and synq.evaluate: an end-to-end run on sklearn's digits, resume, switches,
 hooks and bad configuration."""
 import copy
-import os
 
 import pytest
 import torch
@@ -206,8 +205,6 @@ def test_evaluate_topk_and_empty(digits):
         evaluate(teacher, (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("SYNQ_SLOW"), reason="set SYNQ_SLOW=1 to run")
 def test_calibrated_min_max_accuracy_on_digits(digits):
     teacher, train, test = digits
     q = quantize_model(teacher, 4, 4)
