@@ -107,7 +107,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="skip the 64M-element size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both synq and PyTorch (default: torch's)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"fake_quant on {device_name(a.device)}")
     run(a.quick, a.device, a.out)
 
