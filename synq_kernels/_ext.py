@@ -5,6 +5,8 @@ for a compiled backend explains how to build it.
 """
 from __future__ import annotations
 
+import glob
+import os
 import warnings
 
 import torch
@@ -20,7 +22,10 @@ def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (importing registers the kernels with the dispatcher)
     except ImportError as e:
-        return f"synq_kernels._C is not built ({e})"
+        built = glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so"))
+        if not built:
+            return "synq_kernels._C is not built (Python-only install)"
+        return f"synq_kernels._C failed to import ({e})"
     except OSError as e:  # a stale .so built against another torch
         warnings.warn(f"synq_kernels._C failed to load: {e}; compiled backends disabled")
         return f"synq_kernels._C failed to load ({e})"

@@ -195,3 +195,34 @@ def test_cuda_graph_capture(backend):
     want = run()
     for a, b in zip(out, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_python_only_install_runs_reference(tmp_path):
+    """Without the compiled extension synq_kernels imports, runs the reference backend, and
+    a request for a compiled backend says how to build it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    src = os.path.dirname(sk.__file__)
+    shutil.copytree(src, tmp_path / "synq_kernels",
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    code = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+sys.path.insert(0, {str(tmp_path)!r})
+import torch, synq_kernels as sk
+assert sk.__file__.startswith({str(tmp_path)!r}), sk.__file__
+assert sk.available_backends('fake_quant', 'cpu') == ['reference']
+x = torch.randn(9, requires_grad=True)
+sk.fake_quant(x, 0.1, 3.0, 4).sum().backward()
+try:
+    sk.fake_quant(x, 0.1, 3.0, 4, backend='cpu')
+except RuntimeError as e:
+    assert 'not built' in str(e) and 'pip install' in str(e), e
+    print('ok')
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
