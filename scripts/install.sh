@@ -17,6 +17,7 @@ EXTRAS=""
 if [[ ! -x "$VENV/bin/python" ]]; then
   python3 -m venv "$VENV"
 fi
+VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip setuptools wheel ninja
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "$TORCH_SPEC"
@@ -36,5 +37,13 @@ if [[ ! -d /usr/share/datasets/fashion-mnist ]] && command -v apt-get >/dev/null
     echo "warning: could not install dataset-fashion-mnist; evaluation on Fashion-MNIST needs it"
 fi
 
-MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e ".$EXTRAS"
+# Rebuild only when the package is not installed here or a source is newer than the built
+# library (a full build with the CUDA kernels takes minutes on 2 cores).
+SO=$(ls synq_kernels/_C*.so 2>/dev/null | head -1 || true)
+if [[ -n "$SO" && -x "$VENV/bin/synq" ]] && (cd / && "$PY" -c "import synq, synq_kernels._C") 2>/dev/null && \
+   [[ -z "$(find csrc setup.py -newer "$SO" -print -quit)" ]]; then
+  echo "synq is installed and its kernels are up to date ($SO)"
+else
+  MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e ".$EXTRAS"
+fi
 "$PY" -c "import synq_kernels, synq_kernels._ext as e; print('synq installed; compiled kernels:', 'none (' + e.load_error() + ')' if e.load_error() else ('cpu+cuda' if e.has_cuda_kernels() else 'cpu'))"
