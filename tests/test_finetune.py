@@ -173,10 +173,16 @@ def test_min_max_only_when_all_epochs_calibrate(digits, synthetic):
 def test_cam_layer_selection():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 3, 1), nn.Flatten()).eval()
-    # the last conv works on a 1x1 map: the one before it is chosen
-    assert find_cam_layer(model, torch.zeros(1, 1, 6, 6)) == "0"
+    # the last conv works on a 1x1 map: the one before it counts, and its rectified output
+    # (the ReLU after it) is the CAM layer
+    assert find_cam_layer(model, torch.zeros(1, 1, 6, 6)) == "2"
     with pytest.raises(ValueError, match="1x1"):
         find_cam_layer(model, torch.zeros(1, 1, 1, 1))
+    # no ReLU after the last conv: the conv itself
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten()).eval()
+    assert find_cam_layer(plain, torch.zeros(1, 1, 6, 6)) == "0"
+    # the project's models: the last block's output
+    assert find_cam_layer(resnet20(10, 1).eval(), torch.zeros(1, 1, 28, 28)) == "layer3.2.relu2"
 
 
 @pytest.mark.parametrize("kwargs, match", [
