@@ -1,6 +1,5 @@
-"""Integer GEMM in Triton: the "triton" backend of `synq_kernels.int8_matmul` and
-`int4_matmul` (the `synq::int_mm` op). quantized_linear / quantized_conv2d have no Triton
-backend yet.
+"""Integer GEMM and convolution in Triton: the "triton" backend of `synq_kernels.int8_matmul`
+and `int4_matmul` (the `synq::int_mm` op), `quantized_linear` and `quantized_conv2d`.
 
 One program owns a BM x BN tile of C = A @ B.T and walks K in blocks of BK with tl.dot on
 int8 operands and int32 accumulation (int8 tensor-core MMA on sm_80+). Packed int4 operands
@@ -8,6 +7,23 @@ int8 operands and int32 accumulation (int8 tensor-core MMA on sm_80+). Packed in
 int8 in registers (nibble split, sign fix, interleave with tl.join), so they cost 4 bits of
 memory traffic; Hopper has no int4 MMA. Ragged M, N and K are handled by masked loads (zeros
 add nothing to the sums).
+
+quantized_linear and quantized_conv2d apply the dequantizing epilogue to the int32 tile before
+it leaves the registers, with the same arithmetic as the C++ backends:
+out = float32(acc - x_zero * w_rowsum[n]) * (x_scale * w_scale[n]) + bias[n], ReLU, cast.
+x_zero is already in the int8 domain (uint8 activations are shifted by -128 in
+synq_kernels.ops.int_gemm before any backend runs).
+
+quantized_conv2d is an implicit GEMM: rows are output pixels (batch, oy, ox flattened), columns
+the output channels of one group, and K runs over the kernel window in (ky, kx, c) order, so a
+K block of a channels-last input is a contiguous run of channels. Each K block of the
+activation tile is gathered straight from the input through its four strides (NCHW,
+channels-last or any other layout), nothing like im2col is written to memory; window
+positions in the padding read the zero point, which the rowsum correction then cancels (zero
+padding in the real domain). Grouped convolutions put the group in the second grid axis.
+Depthwise-like convolutions (one input channel per group, any channel multiplier) have a
+K of only kh * kw, far below the MMA's K of 16 or more, so a direct kernel computes them
+instead: a tile of pixels x channels, integer multiply-adds per window tap.
 """
 from __future__ import annotations
 
@@ -16,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from ..reference.int_gemm import conv_memory_format
 
 
 # No @triton.jit helpers: they are slow under the interpreter (as in fake_quant.py).
@@ -84,4 +101,312 @@ def int_mm(a, b, k, a_packed, a_signed, b_packed):
     return c
 
 
+
+
+# The epilogue, written out in each kernel (no helpers, see above). bfloat16 stores: the
+# interpreter's float32 -> bfloat16 cast truncates and the GPU's rounds to nearest even; with
+# ROUND_BF16 the value is first rounded to the nearest bfloat16 in float32 bits (ties to even,
+# NaN kept), after which both casts are exact and give torch's bits.
+
+
+@triton.jit
+def _quantized_linear_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr,
+                             M, N, K, sxm, swn, som,
+                             W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             RELU: tl.constexpr, ROUND_BF16: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
+                    mask=m_ok[:, None] & (rk[None, :] < K), other=0)
+        if W_PACKED:
+            rh = k0 // 2 + tl.arange(0, BK // 2)
+            q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
+                        mask=n_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
+            q = q.to(tl.int32)
+            lo = q & 0xF
+            hi = (q >> 4) & 0xF
+            lo = lo - ((lo & 8) << 1)
+            hi = hi - ((hi & 8) << 1)
+            b = tl.join(lo, hi).reshape(BN, BK)
+            b = tl.where(rk[None, :] < K, b, 0).to(tl.int8)
+        else:
+            b = tl.load(w_ptr + rn[:, None] * swn + rk[None, :],
+                        mask=n_ok[:, None] & (rk[None, :] < K), other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    xz = tl.load(xz_ptr + rm, mask=m_ok, other=0)
+    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+    rs = tl.load(rs_ptr + rn, mask=n_ok, other=0)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    y = (acc - xz[:, None] * rs[None, :]).to(tl.float32) * (xs[:, None] * ws[None, :])
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    if ROUND_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr,
+                      P, OHW, OW, H, W, Cg, Og, K, KW, n_tiles,
+                      sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
+                      sh, sw, ph, pw, dh, dw,
+                      W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                      ROUND_BF16: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Axis 0: tiles of output pixels (batch, oy, ox flattened); axis 1: (group, channel tile).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = pid_n // n_tiles
+    rp = pid_m * BM + tl.arange(0, BM)
+    p_ok = rp < P
+    bi = rp // OHW
+    oy = (rp % OHW) // OW
+    ox = rp % OW
+    iy0 = oy * sh - ph
+    ix0 = ox * sw - pw
+    xrow = bi * sxb + (g * Cg) * sxc
+    rj = (pid_n % n_tiles) * BN + tl.arange(0, BN)
+    j_ok = rj < Og
+    rn = g * Og + rj
+    xz = tl.load(xz_ptr)
+    xz8 = xz.to(tl.int8)
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        # K index k -> window tap (ky, kx) and channel c of the group, channel fastest.
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        c = rk % Cg
+        tap = rk // Cg
+        ky = tap // KW
+        kx = tap % KW
+        iy = iy0[:, None] + (ky * dh)[None, :]
+        ix = ix0[:, None] + (kx * dw)[None, :]
+        inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        a = tl.load(x_ptr + xrow[:, None] + (c * sxc)[None, :] + iy * sxh + ix * sxw,
+                    mask=inside & p_ok[:, None] & k_ok[None, :], other=0)
+        a = tl.where(inside, a, xz8)  # padding holds the zero point; w is 0 past K
+        if W_PACKED:
+            rh = k0 // 2 + tl.arange(0, BK // 2)
+            q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
+                        mask=j_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
+            q = q.to(tl.int32)
+            lo = q & 0xF
+            hi = (q >> 4) & 0xF
+            lo = lo - ((lo & 8) << 1)
+            hi = hi - ((hi & 8) << 1)
+            b = tl.join(lo, hi).reshape(BN, BK)
+            b = tl.where(k_ok[None, :], b, 0).to(tl.int8)
+        else:
+            woff = c * swc + ky * swy + kx * swx
+            b = tl.load(w_ptr + rn[:, None] * swn + woff[None, :],
+                        mask=j_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    xs = tl.load(xs_ptr)
+    rs = tl.load(rs_ptr + rn, mask=j_ok, other=0)
+    ws = tl.load(ws_ptr + rn, mask=j_ok, other=0.0)
+    y = (acc - xz * rs[None, :]).to(tl.float32) * (xs * ws)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=j_ok, other=0.0)[None, :]
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    if ROUND_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    orow = bi * sob + oy * soh + ox * sow
+    tl.store(out_ptr + orow[:, None] + (rn * soc)[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=p_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr,
+                           P, OHW, OW, H, W, Cout, Og, KH, KW,
+                           sxb, sxc, sxh, sxw, swn, swy, swx, sob, soc, soh, sow,
+                           sh, sw, ph, pw, dh, dw,
+                           W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                           ROUND_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # One input channel per group: output channel n reads input channel n // Og only.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rp = pid_m * BM + tl.arange(0, BM)
+    p_ok = rp < P
+    bi = rp // OHW
+    oy = (rp % OHW) // OW
+    ox = rp % OW
+    iy0 = oy * sh - ph
+    ix0 = ox * sw - pw
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < Cout
+    xtile = x_ptr + (bi * sxb)[:, None] + ((rn // Og) * sxc)[None, :]
+    xz = tl.load(xz_ptr)
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for ky in range(0, KH):
+        iy = iy0 + ky * dh
+        y_ok = (iy >= 0) & (iy < H)
+        for kx in range(0, KW):
+            ix = ix0 + kx * dw
+            inside = y_ok & (ix >= 0) & (ix < W)
+            a = tl.load(xtile + (iy * sxh + ix * sxw)[:, None],
+                        mask=(inside & p_ok)[:, None] & n_ok[None, :], other=0)
+            a = tl.where(inside[:, None], a.to(tl.int32), xz)
+            if W_PACKED:  # (Cout, ceil(KH*KW / 2)) bytes, taps in (ky, kx) order
+                t = ky * KW + kx
+                q = tl.load(w_ptr + rn * swn + t // 2, mask=n_ok, other=0).to(tl.int32)
+                q = (q >> ((t % 2) * 4)) & 0xF
+                wv = q - ((q & 8) << 1)
+            else:
+                wv = tl.load(w_ptr + rn * swn + ky * swy + kx * swx, mask=n_ok,
+                             other=0).to(tl.int32)
+            acc += a * wv[None, :]
+    xs = tl.load(xs_ptr)
+    rs = tl.load(rs_ptr + rn, mask=n_ok, other=0)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+    y = (acc - xz * rs[None, :]).to(tl.float32) * (xs * ws)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    if ROUND_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    orow = bi * sob + oy * soh + ox * sow
+    tl.store(out_ptr + orow[:, None] + (rn * soc)[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=p_ok[:, None] & n_ok[None, :])
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"  # Triton takes CPU tensors only under its interpreter
+
+
+def _block(n: int, lo: int, hi: int) -> int:
+    """The power of two covering n, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _check_epilogue_args(who, x_scale, x_zero, w_scale, w_rowsum, bias, m, n):
+    for name, t, dt, numel in (("x_scale", x_scale, torch.float32, m),
+                               ("x_zero", x_zero, torch.int32, m),
+                               ("w_scale", w_scale, torch.float32, n),
+                               ("w_rowsum", w_rowsum, torch.int32, n)) + (
+                                   (("bias", bias, torch.float32, n),) if bias is not None
+                                   else ()):
+        if t.dtype != dt or not t.is_contiguous() or t.numel() != numel:
+            raise ValueError(f"synq {who} (triton backend): {name} must be a contiguous {dt} "
+                             f"tensor of {numel} elements, got {t.dtype} {tuple(t.shape)}")
+
+
+def quantized_linear(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_dtype,
+                     w_packed):
+    if x.dtype != torch.int8 or x.dim() != 2:
+        raise ValueError("synq quantized_linear (triton backend): x must be 2-D int8 (uint8 "
+                         f"activations are shifted by the op's caller), got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    x = x.contiguous()
+    w = w.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    _check_epilogue_args("quantized_linear", x_scale, x_zero, w_scale, w_rowsum, bias, m, n)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if _interpreting(x):  # few, large programs
+        bm, bn, bk, warps = _block(m, 16, 256), _block(n, 16, 256), _block(k, 16, 256), 4
+    else:
+        bm = 16 if m <= 16 else (64 if m <= 64 else 128)
+        bn, bk = 128, 128
+        warps = 8 if bm == 128 else 4
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _quantized_linear_kernel[grid](
+        x, w, out, x_scale, x_zero, w_scale, w_rowsum, bias if bias is not None else w_scale,
+        m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        W_PACKED=bool(w_packed), HAS_BIAS=bias is not None, RELU=bool(relu),
+        ROUND_BF16=out_dtype == torch.bfloat16, BM=bm, BN=bn, BK=bk, num_warps=warps)
+    return out
+
+
+def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation, groups,
+           relu, out_dtype, w_packed=False, kernel_size=None):
+    """The triton quantized_conv2d, also for packed int4 weights (w_packed): then w is
+    (Cout, ceil(K / 2)) uint8, K = kh * kw * C / groups packed in (ky, kx, c) order (see the
+    module docstring), and kernel_size = (kh, kw); int8 w is (Cout, C / groups, kh, kw) with
+    any strides."""
+    if x.dtype != torch.int8 or x.dim() != 4:
+        raise ValueError("synq quantized_conv2d (triton backend): x must be 4-D int8, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    bsz, c, h, wd = x.shape
+    cout = w.shape[0]
+    cg = c // groups
+    og = cout // groups
+    if w_packed:
+        kh, kw = kernel_size
+        k = kh * kw * cg
+        if w.dtype != torch.uint8 or tuple(w.shape) != (cout, (k + 1) // 2):
+            raise ValueError(f"synq quantized_conv2d (triton backend): packed w must be uint8 "
+                             f"of shape ({cout}, {(k + 1) // 2}), got {w.dtype} "
+                             f"{tuple(w.shape)}")
+        w = w.contiguous()
+        swn, swc, swy, swx = w.stride(0), 0, 0, 0
+    else:
+        kh, kw = w.shape[2], w.shape[3]
+        k = kh * kw * cg
+        swn, swc, swy, swx = w.stride()
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    _check_epilogue_args("quantized_conv2d", x_scale, x_zero, w_scale, w_rowsum, bias, 1, cout)
+    out = torch.empty((bsz, cout, oh, ow), dtype=out_dtype, device=x.device,
+                      memory_format=conv_memory_format(x))
+    p = bsz * oh * ow
+    interp = _interpreting(x)
+    common = dict(HAS_BIAS=bias is not None, RELU=bool(relu),
+                  ROUND_BF16=out_dtype == torch.bfloat16, W_PACKED=bool(w_packed))
+    ptrs = (x, w, out, x_scale, x_zero, w_scale, w_rowsum,
+            bias if bias is not None else w_scale)
+    geom = (sh, sw, ph, pw, dh, dw)
+    if cg == 1:
+        if interp:
+            bm, bn, warps = _block(p, 16, 1024), _block(cout, 16, 128), 4
+        else:
+            bm, bn, warps = 64, _block(cout, 16, 64), 4
+        grid = (triton.cdiv(p, bm), triton.cdiv(cout, bn))
+        _conv_depthwise_kernel[grid](
+            *ptrs, p, oh * ow, ow, h, wd, cout, og, kh, kw, *x.stride(), swn,
+            swy, swx, *out.stride(), *geom,
+            BM=bm, BN=bn, num_warps=warps, **common)
+        return out
+    if interp:
+        bm, bn, bk, warps = _block(p, 16, 512), _block(og, 16, 256), _block(k, 16, 256), 4
+    else:
+        bm, bn, bk = 128, _block(og, 16, 128), 64
+        warps = 8 if bn == 128 else 4
+    n_tiles = triton.cdiv(og, bn)
+    grid = (triton.cdiv(p, bm), groups * n_tiles)
+    _conv_gemm_kernel[grid](
+        *ptrs, p, oh * ow, ow, h, wd, cg, og, k, kw, n_tiles, *x.stride(), swn, swc, swy, swx,
+        *out.stride(), *geom, BM=bm, BN=bn, BK=bk, num_warps=warps, **common)
+    return out
+
+
+def quantized_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
+                     groups, relu, out_dtype):
+    return conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
+                  groups, relu, out_dtype)
+
+
 backends.register("int_mm", "triton", int_mm)
+backends.register("quantized_linear", "triton", quantized_linear)
+backends.register("quantized_conv2d", "triton", quantized_conv2d)
