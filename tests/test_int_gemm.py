@@ -12,8 +12,8 @@ from synq_kernels.reference import int_gemm as R
 
 CPU_BACKENDS = [b for b in ("cpu",) if b in sk.available_backends("int_mm", "cpu")]
 BACKENDS = ["reference"] + CPU_BACKENDS
-# Triton runs int8_matmul / int4_matmul only (no quantized_linear / conv kernels yet); on CPU
-# tensors under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
+# Triton runs on CPU tensors under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+# without a GPU), so its tests use fewer shapes than the C++ ones.
 TRITON = ["triton"] if "triton" in sk.available_backends("int_mm", "cpu") else []
 MS = [1, 2, 15, 16, 17, 128, 1000]
 KS = [1, 3, 31, 257]
@@ -308,7 +308,7 @@ def test_portable_kernels_exact():
     assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-2000:]
 
 
-# -- Triton (int_mm only) -----------------------------------------------------------------------
+# -- Triton -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("m", MS)
@@ -331,6 +331,10 @@ def test_triton_int_mm_exact(backend, m):
 def test_triton_opcheck(backend):
     a, pb = rand_i8(5, 19), sk.pack_int4(rand_i4(7, 19))
     torch.library.opcheck(torch.ops.synq.int_mm.default, (a, pb, 19, False, True, True, backend))
+    args = (a, torch.rand(5) + 0.1, torch.randint(-3, 3, (5,), dtype=torch.int32), pb,
+            torch.rand(7) + 0.1, sk.weight_row_sums(pb, 19), torch.randn(7), True,
+            torch.bfloat16, True, backend)
+    torch.library.opcheck(torch.ops.synq.quantized_linear.default, args)
 
 
 _AOT_SCRIPT = r"""
@@ -373,6 +377,125 @@ def test_triton_compiles_to_int8_mma_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
+    if res.returncode != 0 and "ImportError" in res.stderr and "triton" in res.stderr:
+        pytest.skip("this triton version lacks the ahead-of-time compile API used here")
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("w_int4", [False, True])
+def test_triton_quantized_linear(backend, w_int4):
+    """Every (M, K, N) of M in (1, 2, 17), K and N in (1, 3, 31, 257): unit scales without
+    bias make the float32 output the int32 accumulator (|acc| <= 257 * 255 * 128 < 2^24), so
+    the integer part is compared bit-exactly; then the float epilogue, with the input kind,
+    per-row or per-tensor activation parameters, bias, ReLU and output dtype rotating over
+    the shapes, against float64."""
+    flags = itertools.cycle(itertools.product((False, True), repeat=4))
+    dtypes = itertools.cycle((torch.float32, torch.float16, torch.bfloat16))
+    for m, k, n in itertools.product((1, 2, 17), KS, NS):
+        x_u8, per_row, bias_on, relu = next(flags)
+        out_dtype = next(dtypes)
+        x_q = torch.randint(0, 256, (m, k), dtype=torch.uint8) if x_u8 else rand_i8(m, k)
+        lo, hi = (0, 255) if x_u8 else (-128, 127)
+        w8 = rand_i4(n, k) if w_int4 else rand_i8(n, k)
+        w_q = sk.pack_int4(w8) if w_int4 else w8
+        xz = torch.randint(lo, hi + 1, (m,))
+        y = sk.quantized_linear(x_q, 1.0, xz, w_q, 1.0, backend=backend)
+        want = exact(x_q.long() - xz[:, None], w8)
+        assert y.dtype == torch.float32 and torch.equal(y.long(), want), (m, k, n)
+        xs = torch.rand(m) * 0.1 + 0.01 if per_row else 0.037
+        xz = xz if per_row else (lo + hi) // 2 + 3
+        ws = torch.rand(n) * 0.02 + 0.001
+        bias = torch.randn(n) * 10 if bias_on else None
+        y = sk.quantized_linear(x_q, xs, xz, w_q, ws, bias, relu=relu, out_dtype=out_dtype,
+                                backend=backend)
+        assert y.shape == (m, n)
+        want, mag = float64_linear(x_q, xs, xz, w8, ws, bias, relu)
+        assert_epilogue_close(y, want, mag, out_dtype)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_quantized_linear_extremes_and_lead_dims(backend):
+    # the largest products (-128 * -128) over K = 1000, several K blocks; (..., K) input
+    x_q = torch.full((3, 5, 1000), -128, dtype=torch.int8)
+    w = torch.full((40, 1000), -128, dtype=torch.int8)
+    w[1::2] = 127
+    y = sk.quantized_linear(x_q, 1.0, 0, w, 1.0, backend=backend)
+    assert y.shape == (3, 5, 40)
+    assert torch.equal(y.reshape(15, 40).long(), exact(x_q.reshape(15, 1000), w))
+    y = sk.quantized_linear(x_q, 0.01, -3, w, 0.5, torch.ones(40), relu=True,
+                            out_dtype=torch.bfloat16, backend=backend)
+    ref = sk.quantized_linear(x_q, 0.01, -3, w, 0.5, torch.ones(40), relu=True,
+                              out_dtype=torch.bfloat16, backend="reference")
+    assert torch.equal(y, ref)
+
+
+_AOT_EPILOGUE_SCRIPT = r"""
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import synq_kernels.triton.int_gemm as m
+
+ALIGN = [["tt.divisibility", 16]]
+EPI = {"xs_ptr": "*fp32", "xz_ptr": "*i32", "ws_ptr": "*fp32", "rs_ptr": "*i32",
+       "bias_ptr": "*fp32"}
+CONV = {k: "i32" for k in ("P", "OHW", "OW", "H", "W", "sxb", "sxc", "sxh", "sxw", "swn", "sob",
+                           "soc", "soh", "sow", "sh", "sw", "ph", "pw", "dh", "dw")}
+
+
+def build(fn, sig, consts, num_warps):
+    full = dict(sig)
+    full.update({k: "constexpr" for k in consts})
+    attrs = {(fn.arg_names.index(a),): ALIGN for a in ("x_ptr", "w_ptr", "out_ptr")}
+    src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps}).asm["ptx"]
+
+
+def int8_mma(ptx, what):
+    mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
+    assert mma and all("s8.s8" in x for x in mma), (what, sorted(set(mma))[:3])
+
+
+for wp, out, relu in [(False, "fp32", False), (True, "bf16", True)]:
+    sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": f"*{out}", **EPI,
+           "M": "i32", "N": "i32", "K": "i32", "sxm": "i32", "swn": "i32", "som": "i32"}
+    int8_mma(build(m._quantized_linear_kernel, sig,
+                   {"W_PACKED": wp, "HAS_BIAS": True, "RELU": relu, "ROUND_BF16": out == "bf16",
+                    "BM": 128, "BN": 128, "BK": 128}, 8), ("linear", wp))
+for wp, out in [(False, "fp16"), (True, "fp32")]:
+    sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": f"*{out}", **EPI,
+           "Cg": "i32", "Og": "i32", "K": "i32", "KW": "i32", "n_tiles": "i32", "swc": "i32",
+           "swy": "i32", "swx": "i32", **CONV}
+    sig = {a: sig[a] for a in m._conv_gemm_kernel.arg_names if a in sig}
+    int8_mma(build(m._conv_gemm_kernel, sig,
+                   {"W_PACKED": wp, "HAS_BIAS": False, "RELU": True, "ROUND_BF16": False,
+                    "BM": 128, "BN": 128, "BK": 64}, 8), ("conv", wp))
+for wp in (False, True):
+    sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": "*bf16", **EPI,
+           "Cout": "i32", "Og": "i32", "KH": "i32", "KW": "i32", "swy": "i32", "swx": "i32",
+           **CONV}
+    sig = {a: sig[a] for a in m._conv_depthwise_kernel.arg_names if a in sig}
+    ptx = build(m._conv_depthwise_kernel, sig,
+                {"W_PACKED": wp, "HAS_BIAS": True, "RELU": False, "ROUND_BF16": True,
+                 "BM": 64, "BN": 64}, 4)
+    assert "st.global" in ptx, ("depthwise", wp)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_linear_and_conv_compile_for_sm90():
+    """quantized_linear's and quantized_conv2d's kernels compiled ahead of time for sm_90 (the
+    interpreter hides GPU-only compile errors): the GEMMs must be int8 wgmma, int8 and packed
+    int4 weights, every output dtype somewhere."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT_EPILOGUE_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=300)
     if res.returncode != 0 and "ImportError" in res.stderr and "triton" in res.stderr:
         pytest.skip("this triton version lacks the ahead-of-time compile API used here")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
