@@ -10,9 +10,8 @@
 // output element is a dot product along K kept as 8 int32 lanes and summed at the end, so
 // both operands keep their natural K-contiguous row layout and no packing pass over the
 // weights is needed. The micro-kernel computes a 3 x 3 tile (9 accumulators); K is blocked
-// so that the left block stays in L2 and three weight rows in L1. Convolution builds the
-// left operand tile by tile (im2col of at most a few hundred output pixels, padded with the
-// zero point), never the whole matrix. A portable scalar kernel serves CPUs without AVX2.
+// so that the left block stays in L2 and three weight rows in L1. A portable scalar kernel
+// serves CPUs without AVX2. Convolution: see int_conv.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -464,145 +463,11 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_, const at::Tensor& x_scale,
   return out;
 }
 
-// Implicit GEMM over output-pixel tiles: per (image, group, pixel tile, channel chunk) task
-// the tile's im2col rows (K = C/groups * kh * kw, in w's (c, ky, kx) order, padded positions
-// holding the zero point) are built in an int16 scratch and multiplied by the group's weight
-// rows; the epilogue writes straight into the NCHW or channels-last output.
-at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
-                                const at::Tensor& x_zero, const at::Tensor& w_,
-                                const at::Tensor& w_scale, const at::Tensor& w_rowsum,
-                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups, bool relu, at::ScalarType out_dtype) {
-  const char* who = "synq quantized_conv2d (cpu backend): ";
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kChar, who, "x must be 4-D int8, got ",
-              x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(w_.dim() == 4 && w_.scalar_type() == at::kChar, who, "w must be 4-D int8");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, who,
-              "stride, padding and dilation must have 2 entries");
-  const int64_t Bn = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Cout = w_.size(0), kh = w_.size(2), kw = w_.size(3);
-  TORCH_CHECK(groups >= 1 && C % groups == 0 && Cout % groups == 0 &&
-                  w_.size(1) == C / groups,
-              who, "groups = ", groups, " does not fit C = ", C, ", w ", w_.sizes());
-  const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1],
-                dh = dilation[0], dw = dilation[1];
-  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  TORCH_CHECK(OH >= 1 && OW >= 1, who, "empty output");
-  check_epilogue(x_scale, "x_scale", at::kFloat, 1);
-  check_epilogue(x_zero, "x_zero", at::kInt, 1);
-  check_epilogue(w_scale, "w_scale", at::kFloat, Cout);
-  check_epilogue(w_rowsum, "w_rowsum", at::kInt, Cout);
-  if (bias) check_epilogue(*bias, "bias", at::kFloat, Cout);
-  // Same rule as synq_kernels.reference.int_gemm.conv_memory_format.
-  const auto fmt = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
-                       ? at::MemoryFormat::ChannelsLast
-                       : at::MemoryFormat::Contiguous;
-  auto out = at::empty({Bn, Cout, OH, OW}, x.options().dtype(out_dtype), fmt);
-  const auto w = w_.contiguous();
-  const int64_t Cg = C / groups, Og = Cout / groups;
-  const int64_t K = Cg * kh * kw, kp = round_up(K, kChunk);
-  const int64_t P = OH * OW;
-  const int64_t ptile = std::min(round_up(P, kMR),
-                                 std::max<int64_t>(16, (1 << 20) / (2 * kp) / kMR * kMR));
-  const int64_t npt = (P + ptile - 1) / ptile;
-  const int64_t base_tasks = Bn * groups * npt;
-  const int64_t nth = at::get_num_threads();
-  const int64_t otiles = (Og + kNR - 1) / kNR;
-  const int64_t nch = std::max<int64_t>(
-      1, std::min(otiles, (2 * nth + base_tasks - 1) / base_tasks));
-  const float xs = x_scale.const_data_ptr<float>()[0];
-  const int32_t xz = x_zero.const_data_ptr<int32_t>()[0];
-  const float* ws = w_scale.const_data_ptr<float>();
-  const int32_t* rs = w_rowsum.const_data_ptr<int32_t>();
-  const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
-  const int8_t* xp = x.const_data_ptr<int8_t>();
-  const int64_t sxb = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
-  const int64_t sob = out.stride(0), soc = out.stride(1);
-  const int64_t sop = fmt == at::MemoryFormat::ChannelsLast ? Cout : 1;
-  const Micro micro = pick_micro(false);
-  // Per output channel: zero-point correction, combined scale and bias of the epilogue.
-  std::vector<int32_t> corr(Cout);
-  std::vector<float> scale(Cout), shift(Cout);
-  for (int64_t co = 0; co < Cout; ++co) {
-    corr[co] = xz * rs[co];
-    scale[co] = xs * ws[co];
-    shift[co] = bp ? bp[co] : 0.f;
-  }
-  // Offset of each im2col column (c, ky, kx) from its window's top-left input element.
-  std::vector<int64_t> offs(K);
-  for (int64_t c = 0; c < Cg; ++c)
-    for (int64_t ky = 0; ky < kh; ++ky)
-      for (int64_t kx = 0; kx < kw; ++kx)
-        offs[(c * kh + ky) * kw + kx] = c * sxc + ky * dh * sxh + kx * dw * sxw;
-  const uint8_t* wp = static_cast<const uint8_t*>(w.const_data_ptr());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quantized_conv2d_cpu",
-                                  [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t grain = (P * K * Og < (1 << 16)) ? base_tasks * nch : 1;
-    at::parallel_for(0, base_tasks * nch, grain, [&](int64_t tb, int64_t te) {
-      std::vector<int16_t> A(ptile * kp);
-      for (int64_t t = tb; t < te; ++t) {
-        const int64_t ci = t % nch;
-        const int64_t pt = (t / nch) % npt;
-        const int64_t g = (t / nch / npt) % groups;
-        const int64_t bi = t / nch / npt / groups;
-        const int64_t p0 = pt * ptile, p1 = std::min(P, p0 + ptile);
-        const int8_t* xg = xp + bi * sxb + g * Cg * sxc;
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t oy = p / OW, ox = p % OW;
-          const int64_t iy0 = oy * sh - ph, ix0 = ox * sw - pw;
-          int16_t* row = A.data() + (p - p0) * kp;
-          if (iy0 >= 0 && iy0 + (kh - 1) * dh < H && ix0 >= 0 && ix0 + (kw - 1) * dw < W) {
-            // Interior pixel: the whole window is in bounds, a plain gather.
-            const int8_t* src = xg + iy0 * sxh + ix0 * sxw;
-            for (int64_t k = 0; k < K; ++k) row[k] = src[offs[k]];
-          } else {
-            for (int64_t c = 0; c < Cg; ++c)
-              for (int64_t ky = 0; ky < kh; ++ky) {
-                const int64_t iy = iy0 + ky * dh;
-                int16_t* dst = row + (c * kh + ky) * kw;
-                if (iy < 0 || iy >= H) {
-                  for (int64_t kx = 0; kx < kw; ++kx) dst[kx] = static_cast<int16_t>(xz);
-                  continue;
-                }
-                const int8_t* src = xg + c * sxc + iy * sxh;
-                for (int64_t kx = 0; kx < kw; ++kx) {
-                  const int64_t ix = ix0 + kx * dw;
-                  dst[kx] = (ix < 0 || ix >= W) ? static_cast<int16_t>(xz)
-                                                : static_cast<int16_t>(src[ix * sxw]);
-                }
-              }
-          }
-          std::fill(row + K, row + kp, int16_t{0});
-        }
-        const auto [n0, n1] = chunk_range(ci, nch, otiles, kNR, Og);
-        if (n0 >= n1) continue;
-        const BMat B{wp + g * Og * K, K, K, false};
-        scalar_t* ob = o + bi * sob;
-        const int64_t cbase = g * Og;
-        const int32_t* corr_g = corr.data() + cbase;
-        const float* scale_g = scale.data() + cbase;
-        const float* bias_g = shift.data() + cbase;
-        scalar_t* og = ob + cbase * soc;
-        gemm_region(micro, A.data() - p0 * kp, kp, p0, p1, B, n0, n1,
-                    [&](int64_t p, int64_t n, int32_t v) {
-                      float y = static_cast<float>(v - corr_g[n]) * scale_g[n] + bias_g[n];
-                      og[n * soc + p * sop] = static_cast<scalar_t>(relu ? std::max(y, 0.f) : y);
-                    });
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(synq, CPU, m) {
   m.impl("_int_mm", &int_mm_cpu);
   m.impl("_quantized_linear", &quantized_linear_cpu);
-  m.impl("_quantized_conv2d", &quantized_conv2d_cpu);
 }
 
 }  // namespace synq

@@ -1,0 +1,638 @@
+// Integer convolution on the CPU: direct (implicit-GEMM) convolution on a channels-last int16
+// copy of each input image, exact int32 accumulation, and a vectorized epilogue (scale, bias,
+// optional residual, ReLU, then a float cast or requantization to int8 / uint8).
+//
+// Why this layout: without VNNI the exact multiply-add is vpmaddwd (int16 pairs -> int32).
+// The input is widened once per image to int16 *with the zero point subtracted* (padding is
+// then plain 0, no zero-point correction term, values -255..255 so uint8 input works too),
+// channels-last and padded, so each step of the K loop (ky, kx, channel pair) is one 32-bit
+// broadcast of two adjacent channels of one pixel. Output channels live in the vector lanes
+// (weights pre-widened and interleaved as [pair][16 channels][2], see _conv2d_prepack), so
+// there is no horizontal sum, short K (9 for a 1-channel stem, 144 for 16 channels) costs
+// nothing extra, and the epilogue works on whole vectors of 8 channels. The micro-kernel
+// holds a 6 pixel x 16 channel tile in 12 accumulators.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SYNQ_INT_CONV_X86 1
+#include <immintrin.h>
+#else
+#define SYNQ_INT_CONV_X86 0
+#endif
+
+namespace synq {
+namespace {
+
+constexpr int kCB = 16;  // output channels per packed weight block (two 8-lane vectors)
+constexpr int kPT = 6;   // output pixels per micro-kernel tile
+
+const char* kWho = "synq quantized_conv2d (cpu backend): ";
+
+bool conv_force_portable() {
+  static const bool on = [] {
+    const char* v = std::getenv("SYNQ_CPU_PORTABLE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+bool conv_use_avx2() {
+#if SYNQ_INT_CONV_X86
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok && !conv_force_portable();
+#else
+  return false;
+#endif
+}
+
+// Packed weight: int16 (groups, NB, kh, kw, ceil(Cg / 2), 32); element [g, b, ky, kx, j, 2n+e]
+// = w[g Og + 16 b + n, 2 j + e, ky, kx], 0 past Og or Cg.
+at::Tensor conv2d_prepack_cpu(const at::Tensor& w_, int64_t groups) {
+  TORCH_CHECK(w_.dim() == 4 && w_.scalar_type() == at::kChar,
+              "synq conv2d_prepack: w must be 4-D int8 (Cout, C / groups, kh, kw), got ",
+              w_.scalar_type(), " ", w_.sizes());
+  TORCH_CHECK(groups >= 1 && w_.size(0) % groups == 0, "synq conv2d_prepack: groups = ",
+              groups, " must divide Cout = ", w_.size(0));
+  const auto w = w_.contiguous();
+  const int64_t Cout = w.size(0), Cg = w.size(1), kh = w.size(2), kw = w.size(3);
+  const int64_t Og = Cout / groups, NB = (Og + kCB - 1) / kCB, Cp2 = (Cg + 1) / 2;
+  auto out = at::zeros({groups, NB, kh, kw, Cp2, 2 * kCB}, w.options().dtype(at::kShort));
+  const int8_t* src = w.const_data_ptr<int8_t>();
+  int16_t* dst = out.mutable_data_ptr<int16_t>();
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t o = 0; o < Og; ++o) {
+      const int64_t b = o / kCB, n = o % kCB;
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t ky = 0; ky < kh; ++ky)
+          for (int64_t kx = 0; kx < kw; ++kx) {
+            const int64_t d = ((((g * NB + b) * kh + ky) * kw + kx) * Cp2 + c / 2) * 2 * kCB +
+                              2 * n + (c & 1);
+            dst[d] = src[(((g * Og + o) * Cg + c) * kh + ky) * kw + kx];
+          }
+    }
+  return out;
+}
+
+// ---- micro-kernels: out[r * 16 + n] = sum_k dot(pair at px[r] + off[k], w[k][n]) ----------
+
+void micro_portable(const int16_t* const* px, int mr, const int32_t* off, int64_t np,
+                    const int16_t* w, int32_t* out) {
+  for (int r = 0; r < mr; ++r)
+    for (int n = 0; n < kCB; ++n) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < np; ++k) {
+        const int16_t* a = px[r] + off[k];
+        const int16_t* b = w + k * 2 * kCB + 2 * n;
+        s += static_cast<int32_t>(a[0]) * b[0] + static_cast<int32_t>(a[1]) * b[1];
+      }
+      out[r * kCB + n] = s;
+    }
+}
+
+#if SYNQ_INT_CONV_X86
+template <int MR>
+__attribute__((target("avx2"))) void micro_avx2(const int16_t* const* px, const int32_t* off,
+                                                int64_t np, const int16_t* w, int32_t* out) {
+  __m256i c0[MR], c1[MR];
+  const int16_t* p[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm256_setzero_si256();
+    c1[r] = _mm256_setzero_si256();
+    p[r] = px[r];
+  }
+  for (int64_t k = 0; k < np; ++k) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32 + 16));
+    const int64_t o = off[k];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256i a = _mm256_castps_si256(
+          _mm256_broadcast_ss(reinterpret_cast<const float*>(p[r] + o)));
+      c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(a, w0));
+      c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(a, w1));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB), c0[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB + 8), c1[r]);
+  }
+}
+#endif
+
+void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t np,
+               const int16_t* w, int32_t* out) {
+#if SYNQ_INT_CONV_X86
+  if (conv_use_avx2()) {
+    switch (mr) {
+      case 6: return micro_avx2<6>(px, off, np, w, out);
+      case 5: return micro_avx2<5>(px, off, np, w, out);
+      case 4: return micro_avx2<4>(px, off, np, w, out);
+      case 3: return micro_avx2<3>(px, off, np, w, out);
+      case 2: return micro_avx2<2>(px, off, np, w, out);
+      default: return micro_avx2<1>(px, off, np, w, out);
+    }
+  }
+#endif
+  micro_portable(px, mr, off, np, w, out);
+}
+
+// ---- the convolution ----------------------------------------------------------------------
+
+struct ConvArgs {
+  // input
+  const uint8_t* x;
+  bool x_u8;
+  int64_t B, C, H, W, sxb, sxc, sxh, sxw;
+  int32_t xz;
+  // geometry
+  int64_t groups, Cg, Og, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
+  int64_t Cp, Hp, Wp, NB, np;
+  const int16_t* wp;  // packed weights
+  // epilogue: per group, NB * 16 scales and biases (0 past Og)
+  const float* scale;
+  const float* bias;
+  bool relu;
+  // residual (optional): float32, or int8 / uint8 with scale and zero
+  const void* res;
+  at::ScalarType res_t;
+  int64_t srb, src, srp;  // strides: image, channel, pixel (pixel = oy * OW + ox needs
+  int64_t sry, srx;       // the row / column strides when not collapsible)
+  float rs;
+  int32_t rz;
+  // output
+  void* out;
+  at::ScalarType out_t;
+  int64_t sob, soc, soy, sox;
+  float inv_os;  // requantization: q = clamp(round(y * inv_os) + oz)
+  int32_t oz, qmin, qmax;
+};
+
+// One image into buf: (Hp, Wp, Cp) int16 of x - xz, zero in the padding and past C.
+void widen_image(const ConvArgs& a, int64_t bi, int16_t* buf) {
+  const int64_t Cp = a.Cp, Wp = a.Wp, rowlen = Wp * Cp;
+  std::memset(buf, 0, sizeof(int16_t) * a.ph * rowlen);
+  std::memset(buf + (a.ph + a.H) * rowlen, 0, sizeof(int16_t) * (a.Hp - a.ph - a.H) * rowlen);
+  const uint8_t* xb = a.x + bi * a.sxb;
+  const int16_t xz = static_cast<int16_t>(a.xz);
+  for (int64_t iy = 0; iy < a.H; ++iy) {
+    int16_t* row = buf + (iy + a.ph) * rowlen;
+    std::memset(row, 0, sizeof(int16_t) * a.pw * Cp);
+    std::memset(row + (a.pw + a.W) * Cp, 0, sizeof(int16_t) * (Wp - a.pw - a.W) * Cp);
+    const uint8_t* xr = xb + iy * a.sxh;
+    int16_t* d0 = row + a.pw * Cp;
+    if (a.sxc == 1 && Cp == a.C) {
+      // channels-last with an even C: one contiguous run per pixel
+      for (int64_t ix = 0; ix < a.W; ++ix) {
+        const uint8_t* s = xr + ix * a.sxw;
+        int16_t* d = d0 + ix * Cp;
+        if (a.x_u8)
+          for (int64_t c = 0; c < a.C; ++c) d[c] = static_cast<int16_t>(s[c] - xz);
+        else
+          for (int64_t c = 0; c < a.C; ++c)
+            d[c] = static_cast<int16_t>(static_cast<int8_t>(s[c]) - xz);
+      }
+    } else {
+      for (int64_t ix = 0; ix < a.W; ++ix) {
+        int16_t* d = d0 + ix * Cp;
+        for (int64_t c = a.C; c < Cp; ++c) d[c] = 0;
+      }
+      for (int64_t c = 0; c < a.C; ++c) {
+        const uint8_t* s = xr + c * a.sxc;
+        int16_t* d = d0 + c;
+        if (a.x_u8)
+          for (int64_t ix = 0; ix < a.W; ++ix) d[ix * Cp] = static_cast<int16_t>(s[ix * a.sxw] - xz);
+        else
+          for (int64_t ix = 0; ix < a.W; ++ix)
+            d[ix * Cp] = static_cast<int16_t>(static_cast<int8_t>(s[ix * a.sxw]) - xz);
+      }
+    }
+  }
+}
+
+// Epilogue of one tile: acc (mr x 16 int32) for pixels p0.. of image bi, output channels
+// co0 .. co0 + nv (nv <= 16) whose scales / biases start at sc / bs.
+template <typename scalar_t>
+void store_scalar(void* out, int64_t idx, float y, const ConvArgs& a) {
+  static_cast<scalar_t*>(out)[idx] = static_cast<scalar_t>(y);
+}
+
+float residual_at(const ConvArgs& a, int64_t bi, int64_t co, int64_t oy, int64_t ox) {
+  const int64_t i = bi * a.srb + co * a.src + oy * a.sry + ox * a.srx;
+  switch (a.res_t) {
+    case at::kFloat: return static_cast<const float*>(a.res)[i];
+    case at::kChar:
+      return static_cast<float>(static_cast<const int8_t*>(a.res)[i] - a.rz) * a.rs;
+    default:
+      return static_cast<float>(static_cast<const uint8_t*>(a.res)[i] - a.rz) * a.rs;
+  }
+}
+
+void epilogue_portable(const ConvArgs& a, const int32_t* acc, int mr, int64_t bi, int64_t p0,
+                       int64_t co0, int nv, const float* sc, const float* bs) {
+  for (int r = 0; r < mr; ++r) {
+    const int64_t p = p0 + r, oy = p / a.OW, ox = p % a.OW;
+    for (int n = 0; n < nv; ++n) {
+      float y = static_cast<float>(acc[r * kCB + n]) * sc[n] + bs[n];
+      if (a.res) y = y + residual_at(a, bi, co0 + n, oy, ox);
+      if (a.relu) y = y < 0.f ? 0.f : y;
+      const int64_t idx = bi * a.sob + (co0 + n) * a.soc + oy * a.soy + ox * a.sox;
+      switch (a.out_t) {
+        case at::kFloat: store_scalar<float>(a.out, idx, y, a); break;
+        case at::kHalf: store_scalar<c10::Half>(a.out, idx, y, a); break;
+        case at::kBFloat16: store_scalar<c10::BFloat16>(a.out, idx, y, a); break;
+        default: {
+          float t = y * a.inv_os;
+          const float lo = static_cast<float>(a.qmin - a.oz), hi = static_cast<float>(a.qmax - a.oz);
+          t = t > lo ? t : lo;  // same order (and NaN -> lo) as the max / min of the AVX2 path
+          t = t < hi ? t : hi;
+          const int32_t q = static_cast<int32_t>(std::nearbyint(t)) + a.oz;
+          if (a.out_t == at::kChar)
+            static_cast<int8_t*>(a.out)[idx] = static_cast<int8_t>(q);
+          else
+            static_cast<uint8_t*>(a.out)[idx] = static_cast<uint8_t>(q);
+        }
+      }
+    }
+  }
+}
+
+#if SYNQ_INT_CONV_X86
+// Vector epilogue for the common case: channels-last output (and residual), a full 16-channel
+// block, float32 / int8 / uint8 output.
+__attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int32_t* acc,
+                                                   int mr, int64_t bi, int64_t p0, int64_t co0,
+                                                   const float* sc, const float* bs) {
+  const __m256 s0 = _mm256_loadu_ps(sc), s1 = _mm256_loadu_ps(sc + 8);
+  const __m256 b0 = _mm256_loadu_ps(bs), b1 = _mm256_loadu_ps(bs + 8);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 inv = _mm256_set1_ps(a.inv_os);
+  const __m256 lo = _mm256_set1_ps(static_cast<float>(a.qmin - a.oz));
+  const __m256 hi = _mm256_set1_ps(static_cast<float>(a.qmax - a.oz));
+  const __m256i ozv = _mm256_set1_epi32(a.oz);
+  const __m256 rsv = _mm256_set1_ps(a.rs);
+  const __m256i rzv = _mm256_set1_epi32(a.rz);
+  for (int r = 0; r < mr; ++r) {
+    const int64_t p = p0 + r;
+    const int64_t oidx = bi * a.sob + co0 + p * a.sox;  // sox == soc * ... == Cout here
+    for (int v = 0; v < 2; ++v) {
+      const __m256i iv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kCB + 8 * v));
+      __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(iv), v ? s1 : s0), v ? b1 : b0);
+      if (a.res) {
+        const int64_t ri = bi * a.srb + co0 + 8 * v + p * a.srp;
+        __m256 rv;
+        if (a.res_t == at::kFloat) {
+          rv = _mm256_loadu_ps(static_cast<const float*>(a.res) + ri);
+        } else {
+          const __m128i b8 = _mm_loadl_epi64(
+              reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(a.res) + ri));
+          const __m256i r32 = a.res_t == at::kChar ? _mm256_cvtepi8_epi32(b8)
+                                                   : _mm256_cvtepu8_epi32(b8);
+          rv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(r32, rzv)), rsv);
+        }
+        y = _mm256_add_ps(y, rv);
+      }
+      if (a.relu) y = _mm256_max_ps(y, zero);
+      const int64_t o = oidx + 8 * v;
+      if (a.out_t == at::kFloat) {
+        _mm256_storeu_ps(static_cast<float*>(a.out) + o, y);
+      } else {
+        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(y, inv), lo), hi);
+        const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(t), ozv);  // nearest-even
+        // the values are in byte range: take the low byte of each 32-bit lane
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q),
+                                            _mm256_extracti128_si256(q, 1));
+        const __m128i q8 = a.out_t == at::kChar ? _mm_packs_epi16(q16, q16)
+                                                : _mm_packus_epi16(q16, q16);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(a.out) + o), q8);
+      }
+    }
+  }
+}
+#endif
+
+struct Scratch {
+  std::vector<int16_t> buf;
+  std::vector<int32_t> off;
+};
+
+Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// Pixels [t0, t1) (in tiles of kPT) x channel blocks [nb0, nb1) of image bi, whose widened
+// copy is `img`.
+void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64_t bi,
+                int64_t g, int64_t nb0, int64_t nb1, int64_t px0, int64_t px1, bool vec_epi) {
+  alignas(32) int32_t acc[kPT * kCB];
+  const int16_t* px[kPT];
+  const int16_t* ig = img + g * a.Cg;  // the group's first channel (Cg even when groups > 1)
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int16_t* wb = a.wp + (g * a.NB + nb) * a.np * 2 * kCB;
+    const int64_t co0 = g * a.Og + nb * kCB;
+    const int nv = static_cast<int>(std::min<int64_t>(kCB, a.Og - nb * kCB));
+    const float* sc = a.scale + (g * a.NB + nb) * kCB;
+    const float* bs = a.bias + (g * a.NB + nb) * kCB;
+    for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
+      const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
+      for (int r = 0; r < mr; ++r) {
+        const int64_t p = p0 + r, oy = p / a.OW, ox = p % a.OW;
+        px[r] = ig + (oy * a.sh * a.Wp + ox * a.sw) * a.Cp;
+      }
+      run_micro(px, mr, off, a.np, wb, acc);
+#if SYNQ_INT_CONV_X86
+      if (vec_epi && nv == kCB) {
+        epilogue_avx2(a, acc, mr, bi, p0, co0, sc, bs);
+        continue;
+      }
+#endif
+      epilogue_portable(a, acc, mr, bi, p0, co0, nv, sc, bs);
+    }
+  }
+}
+
+void conv_run(ConvArgs& a) {
+  const int64_t P = a.OH * a.OW;
+  const int64_t img_elems = a.Hp * a.Wp * a.Cp;
+  // K offsets in int16 elements from a pixel's window origin; with groups > 1 each group reads
+  // its own channel slice of the full-width buffer (Cp = C, Cg even) or (Cg odd) its own copy.
+  std::vector<int32_t> off(a.kh * a.kw * ((a.Cg + 1) / 2));
+  {
+    const int64_t cg2 = (a.Cg + 1) / 2;
+    for (int64_t ky = 0; ky < a.kh; ++ky)
+      for (int64_t kx = 0; kx < a.kw; ++kx)
+        for (int64_t j = 0; j < cg2; ++j)
+          off[(ky * a.kw + kx) * cg2 + j] =
+              static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp + 2 * j);
+  }
+  const bool cl_out = a.soc == 1 && a.sox == a.Cout && a.soy == a.OW * a.Cout;
+  const bool cl_res = !a.res || (a.src == 1 && a.srx == a.srp && a.sry == a.OW * a.srp);
+  const bool vec_epi = conv_use_avx2() && cl_out && cl_res &&
+                       (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
+  const int64_t nth = at::get_num_threads();
+  const int64_t ptiles = (P + kPT - 1) / kPT;
+  const int64_t work = a.B * P * a.Cout * a.kh * a.kw * a.Cg;  // MACs
+  if (a.B >= nth && a.B > 1) {
+    // Whole images per task: each thread widens into its own scratch.
+    const int64_t grain = work < (1 << 18) ? a.B : 1;
+    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
+      Scratch& s = thread_scratch();
+      if (static_cast<int64_t>(s.buf.size()) < img_elems) s.buf.resize(img_elems);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        widen_image(a, bi, s.buf.data());
+        for (int64_t g = 0; g < a.groups; ++g)
+          conv_tiles(a, s.buf.data(), off.data(), bi, g, 0, a.NB, 0, P, vec_epi);
+      }
+    });
+    return;
+  }
+  // Few images: widen them all, then split pixels and channel blocks across threads.
+  Scratch& s = thread_scratch();
+  if (static_cast<int64_t>(s.buf.size()) < a.B * img_elems) s.buf.resize(a.B * img_elems);
+  int16_t* bufs = s.buf.data();
+  for (int64_t bi = 0; bi < a.B; ++bi) widen_image(a, bi, bufs + bi * img_elems);
+  const int64_t gb = a.groups * a.NB;
+  int64_t pch = 1;
+  if (nth > 1 && work >= (1 << 18)) {
+    const int64_t want = 4 * nth;
+    pch = std::max<int64_t>(1, std::min(ptiles, (want + a.B * gb - 1) / (a.B * gb)));
+  }
+  const int64_t units = a.B * gb * pch;
+  const int64_t grain = (nth > 1 && work >= (1 << 18)) ? 1 : units;
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t pc = u % pch, nbg = (u / pch) % gb, bi = u / pch / gb;
+      const int64_t g = nbg / a.NB, nb = nbg % a.NB;
+      const int64_t px0 = std::min(P, ptiles * pc / pch * kPT);
+      const int64_t px1 = std::min(P, ptiles * (pc + 1) / pch * kPT);
+      if (px0 < px1)
+        conv_tiles(a, bufs + bi * img_elems, off.data(), bi, g, nb, nb + 1, px0, px1, vec_epi);
+    }
+  });
+}
+
+void check_1(const at::Tensor& t, const char* name, at::ScalarType st) {
+  TORCH_CHECK(t.scalar_type() == st && t.numel() == 1, kWho, name,
+              " must be a one-element ", st, " tensor, got ", t.scalar_type(), " ", t.sizes());
+}
+
+void check_n(const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, kWho, name,
+              " must be a contiguous float32 tensor of ", n, " elements, got ", t.scalar_type(),
+              " ", t.sizes());
+}
+
+// The shared body of both ops. wpk: packed weights (see conv2d_prepack_cpu); Cout from
+// w_scale; x_zero in x's own domain (int8 or uint8 values); output allocated with `fmt`.
+at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
+                            const at::Tensor& x_zero, const at::Tensor& wpk, int64_t Cout,
+                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, bool relu,
+                            at::ScalarType out_dtype, at::MemoryFormat fmt,
+                            const std::optional<at::Tensor>& out_scale,
+                            const std::optional<at::Tensor>& out_zero,
+                            const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& residual_scale,
+                            const std::optional<at::Tensor>& residual_zero) {
+  TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kChar || x.scalar_type() == at::kByte),
+              kWho, "x must be 4-D int8 or uint8, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kWho,
+              "stride, padding and dilation must have 2 entries");
+  TORCH_CHECK(wpk.dim() == 6 && wpk.scalar_type() == at::kShort && wpk.size(5) == 2 * kCB &&
+                  wpk.is_contiguous(),
+              kWho, "w_packed must come from conv2d_prepack (6-D contiguous int16), got ",
+              wpk.scalar_type(), " ", wpk.sizes());
+  ConvArgs a{};
+  a.B = x.size(0); a.C = x.size(1); a.H = x.size(2); a.W = x.size(3);
+  a.groups = groups;
+  TORCH_CHECK(groups >= 1 && a.C % groups == 0 && Cout % groups == 0 && wpk.size(0) == groups,
+              kWho, "groups = ", groups, " does not fit C = ", a.C, ", Cout = ", Cout,
+              ", w_packed ", wpk.sizes());
+  a.Cg = a.C / groups; a.Og = Cout / groups; a.Cout = Cout;
+  a.kh = wpk.size(2); a.kw = wpk.size(3);
+  a.NB = wpk.size(1);
+  TORCH_CHECK(wpk.size(4) == (a.Cg + 1) / 2 && a.NB == (a.Og + kCB - 1) / kCB, kWho,
+              "w_packed ", wpk.sizes(), " does not match C / groups = ", a.Cg,
+              " and Cout / groups = ", a.Og);
+  a.sh = stride[0]; a.sw = stride[1]; a.ph = padding[0]; a.pw = padding[1];
+  a.dh = dilation[0]; a.dw = dilation[1];
+  TORCH_CHECK(a.sh >= 1 && a.sw >= 1 && a.dh >= 1 && a.dw >= 1 && a.ph >= 0 && a.pw >= 0, kWho,
+              "stride and dilation must be >= 1 and padding >= 0");
+  a.OH = (a.H + 2 * a.ph - a.dh * (a.kh - 1) - 1) / a.sh + 1;
+  a.OW = (a.W + 2 * a.pw - a.dw * (a.kw - 1) - 1) / a.sw + 1;
+  TORCH_CHECK(a.OH >= 1 && a.OW >= 1, kWho, "empty output");
+  check_1(x_scale, "x_scale", at::kFloat);
+  check_1(x_zero, "x_zero", at::kInt);
+  check_n(w_scale, "w_scale", Cout);
+  if (bias) check_n(*bias, "bias", Cout);
+  a.x = static_cast<const uint8_t*>(x.const_data_ptr());
+  a.x_u8 = x.scalar_type() == at::kByte;
+  a.sxb = x.stride(0); a.sxc = x.stride(1); a.sxh = x.stride(2); a.sxw = x.stride(3);
+  a.xz = x_zero.const_data_ptr<int32_t>()[0];
+  TORCH_CHECK(a.x_u8 ? (a.xz >= 0 && a.xz <= 255) : (a.xz >= -128 && a.xz <= 127), kWho,
+              "x_zero = ", a.xz, " is outside the range of x's dtype ", x.scalar_type());
+  // Channel pairs: an odd Cg gets a zero channel (groups > 1 with odd Cg: see below).
+  a.Cp = groups == 1 ? a.Cg + (a.Cg & 1) : a.C;
+  a.Hp = a.H + 2 * a.ph;
+  a.Wp = a.W + 2 * a.pw;
+  a.np = a.kh * a.kw * ((a.Cg + 1) / 2);
+  a.wp = wpk.const_data_ptr<int16_t>();
+  a.relu = relu;
+  // epilogue constants
+  const float xs = x_scale.const_data_ptr<float>()[0];
+  const float* ws = w_scale.const_data_ptr<float>();
+  const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
+  std::vector<float> sc(groups * a.NB * kCB, 0.f), bs(groups * a.NB * kCB, 0.f);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t o = 0; o < a.Og; ++o) {
+      sc[g * a.NB * kCB + o] = xs * ws[g * a.Og + o];
+      bs[g * a.NB * kCB + o] = bp ? bp[g * a.Og + o] : 0.f;
+    }
+  a.scale = sc.data();
+  a.bias = bs.data();
+  // output
+  const bool quant_out = out_dtype == at::kChar || out_dtype == at::kByte;
+  TORCH_CHECK(quant_out || out_dtype == at::kFloat || out_dtype == at::kHalf ||
+                  out_dtype == at::kBFloat16,
+              kWho, "out_dtype must be float32, float16, bfloat16, int8 or uint8, got ",
+              out_dtype);
+  TORCH_CHECK(quant_out == (out_scale.has_value() && out_zero.has_value()) &&
+                  out_scale.has_value() == out_zero.has_value(),
+              kWho, "out_scale and out_zero are needed exactly when out_dtype is int8 / uint8");
+  a.inv_os = 1.f;
+  a.oz = 0;
+  a.qmin = out_dtype == at::kByte ? 0 : -128;
+  a.qmax = out_dtype == at::kByte ? 255 : 127;
+  if (quant_out) {
+    check_1(*out_scale, "out_scale", at::kFloat);
+    check_1(*out_zero, "out_zero", at::kInt);
+    a.inv_os = 1.f / out_scale->const_data_ptr<float>()[0];
+    a.oz = out_zero->const_data_ptr<int32_t>()[0];
+    TORCH_CHECK(a.oz >= a.qmin && a.oz <= a.qmax, kWho, "out_zero = ", a.oz,
+                " is outside the range of out_dtype ", out_dtype);
+  }
+  // residual
+  a.res = nullptr;
+  if (residual) {
+    const auto& r = *residual;
+    TORCH_CHECK(r.dim() == 4 && r.size(0) == a.B && r.size(1) == Cout && r.size(2) == a.OH &&
+                    r.size(3) == a.OW,
+                kWho, "residual must have the output's shape (", a.B, ", ", Cout, ", ", a.OH,
+                ", ", a.OW, "), got ", r.sizes());
+    a.res_t = r.scalar_type();
+    TORCH_CHECK(a.res_t == at::kFloat || a.res_t == at::kChar || a.res_t == at::kByte, kWho,
+                "residual must be float32, int8 or uint8, got ", a.res_t);
+    const bool rq = a.res_t != at::kFloat;
+    TORCH_CHECK(rq == (residual_scale.has_value() && residual_zero.has_value()) &&
+                    residual_scale.has_value() == residual_zero.has_value(),
+                kWho, "residual_scale and residual_zero are needed exactly when residual is "
+                "int8 / uint8");
+    a.rs = 1.f;
+    a.rz = 0;
+    if (rq) {
+      check_1(*residual_scale, "residual_scale", at::kFloat);
+      check_1(*residual_zero, "residual_zero", at::kInt);
+      a.rs = residual_scale->const_data_ptr<float>()[0];
+      a.rz = residual_zero->const_data_ptr<int32_t>()[0];
+    }
+    a.res = r.const_data_ptr();
+    a.srb = r.stride(0); a.src = r.stride(1); a.sry = r.stride(2); a.srx = r.stride(3);
+    a.srp = a.srx;
+  } else {
+    TORCH_CHECK(!residual_scale && !residual_zero, kWho,
+                "residual_scale / residual_zero given without a residual");
+  }
+  auto out = at::empty({a.B, Cout, a.OH, a.OW}, x.options().dtype(out_dtype), fmt);
+  a.out = out.mutable_data_ptr();
+  a.out_t = out_dtype;
+  a.sob = out.stride(0); a.soc = out.stride(1); a.soy = out.stride(2); a.sox = out.stride(3);
+  if (out.numel() == 0) return out;
+  if (groups > 1 && (a.Cg & 1)) {
+    // Odd channels per group: each group's channels would straddle the int16 pairs of the
+    // shared buffer, so run the groups one by one on channel slices (rare: grouped 3-channel).
+    for (int64_t g = 0; g < groups; ++g) {
+      ConvArgs b = a;
+      b.groups = 1; b.C = a.Cg; b.Cout = a.Og; b.Cp = a.Cg + 1;
+      b.x = a.x + g * a.Cg * a.sxc;
+      b.wp = a.wp + g * a.NB * a.np * 2 * kCB;
+      b.scale = a.scale + g * a.NB * kCB;
+      b.bias = a.bias + g * a.NB * kCB;
+      b.out = static_cast<uint8_t*>(a.out) + g * a.Og * a.soc * out.element_size();
+      if (a.res)
+        b.res = static_cast<const uint8_t*>(a.res) + g * a.Og * a.src * residual->element_size();
+      conv_run(b);
+    }
+    return out;
+  }
+  conv_run(a);
+  return out;
+}
+
+at::Tensor quantized_conv2d_packed_cpu(
+    const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero,
+    const at::Tensor& w_packed, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    bool relu, at::ScalarType out_dtype, const std::optional<at::Tensor>& out_scale,
+    const std::optional<at::Tensor>& out_zero, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& residual_scale,
+    const std::optional<at::Tensor>& residual_zero) {
+  TORCH_CHECK(w_scale.dim() == 1, kWho, "w_scale must be 1-D (Cout,), got ", w_scale.sizes());
+  return conv_packed_impl(x, x_scale, x_zero, w_packed, w_scale.size(0), w_scale, bias, stride,
+                          padding, dilation, groups, relu, out_dtype,
+                          at::MemoryFormat::ChannelsLast, out_scale, out_zero, residual,
+                          residual_scale, residual_zero);
+}
+
+// The unpacked op (int8 x, weights packed per call): output in x's memory format.
+at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
+                                const at::Tensor& x_zero, const at::Tensor& w,
+                                const at::Tensor& w_scale, const at::Tensor& w_rowsum,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, bool relu, at::ScalarType out_dtype) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kChar, kWho, "x must be 4-D int8, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar, kWho, "w must be 4-D int8");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && w.size(0) % groups == 0 &&
+                  w.size(1) == x.size(1) / groups,
+              kWho, "groups = ", groups, " does not fit C = ", x.size(1), ", w ", w.sizes());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              kWho, "out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  (void)w_rowsum;  // the zero point is subtracted from x before the products
+  const auto fmt = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
+                       ? at::MemoryFormat::ChannelsLast
+                       : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(w_scale.numel() == w.size(0), kWho, "w_scale must have ", w.size(0),
+              " elements, got ", w_scale.sizes());
+  return conv_packed_impl(x, x_scale, x_zero, conv2d_prepack_cpu(w, groups), w.size(0),
+                          w_scale, bias, stride, padding, dilation, groups, relu, out_dtype,
+                          fmt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                          std::nullopt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(synq, CPU, m) {
+  m.impl("_conv2d_prepack", &conv2d_prepack_cpu);
+  m.impl("_quantized_conv2d_packed", &quantized_conv2d_packed_cpu);
+  m.impl("_quantized_conv2d", &quantized_conv2d_cpu);
+}
+
+}  // namespace synq
