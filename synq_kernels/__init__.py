@@ -9,8 +9,9 @@ from ._checks import value_checks
 from .backends import available_backends
 from .ops.fake_quant import fake_quant, quant_range
 from .ops.lowpass import lowpass
-from .ops.int_gemm import (int4_matmul, int8_matmul, pack_int4, quantized_conv2d,
-                           quantized_linear, unpack_int4, weight_row_sums)
+from .ops.int_gemm import (int4_matmul, int8_matmul, pack_int4, prepack_conv2d_weight,
+                           quantized_conv2d, quantized_conv2d_packed, quantized_linear,
+                           unpack_int4, weight_row_sums)
 from .ops import int_gemm as _int_gemm
 
 backends.register("fake_quant", "reference",
@@ -35,5 +36,6 @@ except ImportError:
 
 __all__ = ["fake_quant", "lowpass", "quant_range", "int8_matmul", "int4_matmul", "pack_int4",
            "unpack_int4", "quantized_linear", "quantized_conv2d", "weight_row_sums",
+           "prepack_conv2d_weight", "quantized_conv2d_packed",
            "available_backends", "value_checks", "backends", "reference"]
 __version__ = "0.1.0"

@@ -437,3 +437,174 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     return torch.ops.synq.quantized_conv2d(x_q, xs, xz, w_q.contiguous(), ws, w_rowsum, b,
                                            stride, padding, dilation, groups, bool(relu),
                                            out_dtype, be)
+
+
+# -- packed-weight convolution: the fast CPU path of an exported integer model ------------------
+#
+# `prepack_conv2d_weight` once per layer, then `quantized_conv2d_packed` per call. Its kernel
+# is the compiled op torch.ops.synq._quantized_conv2d_packed itself (no Python custom-op layer
+# in between, so the per-call cost is the dispatcher's); a hot loop that has already checked
+# its arguments may call that op directly with the tensors this wrapper would build (see
+# `_packed_conv_args`). Without `_C`, or with backend="reference", the reference computes
+# the same thing in the same float32 order.
+
+def _has_packed_kernel():
+    from .. import _ext
+    return _ext.has_cpu_kernels()
+
+
+if _has_packed_kernel():
+    @torch.library.register_fake("synq::_conv2d_prepack")
+    def _(w, groups):
+        cout, cg, kh, kw = w.shape
+        nb = -(-(cout // groups) // R.CONV_PACK_BLOCK)
+        return w.new_empty((groups, nb, kh, kw, (cg + 1) // 2, 2 * R.CONV_PACK_BLOCK),
+                           dtype=torch.int16)
+
+    @torch.library.register_fake("synq::_quantized_conv2d_packed")
+    def _(x, x_scale, x_zero, w_packed, w_scale, bias, stride, padding, dilation, groups, relu,
+          out_dtype, out_scale, out_zero, residual, residual_scale, residual_zero):
+        kh, kw = w_packed.shape[2], w_packed.shape[3]
+        oh = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+        ow = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+        out = x.new_empty((x.shape[0], w_scale.shape[0], oh, ow), dtype=out_dtype)
+        return out.contiguous(memory_format=torch.channels_last)
+
+
+def _packed_backend(device, backend):
+    if backend is None:
+        return "cpu" if device.type == "cpu" and _has_packed_kernel() else "reference"
+    if backend not in ("cpu", "reference"):
+        raise ValueError(f"backend of the packed conv must be 'cpu' or 'reference', got "
+                         f"{backend!r}")
+    if backend == "cpu":
+        from .. import backends as _b
+        why = _b.unavailable_reason("cpu", device.type)
+        if why:
+            raise RuntimeError(f"backend 'cpu' is unavailable: {why}")
+    return backend
+
+
+def prepack_conv2d_weight(w_q: Tensor, groups: int = 1, backend: str | None = None) -> Tensor:
+    """Pack an int8 conv weight (Cout, C / groups, kh, kw) once for `quantized_conv2d_packed`:
+    int16 (groups, ceil(Cout / groups / 16), kh, kw, ceil(C / groups / 2), 32), 16 output
+    channels per block, input channels in pairs (see reference `conv2d_prepack`)."""
+    _check_tensor("w_q", w_q, (torch.int8,), 4)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if w_q.shape[0] % groups:
+        raise ValueError(f"groups = {groups} must divide the output channels ({w_q.shape[0]})")
+    if _packed_backend(w_q.device, backend) == "cpu":
+        return torch.ops.synq._conv2d_prepack(w_q, groups)
+    return R.conv2d_prepack(w_q, groups)
+
+
+def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_scale,
+                            bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
+                            relu: bool = False, out_dtype: torch.dtype = torch.float32,
+                            out_scale=None, out_zero=None, residual: Tensor | None = None,
+                            residual_scale=None, residual_zero=None,
+                            backend: str | None = None) -> Tensor:
+    """Integer conv2d on a prepacked weight, with a fused epilogue; output channels-last.
+
+        y = x_scale w_scale[n] conv2d(x_q - x_zero, w_q)[n] + bias[n]
+            (+ residual, or + residual_scale (residual - residual_zero) for an int residual)
+        y = ReLU(y) if relu
+        out = y as out_dtype (float32 / float16 / bfloat16), or requantized for int8 / uint8:
+              clamp(round(y / out_scale) + out_zero)   (exact float32 order: reference
+              `quantized_conv2d_packed`; / out_scale is * float32(1 / out_scale))
+
+    Args:
+        x_q: (B, C, H, W) int8 or uint8, any strides (channels-last is the fast layout);
+            x_zero in x_q's own range (0..255 for uint8).
+        x_scale, x_zero: per-tensor numbers or one-element tensors.
+        w_packed: from `prepack_conv2d_weight(w_q, groups)`.
+        w_scale: a (Cout,) tensor (Cout is its length).
+        bias: None or (Cout,).
+        out_scale, out_zero: per-tensor, required exactly when out_dtype is int8 / uint8.
+        residual: None or the output's shape (B, Cout, OH, OW), float32 or int8 / uint8 with
+            residual_scale / residual_zero (per-tensor); added before the ReLU.
+    """
+    _check_tensor("x_q", x_q, (torch.int8, torch.uint8), 4)
+    _check_tensor("w_packed", w_packed, (torch.int16,), 6)
+    _checks.check_same_device(x_q=x_q, w_packed=w_packed)
+    if out_dtype not in OUT_DTYPES + (torch.int8, torch.uint8):
+        raise TypeError(f"out_dtype must be float32, float16, bfloat16, int8 or uint8, got "
+                        f"{out_dtype}")
+    stride, padding, dilation = (_pair("stride", stride), _pair("padding", padding),
+                                 _pair("dilation", dilation))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    dev = x_q.device
+    if not isinstance(w_scale, torch.Tensor) or w_scale.dim() != 1:
+        raise ValueError("w_scale of quantized_conv2d_packed must be a 1-D (Cout,) tensor "
+                         "(the packed weight does not record Cout)")
+    cout = w_scale.shape[0]
+    c = x_q.shape[1]
+    g_, nb, kh, kw, cp2, blk = w_packed.shape
+    if (c % groups or cout % groups or g_ != groups or blk != 2 * R.CONV_PACK_BLOCK
+            or cp2 != (c // groups + 1) // 2
+            or nb != -(-(cout // groups) // R.CONV_PACK_BLOCK)):
+        raise ValueError(f"w_packed {tuple(w_packed.shape)} does not fit x_q with C = {c}, "
+                         f"groups = {groups} and Cout = {cout} (w_scale's length)")
+    oh = conv_out_size(x_q.shape[2], kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(x_q.shape[3], kw, stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(f"the kernel ({kh}x{kw}, dilation {dilation}) does not fit the padded "
+                         f"input {tuple(x_q.shape[2:])} with padding {padding}")
+    _check_k(kh * kw * (c // groups))
+    xs = _float_param("x_scale", x_scale, dev).reshape(-1)
+    xz = _int_param("x_zero", x_zero, dev).reshape(-1)
+    if xs.numel() != 1 or xz.numel() != 1:
+        raise ValueError("x_scale and x_zero must be per-tensor (one element)")
+    lo, hi = (0, 255) if x_q.dtype == torch.uint8 else (-128, 127)
+    ws = _float_param("w_scale", w_scale, dev).contiguous()
+    # Data-dependent checks only in eager mode (the kernel checks the zero points itself).
+    checks = not torch.compiler.is_compiling() and _checks.value_checks_enabled(xz)
+    if checks:
+        _check_values(xs, torch.zeros(0, dtype=torch.int32), ws)
+        if not lo <= int(xz[0]) <= hi:
+            raise ValueError(f"x_zero must be within x_q's range ({lo}..{hi}), got "
+                             f"{int(xz[0])}")
+    b = _bias(bias, cout, dev)
+    quant = out_dtype in (torch.int8, torch.uint8)
+    if quant != (out_scale is not None and out_zero is not None) or (
+            (out_scale is None) != (out_zero is None)):
+        raise ValueError("out_scale and out_zero are needed exactly when out_dtype is int8 or "
+                         "uint8")
+    os_ = oz = None
+    if quant:
+        os_ = _float_param("out_scale", out_scale, dev).reshape(-1)
+        oz = _int_param("out_zero", out_zero, dev).reshape(-1)
+        if os_.numel() != 1 or oz.numel() != 1:
+            raise ValueError("out_scale and out_zero must be per-tensor (one element)")
+        if checks:
+            _checks.check_positive_finite("out_scale", os_)
+    rs = rz = None
+    if residual is not None:
+        _check_tensor("residual", residual, (torch.float32, torch.int8, torch.uint8), 4)
+        want = (x_q.shape[0], cout, oh, ow)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual must have the output's shape {want}, got "
+                             f"{tuple(residual.shape)}")
+        if residual.dtype != torch.float32:
+            if residual_scale is None or residual_zero is None:
+                raise ValueError("an int8 / uint8 residual needs residual_scale and "
+                                 "residual_zero")
+            rs = _float_param("residual_scale", residual_scale, dev).reshape(-1)
+            rz = _int_param("residual_zero", residual_zero, dev).reshape(-1)
+            if rs.numel() != 1 or rz.numel() != 1:
+                raise ValueError("residual_scale and residual_zero must be per-tensor")
+        elif residual_scale is not None or residual_zero is not None:
+            raise ValueError("residual_scale / residual_zero apply to an int8 / uint8 "
+                             "residual only")
+    elif residual_scale is not None or residual_zero is not None:
+        raise ValueError("residual_scale / residual_zero given without a residual")
+    args = (x_q, xs, xz, w_packed, ws, b, stride, padding, dilation, groups, bool(relu),
+            out_dtype, os_, oz, residual, rs, rz)
+    if _packed_backend(dev, backend) == "cpu":
+        return torch.ops.synq._quantized_conv2d_packed(*args)
+    return R.quantized_conv2d_packed(*args)

@@ -129,5 +129,83 @@ def quantized_conv2d_int(x_q, x_zero, w_q, stride=(1, 1), padding=(0, 0), dilati
     return acc.round().to(torch.int32)
 
 
+# -- packed-weight convolution (the CPU kernel's weight layout, int8 / requantized output) ----
+
+CONV_PACK_BLOCK = 16  # output channels per block of the packed layout
+
+
+def conv2d_prepack(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """w_q (Cout, Cg, kh, kw) int8 -> int16 (groups, NB, kh, kw, ceil(Cg / 2), 32) with
+    NB = ceil(Cout / groups / 16): element [g, b, ky, kx, j, 2 n + e] is
+    w_q[g Og + 16 b + n, 2 j + e, ky, kx], zero past Og = Cout / groups or Cg."""
+    cout, cg, kh, kw = w_q.shape
+    og = cout // groups
+    nb = -(-og // CONV_PACK_BLOCK)
+    cp = cg + cg % 2
+    w = torch.zeros(groups, nb * CONV_PACK_BLOCK, cp, kh, kw, dtype=torch.int16,
+                    device=w_q.device)
+    w[:, :og, :cg] = w_q.reshape(groups, og, cg, kh, kw).to(torch.int16)
+    w = w.reshape(groups, nb, CONV_PACK_BLOCK, cp // 2, 2, kh, kw)
+    return w.permute(0, 1, 5, 6, 3, 2, 4).reshape(groups, nb, kh, kw, cp // 2,
+                                                  2 * CONV_PACK_BLOCK).contiguous()
+
+
+def conv2d_unpack(w_packed: torch.Tensor, cout: int, cg: int) -> torch.Tensor:
+    """Inverse of `conv2d_prepack`: int8 (cout, cg, kh, kw)."""
+    groups, nb, kh, kw, cp2, _ = w_packed.shape
+    w = w_packed.reshape(groups, nb, kh, kw, cp2, CONV_PACK_BLOCK, 2)
+    w = w.permute(0, 1, 5, 4, 6, 2, 3).reshape(groups, nb * CONV_PACK_BLOCK, 2 * cp2, kh, kw)
+    return w[:, :cout // groups, :cg].reshape(cout, cg, kh, kw).to(torch.int8)
+
+
+def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
+                            stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                            relu=False, out_dtype=torch.float32, out_scale=None, out_zero=None,
+                            residual=None, residual_scale=None,
+                            residual_zero=None) -> torch.Tensor:
+    """The packed-weight conv, computed in the kernel's float32 operation order so that
+    int8 / uint8 outputs are bit-exact:
+
+        acc = conv2d(x_q - x_zero, w) exactly (zero padding in that domain)
+        y = float32(acc) * (x_scale * w_scale[n]) + bias[n]      (float32, mul then add)
+        y = y + residual   or   y + float32(residual - residual_zero) * residual_scale
+        y = max(y, 0) if relu
+        out = y.to(out_dtype), or for int8 / uint8:
+            clamp(round_half_even(min(max(y * (1 / out_scale), qmin - z), qmax - z)) + z)
+              with z = out_zero, 1 / out_scale a float32 division
+
+    x_q (B, C, H, W) int8 or uint8 with x_zero in its own range; one-element x_scale (float)
+    and x_zero (integer); w_scale (Cout,) float32 (Cout from its length). Returns a
+    channels-last (B, Cout, OH, OW) tensor."""
+    cout = w_scale.shape[0]
+    cg = x_q.shape[1] // groups
+    w = conv2d_unpack(w_packed, cout, cg).to(torch.float64)
+    xc = x_q.to(torch.float64) - x_zero.to(torch.float64).reshape(())
+    acc = F.conv2d(xc, w, None, tuple(stride), tuple(padding), tuple(dilation), groups)
+    acc = acc.round().to(torch.int32).to(torch.float32)
+    sc = (x_scale.to(torch.float32).reshape(()) * w_scale.to(torch.float32)).reshape(1, -1, 1, 1)
+    y = acc * sc
+    if bias is not None:
+        y = y + bias.to(torch.float32).reshape(1, -1, 1, 1)
+    if residual is not None:
+        if residual.dtype == torch.float32:
+            y = y + residual
+        else:
+            r = (residual.to(torch.int32) - residual_zero.to(torch.int32).reshape(()))
+            y = y + r.to(torch.float32) * residual_scale.to(torch.float32).reshape(())
+    if relu:
+        y = y.clamp_min(0)
+    if out_dtype in (torch.int8, torch.uint8):
+        qmin, qmax = (-128, 127) if out_dtype == torch.int8 else (0, 255)
+        z = int(out_zero.reshape(()))
+        inv = torch.ones((), dtype=torch.float32) / out_scale.to(torch.float32).reshape(())
+        t = (y * inv).clamp(qmin - z, qmax - z)
+        out = (t.round().to(torch.int32) + z).to(out_dtype)
+    else:
+        out = y.to(out_dtype)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
 __all__ = ["int4_range", "pack_int4", "unpack_int4", "int8_matmul", "int4_matmul", "int_mm",
-           "quantized_linear", "quantized_conv2d", "quantized_conv2d_int", "conv_memory_format"]
+           "quantized_linear", "quantized_conv2d", "quantized_conv2d_int", "conv_memory_format",
+           "conv2d_prepack", "conv2d_unpack", "quantized_conv2d_packed"]

@@ -1,0 +1,182 @@
+"""quantized_conv2d_packed (prepacked weights, float or requantized int8 / uint8 output, fused
+residual) against its reference, bit-exact: the reference follows the kernel's float32
+operation order, so every output dtype, the int8 ones included, must match exactly."""
+import pytest
+import torch
+
+import synq_kernels as sk
+from synq_kernels.ops import int_gemm as G
+from synq_kernels.reference import int_gemm as R
+
+HAS_CPU = "cpu" in sk.available_backends("quantized_conv2d", "cpu")
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="synq_kernels._C not built")
+
+# (name, batch, C, H, W, Cout, k, stride, padding, dilation, groups)
+CASES = [
+    ("r20.stem", 2, 1, 28, 28, 16, 3, 1, 1, 1, 1),
+    ("r20.block1", 3, 16, 28, 28, 16, 3, 1, 1, 1, 1),
+    ("r20.down2", 1, 16, 28, 28, 32, 3, 2, 1, 1, 1),
+    ("r20.shortcut2", 2, 16, 28, 28, 32, 1, 2, 0, 1, 1),
+    ("r20.block3", 1, 64, 7, 7, 64, 3, 1, 1, 1, 1),
+    ("odd", 2, 3, 11, 9, 24, 5, 2, 2, 1, 1),
+    ("dilated", 1, 6, 13, 10, 20, 3, (2, 1), (2, 3), (2, 3), 1),
+    ("grouped", 2, 8, 9, 9, 12, 3, 1, 1, 1, 2),
+    ("depthwise", 1, 5, 8, 8, 5, 3, 1, 1, 1, 5),
+]
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def _args(case, x_dtype, out_dtype, residual, cl, seed=0):
+    _, b, c, h, w, cout, k, s, p, d, g = case
+    gen = torch.Generator().manual_seed(seed)
+    if x_dtype == torch.uint8:
+        x = torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8, generator=gen)
+        xz = 117
+    else:
+        x = torch.randint(-128, 128, (b, c, h, w), dtype=torch.int8, generator=gen)
+        xz = -5
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wq = torch.randint(-128, 128, (cout, c // g, k, k), dtype=torch.int8, generator=gen)
+    ws = torch.rand(cout, generator=gen) * 0.01 + 0.001
+    bias = torch.randn(cout, generator=gen)
+    s, p, d = _pair(s), _pair(p), _pair(d)
+    oh = G.conv_out_size(h, k, s[0], p[0], d[0])
+    ow = G.conv_out_size(w, k, s[1], p[1], d[1])
+    kw = {}
+    if out_dtype in (torch.int8, torch.uint8):
+        kw["out_scale"] = 0.37
+        kw["out_zero"] = -3 if out_dtype == torch.int8 else 20
+    if residual == "float":
+        kw["residual"] = torch.randn(b, cout, oh, ow, generator=gen).contiguous(
+            memory_format=torch.channels_last)
+    elif residual in ("int8", "uint8"):
+        lo, hi = (-128, 128) if residual == "int8" else (0, 256)
+        r = torch.randint(lo, hi, (b, cout, oh, ow), generator=gen).to(
+            torch.int8 if residual == "int8" else torch.uint8)
+        kw.update(residual=r.contiguous(memory_format=torch.channels_last),
+                  residual_scale=0.05, residual_zero=4 if residual == "int8" else 130)
+    return x, xz, wq, ws, bias, dict(stride=s, padding=p, dilation=d, groups=g,
+                                     out_dtype=out_dtype, **kw)
+
+
+def _run(case, x_dtype, out_dtype, residual, cl, relu, threads=None):
+    x, xz, wq, ws, bias, kw = _args(case, x_dtype, out_dtype, residual, cl)
+    outs = []
+    for be in ("reference", "cpu"):
+        wp = sk.prepack_conv2d_weight(wq, kw["groups"], backend=be)
+        old = torch.get_num_threads()
+        if threads and be == "cpu":
+            torch.set_num_threads(threads)
+        try:
+            outs.append(sk.quantized_conv2d_packed(x, 0.02, xz, wp, ws, bias, relu=relu,
+                                                   backend=be, **kw))
+        finally:
+            torch.set_num_threads(old)
+    return outs
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_prepack_matches_reference(case):
+    _, b, c, h, w, cout, k, s, p, d, g = case
+    wq = torch.randint(-128, 128, (cout, c // g, k, k), dtype=torch.int8)
+    wp = sk.prepack_conv2d_weight(wq, g)
+    assert torch.equal(wp, R.conv2d_prepack(wq, g))
+    assert torch.equal(R.conv2d_unpack(wp, cout, c // g), wq)
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.int8, torch.uint8])
+def test_exact_vs_reference(case, out_dtype):
+    for i, (x_dtype, residual, cl) in enumerate([(torch.int8, None, True),
+                                                 (torch.uint8, "int8", False),
+                                                 (torch.int8, "float", True),
+                                                 (torch.uint8, "uint8", True)]):
+        ref, got = _run(case, x_dtype, out_dtype, residual, cl, relu=i % 2 == 0)
+        assert got.dtype == out_dtype and got.shape == ref.shape
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, ref), f"variant {i}"
+
+
+@needs_cpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_half_outputs_exact(out_dtype):
+    ref, got = _run(CASES[1], torch.int8, out_dtype, "int8", True, relu=True)
+    assert torch.equal(got, ref)
+
+
+@needs_cpu
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_thread_splits(threads, batch):
+    case = ("t", batch, 32, 14, 14, 48, 3, 1, 1, 1, 1)
+    ref, got = _run(case, torch.int8, torch.int8, "int8", True, relu=True, threads=threads)
+    assert torch.equal(got, ref)
+
+
+@needs_cpu
+def test_requantize_rounds_half_to_even_and_clamps():
+    # 1x1 conv of a single channel with unit weights: y = x_scale * (x - x_zero) exactly.
+    x = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 1, 16, 16)
+    wp = sk.prepack_conv2d_weight(torch.ones(1, 1, 1, 1, dtype=torch.int8))
+    y = sk.quantized_conv2d_packed(x, 0.5, 0, wp, torch.ones(1), out_dtype=torch.int8,
+                                   out_scale=1.0, out_zero=0)
+    want = torch.round(x.float() * 0.5).to(torch.int8)
+    assert torch.equal(y, want.contiguous(memory_format=torch.channels_last))
+    y = sk.quantized_conv2d_packed(x, 4.0, 0, wp, torch.ones(1), out_dtype=torch.uint8,
+                                   out_scale=1.0, out_zero=10)
+    assert int(y.min()) == 0 and int(y.max()) == 255
+
+
+@needs_cpu
+def test_opcheck():
+    x, xz, wq, ws, bias, kw = _args(CASES[5], torch.int8, torch.int8, "int8", True)
+    wp = torch.ops.synq._conv2d_prepack(wq, 1)
+    torch.library.opcheck(torch.ops.synq._conv2d_prepack.default, (wq, 1))
+    args = (x, torch.tensor([0.02]), torch.tensor([xz], dtype=torch.int32), wp, ws, bias,
+            kw["stride"], kw["padding"], kw["dilation"], 1, True, torch.int8,
+            torch.tensor([0.37]), torch.tensor([-3], dtype=torch.int32), kw["residual"],
+            torch.tensor([0.05]), torch.tensor([4], dtype=torch.int32))
+    torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args)
+    args = args[:11] + (torch.float32, None, None, None, None, None)
+    torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args)
+
+
+def test_errors():
+    x = torch.randint(-128, 128, (1, 8, 6, 6), dtype=torch.int8)
+    wp = sk.prepack_conv2d_weight(torch.randint(-128, 128, (4, 8, 3, 3), dtype=torch.int8))
+    with pytest.raises(ValueError, match="does not fit x_q with C = 8, groups = 1 and Cout = 17"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(17))
+    with pytest.raises(ValueError, match="out_scale and out_zero are needed exactly"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="x_zero must be within x_q's range"):
+        sk.quantized_conv2d_packed(x, 0.1, 200, wp, torch.ones(4))
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), padding=1,
+                                   residual=torch.zeros(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="needs residual_scale and residual_zero"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), padding=1,
+                                   residual=torch.zeros(1, 4, 6, 6, dtype=torch.int8))
+    with pytest.raises(TypeError, match="w_packed must have dtype int16"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp.to(torch.int8), torch.ones(4))
+
+
+def test_torch_compile_fullgraph():
+    wq = torch.randint(-128, 128, (16, 4, 3, 3), dtype=torch.int8)
+    wp = sk.prepack_conv2d_weight(wq)
+    ws = torch.rand(16) + 0.1
+
+    def block(x):
+        x_q = torch.clamp(torch.round(x / 0.05), -128, 127).to(torch.int8)
+        y = sk.quantized_conv2d_packed(x_q, 0.05, 0, wp, ws, padding=1, relu=True,
+                                       out_dtype=torch.int8, out_scale=0.1, out_zero=-128)
+        return y.float().sum(1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(compiled(x), block(x))
