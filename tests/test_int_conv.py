@@ -241,5 +241,19 @@ def test_triton_int4_weights(backend):
 
 
 @pytest.mark.parametrize("backend", TRITON)
+def test_triton_low_precision_outputs_round_to_nearest(backend):
+    # float16 / bfloat16 outputs are the kernel's own float32 result rounded to nearest even
+    # (the interpreter's bfloat16 cast alone would truncate); implicit GEMM and depthwise
+    for c, cout, g in ((16, 24, 1), (16, 16, 16)):
+        x_q, w_q = layer_inputs(2, c, 9, 9, cout, 3, g)
+        args = (x_q, 0.021, -5, w_q, torch.rand(cout) * 0.02, torch.randn(cout))
+        y32 = sk.quantized_conv2d(*args, padding=1, groups=g, relu=True, backend=backend)
+        for dt in (torch.bfloat16, torch.float16):
+            y = sk.quantized_conv2d(*args, padding=1, groups=g, relu=True, out_dtype=dt,
+                                    backend=backend)
+            assert torch.equal(y, y32.to(dt)), (g, dt)
+
+
+@pytest.mark.parametrize("backend", TRITON)
 def test_triton_opcheck(backend):
     test_opcheck(backend)
