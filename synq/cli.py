@@ -9,6 +9,9 @@
 
 Exit codes: 0 success, 1 a run-time error (missing file, model that cannot be quantized),
 2 a bad command line, 130 interrupted (continue with --resume).
+
+Several GPUs or machines: start the same command under torchrun
+(`torchrun --nproc_per_node=N -m synq quantize ...`); see synq.distributed.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 
 log = logging.getLogger("synq")
 
@@ -203,6 +206,7 @@ def _setup_run(out_dir: Path | None, args):
         torch.set_num_threads(args.threads)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None and distributed.is_main():  # one writer of log.txt
         handler = logging.FileHandler(out_dir / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.synq_run = True  # removed when the command ends
@@ -299,10 +303,11 @@ def cmd_finetune(args, model=None, spec=None, data=None, test_set=None, out_dir=
     result = finetune.finetune(model.to(args.device), str(data), cfg, eval_data=test_set,
                                checkpoint=out_dir / "checkpoint.pt", resume=args.resume,
                                device=args.device, progress=not args.no_progress)
-    io.save_quantized(result.student, out_dir, spec,
-                      extra={"finetune_config": cfg.to_dict(), "test_top1": result.top1})
+    if distributed.is_main():
+        io.save_quantized(result.student, out_dir, spec,
+                          extra={"finetune_config": cfg.to_dict(), "test_top1": result.top1})
     log.info("fine-tuned in %.0f s; saved %s", time.time() - t0, out_dir)
-    if standalone and result.top1 is not None:
+    if standalone and result.top1 is not None and distributed.is_main():
         print(f"quantized top-1 {result.top1:.2f}% (top-5 {result.top5:.2f}%, n={result.n})")
     return result
 
@@ -342,6 +347,8 @@ def cmd_quantize(args):
         "float": fp, "quantized": rows[1][1], "wall_time_s": round(time.time() - t_start, 1),
         "output": str(out_dir),
     }
+    if not distributed.is_main():
+        return summary
     _write_json(out_dir / "summary.json", summary)
     print(_table(rows, summary["test_set"]))
     print(f"\nsaved to {out_dir} (model.safetensors, model.json, summary.json, log.txt) "
@@ -372,7 +379,8 @@ def cmd_evaluate(args):
         model, _, _ = load_model(args)
         model, name = model.to(args.device), "float"
     r = evaluate(model, test_set, args.device)
-    print(_table([(name, r)], args.test_set or "fashion-mnist"))
+    if distributed.is_main():
+        print(_table([(name, r)], args.test_set or "fashion-mnist"))
     return r
 
 
@@ -471,19 +479,29 @@ def main(argv=None) -> int:
         console.setFormatter(logging.Formatter("synq: %(message)s"))
         log.addHandler(console)
         log.setLevel(logging.INFO)
+    level, where = log.level, ""
     try:
         _validate_options(args)
-        result = args.func(args)
+        # Under torchrun: join the process group, take this rank's GPU; logs from rank 0 only.
+        with distributed.process_group(getattr(args, "device", "cpu")) as device:
+            if distributed.is_distributed():
+                where = f" (rank {distributed.rank()} of {distributed.world_size()})"
+                args.device = str(device)
+                if not distributed.is_main():
+                    log.setLevel(logging.WARNING)
+            result = args.func(args)
     except UsageError as e:
-        parser.error(str(e))  # exits 2
+        parser.error(str(e) + where)  # exits 2
     except KeyboardInterrupt:
         print("\nsynq: interrupted; run the same command with --resume to continue",
               file=sys.stderr)
         return 130
     except (FileNotFoundError, ValueError, TypeError, NotImplementedError, RuntimeError) as e:
-        print(f"synq: error: {e}", file=sys.stderr)
+        # Under torchrun this rank's exit code 1 makes torchrun stop the other ranks.
+        print(f"synq: error{where}: {e}", file=sys.stderr)
         return 1
     finally:
+        log.setLevel(level)
         for h in [h for h in log.handlers if getattr(h, "synq_run", False)]:
             log.removeHandler(h)
             h.close()

@@ -1,9 +1,16 @@
-"""Top-1 / top-5 accuracy on a labelled test set, and an FP-versus-quantized report."""
+"""Top-1 / top-5 accuracy on a labelled test set, and an FP-versus-quantized report.
+
+Under several processes (synq.distributed) each rank evaluates one contiguous share of the
+test set, without padding, and the hit counts are summed over the ranks: every image counts
+exactly once, so the result equals a 1-process evaluation.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+
+from . import distributed
 
 __all__ = ["evaluate", "compare", "format_report", "as_loader"]
 
@@ -22,15 +29,31 @@ def as_loader(data, batch_size: int = 500) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
+def _shard(loader: DataLoader) -> DataLoader:
+    """This rank's contiguous share of `loader`'s dataset, in the same batch size and order.
+    A dataset without len / indexing (IterableDataset) cannot be split: every rank then runs
+    all of it, and evaluate does not sum the counts."""
+    ds = loader.dataset
+    share = distributed.shard_range(len(ds))
+    return DataLoader(Subset(ds, share), batch_size=loader.batch_size or 500, shuffle=False,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device=None) -> dict:
     """{"top1", "top5", "n"}: accuracies in percent over every sample of `loader` (a DataLoader,
     Dataset or (x, y) pair). Top-5 becomes top-k with k = number of classes when there are
-    fewer than 5. The model runs in eval mode; its previous mode is restored."""
+    fewer than 5. The model runs in eval mode; its previous mode is restored. Under several
+    processes every rank must call it (the counts are summed over ranks); each gets the
+    result for the whole set."""
     loader = as_loader(loader)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
+    sharded = distributed.is_distributed() and not isinstance(loader.dataset, IterableDataset)
+    if sharded:
+        loader = _shard(loader)
     was_training = model.training
     model.eval()
     correct1 = correct5 = n = 0
@@ -46,6 +69,9 @@ def evaluate(model: nn.Module, loader, device=None) -> dict:
             n += int(y.numel())
     finally:
         model.train(was_training)
+    if sharded:  # int64 on the model's device (NCCL reduces GPU tensors only); exact sums
+        counts = torch.tensor([correct1, correct5, n], dtype=torch.int64, device=device)
+        correct1, correct5, n = (int(v) for v in distributed.all_reduce_sum(counts).tolist())
     if n == 0:
         raise ValueError("evaluate got an empty test set")
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}

@@ -19,6 +19,16 @@ activation ranges (EMA), then SGD (Nesterov) with a cosine schedule trains. Data
 augmentation come from generators seeded by (seed, epoch), and a checkpoint (student with
 quantizer ranges, optimizer, scheduler, RNG states, epoch, history) is written atomically after
 every epoch, so `resume=True` continues an interrupted run to the same result.
+
+Under torchrun (several processes, see synq.distributed) the student is wrapped in
+DistributedDataParallel and the teacher replicated. Every rank draws the same global batch of
+`batch_size` indices and augmentations from the shared (seed, epoch) generator and takes its
+own contiguous slice, so the union over ranks is the 1-process batch; since every loss term is
+a mean over samples (the easy-sample CE divides by the global count of easy samples), DDP's
+gradient average equals the 1-process gradient up to float rounding. Activation ranges are
+calibrated on the global batch's min / max (reduced over ranks), so all ranks hold the same
+ranges. Rank 0 alone writes the checkpoint, which does not depend on the number of processes:
+a run can be resumed with another one.
 """
 from __future__ import annotations
 
@@ -37,16 +47,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset
 from tqdm import tqdm
 
+from . import distributed as D
 from . import filters
 from .evaluate import evaluate
 from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce,
                      feature_attention_loss, gradcam_map, kd_loss)
 from .quant import act_quantizers, check_bits, quantize_model, set_calibration
-from .synth import (augment_batch, load_synthetic, model_fingerprint, progress_interval,
-                    save_atomic, seeded_generator)
+from .synth import (apply_augmentation, augmentation_params, load_synthetic, model_fingerprint,
+                    progress_interval, save_atomic, seeded_generator)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
            "residual_add_layers"]
@@ -258,11 +270,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _Step:
-    """The losses of one batch; holds the hooks (registered once per run)."""
+def _easy_ce(logits, y, easy):
+    """easy_ce of the global batch: under several processes the local CE sum is divided by
+    the global number of easy samples (times the world size, which DDP's gradient average
+    divides out again), so the result equals the 1-process mean over the easy samples."""
+    if not D.is_distributed():
+        return easy_ce(logits, y, easy)
+    n_easy = int(D.all_reduce_sum(easy.sum()))
+    if n_easy == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[easy], y[easy], reduction="sum") * (D.world_size() / n_easy)
 
-    def __init__(self, cfg: FinetuneConfig, teacher, student, cam_layer, fa_layers, stack):
+
+class _Step:
+    """The losses of one batch; holds the hooks (registered once per run). `forward` is the
+    student as trained (its DDP wrapper under several processes)."""
+
+    def __init__(self, cfg: FinetuneConfig, teacher, student, cam_layer, fa_layers, stack,
+                 forward=None):
         self.cfg, self.teacher, self.student = cfg, teacher, student
+        self.forward = forward or student
         self.cam_layer, self.fa_layers = cam_layer, fa_layers
         self.t_cam = self.s_cam = self.t_fa = self.s_fa = None
         if cfg.use_cam:
@@ -272,7 +299,7 @@ class _Step:
             self.t_fa = stack.enter_context(ActivationCapture(teacher, fa_layers))
             self.s_fa = stack.enter_context(ActivationCapture(student, fa_layers))
 
-    def losses(self, x, y):
+    def losses(self, x, y, student):
         cfg = self.cfg
         parts = {}
         with torch.set_grad_enabled(cfg.use_cam):
@@ -284,11 +311,11 @@ class _Step:
             cam_t = gradcam_map(a_t.detach(), g_t, x.shape[2:], cfg.cam_eps)
         t_logits = t_logits.detach()
 
-        s_logits = self.student(x)
+        s_logits = student(x)
         kd = kd_loss(s_logits, t_logits, cfg.kd_temperature, cfg.kd_alpha)
         if cfg.use_hard_soft_labels:
             easy = difficulty(t_logits, y) < cfg.tau
-            ce = easy_ce(s_logits, y, easy)
+            ce = _easy_ce(s_logits, y, easy)
             parts["easy"] = easy.float().mean().detach()
         else:
             ce = F.cross_entropy(s_logits, y)
@@ -310,15 +337,31 @@ class _Step:
 
     def __call__(self, x, y):
         if not self.cfg.difficulty_promotion:
-            return self.losses(x, y)
+            return self.losses(x, y, self.forward)
         # HAST difficulty promotion: the same losses again on x + eps * sign(grad_x L).
+        # DDP allows one forward per backward: the second pass runs the bare student; its
+        # gradient still reaches DDP's hooks, which fire once per parameter per backward.
         x = x.detach().requires_grad_(True)
-        total, logits, parts = self.losses(x, y)
+        total, logits, parts = self.losses(x, y, self.forward)
         (gx,) = torch.autograd.grad(total, x, retain_graph=True)
         x2 = (x + self.cfg.dp_eps * gx.sign()).detach()
-        total2, _, _ = self.losses(x2, y)
+        total2, _, _ = self.losses(x2, y, self.student)
         parts["promoted"] = total2.detach()
         return total + total2, logits, parts
+
+
+def _evaluate_frozen(student, quantizers, eval_data, device) -> dict:
+    """evaluate without calibrating on the test set: a test during the calibration epochs
+    must neither move the ranges nor (sharded over ranks) reduce a different number of
+    batches on each rank."""
+    flags = [q.calibrating for q in quantizers]
+    for q in quantizers:
+        q.calibrating = False
+    try:
+        return evaluate(student, eval_data, device)
+    finally:
+        for q, f in zip(quantizers, flags):
+            q.calibrating = f
 
 
 def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = None, *,
@@ -341,9 +384,13 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
         on_epoch_end: called with (epoch index, that epoch's history entry) after the checkpoint
             is written.
 
+    Under several processes every rank calls it with the same arguments (`batch_size` is the
+    global batch and must divide by the number of processes); each returns the same result.
+
     Returns a FinetuneResult (student in eval mode, final top1 / top5 / n, per-epoch history).
     """
     cfg = dataclasses.replace(config or FinetuneConfig(), **overrides).validate()
+    local = D.local_slice(cfg.batch_size)  # this rank's share of every global batch
     if cfg.use_lowpass and not filters.has_lowpass():
         raise RuntimeError("use_lowpass=True needs synq_kernels.lowpass, which the installed "
                            "synq_kernels lacks; update it or set use_lowpass=False")
@@ -402,7 +449,7 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
         student.load_state_dict(ckpt["student"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng"])  # rank 0's, written whatever the number of processes
         history, start_epoch = ckpt["history"], ckpt["epoch"]
     else:
         torch.manual_seed(cfg.seed)
@@ -410,25 +457,38 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
         random.seed(cfg.seed)
 
     def batches(epoch):
+        # Every rank draws the whole global batch (indices and augmentation) from the same
+        # generator, then keeps its slice: the union over ranks is the 1-process batch.
         gen = seeded_generator(cfg.seed, 3, epoch)
         for idx in _epoch_indices(n, iters, cfg.batch_size, gen):
+            idx = idx[local]
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             if cfg.augment:
-                x = augment_batch(x, gen, cfg.crop_scale, cfg.flip)
+                theta = augmentation_params(cfg.batch_size, gen, cfg.crop_scale, cfg.flip)
+                x = apply_augmentation(x, theta[local])
             if cfg.use_lowpass:
                 x = filters.lowpass(x, cfg.d0, cfg.lowpass_mask, cfg.backend)
             yield x, y
 
     quantizers = list(act_quantizers(student).values())
+    forward = student
+    if D.is_distributed():
+        for q in quantizers:
+            q.sync_ranks = True
+        # Buffers (frozen BN statistics, activation ranges) are kept identical on all ranks
+        # by construction, so DDP need not broadcast them at every forward.
+        forward = DistributedDataParallel(
+            student, device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False)
     with ExitStack() as stack:
-        step = _Step(cfg, teacher, student, cam_layer, fa_layers, stack)
+        step = _Step(cfg, teacher, student, cam_layer, fa_layers, stack, forward)
         for epoch in range(start_epoch, cfg.epochs):
             calibrating = epoch < cfg.calib_epochs
             for q in quantizers:
                 q.calibrating = calibrating
             t0 = time.time()
             sums, correct, seen = {}, 0, 0
-            bar = tqdm(batches(epoch), total=iters, disable=not progress,
+            bar = tqdm(batches(epoch), total=iters, disable=not progress or not D.is_main(),
                        mininterval=progress_interval(),
                        dynamic_ncols=True,
                        desc=f"{'calibrate' if calibrating else 'fine-tune'} "
@@ -454,6 +514,13 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
                     post["loss"] = f"{sums['loss'] / seen:.4f}"
                 bar.set_postfix(post, refresh=False)
             bar.close()
+            if D.is_distributed():  # the epoch's statistics over the global batches
+                keys = sorted(sums)
+                totals = D.all_reduce_sum(torch.tensor(
+                    [correct, seen] + [sums[k] for k in keys], dtype=torch.float64,
+                    device=device)).tolist()
+                correct, seen = int(totals[0]), int(totals[1])
+                sums = dict(zip(keys, totals[2:]))
             if epoch == cfg.calib_epochs - 1:
                 set_calibration(student, False)  # freeze; learnable ranges start from here
             entry = {"epoch": epoch + 1, "phase": "calibrate" if calibrating else "train",
@@ -462,16 +529,18 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
             entry.update({k: v / max(seen, 1) for k, v in sums.items()})
             if eval_data is not None and eval_every and (epoch + 1) % eval_every == 0 \
                     and epoch + 1 < cfg.epochs:
-                entry["test"] = evaluate(student, eval_data, device)
+                entry["test"] = _evaluate_frozen(student, quantizers, eval_data, device)
             history.append(entry)
-            if ckpt_path is not None:
+            if ckpt_path is not None and D.is_main():
                 save_atomic({"meta": meta, "epoch": epoch + 1, "student": student.state_dict(),
                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "rng": _rng_state(), "history": history}, ckpt_path)
+            D.barrier()  # the checkpoint is complete before any rank goes on
             if on_epoch_end is not None:
                 on_epoch_end(epoch, entry)
     for q in quantizers:
         q.calibrating = False
+        q.sync_ranks = False  # the returned model runs on its own, e.g. on rank 0 alone
     student.eval()
     top1 = top5 = n_eval = None
     if eval_data is not None:

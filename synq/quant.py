@@ -26,6 +26,8 @@ from torch import nn
 
 import synq_kernels
 
+from . import distributed
+
 __all__ = ["WeightQuantizer", "ActQuantizer", "QuantAct", "QuantConv2d", "QuantLinear",
            "quantize_model", "quant_layers", "act_quantizers", "set_calibration",
            "calibrate", "check_bits", "LEARNABLE_MODES"]
@@ -119,7 +121,10 @@ class ActQuantizer(nn.Module):
 
     While `calibrating`, each forward folds the batch min / max into the running range
     (first batch: taken as is; later: running = momentum * running + (1 - momentum) * batch)
-    and quantizes with the updated range. `freeze()` ends calibration; with a learnable mode the
+    and quantizes with the updated range. With `sync_ranks` set (fine-tuning on several
+    processes does it) the batch min / max are first reduced over all ranks, so every rank
+    folds in the global batch's range and all keep identical ranges; every rank must then run
+    the same forwards. `freeze()` ends calibration; with a learnable mode the
     frozen range initializes the scale (and, for "lsq+", zero point) parameters.
     The range lives in buffers, so it is part of the state dict (checkpoints keep it).
     """
@@ -135,6 +140,7 @@ class ActQuantizer(nn.Module):
         self.backend = backend
         self.qmin, self.qmax = synq_kernels.quant_range(bits, False)
         self.calibrating = False
+        self.sync_ranks = False
         self.enabled = True
         self.name = ""  # set by quantize_model, for error messages
         self.register_buffer("running_min", torch.zeros(()))
@@ -150,6 +156,8 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().min().float(), x.detach().max().float()
+        if self.sync_ranks:
+            lo, hi = distributed.all_reduce_min_max(lo, hi)
         if not bool(self.initialized):
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)

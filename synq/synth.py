@@ -31,10 +31,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from . import distributed as D
 from .losses import BNStats, batch_stats, bns_loss, focal_ce, lbns_loss
 
-__all__ = ["SynthConfig", "synthesize", "load_synthetic", "augment_batch", "seeded_generator",
-           "model_fingerprint", "save_atomic"]
+__all__ = ["SynthConfig", "synthesize", "load_synthetic", "augment_batch", "augmentation_params",
+           "apply_augmentation", "seeded_generator", "model_fingerprint", "save_atomic"]
 
 FORMAT_VERSION = 1
 
@@ -102,7 +103,13 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, crop_scale=(0.5, 1.0),
                   flip: bool = True) -> torch.Tensor:
     """Random-resized-crop (area fraction in `crop_scale`, aspect ratio 3/4 to 4/3) and
     horizontal flip, drawn per sample from `gen`, as one differentiable grid_sample."""
-    b = x.shape[0]
+    return apply_augmentation(x, augmentation_params(x.shape[0], gen, crop_scale, flip))
+
+
+def augmentation_params(b: int, gen: torch.Generator, crop_scale=(0.5, 1.0),
+                        flip: bool = True) -> torch.Tensor:
+    """The b x 2 x 3 affine maps of `augment_batch`, drawn from `gen`. Drawing them for a whole
+    global batch and slicing lets each rank augment only its share, identically."""
     area = torch.empty(b).uniform_(crop_scale[0], crop_scale[1], generator=gen)
     log_r = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
     ratio = torch.exp(log_r)
@@ -118,6 +125,11 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, crop_scale=(0.5, 1.0),
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
+    return theta
+
+
+def apply_augmentation(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample each image of `x` through its affine map in `theta` (augmentation_params)."""
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -212,6 +224,11 @@ def _class_centres(model, stats, cfg, image_shape, num_classes, device, bar):
     return x.detach().cpu(), [m.cpu() for m in means], [v.cpu() for v in vars_]
 
 
+def _load(path) -> dict:
+    """A synthesis file; memory-mapped on ranks other than 0, which only read it."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=not D.is_main())
+
+
 def _config_dict(cfg: SynthConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["crop_scale"] = list(d["crop_scale"])
@@ -231,9 +248,11 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
         image_shape: (C, H, W) of one image.
         num_classes: number of classes; None reads it from the model's output.
         config: a SynthConfig; keyword `overrides` replace its fields.
-        on_batch_end: called with each finished batch's index after the file is written.
+        on_batch_end: called with each finished batch's index after the file is written
+            (on every rank, under several processes).
 
-    Returns the saved dict {"images": float32 N x C x H x W, "labels": int64 N, "meta": {...}}.
+    Returns the saved dict {"images": float32 N x C x H x W, "labels": int64 N, "meta": {...}}
+    (on every rank; memory-mapped from the file on ranks other than 0).
     """
     cfg = dataclasses.replace(config or SynthConfig(), **overrides).validate()
     image_shape = tuple(int(s) for s in image_shape)
@@ -259,7 +278,7 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
                 "batch_losses": [], "seconds": 0.0, "torch": torch.__version__}
         images, labels, centres = [], [], None
         if out_path.exists():
-            saved = torch.load(out_path, map_location="cpu", weights_only=False)
+            saved = _load(out_path)
             old = saved.get("meta", {})
             for key in ("format", "config", "image_shape", "num_classes", "model"):
                 if old.get(key) != meta[key]:
@@ -274,18 +293,25 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
             centres = saved.get("centres")
 
         start = meta["batches_done"]
-        total_steps = (n_batches - start) * cfg.steps
-        if cfg.lbns and centres is None:
+        # Several processes: batch b is made by rank (b - start) % world. A round of `world`
+        # consecutive batches is gathered on rank 0, which appends it to the file in batch
+        # order; since each batch depends only on (seed, b), the file equals a 1-process one.
+        world, me = D.world_size(), D.rank()
+        total_steps = len(range(start + me, n_batches, world)) * cfg.steps
+        if cfg.lbns and centres is None and D.is_main():
             total_steps += cfg.centre_steps
-        bar = tqdm(total=total_steps, desc=f"synthesis {out_path.name}", disable=not progress,
+        bar = tqdm(total=total_steps, desc=f"synthesis {out_path.name}",
+                   disable=not progress or not D.is_main(),
                    mininterval=progress_interval(), dynamic_ncols=True)
         try:
             t0 = time.time()
             late = list(range(len(stats.layers) // 2, len(stats.layers)))
             if cfg.lbns and centres is None:
-                c_img, c_mean, c_var = _class_centres(model, stats, cfg, image_shape,
-                                                      num_classes, device, bar)
-                centres = {"images": c_img, "means": c_mean, "vars": c_var}
+                if D.is_main():  # once, then shared: every rank must match the same centres
+                    c_img, c_mean, c_var = _class_centres(model, stats, cfg, image_shape,
+                                                          num_classes, device, bar)
+                    centres = {"images": c_img, "means": c_mean, "vars": c_var}
+                centres = D.broadcast_object(centres)
             if cfg.lbns:
                 c_mean = [m.to(device) for m in centres["means"]]
                 c_var = [v.to(device) for v in centres["vars"]]
@@ -299,30 +325,45 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
                 loss = cfg.lbns_bns_weight * bns + cfg.lbns_ce_weight * ce + cfg.lbns_weight * lb
                 return loss, {"bns": bns.detach(), "ce": ce.detach(), "lbns": lb.detach()}
 
-            for b in range(start, n_batches):
-                n = min(cfg.batch_size, cfg.num_images - b * cfg.batch_size)
-                gen = seeded_generator(cfg.seed, 1, b)
-                x = torch.randn(n, *image_shape, generator=gen).to(device).requires_grad_(True)
-                y = torch.randint(num_classes, (n,), generator=gen).to(device)
-                parts = _optimize(model, stats, x, y, cfg.steps, cfg, gen, loss_fn, bar,
-                                  f"batch {b + 1}/{n_batches}")
-                images.append(x.detach().cpu())
-                labels.append(y.cpu())
-                meta["batches_done"] = b + 1
-                meta["complete"] = b + 1 == n_batches
-                meta["batch_losses"].append(parts)
-                meta["seconds"] += time.time() - t0
-                t0 = time.time()
-                saved = {"images": torch.cat(images), "labels": torch.cat(labels),
-                         "meta": dict(meta)}
-                if centres is not None:
-                    saved["centres"] = centres
-                save_atomic(saved, out_path)
-                images, labels = [saved["images"]], [saved["labels"]]
+            for first in range(start, n_batches, world):
+                b = first + me
+                mine = None
+                if b < n_batches:
+                    n = min(cfg.batch_size, cfg.num_images - b * cfg.batch_size)
+                    gen = seeded_generator(cfg.seed, 1, b)
+                    x = torch.randn(n, *image_shape, generator=gen).to(device)
+                    x.requires_grad_(True)
+                    y = torch.randint(num_classes, (n,), generator=gen).to(device)
+                    parts = _optimize(model, stats, x, y, cfg.steps, cfg, gen, loss_fn, bar,
+                                      f"batch {b + 1}/{n_batches}")
+                    mine = (x.detach().cpu(), y.cpu(), parts)
+                done = min(first + world, n_batches)
+                if D.is_main():
+                    for got in D.gather_objects(mine):
+                        if got is not None:
+                            images.append(got[0])
+                            labels.append(got[1])
+                            meta["batch_losses"].append(got[2])
+                    meta["batches_done"] = done
+                    meta["complete"] = done == n_batches
+                    meta["seconds"] += time.time() - t0
+                    t0 = time.time()
+                    saved = {"images": torch.cat(images), "labels": torch.cat(labels),
+                             "meta": dict(meta)}
+                    if centres is not None:
+                        saved["centres"] = centres
+                    save_atomic(saved, out_path)
+                    images, labels = [saved["images"]], [saved["labels"]]
+                else:
+                    D.gather_objects(mine)
+                D.barrier()  # the file holds this round before any rank reports it done
                 if on_batch_end is not None:
-                    on_batch_end(b)
+                    for i in range(first, done):
+                        on_batch_end(i)
         finally:
             bar.close()
+    if not D.is_main():  # the others read rank 0's file (memory-mapped: no copy per rank)
+        saved = _load(out_path)
     return saved
 
 
