@@ -219,7 +219,7 @@ def test_triton_int4_weights(backend):
     cases = [(2, 16, 16, 16, 32, 3, 2, 1, 1, 1, True), (1, 64, 7, 7, 24, 3, 1, 1, 1, 1, False),
              (1, 8, 11, 7, 6, 5, 3, 2, 2, 2, True), (2, 32, 14, 14, 32, 3, 2, 1, 1, 32, False),
              (1, 8, 9, 9, 16, 3, 1, 1, 1, 8, True), (1, 3, 12, 12, 5, 7, 2, 3, 1, 1, False)]
-    for b, c, h, w, cout, k, s, p, d, g, cl in cases:
+    for i, (b, c, h, w, cout, k, s, p, d, g, cl) in enumerate(cases):
         x_q = rand_i8(b, c, h, w)
         if cl:
             x_q = x_q.contiguous(memory_format=torch.channels_last)
@@ -232,6 +232,8 @@ def test_triton_int4_weights(backend):
                      w_packed=True, kernel_size=(k, k), **geom)
         want = R.quantized_conv2d_int(x_q, 9, w4, **geom)
         assert torch.equal(y.to(torch.int32), want), (b, c, h, w, cout, k, s, p, d, g)
+        if i % 2:  # the float epilogue on half the cases (GEMM and depthwise both)
+            continue
         ws, bias = torch.rand(cout) * 0.01 + 0.001, torch.randn(cout)
         y = T.conv2d(x_q, torch.tensor(0.05), xz, packed, ws, sk.weight_row_sums(w4), bias,
                      relu=True, out_dtype=torch.float16, w_packed=True, kernel_size=(k, k),
