@@ -259,3 +259,38 @@ def test_triton_low_precision_outputs_round_to_nearest(backend):
 @pytest.mark.parametrize("backend", TRITON)
 def test_triton_opcheck(backend):
     test_opcheck(backend)
+
+# Triton on CUDA tensors (a GPU machine; skipped here): the interpreter runs the same kernels
+# above, but only a GPU runs the compiled code. Named *cuda* so that benchmarks/gpu_check.sh's
+# `-k cuda` selects them; few shapes, since every new constexpr combination is a JIT compile.
+TRITON_GPU = [pytest.param("triton", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or "triton" not in sk.available_backends("int_mm", "cuda"),
+    reason="needs a CUDA GPU and triton"))]
+
+
+def triton_conv_cases(device, backend="triton"):
+    """Implicit GEMM (small and wide channel tiles, grouped + dilated) and depthwise, NCHW and
+    channels-last: accumulators exactly (unit scales), then the epilogue against float64."""
+    for b, c, h, w, cout, k, s, p, d, g, cl, out_dtype in [
+            (2, 16, 32, 32, 32, 3, 2, 1, 1, 1, True, torch.float16),      # resnet20.down2
+            (1, 512, 7, 7, 512, 3, 1, 1, 1, 1, False, torch.float32),     # resnet18.layer4
+            (1, 96, 28, 28, 96, 3, 2, 1, 1, 96, True, torch.bfloat16),    # mobilenetv2 dw s2
+            (1, 8, 11, 7, 6, 5, 3, 2, 2, 2, False, torch.float32)]:
+        x_q, w_q = layer_inputs(b, c, h, w, cout, k, g)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        xd = x_q.to(device).contiguous(memory_format=fmt)
+        geom = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=g)
+        y = sk.quantized_conv2d(xd, 1.0, 7, w_q.to(device), 1.0, backend=backend, **geom)
+        want = R.quantized_conv2d_int(x_q, 7, w_q, **geom)
+        assert y.device.type == device and y.is_contiguous(memory_format=fmt)
+        assert torch.equal(y.cpu().to(torch.int32), want), (c, cout, k, s, g)
+        ws, bias = torch.rand(cout) * 0.01 + 0.001, torch.randn(cout)
+        y = sk.quantized_conv2d(xd, 0.05, -9, w_q.to(device), ws.to(device), bias.to(device),
+                                relu=True, out_dtype=out_dtype, backend=backend, **geom)
+        want, mag = float64_conv(x_q, 0.05, -9, w_q, ws, bias, True, **geom)
+        assert_epilogue_close(y.cpu(), want, mag, out_dtype)
+
+
+@pytest.mark.parametrize("backend", TRITON_GPU)
+def test_triton_cuda_conv2d(backend):
+    triton_conv_cases("cuda", backend)

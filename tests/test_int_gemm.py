@@ -506,3 +506,39 @@ def test_triton_linear_and_conv_compile_for_sm90():
     if res.returncode != 0 and "ImportError" in res.stderr and "triton" in res.stderr:
         pytest.skip("this triton version lacks the ahead-of-time compile API used here")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+# Triton on CUDA tensors (a GPU machine; skipped here): the interpreter runs the same kernels
+# above, but only a GPU runs the compiled code. Named *cuda* so that benchmarks/gpu_check.sh's
+# `-k cuda` selects them; few shapes, since every new constexpr combination is a JIT compile.
+TRITON_GPU = [pytest.param("triton", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or "triton" not in sk.available_backends("int_mm", "cuda"),
+    reason="needs a CUDA GPU and triton"))]
+
+
+def triton_linear_cases(device, backend="triton"):
+    """Unit scales (the float32 output is the accumulator, compared exactly), then the
+    epilogue against float64, on shapes hitting each GPU row-block size (16, 64, 128)."""
+    for m, k, n, w_int4, out_dtype, bias_on, relu in [
+            (1, 257, 31, False, torch.float32, True, False),
+            (17, 31, 257, True, torch.bfloat16, True, True),
+            (300, 1000, 130, False, torch.float16, False, True)]:
+        x_q = rand_i8(m, k)
+        w8 = rand_i4(n, k) if w_int4 else rand_i8(n, k)
+        w_q = sk.pack_int4(w8) if w_int4 else w8
+        xz = torch.randint(-128, 128, (m,))
+        y = sk.quantized_linear(x_q.to(device), 1.0, xz.to(device), w_q.to(device), 1.0,
+                                backend=backend)
+        want, _ = float64_linear(x_q, 1.0, xz, w8, 1.0, None, False)
+        assert y.device.type == device and torch.equal(y.cpu().double(), want), (m, k, n)
+        xs, ws = torch.rand(m) * 0.1 + 0.01, torch.rand(n) * 0.02 + 0.001
+        bias = torch.randn(n) * 10 if bias_on else None
+        y = sk.quantized_linear(x_q.to(device), xs.to(device), xz.to(device), w_q.to(device),
+                                ws.to(device), bias.to(device) if bias_on else None, relu=relu,
+                                out_dtype=out_dtype, backend=backend)
+        want, mag = float64_linear(x_q, xs, xz, w8, ws, bias, relu)
+        assert_epilogue_close(y.cpu(), want, mag, out_dtype)
+
+
+@pytest.mark.parametrize("backend", TRITON_GPU)
+def test_triton_cuda_quantized_linear(backend):
+    triton_linear_cases("cuda", backend)
