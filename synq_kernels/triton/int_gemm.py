@@ -298,12 +298,13 @@ def _block(n: int, lo: int, hi: int) -> int:
 
 
 def _check_epilogue_args(who, x_scale, x_zero, w_scale, w_rowsum, bias, m, n):
-    for name, t, dt, numel in (("x_scale", x_scale, torch.float32, m),
-                               ("x_zero", x_zero, torch.int32, m),
-                               ("w_scale", w_scale, torch.float32, n),
-                               ("w_rowsum", w_rowsum, torch.int32, n)) + (
-                                   (("bias", bias, torch.float32, n),) if bias is not None
-                                   else ()):
+    """The op hands over contiguous float32 scales and int32 zero points / row sums, x's per
+    row (m of them; 1 for conv) and w's per output channel (n)."""
+    args = [("x_scale", x_scale, torch.float32, m), ("x_zero", x_zero, torch.int32, m),
+            ("w_scale", w_scale, torch.float32, n), ("w_rowsum", w_rowsum, torch.int32, n)]
+    if bias is not None:
+        args.append(("bias", bias, torch.float32, n))
+    for name, t, dt, numel in args:
         if t.dtype != dt or not t.is_contiguous() or t.numel() != numel:
             raise ValueError(f"synq {who} (triton backend): {name} must be a contiguous {dt} "
                              f"tensor of {numel} elements, got {t.dtype} {tuple(t.shape)}")
