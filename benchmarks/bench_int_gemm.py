@@ -3,10 +3,15 @@
 GEMM: a (M, K) @ w (N, K).T with K = N = 4096: fp32 torch.matmul and torch._int_mm on the
 CPU (fp16 / bf16 torch.matmul and torch._int_mm on a GPU) against synq int8_matmul, W4A8
 int4_matmul and int8 quantized_linear (fused dequantizing epilogue, float32 out). Conv:
-ResNet-18 layers against F.conv2d (fp32 on the CPU, fp16 on a GPU) and quantized_conv2d.
+ResNet-18 layers against F.conv2d (fp32 on the CPU, fp16 channels-last cuDNN on a GPU) and
+quantized_conv2d (channels-last input on a GPU);
+on the CPU also the ResNet-20 (1x28x28 Fashion-MNIST) layers at batch 1, 32 and 256, the
+prepacked int8-in / int8-out conv (quantized_conv2d_packed's kernel op, channels-last) and the
+whole ResNet-20: fp32 model vs its integer version (benchmarks/int_resnet20.py).
 Rate: GOP/s = 2 M N K / time.
 
     python -m benchmarks.bench_int_gemm [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+        [--only gemm,conv,resnet20]
 """
 from __future__ import annotations
 
@@ -27,6 +32,19 @@ RESNET18_CONVS = [
     ("layer3.conv", 256, 14, 14, 256, 3, 1, 1),
     ("layer4.conv", 512, 7, 7, 512, 3, 1, 1),
 ]
+
+# ResNet-20 on 1 x 28 x 28 inputs (synq.models.resnet20(in_channels=1)): every distinct conv
+RESNET20_CONVS = [
+    ("r20.conv1", 1, 28, 28, 16, 3, 1, 1),
+    ("r20.layer1.conv", 16, 28, 28, 16, 3, 1, 1),
+    ("r20.layer2.0.conv1", 16, 28, 28, 32, 3, 2, 1),
+    ("r20.layer2.0.shortcut", 16, 28, 28, 32, 1, 2, 0),
+    ("r20.layer2.conv", 32, 14, 14, 32, 3, 1, 1),
+    ("r20.layer3.0.conv1", 32, 14, 14, 64, 3, 2, 1),
+    ("r20.layer3.0.shortcut", 32, 14, 14, 64, 1, 2, 0),
+    ("r20.layer3.conv", 64, 7, 7, 64, 3, 1, 1),
+]
+RESNET20_BATCHES = [1, 32, 256]
 
 
 def _backends(op, device):
@@ -81,6 +99,8 @@ def _conv_rows(layer, batch, device, quick):
     rows = []
     x = torch.randint(-128, 128, (batch, c, h, w_), dtype=torch.int8, device=device)
     wq = torch.randint(-128, 128, (cout, c, k, k), dtype=torch.int8, device=device)
+    if device == "cuda":  # channels-last: cuDNN's fast fp16 layout, and synq's on the GPU
+        x = x.contiguous(memory_format=torch.channels_last)
     oh = (h + 2 * p - k) // s + 1
     ow = (w_ + 2 * p - k) // s + 1
     ops = 2 * batch * cout * oh * ow * c * k * k
@@ -88,6 +108,8 @@ def _conv_rows(layer, batch, device, quick):
     mrt = 0.2 if quick else 0.5
     dt = torch.float32 if device == "cpu" else torch.float16
     xf, wf = x.to(dt), wq.to(dt)
+    if device == "cuda":
+        wf = wf.contiguous(memory_format=torch.channels_last)
     base_t = time_fn(lambda: F.conv2d(xf, wf, None, s, p), device, mrt)
     rows.append(_row("conv", shape, f"F.conv2d {str(dt)[6:]}", base_t, ops, base_t))
     ws, rs = torch.rand(cout, device=device) + 0.1, sk.weight_row_sums(wq)
@@ -96,10 +118,49 @@ def _conv_rows(layer, batch, device, quick):
             t = time_fn(lambda: sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
                                                     w_rowsum=rs, backend=b), device, mrt)
         rows.append(_row("conv", shape, f"synq quantized_conv2d int8 [{b}]", t, ops, base_t))
+    if device == "cpu" and "cpu" in _backends("quantized_conv2d", device):
+        rows += _packed_conv_rows(x, wq, ws, s, p, shape, ops, base_t, mrt)
     return rows
 
 
-def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None) -> list[dict]:
+def _packed_conv_rows(x, wq, ws, s, p, shape, ops, base_t, mrt):
+    """The exporter's CPU path: channels-last int8 in, prepacked weight, bias + ReLU +
+    requantization to int8 in the epilogue, the kernel op called directly."""
+    xc = x.contiguous(memory_format=torch.channels_last)
+    wp = sk.prepack_conv2d_weight(wq)
+    op = torch.ops.synq._quantized_conv2d_packed.default
+    xs, xz = torch.tensor([0.02]), torch.tensor([3], dtype=torch.int32)
+    os_, oz = torch.tensor([0.5]), torch.tensor([-128], dtype=torch.int32)
+    bias = torch.randn(wq.shape[0])
+    t = time_fn(lambda: op(xc, xs, xz, wp, ws, bias, [s, s], [p, p], [1, 1], 1, True,
+                           torch.int8, os_, oz, None, None, None), "cpu", mrt)
+    return [_row("conv", shape, "synq quantized_conv2d_packed int8->int8 [cpu]", t, ops,
+                 base_t)]
+
+
+def _resnet20_rows(batches, quick):
+    from .int_resnet20 import build
+    model, folded, intm = build()
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 1, 28, 28)
+        shape = f"resnet20 b{batch} 1x28x28"
+        mrt = 0.3 if quick else 1.0
+        with torch.inference_mode():
+            base = time_fn(lambda: model(x), "cpu", mrt)
+            tf = time_fn(lambda: folded(x), "cpu", mrt)
+            ti = time_fn(lambda: intm(x), "cpu", mrt)
+        for impl, t in (("fp32 model (eval, F.conv2d + BN)", base),
+                        ("fp32 BN-folded (F.conv2d)", tf),
+                        ("synq int8 (packed conv, int8 activations)", ti)):
+            rows.append({"kind": "model", "shape": shape, "impl": impl, "ms": t * 1e3,
+                         "GOP/s": "", "speedup_vs_float": base / t})
+        print(markdown_table(rows[-3:]), flush=True)
+    return rows
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None,
+        only: tuple[str, ...] = ("gemm", "conv", "resnet20")) -> list[dict]:
     if device == "cpu":
         ms = [1, 16, 256]
         batches = [1]
@@ -109,16 +170,24 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None) ->
     if quick:
         ms = ms[:2] if device == "cpu" else ms
     rows = []
-    for m in ms:
+    for m in ms if "gemm" in only else []:
         rows += _gemm_rows(m, 4096, 4096, device, quick)
         print(markdown_table(rows[-6:]), flush=True)
     layers = RESNET18_CONVS[1:4] if quick else RESNET18_CONVS
-    for batch in batches:
+    for batch in batches if "conv" in only else []:
         for layer in layers:
             rows += _conv_rows(layer, batch, device, quick)
-            print(markdown_table(rows[-2:]), flush=True)
+            print(markdown_table(rows[-3:]), flush=True)
+    if device == "cpu" and "conv" in only:
+        for batch in RESNET20_BATCHES[:2] if quick else RESNET20_BATCHES:
+            for layer in RESNET20_CONVS:
+                rows += _conv_rows(layer, batch, device, quick)
+                print(markdown_table(rows[-3:]), flush=True)
+    if device == "cpu" and "resnet20" in only:
+        rows += _resnet20_rows(RESNET20_BATCHES, quick)
     if out_dir:
-        write_results("int_gemm", rows, device, out_dir,
+        suffix = f"_{torch.get_num_threads()}t" if device == "cpu" else ""
+        write_results("int_gemm", rows, device, out_dir, suffix=suffix,
                       notes="speedup_vs_float = time of the first float baseline of the same "
                             "shape (fp32 torch.matmul / F.conv2d on the CPU, fp16 on a GPU) / "
                             "time of the row, same run. GOP/s counts 2 M N K. int8 operands "
@@ -135,11 +204,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); 1 gives steadier numbers on a "
                         "machine whose cores are shared with other jobs")
+    p.add_argument("--only", default="gemm,conv,resnet20",
+                   help="comma-separated parts to run: gemm, conv, resnet20 (CPU only)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"int_gemm on {device_name(a.device)}")
-    run(a.quick, a.device, a.out)
+    run(a.quick, a.device, a.out, tuple(a.only.split(",")))
 
 
 if __name__ == "__main__":

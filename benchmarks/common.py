@@ -59,10 +59,12 @@ def environment(device: str) -> dict:
 
 
 def write_results(name: str, rows: list[dict], device: str, out_dir: str,
-                  notes: str = "") -> tuple[str, str]:
-    """Write rows as CSV and as a markdown table; returns the two paths."""
+                  notes: str = "", suffix: str = "") -> tuple[str, str]:
+    """Write rows as CSV and as a markdown table; returns the two paths (named
+    NAME_DEVICE_DATE + suffix, e.g. "_2t" for a thread count)."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{name}_{device_tag(device)}_{_dt.date.today().isoformat()}")
+    stem = os.path.join(out_dir, f"{name}_{device_tag(device)}_{_dt.date.today().isoformat()}"
+                        + suffix)
     keys = list(rows[0]) if rows else []
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -183,6 +183,24 @@ struct ConvArgs {
   int32_t oz, qmin, qmax;
 };
 
+#if SYNQ_INT_CONV_X86
+__attribute__((target("avx2"))) void widen_row_cl_avx2(const uint8_t* xr, int64_t sxw,
+                                                       int64_t W, int64_t C, bool u8,
+                                                       int16_t xz, int16_t* d) {
+  const __m256i z = _mm256_set1_epi16(xz);
+  for (int64_t ix = 0; ix < W; ++ix) {
+    const uint8_t* s = xr + ix * sxw;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + c));
+      const __m256i w = u8 ? _mm256_cvtepu8_epi16(v) : _mm256_cvtepi8_epi16(v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + ix * C + c), _mm256_sub_epi16(w, z));
+    }
+  }
+}
+#else
+void widen_row_cl_avx2(const uint8_t*, int64_t, int64_t, int64_t, bool, int16_t, int16_t*) {}
+#endif
+
 // One image into buf: (Hp, Wp, Cp) int16 of x - xz, zero in the padding and past C.
 void widen_image(const ConvArgs& a, int64_t bi, int16_t* buf) {
   const int64_t Cp = a.Cp, Wp = a.Wp, rowlen = Wp * Cp;
@@ -196,7 +214,9 @@ void widen_image(const ConvArgs& a, int64_t bi, int16_t* buf) {
     std::memset(row + (a.pw + a.W) * Cp, 0, sizeof(int16_t) * (Wp - a.pw - a.W) * Cp);
     const uint8_t* xr = xb + iy * a.sxh;
     int16_t* d0 = row + a.pw * Cp;
-    if (a.sxc == 1 && Cp == a.C) {
+    if (a.sxc == 1 && Cp == a.C && a.C % 16 == 0 && conv_use_avx2()) {
+      widen_row_cl_avx2(xr, a.sxw, a.W, a.C, a.x_u8, xz, d0);
+    } else if (a.sxc == 1 && Cp == a.C) {
       // channels-last with an even C: one contiguous run per pixel
       for (int64_t ix = 0; ix < a.W; ++ix) {
         const uint8_t* s = xr + ix * a.sxw;
@@ -349,11 +369,19 @@ void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64
     const int nv = static_cast<int>(std::min<int64_t>(kCB, a.Og - nb * kCB));
     const float* sc = a.scale + (g * a.NB + nb) * kCB;
     const float* bs = a.bias + (g * a.NB + nb) * kCB;
+    // (oy, ox) of the next pixel, stepped rather than divided (an idiv per pixel costs as
+    // much as the whole K loop of a 1-channel stem)
+    int64_t oy = px0 / a.OW, ox = px0 % a.OW;
+    const int64_t row_step = a.sh * a.Wp * a.Cp, col_step = a.sw * a.Cp;
+    const int16_t* row_base = ig + oy * row_step;
     for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
       const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
       for (int r = 0; r < mr; ++r) {
-        const int64_t p = p0 + r, oy = p / a.OW, ox = p % a.OW;
-        px[r] = ig + (oy * a.sh * a.Wp + ox * a.sw) * a.Cp;
+        px[r] = row_base + ox * col_step;
+        if (++ox == a.OW) {
+          ox = 0;
+          row_base += row_step;
+        }
       }
       run_micro(px, mr, off, a.np, wb, acc);
 #if SYNQ_INT_CONV_X86
@@ -489,6 +517,14 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
   TORCH_CHECK(a.x_u8 ? (a.xz >= 0 && a.xz <= 255) : (a.xz >= -128 && a.xz <= 127), kWho,
               "x_zero = ", a.xz, " is outside the range of x's dtype ", x.scalar_type());
   // Channel pairs: an odd Cg gets a zero channel (groups > 1 with odd Cg: see below).
+  if (a.kh == 1 && a.kw == 1 && a.ph == 0 && a.pw == 0 && (a.sh > 1 || a.sw > 1)) {
+    // A strided 1x1 conv (projection shortcut) reads only every sh-th row and sw-th column:
+    // view the input as that subsampled image and convolve with stride 1, so the widening
+    // pass touches only the pixels used.
+    a.H = a.OH; a.W = a.OW;
+    a.sxh *= a.sh; a.sxw *= a.sw;
+    a.sh = a.sw = 1;
+  }
   a.Cp = groups == 1 ? a.Cg + (a.Cg & 1) : a.C;
   a.Hp = a.H + 2 * a.ph;
   a.Wp = a.W + 2 * a.pw;
