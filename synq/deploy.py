@@ -1,0 +1,617 @@
+"""Integer export: a fake-quantized model (from `synq.quant.quantize_model`) turned into one that
+runs its convolutions and linear layers on integer tensors through
+`synq_kernels.quantized_conv2d` / `quantized_linear`.
+
+What `export` does to each part of the model:
+
+- QuantConv2d / QuantLinear -> IntConv2d / IntLinear: the fake-quantized weight
+  `(q - z) * s` is stored as its integers `q - z` and the per-channel scales `s`; a BatchNorm2d
+  that directly follows a conv is folded into the scales and a float bias (a negative BN
+  weight flips the sign of that channel's integers, so scales stay positive).
+- Weight storage by bit-width: 5-8 bits as int8; 2-4 bits as packed int4 for linear layers
+  (`synq_kernels.pack_int4`). The paper's asymmetric weight grid has integers
+  `q - z` in [qmin - z, qmax - z], which need not fit the signed 4-bit range, so a row that
+  does not fit is stored as `q - 8` (always in [-8, 7]) and its offset `8 - z` is added back
+  from the row sums of the input: `sum_k (x_k - x_zero) (w_k + o) = acc + o * sum_k (x_k -
+  x_zero)`. Convolution weights are int8 at every bit-width because `quantized_conv2d` takes
+  no packed int4 weights.
+- Inputs of a layer: where the input is the output of an activation quantizer (the usual
+  case: every ReLU / ReLU6 of a quantized model), the layer quantizes it to int8 with that
+  quantizer's scale and zero point (the values already lie on its grid, so this is exact).
+  Other inputs (the image at the first conv, the average-pooled features at the classifier,
+  a MobileNetV2 linear bottleneck) are float in the fake-quantized model; they are quantized
+  to 8 bits at run time from their own range: per tensor for a convolution (so the result
+  of such a layer depends slightly on the other images of the batch; pass `input_range` to
+  `export` to fix the first layer's range), per row for a linear layer.
+- QuantAct -> IntAct: ReLU (skipped when the conv before it already applied it in its
+  epilogue) and the frozen fake quantization, so residual additions see exactly the values
+  of the fake-quantized model.
+
+Logits of the exported model agree with the fake-quantized model's up to float rounding
+(the BN fold, the int32 accumulation order) and the 8-bit quantization of the inputs named
+above; see tests/test_deploy.py for the measured bound.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import synq_kernels as sk
+from . import quant
+from .models.common import Add
+
+__all__ = ["export", "IntModel", "IntConv2d", "IntLinear", "IntAct", "save_int", "load_int",
+           "FORMAT"]
+
+FORMAT = "synq-int-v1"
+
+# Parameter-free modules that run in float in the exported model as they did before.
+_PASSTHROUGH = (Add, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+                nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _round_zero(zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The integer zero point fake_quant uses: round half to even, clamped to the grid."""
+    return torch.clamp(torch.round(zero_point.detach().float()), qmin, qmax)
+
+
+def _act_params(q: quant.ActQuantizer) -> tuple[float, int]:
+    """(scale, integer zero point) of a frozen activation quantizer."""
+    if q.learnable is not None:
+        scale, zero_point = q.scale.detach().float(), q.zero_point.detach().float()
+    else:
+        scale, zero_point = quant._asym_params(q.running_min, q.running_max, q.qmin, q.qmax)
+    return float(scale), int(_round_zero(zero_point, q.qmin, q.qmax))
+
+
+@torch.no_grad()
+def _weight_ints(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integers q - z as int32, per-output-channel scale) of a QuantConv2d / QuantLinear, so
+    that `ints * scale` equals its fake-quantized weight."""
+    wq = layer.weight_quantizer
+    w = layer.weight.detach().float()
+    if wq.learnable is None:
+        scale, zero_point = wq._minmax_params(w)
+    else:
+        scale = wq.scale.detach().float().reshape(-1)
+        zero_point = wq.zero_point.detach().float().reshape(-1)
+        if scale.numel() == 1:
+            scale, zero_point = scale.expand(w.shape[0]), zero_point.expand(w.shape[0])
+    z = _round_zero(zero_point, wq.qmin, wq.qmax)
+    view = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.clamp(torch.round(w / scale.reshape(view)) + z.reshape(view), wq.qmin, wq.qmax)
+    return (q - z.reshape(view)).to(torch.int32), scale.float().clone()
+
+
+def _quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int,
+                     hi: int) -> torch.Tensor:
+    """int8 of x on the grid (scale, zero) (zero in the int8 domain), clamped to [lo, hi]."""
+    t = torch.div(x, scale)
+    t.round_().add_(zero).clamp_(lo, hi)
+    return t.to(torch.int8)
+
+
+def _quantize_dynamic(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit asymmetric quantization of x over `dims` (range widened to hold 0): int8 values
+    (shifted by -128), float32 scale and int32 zero point (int8 domain), both keepdim-reduced
+    over `dims`."""
+    lo = torch.amin(x, dim=dims, keepdim=True).float().clamp_(max=0.0)
+    hi = torch.amax(x, dim=dims, keepdim=True).float().clamp_(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp_(min=quant._EPS)
+    zero = torch.round(-lo / scale).clamp_(0, 255) - 128.0
+    return _quantize_static(x.float(), scale, zero, -128, 127), scale, zero.to(torch.int32)
+
+
+class _IntLayer(nn.Module):
+    """Shared state of IntConv2d / IntLinear: integer weight, scales, bias, row sums, the
+    input's grid (static) or None (dynamic), and the backend chosen on first use."""
+
+    def __init__(self, name: str, weight: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor, w_rowsum: torch.Tensor, offset: torch.Tensor | None,
+                 in_scale: float | None, in_zero: int | None, in_qmax: int, relu: bool,
+                 wbits: int, k: int):
+        super().__init__()
+        self.name = name
+        self.register_buffer("weight", weight)
+        self.register_buffer("w_scale", w_scale.float().contiguous())
+        self.register_buffer("bias", bias.float().contiguous())
+        self.register_buffer("w_rowsum", w_rowsum.to(torch.int32).contiguous())
+        # per-row offset of packed asymmetric weights (see the module docstring), else None
+        self.register_buffer("offset", None if offset is None else offset.to(torch.int32))
+        self.static = in_scale is not None
+        if self.static:
+            self.register_buffer("in_scale", torch.tensor(float(in_scale)))
+            self.register_buffer("in_zero", torch.tensor(int(in_zero) - 128, dtype=torch.int32))
+            self.in_hi = int(in_qmax) - 128
+        self.relu = bool(relu)
+        self.wbits = int(wbits)
+        self.k = int(k)
+        self._backend = None
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.dtype == torch.uint8
+
+    def _backend_for(self, op: str, device) -> str:
+        if self._backend is None or self._backend[0] != device:
+            self._backend = (device, sk.backends.resolve(op, device, None))
+        return self._backend[1]
+
+    def config(self) -> dict:
+        return {"static": self.static, "in_hi": getattr(self, "in_hi", None),
+                "relu": self.relu, "wbits": self.wbits, "k": self.k,
+                "has_offset": self.offset is not None}
+
+
+class IntConv2d(_IntLayer):
+    """Integer Conv2d (+ folded BatchNorm, + fused ReLU): int8 input, int8 weight, int32
+    accumulation, float32 output."""
+
+    def __init__(self, name, weight, w_scale, bias, w_rowsum, offset, in_scale, in_zero,
+                 in_qmax, relu, wbits, stride, padding, dilation, groups):
+        super().__init__(name, weight, w_scale, bias, w_rowsum, offset, in_scale, in_zero,
+                         in_qmax, relu, wbits, weight[0].numel())
+        self.stride, self.padding = list(stride), list(padding)
+        self.dilation, self.groups = list(dilation), int(groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static:
+            xq = _quantize_static(x, self.in_scale, self.in_zero, -128, self.in_hi)
+            xs, xz = self.in_scale, self.in_zero
+        else:
+            xq, xs, xz = _quantize_dynamic(x, (0, 1, 2, 3))
+            xs, xz = xs.reshape(()), xz.reshape(())
+        backend = self._backend_for("quantized_conv2d", x.device)
+        fuse_relu = self.relu and self.offset is None
+        out = torch.ops.synq.quantized_conv2d(
+            xq, xs, xz, self.weight, self.w_scale, self.w_rowsum, self.bias, self.stride,
+            self.padding, self.dilation, self.groups, fuse_relu, torch.float32, backend)
+        if self.offset is not None:
+            self._add_offset_term(out, xq, xs, xz)
+            if self.relu:
+                out.clamp_min_(0.0)
+        return out
+
+    def _add_offset_term(self, out, xq, xs, xz):
+        """out += x_scale w_scale[n] o[n] sum over n's receptive field of (x - x_zero).
+        Padding holds x_zero, i.e. contributes 0, so the window sums run over the per-group
+        channel sums minus (C / g) x_zero, zero-padded. They are integers below 2^24
+        (K * 255), so float32 box sums are exact (the dilated case convolves in float64, which
+        has no Winograd path)."""
+        b, c, h, w = xq.shape
+        g = self.groups
+        sums = xq.reshape(b, g, c // g, h, w).sum(2, dtype=torch.int32) - (c // g) * xz
+        kernel = tuple(self.weight.shape[2:])
+        if self.dilation == [1, 1] and 2 * max(self.padding) <= min(kernel):
+            # a box sum: average pooling with divisor 1 adds the integers exactly
+            win = F.avg_pool2d(sums.float(), kernel, self.stride, self.padding,
+                               count_include_pad=True, divisor_override=1)
+        else:
+            ones = torch.ones(g, 1, *kernel, dtype=torch.float64, device=xq.device)
+            win = F.conv2d(sums.double(), ones, None, self.stride, self.padding,
+                           self.dilation, g).float()
+        win = win.mul_(xs)                                            # (B, g, OH, OW)
+        coef = (self.w_scale * self.offset.float()).reshape(1, g, -1, 1, 1)
+        view = out.view(b, g, -1, *out.shape[2:]) if out.is_contiguous() else None
+        if view is not None:
+            view.addcmul_(win[:, :, None], coef)
+        else:
+            out.add_((win[:, :, None] * coef).reshape(b, -1, *out.shape[2:]))
+
+    def config(self) -> dict:
+        return {**super().config(), "type": "conv2d", "stride": self.stride,
+                "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+
+    def extra_repr(self) -> str:
+        c_out, c_in, kh, kw = self.weight.shape
+        grid = "static" if self.static else "dynamic 8-bit"
+        return (f"{c_in * self.groups}, {c_out}, kernel=({kh}, {kw}), stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, w{self.wbits} int8, "
+                f"input {grid}, relu={self.relu}")
+
+
+class IntLinear(_IntLayer):
+    """Integer Linear: int8 input (per-row dynamic range, or the static grid of the
+    activation quantizer before it), int8 or packed int4 weight, float32 output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        if self.static:
+            xq = _quantize_static(x2, self.in_scale, self.in_zero, -128, self.in_hi)
+            xs = self.in_scale.reshape(1).expand(m).contiguous()
+            xz = self.in_zero.reshape(1).expand(m).contiguous()
+        else:
+            xq, xs, xz = _quantize_dynamic(x2, (1,))
+            xs, xz = xs.reshape(m), xz.reshape(m)
+        backend = self._backend_for("quantized_linear", x.device)
+        fuse_relu = self.relu and self.offset is None
+        out = torch.ops.synq.quantized_linear(xq, xs, xz, self.weight, self.w_scale,
+                                              self.w_rowsum, self.bias, fuse_relu,
+                                              torch.float32, self.packed, backend)
+        if self.offset is not None:
+            # the offset term o[n] * sum_k (x_k - x_zero), scaled like the accumulator
+            rows = xq.sum(1, dtype=torch.int32) - self.k * xz
+            out = out + (xs * rows.float())[:, None] * (self.w_scale * self.offset.float())
+            if self.relu:
+                out = out.clamp_min_(0.0)
+        return out.reshape(*lead, out.shape[-1])
+
+    def config(self) -> dict:
+        return {**super().config(), "type": "linear"}
+
+    def extra_repr(self) -> str:
+        n = self.weight.shape[0]
+        kind = "packed int4" if self.packed else "int8"
+        grid = "static" if self.static else "dynamic 8-bit per row"
+        return (f"in_features={self.k}, out_features={n}, w{self.wbits} {kind}, input {grid}, "
+                f"relu={self.relu}")
+
+
+class IntAct(nn.Module):
+    """ReLU / ReLU6 (unless already applied by the layer before it) followed by the frozen
+    fake quantization of its activation quantizer."""
+
+    def __init__(self, name: str, kind: str, bits: int, scale: float, zero: int,
+                 apply_relu: bool):
+        super().__init__()
+        self.name, self.kind, self.bits = name, kind, int(bits)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("zero", torch.tensor(float(zero)))
+        self.apply_relu = bool(apply_relu)
+
+    def forward(self, x):
+        if self.kind == "relu6":
+            x = x.clamp(0.0, 6.0)
+        elif self.apply_relu:
+            x = torch.relu(x)
+        return sk.fake_quant(x, self.scale, self.zero, self.bits)
+
+    def config(self) -> dict:
+        return {"type": "act", "kind": self.kind, "bits": self.bits,
+                "apply_relu": self.apply_relu}
+
+
+class IntModel(nn.Module):
+    """The exported model: `self.model` is the original module tree with its quantized layers
+    replaced (see the module docstring); forward runs without autograd."""
+
+    def __init__(self, model: nn.Module, plan: dict, meta: dict):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.meta = meta
+
+    def forward(self, x):
+        with torch.no_grad(), sk.value_checks(False):
+            return self.model(x)
+
+    def int_layers(self) -> dict[str, _IntLayer]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, _IntLayer)}
+
+
+# -- export ------------------------------------------------------------------------------------
+
+def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, list, object]]:
+    """(name, module, input tensors, output) of every leaf-level call of one forward, in
+    execution order. Tensors are kept alive so that their ids stay unique."""
+    calls = []
+    watched = (quant.QuantConv2d, quant.QuantLinear, quant.QuantAct, nn.BatchNorm2d)
+
+    def hook(mod, args, out, name):
+        calls.append((name, mod, [a for a in args if isinstance(a, torch.Tensor)], out))
+
+    handles = [m.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name))
+               for n, m in qmodel.named_modules() if isinstance(m, watched)]
+    try:
+        with torch.no_grad():
+            qmodel(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _check_exportable(qmodel: nn.Module) -> None:
+    if not isinstance(qmodel, nn.Module):
+        raise TypeError(f"export takes an nn.Module, got {type(qmodel).__name__}")
+    if getattr(qmodel, "quant_config", None) is None:
+        raise ValueError("export takes a model returned by synq.quant.quantize_model (or "
+                         "synq.io.load_quantized); this one has no quant_config")
+    inside = set()
+    for name, m in qmodel.named_modules():
+        if isinstance(m, (quant.QuantConv2d, quant.QuantLinear, quant.QuantAct)):
+            inside.update(f"{name}.{c}" for c, _ in m.named_modules() if c)
+    for name, m in qmodel.named_modules():
+        if name in inside or isinstance(m, (quant.QuantConv2d, quant.QuantLinear,
+                                            quant.QuantAct, nn.BatchNorm2d) + _PASSTHROUGH):
+            continue
+        if type(m) in (nn.ReLU, nn.ReLU6):
+            raise ValueError(f"layer {name} ({type(m).__name__}) has no activation quantizer: "
+                             f"the model was not produced by quantize_model")
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"layer {name} ({type(m).__name__}) is not quantized: the model "
+                             f"was not produced by quantize_model")
+        own = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        if own or not list(m.children()):
+            raise ValueError(f"cannot export layer {name or '(the model itself)'} "
+                             f"({type(m).__name__}): the exporter knows quantized Conv2d / "
+                             f"Linear, BatchNorm2d after a conv, ReLU / ReLU6 with their "
+                             f"quantizers, residual adds (synq.models.common.Add), pooling, "
+                             f"Flatten, Dropout and Identity")
+    for q in quant.act_quantizers(qmodel).values():
+        if q.calibrating or not bool(q.initialized):
+            raise ValueError(f"activation quantizer {q.name} is not calibrated (or still "
+                             f"calibrating): calibrate and freeze the model before export")
+
+
+def _make_plan(qmodel: nn.Module, example: torch.Tensor) -> dict:
+    calls = _trace(qmodel, example)
+    producer = {}  # id(tensor) -> call index
+    for i, (_, _, _, out) in enumerate(calls):
+        producer[id(out)] = i
+    counts = {}
+    for name, *_ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    layers, bn_of, acts = {}, {}, {}
+    for i, (name, mod, ins, out) in enumerate(calls):
+        src = calls[producer[id(ins[0])]] if ins and id(ins[0]) in producer else None
+        if isinstance(mod, nn.BatchNorm2d):
+            if src is None or not isinstance(src[1], quant.QuantConv2d) or counts[name] > 1 \
+                    or counts[src[0]] > 1:
+                raise ValueError(f"cannot export BatchNorm2d {name}: the exporter folds a "
+                                 f"BatchNorm into the quantized conv right before it, and "
+                                 f"{name} does not directly follow one")
+            bn_of[src[0]] = name
+        elif isinstance(mod, (quant.QuantConv2d, quant.QuantLinear)):
+            act = src[0] if src is not None and isinstance(src[1], quant.QuantAct) else None
+            if name in layers and layers[name]["input_act"] != act:
+                raise ValueError(f"layer {name} is called twice with inputs of different "
+                                 f"quantizers; the exporter cannot give it one input grid")
+            layers[name] = {"input_act": act}
+        elif isinstance(mod, quant.QuantAct):
+            acts.setdefault(name, {"relu_from": set()})
+            if src is not None and isinstance(src[1], nn.BatchNorm2d):
+                acts[name]["relu_from"].add(src[0])
+            elif src is not None and isinstance(src[1], quant.QuantConv2d):
+                acts[name]["relu_from"].add(src[0])
+            else:
+                acts[name]["relu_from"].add(None)
+    missing = [n for n in quant.quant_layers(qmodel) if n not in layers]
+    if missing:
+        raise ValueError(f"layers {', '.join(missing)} did not run in the example forward; "
+                         f"the exporter only converts layers it sees run")
+    # ReLU fusion: a conv whose (BN-folded) output feeds only a ReLU quantizer applies the
+    # ReLU in its epilogue, and that quantizer skips it (ReLU6 is never fused).
+    bn_to_conv = {bn: conv for conv, bn in bn_of.items()}
+    fused = {}
+    for aname, info in acts.items():
+        kind = type(qmodel.get_submodule(aname).act).__name__.lower()
+        srcs = info["relu_from"]
+        conv = None
+        if kind == "relu" and len(srcs) == 1 and None not in srcs:
+            s = next(iter(srcs))
+            conv = bn_to_conv.get(s, s if s in layers else None)
+        if conv is not None and counts.get(conv, 0) == 1:
+            fused[conv] = aname
+        acts[aname] = {"kind": kind, "fused_from": conv if conv in fused else None}
+    for name, info in layers.items():
+        info["bn"] = bn_of.get(name)
+        info["relu"] = name in fused
+    return {"layers": layers, "acts": acts}
+
+
+@torch.no_grad()
+def _fold(layer, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integer weight, positive scale, bias) of a quantized layer with its BN folded in."""
+    ints, scale = _weight_ints(layer)
+    n = ints.shape[0]
+    bias = (layer.bias.detach().float().clone() if layer.bias is not None
+            else torch.zeros(n, device=ints.device))
+    if bn is not None:
+        a = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        bias = a * (bias - bn.running_mean.float()) + bn.bias.detach().float()
+        sign = torch.where(a < 0, -1, 1).to(torch.int32)
+        ints = ints * sign.reshape((-1,) + (1,) * (ints.dim() - 1))
+        scale = scale * a.abs()
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise ValueError(f"layer {getattr(layer, '_synq_name', '')}: the folded weight scale is "
+                         f"not positive and finite (a BatchNorm weight of 0?)")
+    return ints, scale, bias
+
+
+def _store(ints: torch.Tensor, packed: bool):
+    """(stored weight, per-row offsets or None) of a layer's integers: int8, or packed int4
+    when `packed`. A row whose integers do not fit the stored type (asymmetric 8-bit weights
+    span [-z, 255 - z]) is stored minus an offset (see the module docstring)."""
+    lo_s, hi_s = (-8, 7) if packed else (-128, 127)
+    rows = ints.reshape(ints.shape[0], -1)
+    lo, hi = rows.amin(1), rows.amax(1)
+    if bool((hi - lo > hi_s - lo_s).any()):
+        raise ValueError(f"weights span {int((hi - lo).max()) + 1} levels, more than the "
+                         f"{hi_s - lo_s + 1} of {'int4' if packed else 'int8'}")
+    fits = (lo >= lo_s) & (hi <= hi_s)
+    offset = torch.where(fits, 0, lo - lo_s).to(torch.int32)
+    view = (-1,) + (1,) * (ints.dim() - 1)
+    stored = (ints - offset.reshape(view)).to(torch.int8)
+    if packed:
+        stored = sk.pack_int4(stored)
+    return stored.contiguous(), (offset if bool(offset.any()) else None)
+
+
+def _pack_linear(ints: torch.Tensor, wbits: int, weight_format: str):
+    packed = weight_format == "int4" or (weight_format == "auto" and wbits <= 4)
+    return _store(ints, packed)
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def export(qmodel: nn.Module, example: torch.Tensor | None = None,
+           weight_format: str = "auto", input_range: tuple[float, float] | None = None
+           ) -> IntModel:
+    """The integer version of a calibrated fake-quantized model (see the module docstring).
+
+    Args:
+        qmodel: returned by `synq.quant.quantize_model` (or `synq.io.load_quantized`) with
+            frozen activation ranges; it is not modified.
+        example: an input batch used to trace which layer feeds which (its values do not
+            matter); None: one random image of 64x64 pixels with the first conv's channels.
+        weight_format: "auto" (5-8 bits int8, 2-4 bits packed int4 for linear layers), "int8",
+            or "int4" (linear layers packed whatever their bits, if they fit 16 levels).
+        input_range: (lo, hi) of the model's input; the first layer then quantizes its input
+            to 8 bits on this fixed range instead of each batch's own range.
+    """
+    if weight_format not in ("auto", "int8", "int4"):
+        raise ValueError(f"weight_format must be 'auto', 'int8' or 'int4', got "
+                         f"{weight_format!r}")
+    _check_exportable(qmodel)
+    qlayers = quant.quant_layers(qmodel)
+    if not qlayers:
+        raise ValueError("the model has no quantized Conv2d or Linear layer")
+    device = next(iter(qlayers.values())).weight.device
+    if example is None:
+        first = next(iter(qlayers.values()))
+        c = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
+        shape = (1, c, 64, 64) if isinstance(first, nn.Conv2d) else (1, c)
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    plan = _make_plan(qmodel.eval(), example)
+    first_name = next(iter(plan["layers"]))
+    if input_range is not None:
+        lo, hi = float(input_range[0]), float(input_range[1])
+        if not lo < hi:
+            raise ValueError(f"input_range must be (lo, hi) with lo < hi, got {input_range}")
+        plan["input_range"] = [lo, hi]
+    plan["weight_format"] = weight_format
+
+    import copy
+    model = copy.deepcopy(qmodel)
+    acts = quant.act_quantizers(model)
+    for name, info in plan["layers"].items():
+        layer = model.get_submodule(name)
+        layer._synq_name = name
+        bn = model.get_submodule(info["bn"]) if info["bn"] else None
+        ints, scale, bias = _fold(layer, bn)
+        wbits = layer.weight_quantizer.bits
+        in_scale = in_zero = None
+        in_qmax = 255
+        if info["input_act"] is not None:
+            aq = acts[info["input_act"] + ".quantizer"]
+            in_scale, in_zero = _act_params(aq)
+            in_qmax = aq.qmax
+        elif name == first_name and input_range is not None:
+            lo, hi = min(plan["input_range"][0], 0.0), max(plan["input_range"][1], 0.0)
+            in_scale = max((hi - lo) / 255.0, quant._EPS)
+            in_zero = int(min(max(round(-lo / in_scale), 0), 255))
+        if isinstance(layer, nn.Conv2d):
+            w, offset = _store(ints, packed=False)
+            new = IntConv2d(name, w, scale, bias, sk.weight_row_sums(w), offset, in_scale, in_zero,
+                            in_qmax, info["relu"], wbits, layer.stride, layer.padding,
+                            layer.dilation, layer.groups)
+        else:
+            w, offset = _pack_linear(ints, wbits, weight_format)
+            new = IntLinear(name, w, scale, bias, sk.weight_row_sums(w, ints.shape[1]), offset,
+                            in_scale, in_zero, in_qmax, info["relu"], wbits, ints.shape[1])
+        _set_child(model, name, new)
+        if bn is not None:
+            _set_child(model, info["bn"], nn.Identity())
+    for name, info in plan["acts"].items():
+        qa = model.get_submodule(name)
+        scale, zero = _act_params(qa.quantizer)
+        _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, scale, zero,
+                                       apply_relu=info["fused_from"] is None))
+    meta = {"format": FORMAT, "quant_config": dict(qmodel.quant_config),
+            "model": getattr(qmodel, "meta", {}).get("model")}
+    return IntModel(model.eval(), _plan_json(plan), meta).eval()
+
+
+def _plan_json(plan: dict) -> dict:
+    out = {k: v for k, v in plan.items() if k not in ("layers", "acts")}
+    out["layers"] = {n: dict(i) for n, i in plan["layers"].items()}
+    out["acts"] = {n: dict(i) for n, i in plan["acts"].items()}
+    return out
+
+
+# -- save / load -------------------------------------------------------------------------------
+
+def save_int(model: IntModel, out_dir, model_spec: dict | None = None) -> Path:
+    """Write `int_model.safetensors` and `int_model.json` into `out_dir` (atomically each).
+    `model_spec` (see `synq.io.build_float_model`) defaults to the one the quantized model was
+    loaded with."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, IntModel):
+        raise TypeError(f"save_int takes an IntModel (from synq.deploy.export), got "
+                        f"{type(model).__name__}")
+    spec = model_spec or model.meta.get("model")
+    if spec is None:
+        raise ValueError("no model spec: pass model_spec (how to build the float "
+                         "architecture, see synq.io.build_float_model)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.model.state_dict().items()}
+    tmp = out / "int_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / "int_model.safetensors")
+    meta = {**model.meta, "model": spec, "plan": model.plan}
+    tmp = out / "int_model.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / "int_model.json")
+    return out
+
+
+def load_int(path, device="cpu") -> IntModel:
+    """Reload a model written by `save_int` (a folder or its int_model.json)."""
+    from safetensors.torch import load_file
+
+    from .io import build_float_model
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    meta_path, weights = folder / "int_model.json", folder / "int_model.safetensors"
+    for f in (meta_path, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: not a folder written by "
+                                    f"synq.deploy.save_int / `synq export`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    state = load_file(str(weights), device=str(device))
+    model = quant.quantize_model(build_float_model(meta["model"]), **meta["quant_config"])
+    plan = meta["plan"]
+    for name, info in plan["layers"].items():
+        layer = model.get_submodule(name)
+        t = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        static = "in_scale" in t
+        in_scale = float(t["in_scale"]) if static else None
+        in_zero = int(t["in_zero"]) + 128 if static else None
+        in_qmax = 255
+        if static and info["input_act"] is not None:
+            in_qmax = model.get_submodule(info["input_act"]).quantizer.qmax
+        if isinstance(layer, nn.Conv2d):
+            new = IntConv2d(name, t["weight"], t["w_scale"], t["bias"], t["w_rowsum"],
+                            t.get("offset"), in_scale, in_zero, in_qmax, info["relu"],
+                            layer.weight_quantizer.bits, layer.stride, layer.padding,
+                            layer.dilation, layer.groups)
+        else:
+            new = IntLinear(name, t["weight"], t["w_scale"], t["bias"], t["w_rowsum"],
+                            t.get("offset"), in_scale, in_zero, in_qmax, info["relu"],
+                            layer.weight_quantizer.bits, layer.in_features)
+        _set_child(model, name, new)
+        if info["bn"]:
+            _set_child(model, info["bn"], nn.Identity())
+    for name, info in plan["acts"].items():
+        qa = model.get_submodule(name)
+        _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, 1.0, 0,
+                                       apply_relu=info["fused_from"] is None))
+    model.load_state_dict(state, strict=True)
+    meta.pop("plan")
+    return IntModel(model.to(device).eval(), plan, meta).eval()
