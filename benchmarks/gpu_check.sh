@@ -27,6 +27,10 @@ step "tests (GPU)"
 timeout 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fake_quant.py tests/test_fake_quant_api.py \
   $(ls tests/test_lowpass.py 2>/dev/null) -k "cuda or triton or compile or opcheck" \
   --junitxml="$OUT/gpu_tests.xml" || STATUS=1
+# The integer kernels' CUDA backend (tests named test_cuda_*; no -x, so that one failing
+# case does not hide the others' results).
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_int_gemm.py tests/test_int_conv.py \
+  -k "cuda" --junitxml="$OUT/gpu_int_tests.xml" || STATUS=1
 
 step benchmarks
 timeout 200 "$PY" -m benchmarks --device cuda --quick --out "$OUT" || STATUS=1

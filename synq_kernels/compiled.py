@@ -54,7 +54,10 @@ def quantized_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, pad
                                             stride, padding, dilation, groups, relu, out_dtype)
 
 
-# CPU only: the integer kernels have no CUDA implementation yet.
-backends.register("int_mm", "cpu", int_mm)
-backends.register("quantized_linear", "cpu", quantized_linear)
-backends.register("quantized_conv2d", "cpu", quantized_conv2d)
+# The same compiled ops serve both backends (csrc/cpu/int_gemm.cpp, csrc/cuda/int_gemm.cu);
+# "cuda" counts as available only when _C was built with its CUDA kernels
+# (backends.unavailable_reason).
+for _backend in ("cpu", "cuda"):
+    backends.register("int_mm", _backend, int_mm)
+    backends.register("quantized_linear", _backend, quantized_linear)
+    backends.register("quantized_conv2d", _backend, quantized_conv2d)

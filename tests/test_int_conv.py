@@ -294,3 +294,101 @@ def triton_conv_cases(device, backend="triton"):
 @pytest.mark.parametrize("backend", TRITON_GPU)
 def test_triton_cuda_conv2d(backend):
     triton_conv_cases("cuda", backend)
+
+
+# -- CUDA backend (csrc/cuda/int_gemm.cu; skipped without a GPU) --------------------------------
+
+CUDA_OK = torch.cuda.is_available() and "cuda" in sk.available_backends("quantized_conv2d",
+                                                                         "cuda")
+CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA_OK, reason="needs a CUDA GPU and synq_kernels._C built with its CUDA kernels"))]
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("layer", LAYERS, ids=[l[0] for l in LAYERS])
+def test_cuda_layer_accumulators_exact(backend, layer, channels_last):
+    # NCHW: K ordered (c, ky, kx), gathered byte by byte; channels-last: (ky, kx, c), 16
+    # channels per load when C / groups is a multiple of 16; depthwise: the direct kernel
+    _, b, c, h, w, cout, k, s, p, g = layer
+    x_q, w_q = layer_inputs(b, c, h, w, cout, k, g)
+    xz = 7
+    xd = x_q.cuda()
+    if channels_last:
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    y = sk.quantized_conv2d(xd, 1.0, xz, w_q.cuda(), 1.0, stride=s, padding=p, groups=g,
+                            backend=backend)
+    want = R.quantized_conv2d_int(x_q, xz, w_q, (s, s), (p, p), (1, 1), g)
+    assert y.is_cuda and y.dtype == torch.float32 and y.shape == want.shape
+    assert torch.equal(y.cpu().to(torch.int32), want)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_float_epilogue(backend, out_dtype):
+    cases = [(2, 16, 15, 13, 24, 3, 2, 1, 1, 1), (1, 32, 9, 9, 32, 3, 1, 2, 2, 32),
+             (2, 24, 8, 8, 12, 1, 1, 0, 1, 4), (1, 8, 11, 7, 6, 5, 3, 2, 2, 2),
+             (3, 64, 10, 10, 200, 3, 1, 1, 1, 1), (1, 32, 12, 12, 64, 3, 1, 1, 1, 2)]
+    for i, (b, c, h, w, cout, k, s, p, d, g) in enumerate(cases):
+        x_u8 = i % 2 == 1
+        x_q = (torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8) if x_u8
+               else rand_i8(b, c, h, w))
+        xz = 131 if x_u8 else -9
+        w_q = rand_i8(cout, c // g, k, k)
+        ws = torch.rand(cout) * 0.01 + 0.001
+        bias = torch.randn(cout) * 5 if i != 2 else None
+        relu = i % 2 == 0
+        want, mag = float64_conv(x_q, 0.05, xz, w_q, ws, bias, relu, stride=(s, s),
+                                 padding=(p, p), dilation=(d, d), groups=g)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xd = x_q.cuda().contiguous(memory_format=fmt)
+            y = sk.quantized_conv2d(xd, 0.05, xz, w_q.cuda(), ws.cuda(),
+                                    bias.cuda() if bias is not None else None, stride=s,
+                                    padding=p, dilation=d, groups=g, relu=relu,
+                                    out_dtype=out_dtype, backend=backend)
+            assert y.is_contiguous(memory_format=fmt)
+            assert_epilogue_close(y.cpu(), want, mag, out_dtype)
+            if CPU_BACKENDS:  # the same float32 expression as the cpu backend
+                y_cpu = sk.quantized_conv2d(x_q.contiguous(memory_format=fmt), 0.05, xz, w_q,
+                                            ws, bias, stride=s, padding=p, dilation=d,
+                                            groups=g, relu=relu, out_dtype=out_dtype,
+                                            backend="cpu")
+                assert torch.equal(y.cpu(), y_cpu), (i, fmt)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_memory_formats_and_strides(backend):
+    x_q, w_q = rand_i8(2, 16, 12, 10), rand_i8(8, 16, 3, 3)
+    ws = torch.rand(8) + 0.5
+    want = sk.quantized_conv2d(x_q, 0.1, 2, w_q, ws, stride=(2, 1), padding=(1, 2),
+                               backend="reference")
+    cl = x_q.cuda().contiguous(memory_format=torch.channels_last)
+    y = sk.quantized_conv2d(cl, 0.1, 2, w_q.cuda(), ws.cuda(), stride=(2, 1), padding=(1, 2),
+                            backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-6, atol=1e-5)
+    big = rand_i8(2, 32, 14, 12)
+    strided = big[:, ::2, 1:13, 1:11]            # (2, 16, 12, 10), not contiguous
+    want = sk.quantized_conv2d(strided.contiguous(), 0.1, 2, w_q, ws, padding=1,
+                               backend="reference")
+    y = sk.quantized_conv2d(strided.cuda(), 0.1, 2, w_q.cuda(), ws.cuda(), padding=1,
+                            backend=backend)
+    torch.testing.assert_close(y.cpu(), want, rtol=1e-6, atol=1e-5)
+    # channels-last slices: channel runs that start off a 16-byte boundary
+    big = rand_i8(2, 40, 9, 9).cuda().contiguous(memory_format=torch.channels_last)
+    sl = big[:, 3:35]                            # (2, 32, 9, 9), channel stride 1
+    w2 = rand_i8(24, 32, 3, 3)
+    y = sk.quantized_conv2d(sl, 1.0, -3, w2.cuda(), 1.0, padding=1, backend=backend)
+    want = R.quantized_conv2d_int(sl.cpu(), -3, w2, (1, 1), (1, 1), (1, 1), 1)
+    assert torch.equal(y.cpu().to(torch.int32), want)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_opcheck(backend):
+    x, w = rand_i8(2, 4, 7, 5).cuda(), rand_i8(6, 2, 3, 3).cuda()
+    args = (x, torch.tensor(0.1).cuda(), torch.tensor(3, dtype=torch.int32).cuda(), w,
+            torch.rand(6).cuda() + 0.1, sk.weight_row_sums(w), torch.randn(6).cuda(), [2, 1],
+            [1, 1], [1, 2], 2, True, torch.float16, backend)
+    torch.library.opcheck(torch.ops.synq.quantized_conv2d.default, args)
+    cl = (x.contiguous(memory_format=torch.channels_last),) + args[1:]
+    torch.library.opcheck(torch.ops.synq.quantized_conv2d.default, cl)

@@ -542,3 +542,131 @@ def triton_linear_cases(device, backend="triton"):
 @pytest.mark.parametrize("backend", TRITON_GPU)
 def test_triton_cuda_quantized_linear(backend):
     triton_linear_cases("cuda", backend)
+
+
+# -- CUDA backend (csrc/cuda/int_gemm.cu; skipped without a GPU) --------------------------------
+#
+# Inputs are made on the CPU and moved, so the ground truth is the CPU reference (and, for the
+# float epilogues, the cpu backend bit for bit: both evaluate the same float32 expression).
+
+CUDA_OK = torch.cuda.is_available() and "cuda" in sk.available_backends("int_mm", "cuda")
+CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA_OK, reason="needs a CUDA GPU and synq_kernels._C built with its CUDA kernels"))]
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("m", MS)
+def test_cuda_int_mm_exact(backend, m):
+    # M <= 16 runs the weight-streaming kernel, M > 16 the tiled one
+    for k, n in itertools.product(KS, NS):
+        a, b = rand_i8(m, k), rand_i8(n, k)
+        got = sk.int8_matmul(a.cuda(), b.cuda(), backend=backend)
+        assert got.is_cuda and got.dtype == torch.int32 and got.shape == (m, n)
+        assert torch.equal(got.cpu(), R.int8_matmul(a, b)), ("int8", m, k, n)
+        b4 = rand_i4(n, k)
+        pb = sk.pack_int4(b4).cuda()
+        got = sk.int4_matmul(a.cuda(), pb, backend=backend)
+        assert torch.equal(got.cpu().long(), exact(a, b4)), ("w4a8", m, k, n)
+        for signed in (True, False):
+            a4 = rand_i4(m, k, signed=signed)
+            got = sk.int4_matmul(sk.pack_int4(a4, signed).cuda(), pb, k=k, a_signed=signed,
+                                 backend=backend)
+            assert torch.equal(got.cpu().long(), exact(a4, b4)), ("w4a4", signed, m, k, n)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_int_mm_large_and_extremes(backend):
+    # several K steps of 64 with ragged ends, tile edges in M and N, the largest K (all -128:
+    # the largest partial sums), 16-byte aligned rows (cp.async path) and unaligned ones
+    for m, k, n in [(16, 4096, 300), (17, 2056, 24), (129, 1040, 129), (300, 4096, 257),
+                    (1000, 1100, 5), (4, 65536, 9), (130, 65536, 3)]:
+        a, b = rand_i8(m, k), rand_i8(n, k)
+        want = R.int8_matmul(a, b)
+        assert torch.equal(sk.int8_matmul(a.cuda(), b.cuda(), backend=backend).cpu(), want)
+        if k % 8 == 0 and n % 8 == 0 and m > 16:
+            assert torch.equal(want, torch._int_mm(a.cuda(), b.cuda().T).cpu())
+        b4 = rand_i4(n, k)
+        got = sk.int4_matmul(a.cuda(), sk.pack_int4(b4).cuda(), backend=backend)
+        assert torch.equal(got.cpu(), R.int8_matmul(a, b4)), (m, k, n)
+        a = torch.full((m, k), -128, dtype=torch.int8)
+        b = torch.full((n, k), -128, dtype=torch.int8)
+        b[1::2] = 127
+        got = sk.int8_matmul(a.cuda(), b.cuda(), backend=backend)
+        assert torch.equal(got.cpu(), R.int8_matmul(a, b)), ("extremes", m, k, n)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_int_mm_strides_and_padding_nibbles(backend):
+    for m in (5, 40):
+        base = rand_i8(2 * m, 70)
+        a = base[::2, 3:40]                            # row stride 140, odd offset
+        b = rand_i8(37, 9).T                           # transposed: copied to unit stride
+        got = sk.int8_matmul(a.cuda(), b.cuda(), backend=backend)
+        assert torch.equal(got.cpu(), R.int8_matmul(a, b))
+        big = rand_i8(m, 4096 + 16)
+        a = big[:, 16:]                                # 16-byte aligned rows, offset start
+        w = rand_i8(20, 4096)
+        got = sk.int8_matmul(a.cuda(), w.cuda(), backend=backend)
+        assert torch.equal(got.cpu(), R.int8_matmul(a, w))
+        # odd K: the padding nibble of packed rows carries garbage; it must not count
+        for k in (1, 31, 65, 257):
+            a4, b4 = rand_i4(m, k), rand_i4(7, k)
+            pa, pb = sk.pack_int4(a4), sk.pack_int4(b4)
+            pa[:, -1] |= 0xF0
+            pb[:, -1] |= 0x70
+            got = sk.int4_matmul(pa.cuda(), pb.cuda(), k=k, backend=backend)
+            assert torch.equal(got.cpu().long(), exact(a4, b4)), (m, k)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("w_int4", [False, True])
+def test_cuda_quantized_linear(backend, w_int4):
+    cases = [((1, 257), 31, torch.float32), ((2, 3, 31), 257, torch.float16),
+             ((16, 4096), 100, torch.bfloat16), ((17, 64), 33, torch.bfloat16),
+             ((300, 1000), 140, torch.float32), ((128, 96), 40, torch.float16)]
+    for (shape, n, out_dtype), x_u8, per_row, bias_on, relu in itertools.product(
+            cases, (False, True), (False, True), (False, True), (False, True)):
+        k = shape[-1]
+        x_q = (torch.randint(0, 256, shape, dtype=torch.uint8) if x_u8
+               else rand_i8(*shape))
+        lo, hi = (0, 255) if x_u8 else (-128, 127)
+        lead = shape[:-1]
+        xs = torch.rand(lead) * 0.1 + 0.01 if per_row else 0.037
+        xz = torch.randint(lo, hi + 1, lead) if per_row else (lo + hi) // 2 + 3
+        w8 = rand_i4(n, k) if w_int4 else rand_i8(n, k)
+        w_q = sk.pack_int4(w8) if w_int4 else w8
+        ws = torch.rand(n) * 0.02 + 0.001
+        bias = torch.randn(n) * 10 if bias_on else None
+        to = (lambda t: t.cuda() if isinstance(t, torch.Tensor) else t)
+        y = sk.quantized_linear(x_q.cuda(), to(xs), to(xz), w_q.cuda(), ws.cuda(), to(bias),
+                                relu=relu, out_dtype=out_dtype, backend=backend)
+        assert y.is_cuda and y.shape == (*lead, n)
+        y = y.cpu()
+        want, mag = float64_linear(x_q, xs, xz, w8, ws, bias, relu)
+        assert_epilogue_close(y, want, mag, out_dtype)
+        if CPU_BACKENDS:  # same float32 expression: bit-exact with the cpu backend
+            y_cpu = sk.quantized_linear(x_q, xs, xz, w_q, ws, bias, relu=relu,
+                                        out_dtype=out_dtype, backend="cpu")
+            assert torch.equal(y, y_cpu), (shape, n, out_dtype, x_u8, per_row, bias_on, relu)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_quantized_linear_unit_scales_are_exact(backend):
+    for m in (1, 33):
+        x_q, w = rand_i8(m, 257), rand_i8(31, 257)
+        y = sk.quantized_linear(x_q.cuda(), 1.0, -5, w.cuda(), 1.0, backend=backend)
+        assert torch.equal(y.cpu().to(torch.int64), exact(x_q.long() + 5, w))
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_opcheck(backend):
+    a, b = rand_i8(5, 19).cuda(), rand_i8(7, 19).cuda()
+    torch.library.opcheck(torch.ops.synq.int_mm.default, (a, b, 19, False, True, False, backend))
+    pa, pb = sk.pack_int4(rand_i4(5, 19)).cuda(), sk.pack_int4(rand_i4(7, 19)).cuda()
+    torch.library.opcheck(torch.ops.synq.int_mm.default, (pa, pb, 19, True, True, True, backend))
+    for m in (5, 40):
+        x = rand_i8(m, 19).cuda()
+        args = (x, torch.rand(m).cuda() + 0.1, torch.randint(-3, 3, (m,), dtype=torch.int32).cuda(),
+                pb, torch.rand(7).cuda() + 0.1, sk.weight_row_sums(pb, 19), torch.randn(7).cuda(),
+                True, torch.bfloat16, True, backend)
+        torch.library.opcheck(torch.ops.synq.quantized_linear.default, args)
