@@ -5,6 +5,7 @@
     synq synthesize    only the synthetic calibration set
     synq finetune      only the fine-tuning, from a synthetic set file
     synq evaluate      top-1 / top-5 of a float or a saved quantized model on a test set
+    synq export        a saved quantized model as integer layers (synq.deploy)
     synq bench         the kernel benchmarks
 
 Exit codes: 0 success, 1 a run-time error (missing file, model that cannot be quantized),
@@ -391,6 +392,41 @@ def cmd_bench(args):
     return bench_main(argv)
 
 
+def cmd_export(args):
+    """Export a saved quantized model to integer layers, save it, and (with a test set)
+    compare the two models' accuracy."""
+    from .deploy import export, save_int
+    from .evaluate import evaluate
+    from .io import load_quantized
+    qmodel = load_quantized(args.quantized, device=args.device)
+    if args.input_range is not None:
+        try:
+            lo, hi = (float(v) for v in args.input_range.split(","))
+        except ValueError:
+            raise UsageError(f"--input-range must be LO,HI, got {args.input_range!r}") from None
+        input_range = (lo, hi)
+    else:
+        input_range = None
+    try:
+        int_model = export(qmodel, weight_format=args.weight_format, input_range=input_range)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    out = Path(args.out) if args.out else Path(args.quantized) / "int"
+    save_int(int_model, out)
+    log.info("integer model written to %s (reload with synq.deploy.load_int)", out)
+    args.model = "default" if qmodel.meta["model"].get("source") == "bundled" else "other"
+    test_set = load_test_set(args)
+    result = {"out": str(out)}
+    if test_set is not None:
+        rows = [("fake-quantized", evaluate(qmodel, test_set, args.device)),
+                ("integer (exported)", evaluate(int_model, test_set, args.device))]
+        result.update(fake_quantized=rows[0][1], integer=rows[1][1])
+        if distributed.is_main():
+            print(_table(rows, args.test_set or "fashion-mnist"))
+    (out / "export.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 # ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantized", help="folder of a saved quantized model (else the float model)")
     e.set_defaults(func=cmd_evaluate)
 
+    x = sub.add_parser("export", help="export a saved quantized model to integer kernels")
+    x.add_argument("--quantized", required=True,
+                   help="folder of a saved quantized model (`synq quantize --out`)")
+    x.add_argument("--out", default=None, help="output folder (default: QUANTIZED/int)")
+    x.add_argument("--weight-format", default="auto", choices=["auto", "int8", "int4"],
+                   help="auto: 5-8-bit weights as int8, 2-4-bit linear weights as packed int4")
+    x.add_argument("--input-range", default=None, metavar="LO,HI",
+                   help="fixed range of the model input for the first layer's 8-bit grid "
+                        "(default: each batch's own range)")
+    _add_test_options(x), _add_run_options(x)
+    x.set_defaults(func=cmd_export)
+
     b = sub.add_parser("bench", help="run the kernel benchmarks")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -468,6 +516,10 @@ def _validate_options(args) -> None:
         raise UsageError(str(e)) from e
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+    world = distributed.env_world_size()
+    if hasattr(args, "ft_batch_size") and args.ft_batch_size % world:
+        raise UsageError(f"--batch-size {args.ft_batch_size} is the global batch and must be "
+                         f"divisible by the number of processes ({world})")
 
 
 def main(argv=None) -> int:

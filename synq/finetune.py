@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import math
 import random
 import time
@@ -267,7 +268,17 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the writer saw; a resume on a machine with fewer GPUs (another
+        # number of processes) restores the ones it has
+        for i, st in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(st, i)
+
+
+# DDP's switch for not broadcasting buffers at each forward: renamed in torch 2.14 (the old
+# name warns there), and the project supports torch 2.11 too.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def _easy_ce(logits, y, easy):
@@ -478,8 +489,7 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
         # Buffers (frozen BN statistics, activation ranges) are kept identical on all ranks
         # by construction, so DDP need not broadcast them at every forward.
         forward = DistributedDataParallel(
-            student, device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            student, device_ids=[device] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
     with ExitStack() as stack:
         step = _Step(cfg, teacher, student, cam_layer, fa_layers, stack, forward)
         for epoch in range(start_epoch, cfg.epochs):

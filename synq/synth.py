@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,7 +370,11 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
 
 def load_synthetic(path, require_complete: bool = True) -> TensorDataset:
     """The images and labels of a `synthesize` output file as a TensorDataset."""
-    saved = torch.load(Path(path), map_location="cpu", weights_only=False)
+    # Memory-mapped (torch.save's zip format only): the ranks of one machine then share one
+    # copy of the images in the page cache.
+    path = Path(path)
+    saved = torch.load(path, map_location="cpu", weights_only=False,
+                       mmap=zipfile.is_zipfile(path))
     if not isinstance(saved, dict) or "images" not in saved or "labels" not in saved:
         raise ValueError(f"{path} is not a synthetic-data file (expected a dict with images, "
                          f"labels and meta)")
