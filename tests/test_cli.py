@@ -61,7 +61,7 @@ def test_help_and_version(capsys):
         cli.main(["--version"])
     assert e.value.code == 0
     assert "synq" in capsys.readouterr().out
-    for sub in ("quantize", "synthesize", "finetune", "evaluate", "bench"):
+    for sub in ("quantize", "synthesize", "finetune", "evaluate", "export", "bench"):
         with pytest.raises(SystemExit) as e:
             cli.main([sub, "--help"])
         assert e.value.code == 0
@@ -167,6 +167,19 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     assert cli.main(["evaluate", "--quantized", str(out), "--test-set",
                      f"{digits_module}:test_set", "--no-progress"]) == 0
     assert f"{summary['quantized']['top1']:.2f}" in capsys.readouterr().out
+
+    # export to integer layers: saved, reloadable, accuracy reported beside the fake-quantized
+    assert cli.main(["export", "--quantized", str(out), "--test-set",
+                     f"{digits_module}:test_set", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| integer (exported) |" in printed
+    report = json.loads((out / "int" / "export.json").read_text())
+    assert abs(report["integer"]["top1"] - report["fake_quantized"]["top1"]) < 1.0
+    from synq.deploy import load_int
+    assert load_int(out / "int")(x).shape == (16, 10)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--quantized", str(out), "--input-range", "zero"])
+    assert e.value.code == 2
 
 
 def test_interrupt_exits_130_and_says_resume(tmp_path, digits_module, monkeypatch, capsys):
