@@ -252,9 +252,10 @@ def test_cli_stage_under_torchrun(run):
     assert stderr.count("synq: synthetic set:") == 1, stderr  # logs from rank 0 alone
 
 
-def test_failure_on_one_rank_stops_all(run):
-    argv = ["-m", "synq", "evaluate", "--model", "test_distributed:failing_teacher",
-            "--test-set", "digits", "--device", "cpu", "--no-progress"]
+def test_failure_on_one_rank_stops_all(run, tmp_path):
+    """Rank 1 fails to load its model while rank 0 goes on to synthesize and waits for it."""
+    argv = ["-m", "synq"] + CLI_SYNTH + ["--out", str(tmp_path / "syn.pt")]
+    argv[argv.index("test_distributed:load_teacher")] = "test_distributed:failing_teacher"
     r = torchrun(argv, timeout=120, SYNQ_TEST_DIR=str(run))
     assert r.returncode != 0
     assert "synq: error (rank 1 of 2): rank one cannot load its model" in r.stderr, r.stderr
