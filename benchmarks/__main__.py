@@ -17,6 +17,8 @@ FAMILIES = {
     "bench_fake_quant": "fake_quant forward / forward+backward vs torch fake-quant ops",
     "bench_lowpass": "low-pass filter vs the torch.fft path",
     "bench_int_gemm": "int8 / int4 GEMM and conv vs torch._int_mm, matmul, conv2d",
+    "bench_train": "SynQ fine-tuning images/s, synq kernels vs the reference ops",
+    "bench_inference": "exported integer model latency vs the float model",
 }
 
 

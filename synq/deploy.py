@@ -131,6 +131,7 @@ class _IntLayer(nn.Module):
         self.relu = bool(relu)
         self.wbits = int(wbits)
         self.k = int(k)
+        self.backend = None      # None: the fastest available (IntModel.set_backend)
         self._backend = None
 
     @property
@@ -139,7 +140,7 @@ class _IntLayer(nn.Module):
 
     def _backend_for(self, op: str, device) -> str:
         if self._backend is None or self._backend[0] != device:
-            self._backend = (device, sk.backends.resolve(op, device, None))
+            self._backend = (device, sk.backends.resolve(op, device, self.backend))
         return self._backend[1]
 
     def config(self) -> dict:
@@ -294,6 +295,16 @@ class IntModel(nn.Module):
 
     def int_layers(self) -> dict[str, _IntLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, _IntLayer)}
+
+    def set_backend(self, backend: str | None) -> "IntModel":
+        """Run the integer ops on `backend` (None: the fastest available for the input)."""
+        if backend is not None and backend not in sk.backends.BACKENDS:
+            raise ValueError(f"backend must be None or one of {', '.join(sk.backends.BACKENDS)}"
+                             f", got {backend!r}")
+        for layer in self.int_layers().values():
+            layer.backend = backend
+            layer._backend = None
+        return self
 
 
 # -- export ------------------------------------------------------------------------------------

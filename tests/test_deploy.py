@@ -252,3 +252,19 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="more than the 16"):
         export(calibrate(quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 6, 6),
                          [torch.randn(3, 4)]), weight_format="int4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton")
+                                     if b in sk.available_backends("quantized_conv2d", "cuda")])
+def test_export_on_cuda(backend):
+    torch.manual_seed(7)
+    model = _randomize_bn(resnet20(num_classes=10, in_channels=3)).cuda()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    for bits in (8, 4):
+        q = _quantized(model, bits, x)
+        im = export(q).set_backend(backend)
+        with torch.no_grad():
+            want, got = q(x), im(x)
+        assert got.device.type == "cuda"
+        assert _rel_err(want, got) < (0.03 if bits == 8 else 0.2)

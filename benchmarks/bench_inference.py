@@ -1,0 +1,127 @@
+"""End to end: latency of the exported integer model (synq.deploy) against the float model
+in the same run: fp32 on a CPU, fp16 channels-last on a GPU.
+
+Models: the bundled Fashion-MNIST ResNet-20 (1x28x28, its trained weights) and ResNet-18 at
+3x224x224 (random weights, random BatchNorm statistics: latency does not depend on them),
+exported at W8A8 and W4A4 after calibration on one random batch, at batch 1, 32 and 256.
+On a GPU every integer backend available is timed; the plot (PNG, if matplotlib is
+installed) shows latency against batch size per model, bit-width and backend.
+
+    python -m benchmarks.bench_inference [--quick] [--device cpu|cuda] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import synq_kernels as sk
+from synq.assets import load_default_teacher
+from synq.deploy import export
+from synq.models import resnet18
+from synq.quant import calibrate, quantize_model
+
+from .bench_train import random_bn
+from .common import device_name, device_tag, markdown_table, time_fn, write_results
+
+BATCHES = (1, 32, 256)
+
+
+def _models(quick, device):
+    yield "resnet20", load_default_teacher()[0], (1, 28, 28), BATCHES
+    r18_batches = (1, 32) if (quick and device == "cpu") else BATCHES
+    yield "resnet18", random_bn(resnet18(num_classes=1000)), (3, 224, 224), r18_batches
+
+
+def _float_model(model, device):
+    if device == "cpu":
+        return model.float().eval(), torch.float32, torch.contiguous_format
+    m = model.to(device).half().to(memory_format=torch.channels_last).eval()
+    return m, torch.float16, torch.channels_last
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/results"):
+    rows = []
+    mrt = 0.3 if quick else 1.0
+    for name, model, shape, batches in _models(quick, device):
+        fmodel, fdt, fmt = _float_model(model, device)
+        g = torch.Generator().manual_seed(0)
+        calib = torch.randn(32, *shape, generator=g).to(device)
+        ints = {}
+        for bits in (8, 4):
+            q = calibrate(quantize_model(model.to(device), bits, bits), [calib])
+            ints[bits] = export(q, example=calib[:1])
+        backends = ([b for b in sk.available_backends("quantized_conv2d", device)
+                     if b != "reference"] if device == "cuda" else [None])
+        for b in batches:
+            x = torch.randn(b, *shape, generator=g).to(device)
+            xf = x.to(fdt).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                base = time_fn(lambda: fmodel(xf), device, mrt)
+            base_name = "fp32" if device == "cpu" else "fp16 channels-last"
+            rows.append({"model": name, "batch": b, "impl": base_name, "backend": "torch",
+                         "ms": base * 1e3, "img/s": b / base, "speedup_vs_float": 1.0})
+            for bits, im in ints.items():
+                for be in backends:
+                    im.set_backend(be)
+                    t = time_fn(lambda: im(x), device, mrt)
+                    rows.append({"model": name, "batch": b, "impl": f"int W{bits}A{bits}",
+                                 "backend": be or "default", "ms": t * 1e3, "img/s": b / t,
+                                 "speedup_vs_float": base / t})
+            print(markdown_table([r for r in rows if r["model"] == name and r["batch"] == b]),
+                  flush=True)
+    threads = torch.get_num_threads()
+    notes = (f"Exported integer models (synq.deploy.export) vs the float model in the same "
+             f"run. torch threads: {threads}. " + ("" if device == "cuda" else
+             "ResNet-18 at batch 256 is left out by --quick on a CPU."))
+    suffix = f"_{threads}t" if device == "cpu" else ""
+    csv_path, _ = write_results("inference_latency", rows, device, out_dir, notes, suffix)
+    plot(rows, csv_path[:-4] + ".png", device)
+    return rows
+
+
+def plot(rows, path, device):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        series = {}
+        for r in rows:
+            if r["model"] == model:
+                key = r["impl"] if r["backend"] in ("torch", "default") else \
+                    f"{r['impl']} ({r['backend']})"
+                series.setdefault(key, []).append((r["batch"], r["ms"]))
+        for key, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("latency per batch (ms)")
+        ax.set_title(f"{model} on {device_name(device)}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"device: {device_name(a.device)}")
+    run(a.quick, a.device, a.out)
