@@ -59,31 +59,60 @@ bool conv_use_avx2() {
 #endif
 }
 
+struct PackedShape {
+  int64_t groups, NB, kh, kw, Cp2;
+  int64_t numel() const { return groups * NB * kh * kw * Cp2 * 2 * kCB; }
+};
+
+PackedShape packed_shape(const at::Tensor& w, int64_t groups) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar,
+              "synq conv2d_prepack: w must be 4-D int8 (Cout, C / groups, kh, kw), got ",
+              w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(groups >= 1 && w.size(0) % groups == 0, "synq conv2d_prepack: groups = ",
+              groups, " must divide Cout = ", w.size(0));
+  const int64_t Og = w.size(0) / groups;
+  return {groups, (Og + kCB - 1) / kCB, w.size(2), w.size(3), (w.size(1) + 1) / 2};
+}
+
+// Packs w (contiguous) into dst (ps.numel() elements, every one written).
+void prepack_into(const at::Tensor& w, const PackedShape& ps, int16_t* dst) {
+  const int64_t groups = ps.groups, NB = ps.NB, kh = ps.kh, kw = ps.kw, Cp2 = ps.Cp2;
+  const int64_t Og = w.size(0) / groups, Cg = w.size(1);
+  const int8_t* src = w.const_data_ptr<int8_t>();
+  // Destination offset of each source element of one output channel (the (c, ky, kx) run).
+  const int64_t K = Cg * kh * kw;
+  std::vector<int32_t> tab(K);
+  for (int64_t c = 0; c < Cg; ++c)
+    for (int64_t ky = 0; ky < kh; ++ky)
+      for (int64_t kx = 0; kx < kw; ++kx)
+        tab[(c * kh + ky) * kw + kx] =
+            static_cast<int32_t>(((ky * kw + kx) * Cp2 + c / 2) * 2 * kCB + (c & 1));
+  const int64_t block = kh * kw * Cp2 * 2 * kCB;
+  // One 16-channel block at a time, k outer: the writes fill whole cache lines in order and
+  // the reads are 16 sequential streams.
+  at::parallel_for(0, groups * NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t gb = b0; gb < b1; ++gb) {
+      const int64_t g = gb / NB, o0 = (gb % NB) * kCB;
+      const int64_t nv = std::min<int64_t>(kCB, Og - o0);
+      int16_t* d = dst + gb * block;
+      if (nv < kCB || (Cg & 1)) std::memset(d, 0, sizeof(int16_t) * block);
+      const int8_t* s = src + (g * Og + o0) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        int16_t* dk = d + tab[k];
+        for (int64_t n = 0; n < nv; ++n) dk[2 * n] = s[n * K + k];
+      }
+    }
+  });
+}
+
 // Packed weight: int16 (groups, NB, kh, kw, ceil(Cg / 2), 32); element [g, b, ky, kx, j, 2n+e]
 // = w[g Og + 16 b + n, 2 j + e, ky, kx], 0 past Og or Cg.
 at::Tensor conv2d_prepack_cpu(const at::Tensor& w_, int64_t groups) {
-  TORCH_CHECK(w_.dim() == 4 && w_.scalar_type() == at::kChar,
-              "synq conv2d_prepack: w must be 4-D int8 (Cout, C / groups, kh, kw), got ",
-              w_.scalar_type(), " ", w_.sizes());
-  TORCH_CHECK(groups >= 1 && w_.size(0) % groups == 0, "synq conv2d_prepack: groups = ",
-              groups, " must divide Cout = ", w_.size(0));
+  const PackedShape ps = packed_shape(w_, groups);
   const auto w = w_.contiguous();
-  const int64_t Cout = w.size(0), Cg = w.size(1), kh = w.size(2), kw = w.size(3);
-  const int64_t Og = Cout / groups, NB = (Og + kCB - 1) / kCB, Cp2 = (Cg + 1) / 2;
-  auto out = at::zeros({groups, NB, kh, kw, Cp2, 2 * kCB}, w.options().dtype(at::kShort));
-  const int8_t* src = w.const_data_ptr<int8_t>();
-  int16_t* dst = out.mutable_data_ptr<int16_t>();
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t o = 0; o < Og; ++o) {
-      const int64_t b = o / kCB, n = o % kCB;
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t ky = 0; ky < kh; ++ky)
-          for (int64_t kx = 0; kx < kw; ++kx) {
-            const int64_t d = ((((g * NB + b) * kh + ky) * kw + kx) * Cp2 + c / 2) * 2 * kCB +
-                              2 * n + (c & 1);
-            dst[d] = src[(((g * Og + o) * Cg + c) * kh + ky) * kw + kx];
-          }
-    }
+  auto out = at::empty({ps.groups, ps.NB, ps.kh, ps.kw, ps.Cp2, 2 * kCB},
+                       w.options().dtype(at::kShort));
+  prepack_into(w, ps, out.mutable_data_ptr<int16_t>());
   return out;
 }
 
@@ -466,10 +495,11 @@ void check_n(const at::Tensor& t, const char* name, int64_t n) {
               " ", t.sizes());
 }
 
-// The shared body of both ops. wpk: packed weights (see conv2d_prepack_cpu); Cout from
+// The shared body of both ops. wp: packed weights of shape ps (see conv2d_prepack_cpu); Cout from
 // w_scale; x_zero in x's own domain (int8 or uint8 values); output allocated with `fmt`.
 at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
-                            const at::Tensor& x_zero, const at::Tensor& wpk, int64_t Cout,
+                            const at::Tensor& x_zero, const PackedShape& ps,
+                            const int16_t* wp, int64_t Cout,
                             const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, bool relu,
@@ -483,22 +513,19 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
               kWho, "x must be 4-D int8 or uint8, got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kWho,
               "stride, padding and dilation must have 2 entries");
-  TORCH_CHECK(wpk.dim() == 6 && wpk.scalar_type() == at::kShort && wpk.size(5) == 2 * kCB &&
-                  wpk.is_contiguous(),
-              kWho, "w_packed must come from conv2d_prepack (6-D contiguous int16), got ",
-              wpk.scalar_type(), " ", wpk.sizes());
   ConvArgs a{};
   a.B = x.size(0); a.C = x.size(1); a.H = x.size(2); a.W = x.size(3);
   a.groups = groups;
-  TORCH_CHECK(groups >= 1 && a.C % groups == 0 && Cout % groups == 0 && wpk.size(0) == groups,
+  TORCH_CHECK(groups >= 1 && a.C % groups == 0 && Cout % groups == 0 && ps.groups == groups,
               kWho, "groups = ", groups, " does not fit C = ", a.C, ", Cout = ", Cout,
-              ", w_packed ", wpk.sizes());
+              ", packed weight groups = ", ps.groups);
   a.Cg = a.C / groups; a.Og = Cout / groups; a.Cout = Cout;
-  a.kh = wpk.size(2); a.kw = wpk.size(3);
-  a.NB = wpk.size(1);
-  TORCH_CHECK(wpk.size(4) == (a.Cg + 1) / 2 && a.NB == (a.Og + kCB - 1) / kCB, kWho,
-              "w_packed ", wpk.sizes(), " does not match C / groups = ", a.Cg,
-              " and Cout / groups = ", a.Og);
+  a.kh = ps.kh; a.kw = ps.kw;
+  a.NB = ps.NB;
+  TORCH_CHECK(ps.Cp2 == (a.Cg + 1) / 2 && a.NB == (a.Og + kCB - 1) / kCB, kWho,
+              "the packed weight (", ps.NB, " blocks of 16 output channels, ", ps.Cp2,
+              " channel pairs) does not match C / groups = ", a.Cg, " and Cout / groups = ",
+              a.Og);
   a.sh = stride[0]; a.sw = stride[1]; a.ph = padding[0]; a.pw = padding[1];
   a.dh = dilation[0]; a.dw = dilation[1];
   TORCH_CHECK(a.sh >= 1 && a.sw >= 1 && a.dh >= 1 && a.dw >= 1 && a.ph >= 0 && a.pw >= 0, kWho,
@@ -529,7 +556,7 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
   a.Hp = a.H + 2 * a.ph;
   a.Wp = a.W + 2 * a.pw;
   a.np = a.kh * a.kw * ((a.Cg + 1) / 2);
-  a.wp = wpk.const_data_ptr<int16_t>();
+  a.wp = wp;
   a.relu = relu;
   // epilogue constants
   const float xs = x_scale.const_data_ptr<float>()[0];
@@ -630,7 +657,14 @@ at::Tensor quantized_conv2d_packed_cpu(
     const std::optional<at::Tensor>& residual_scale,
     const std::optional<at::Tensor>& residual_zero) {
   TORCH_CHECK(w_scale.dim() == 1, kWho, "w_scale must be 1-D (Cout,), got ", w_scale.sizes());
-  return conv_packed_impl(x, x_scale, x_zero, w_packed, w_scale.size(0), w_scale, bias, stride,
+  TORCH_CHECK(w_packed.dim() == 6 && w_packed.scalar_type() == at::kShort &&
+                  w_packed.size(5) == 2 * kCB && w_packed.is_contiguous(),
+              kWho, "w_packed must come from conv2d_prepack (6-D contiguous int16), got ",
+              w_packed.scalar_type(), " ", w_packed.sizes());
+  const PackedShape ps{w_packed.size(0), w_packed.size(1), w_packed.size(2), w_packed.size(3),
+                       w_packed.size(4)};
+  return conv_packed_impl(x, x_scale, x_zero, ps, w_packed.const_data_ptr<int16_t>(),
+                          w_scale.size(0), w_scale, bias, stride,
                           padding, dilation, groups, relu, out_dtype,
                           at::MemoryFormat::ChannelsLast, out_scale, out_zero, residual,
                           residual_scale, residual_zero);
@@ -657,8 +691,14 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
                        : at::MemoryFormat::Contiguous;
   TORCH_CHECK(w_scale.numel() == w.size(0), kWho, "w_scale must have ", w.size(0),
               " elements, got ", w_scale.sizes());
-  return conv_packed_impl(x, x_scale, x_zero, conv2d_prepack_cpu(w, groups), w.size(0),
-                          w_scale, bias, stride, padding, dilation, groups, relu, out_dtype,
+  // Packed per call into a reused per-thread buffer (a fresh multi-MB tensor would cost
+  // more in page faults than the packing itself); callers with a fixed weight should
+  // prepack once and use _quantized_conv2d_packed.
+  const PackedShape ps = packed_shape(w, groups);
+  static thread_local std::vector<int16_t> wbuf;
+  if (static_cast<int64_t>(wbuf.size()) < ps.numel()) wbuf.resize(ps.numel());
+  prepack_into(w.contiguous(), ps, wbuf.data());
+  return conv_packed_impl(x, x_scale, x_zero, ps, wbuf.data(), w.size(0), w_scale, bias, stride, padding, dilation, groups, relu, out_dtype,
                           fmt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
                           std::nullopt);
 }
