@@ -213,6 +213,9 @@ def _setup_run(out_dir: Path | None, args):
         handler.synq_run = True  # removed when the command ends
         log.addHandler(handler)
     log.info("synq %s: synq %s", __version__, " ".join(args.argv))
+    if distributed.is_distributed():
+        log.info("%d processes (torchrun), %s backend", distributed.world_size(),
+                 torch.distributed.get_backend())
 
 
 def _check_quantizable(model, cfg) -> None:
@@ -223,7 +226,8 @@ def _check_quantizable(model, cfg) -> None:
 
 def _environment(device: str) -> dict:
     env = {"synq": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "device": device, "threads": torch.get_num_threads()}
+           "device": device, "threads": torch.get_num_threads(),
+           "processes": distributed.world_size()}
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     try:

@@ -68,6 +68,10 @@ CLI_SYNTH = ["synthesize", "--model", "test_distributed:load_teacher", "--image-
              "--device", "cpu", "--seed", str(SYNTH["seed"]), "--synth-num-images", "18",
              "--synth-batch-size", "4", "--synth-steps", "8", "--synth-augment",
              "--no-progress"]
+# `synq quantize`: the synthesis above, then a tiny fine-tuning and the test set (359 digits)
+CLI_QUANTIZE = ["quantize"] + CLI_SYNTH[1:] + [
+    "--test-set", "digits", "--epochs", "2", "--calib-epochs", "1", "--iters-per-epoch", "2",
+    "--batch-size", "8"]
 
 
 def ft_data():
@@ -100,7 +104,7 @@ def _worker(out: Path) -> None:
     with D.process_group("cpu"):
         assert D.world_size() == 2, D.world_size()
         # (test_failure_on_one_rank_stops_all runs `-m synq`, which joins the group itself)
-        assert cli.main(CLI_SYNTH + ["--out", str(out / "syn_cli.pt")]) == 0
+        assert cli.main(CLI_QUANTIZE + ["--out", str(out / "quantize")]) == 0
         teacher = load_teacher(out)
         synthesize(teacher, out / "syn2.pt", SHAPE, progress=False, **SYNTH)
         res = finetune(teacher, ft_data(), FinetuneConfig(**FT), checkpoint=out / "ft2.pt",
@@ -155,6 +159,7 @@ def run(tmp_path_factory):
     r = torchrun([__file__, str(out)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (out / "stderr.txt").write_text(r.stderr)
+    (out / "stdout.txt").write_text(r.stdout)
     return out
 
 
@@ -244,12 +249,23 @@ def test_device_and_batch_checks_under_torchrun_env(monkeypatch, capsys, tmp_pat
     assert "divisible by the number of processes (2)" in capsys.readouterr().err
 
 
-def test_cli_stage_under_torchrun(run):
-    got = torch.load(run / "syn_cli.pt", weights_only=False)
+def test_cli_quantize_under_torchrun(run):
+    out = run / "quantize"
+    got = torch.load(out / "synthetic.pt", weights_only=False)
     ref = torch.load(run / "syn2.pt", weights_only=False)
     assert torch.equal(got["images"], ref["images"])
-    stderr = (run / "stderr.txt").read_text()
-    assert stderr.count("synq: synthetic set:") == 1, stderr  # logs from rank 0 alone
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["float"]["n"] == 359 and summary["quantized"]["n"] == 359
+    assert summary["environment"]["processes"] == 2
+    assert summary["float"]["top1"] == pytest.approx(
+        evaluate(load_teacher(run), digits_datasets()[1])["top1"])
+    for name in ("model.safetensors", "model.json", "checkpoint.pt", "log.txt"):
+        assert (out / name).is_file(), name
+    # rank 0 alone logs and prints
+    stderr, stdout = (run / "stderr.txt").read_text(), (run / "stdout.txt").read_text()
+    assert stderr.count("synq: synthetic set:") == 1, stderr
+    assert "2 processes (torchrun), gloo backend" in stderr
+    assert stdout.count("| float |") == 1, stdout
 
 
 def test_failure_on_one_rank_stops_all(run, tmp_path):
