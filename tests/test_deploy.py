@@ -172,15 +172,17 @@ def test_bundled_model_w8a8_logits(fmnist):
 
 def test_bundled_model_w4a4_top1_within_0_1_point(fmnist):
     """The issue's requirement, on the whole 10,000-image test set."""
-    from synq.evaluate import evaluate
     teacher, (x, y) = fmnist
+    torch.set_num_threads(2)   # the heaviest test here; the fixture restores the setting
     q = _quantized(teacher, 4, x[:512])
     im = export(q)
-    fq, it = evaluate(q, (x, y)), evaluate(im, (x, y))
-    assert abs(fq["top1"] - it["top1"]) <= 0.1, (fq, it)
     with torch.no_grad():
-        agree = (q(x[:2000]).argmax(1) == im(x[:2000]).argmax(1)).float().mean()
-    assert float(agree) >= 0.95
+        want = torch.cat([q(c) for c in x.split(1000)]).argmax(1)
+        got = torch.cat([im(c) for c in x.split(1000)]).argmax(1)
+    top1_fq = 100.0 * float((want == y).float().mean())
+    top1_int = 100.0 * float((got == y).float().mean())
+    assert abs(top1_fq - top1_int) <= 0.1, (top1_fq, top1_int)
+    assert float((want == got).float().mean()) >= 0.95
 
 
 def test_input_range_makes_first_layer_static(fmnist):
