@@ -50,14 +50,17 @@ def _args(case, x_dtype, out_dtype, residual, cl, seed=0):
     if out_dtype in (torch.int8, torch.uint8):
         kw["out_scale"] = 0.37
         kw["out_zero"] = -3 if out_dtype == torch.int8 else 20
+    # the residual follows x's layout: channels-last takes the vector epilogue, NCHW the
+    # strided one
+    fmt = torch.channels_last if cl else torch.contiguous_format
     if residual == "float":
         kw["residual"] = torch.randn(b, cout, oh, ow, generator=gen).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=fmt)
     elif residual in ("int8", "uint8"):
         lo, hi = (-128, 128) if residual == "int8" else (0, 256)
         r = torch.randint(lo, hi, (b, cout, oh, ow), generator=gen).to(
             torch.int8 if residual == "int8" else torch.uint8)
-        kw.update(residual=r.contiguous(memory_format=torch.channels_last),
+        kw.update(residual=r.contiguous(memory_format=fmt),
                   residual_scale=0.05, residual_zero=4 if residual == "int8" else 130)
     return x, xz, wq, ws, bias, dict(stride=s, padding=p, dilation=d, groups=g,
                                      out_dtype=out_dtype, **kw)

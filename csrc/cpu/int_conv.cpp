@@ -200,8 +200,7 @@ struct ConvArgs {
   // residual (optional): float32, or int8 / uint8 with scale and zero
   const void* res;
   at::ScalarType res_t;
-  int64_t srb, src, srp;  // strides: image, channel, pixel (pixel = oy * OW + ox needs
-  int64_t sry, srx;       // the row / column strides when not collapsible)
+  int64_t srb, src, sry, srx;  // strides: image, channel, row, column
   float rs;
   int32_t rz;
   // output
@@ -265,7 +264,8 @@ void widen_image(const ConvArgs& a, int64_t bi, int16_t* buf) {
         const uint8_t* s = xr + c * a.sxc;
         int16_t* d = d0 + c;
         if (a.x_u8)
-          for (int64_t ix = 0; ix < a.W; ++ix) d[ix * Cp] = static_cast<int16_t>(s[ix * a.sxw] - xz);
+          for (int64_t ix = 0; ix < a.W; ++ix)
+            d[ix * Cp] = static_cast<int16_t>(s[ix * a.sxw] - xz);
         else
           for (int64_t ix = 0; ix < a.W; ++ix)
             d[ix * Cp] = static_cast<int16_t>(static_cast<int8_t>(s[ix * a.sxw]) - xz);
@@ -307,7 +307,8 @@ void epilogue_portable(const ConvArgs& a, const int32_t* acc, int mr, int64_t bi
         case at::kBFloat16: store_scalar<c10::BFloat16>(a.out, idx, y, a); break;
         default: {
           float t = y * a.inv_os;
-          const float lo = static_cast<float>(a.qmin - a.oz), hi = static_cast<float>(a.qmax - a.oz);
+          const float lo = static_cast<float>(a.qmin - a.oz);
+          const float hi = static_cast<float>(a.qmax - a.oz);
           t = t > lo ? t : lo;  // same order (and NaN -> lo) as the max / min of the AVX2 path
           t = t < hi ? t : hi;
           const int32_t q = static_cast<int32_t>(std::nearbyint(t)) + a.oz;
@@ -322,10 +323,13 @@ void epilogue_portable(const ConvArgs& a, const int32_t* acc, int mr, int64_t bi
 }
 
 #if SYNQ_INT_CONV_X86
-// Vector epilogue for the common case: channels-last output (and residual), a full 16-channel
-// block, float32 / int8 / uint8 output.
+// Vector epilogue for float32 / int8 / uint8 output and a full 16-channel block. poff[r] /
+// roff[r]: offsets of pixel r in the output / residual (the residual, if any, has unit
+// channel stride). Channels-last output takes vector stores; otherwise (NCHW) the tile goes
+// through a small buffer and is written channel by channel.
 __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int32_t* acc,
-                                                   int mr, int64_t bi, int64_t p0, int64_t co0,
+                                                   int mr, int64_t bi, const int64_t* poff,
+                                                   const int64_t* roff, int64_t co0,
                                                    const float* sc, const float* bs) {
   const __m256 s0 = _mm256_loadu_ps(sc), s1 = _mm256_loadu_ps(sc + 8);
   const __m256 b0 = _mm256_loadu_ps(bs), b1 = _mm256_loadu_ps(bs + 8);
@@ -336,14 +340,17 @@ __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int3
   const __m256i ozv = _mm256_set1_epi32(a.oz);
   const __m256 rsv = _mm256_set1_ps(a.rs);
   const __m256i rzv = _mm256_set1_epi32(a.rz);
+  const bool cl = a.soc == 1;
+  alignas(32) float tf[kPT][kCB];
+  alignas(32) int32_t tq[kPT][kCB];
+  const int64_t obase = bi * a.sob + co0 * a.soc;
   for (int r = 0; r < mr; ++r) {
-    const int64_t p = p0 + r;
-    const int64_t oidx = bi * a.sob + co0 + p * a.sox;  // sox == soc * ... == Cout here
     for (int v = 0; v < 2; ++v) {
-      const __m256i iv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kCB + 8 * v));
+      const __m256i iv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kCB + 8 * v));
       __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(iv), v ? s1 : s0), v ? b1 : b0);
       if (a.res) {
-        const int64_t ri = bi * a.srb + co0 + 8 * v + p * a.srp;
+        const int64_t ri = bi * a.srb + co0 + 8 * v + roff[r];
         __m256 rv;
         if (a.res_t == at::kFloat) {
           rv = _mm256_loadu_ps(static_cast<const float*>(a.res) + ri);
@@ -357,19 +364,37 @@ __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int3
         y = _mm256_add_ps(y, rv);
       }
       if (a.relu) y = _mm256_max_ps(y, zero);
-      const int64_t o = oidx + 8 * v;
+      const int64_t o = obase + poff[r] + 8 * v;
       if (a.out_t == at::kFloat) {
-        _mm256_storeu_ps(static_cast<float*>(a.out) + o, y);
+        if (cl)
+          _mm256_storeu_ps(static_cast<float*>(a.out) + o, y);
+        else
+          _mm256_store_ps(&tf[r][8 * v], y);
       } else {
         const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(y, inv), lo), hi);
         const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(t), ozv);  // nearest-even
-        // the values are in byte range: take the low byte of each 32-bit lane
-        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q),
-                                            _mm256_extracti128_si256(q, 1));
-        const __m128i q8 = a.out_t == at::kChar ? _mm_packs_epi16(q16, q16)
-                                                : _mm_packus_epi16(q16, q16);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(a.out) + o), q8);
+        if (cl) {
+          // the values are in byte range: narrow with saturating packs
+          const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q),
+                                              _mm256_extracti128_si256(q, 1));
+          const __m128i q8 = a.out_t == at::kChar ? _mm_packs_epi16(q16, q16)
+                                                  : _mm_packus_epi16(q16, q16);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(a.out) + o), q8);
+        } else {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(&tq[r][8 * v]), q);
+        }
       }
+    }
+  }
+  if (cl) return;
+  for (int n = 0; n < kCB; ++n) {
+    const int64_t on = obase + n * a.soc;
+    if (a.out_t == at::kFloat) {
+      float* out = static_cast<float*>(a.out) + on;
+      for (int r = 0; r < mr; ++r) out[poff[r]] = tf[r][n];
+    } else {
+      uint8_t* out = static_cast<uint8_t*>(a.out) + on;
+      for (int r = 0; r < mr; ++r) out[poff[r]] = static_cast<uint8_t>(tq[r][n]);
     }
   }
 }
@@ -391,6 +416,7 @@ void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64
                 int64_t g, int64_t nb0, int64_t nb1, int64_t px0, int64_t px1, bool vec_epi) {
   alignas(32) int32_t acc[kPT * kCB];
   const int16_t* px[kPT];
+  int64_t poff[kPT], roff[kPT];
   const int16_t* ig = img + g * a.Cg;  // the group's first channel (Cg even when groups > 1)
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int16_t* wb = a.wp + (g * a.NB + nb) * a.np * 2 * kCB;
@@ -407,15 +433,18 @@ void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64
       const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
       for (int r = 0; r < mr; ++r) {
         px[r] = row_base + ox * col_step;
+        poff[r] = oy * a.soy + ox * a.sox;
+        roff[r] = a.res ? oy * a.sry + ox * a.srx : 0;
         if (++ox == a.OW) {
           ox = 0;
+          ++oy;
           row_base += row_step;
         }
       }
       run_micro(px, mr, off, a.np, wb, acc);
 #if SYNQ_INT_CONV_X86
       if (vec_epi && nv == kCB) {
-        epilogue_avx2(a, acc, mr, bi, p0, co0, sc, bs);
+        epilogue_avx2(a, acc, mr, bi, poff, roff, co0, sc, bs);
         continue;
       }
 #endif
@@ -438,9 +467,7 @@ void conv_run(ConvArgs& a) {
           off[(ky * a.kw + kx) * cg2 + j] =
               static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp + 2 * j);
   }
-  const bool cl_out = a.soc == 1 && a.sox == a.Cout && a.soy == a.OW * a.Cout;
-  const bool cl_res = !a.res || (a.src == 1 && a.srx == a.srp && a.sry == a.OW * a.srp);
-  const bool vec_epi = conv_use_avx2() && cl_out && cl_res &&
+  const bool vec_epi = conv_use_avx2() && (!a.res || a.src == 1) &&
                        (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
   const int64_t nth = at::get_num_threads();
   const int64_t ptiles = (P + kPT - 1) / kPT;
@@ -495,8 +522,8 @@ void check_n(const at::Tensor& t, const char* name, int64_t n) {
               " ", t.sizes());
 }
 
-// The shared body of both ops. wp: packed weights of shape ps (see conv2d_prepack_cpu); Cout from
-// w_scale; x_zero in x's own domain (int8 or uint8 values); output allocated with `fmt`.
+// The shared body of both ops. wp: packed weights of shape ps (see conv2d_prepack_cpu);
+// Cout from w_scale; x_zero in x's own domain (int8 or uint8 values); output allocated with `fmt`.
 at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
                             const at::Tensor& x_zero, const PackedShape& ps,
                             const int16_t* wp, int64_t Cout,
@@ -617,7 +644,6 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
     }
     a.res = r.const_data_ptr();
     a.srb = r.stride(0); a.src = r.stride(1); a.sry = r.stride(2); a.srx = r.stride(3);
-    a.srp = a.srx;
   } else {
     TORCH_CHECK(!residual_scale && !residual_zero, kWho,
                 "residual_scale / residual_zero given without a residual");
@@ -698,9 +724,9 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
   static thread_local std::vector<int16_t> wbuf;
   if (static_cast<int64_t>(wbuf.size()) < ps.numel()) wbuf.resize(ps.numel());
   prepack_into(w.contiguous(), ps, wbuf.data());
-  return conv_packed_impl(x, x_scale, x_zero, ps, wbuf.data(), w.size(0), w_scale, bias, stride, padding, dilation, groups, relu, out_dtype,
-                          fmt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                          std::nullopt);
+  return conv_packed_impl(x, x_scale, x_zero, ps, wbuf.data(), w.size(0), w_scale, bias,
+                          stride, padding, dilation, groups, relu, out_dtype, fmt,
+                          std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
 }
 
 }  // namespace
