@@ -160,21 +160,41 @@ class IntConv2d(_IntLayer):
         self.stride, self.padding = list(stride), list(padding)
         self.dilation, self.groups = list(dilation), int(groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.static:
+        self.defer = False       # return a _Pending for the IntAct / IntAdd after it
+        self._wpack = None
+
+    def forward(self, x: torch.Tensor):
+        if isinstance(x, _Pending):
+            x = x.run(False, None)
+        q = getattr(x, "_synq_q", None)
+        if q is not None:                         # int8 from the layer before (fused mode)
+            xq, (xs, xz) = x, q
+        elif self.static:
             xq = _quantize_static(x, self.in_scale, self.in_zero, -128, self.in_hi)
             xs, xz = self.in_scale, self.in_zero
         else:
             xq, xs, xz = _quantize_dynamic(x, (0, 1, 2, 3))
             xs, xz = xs.reshape(()), xz.reshape(())
-        backend = self._backend_for("quantized_conv2d", x.device)
-        fuse_relu = self.relu and self.offset is None
+        pending = _Pending(self, xq, xs, xz)
+        return pending if self.defer else pending.run(self.relu, None)
+
+    def _packed(self):
+        """The weight in the CPU kernel's layout, packed on first use (not saved)."""
+        if self._wpack is None:
+            self._wpack = sk.prepack_conv2d_weight(self.weight, self.groups)
+        return self._wpack
+
+    def _conv_float(self, xq, xs, xz, relu):
+        """The unfused path: float32 output of any backend (offset term included)."""
+        backend = self._backend_for("quantized_conv2d", xq.device)
+        fuse_relu = relu and self.offset is None
         out = torch.ops.synq.quantized_conv2d(
-            xq, xs, xz, self.weight, self.w_scale, self.w_rowsum, self.bias, self.stride,
-            self.padding, self.dilation, self.groups, fuse_relu, torch.float32, backend)
+            xq, xs.reshape(()), xz.reshape(()), self.weight, self.w_scale, self.w_rowsum,
+            self.bias, self.stride, self.padding, self.dilation, self.groups, fuse_relu,
+            torch.float32, backend)
         if self.offset is not None:
             self._add_offset_term(out, xq, xs, xz)
-            if self.relu:
+            if relu:
                 out.clamp_min_(0.0)
         return out
 
@@ -198,6 +218,8 @@ class IntConv2d(_IntLayer):
                            self.dilation, g).float()
         win = win.mul_(xs)                                            # (B, g, OH, OW)
         coef = (self.w_scale * self.offset.float()).reshape(1, g, -1, 1, 1)
+        if out is None:
+            return (win[:, :, None] * coef).reshape(b, -1, *win.shape[2:])
         view = out.view(b, g, -1, *out.shape[2:]) if out.is_contiguous() else None
         if view is not None:
             view.addcmul_(win[:, :, None], coef)
@@ -221,6 +243,7 @@ class IntLinear(_IntLayer):
     activation quantizer before it), int8 or packed int4 weight, float32 output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _as_float(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         m = x2.shape[0]
@@ -255,28 +278,116 @@ class IntLinear(_IntLayer):
                 f"relu={self.relu}")
 
 
+def _dequant(q: torch.Tensor) -> torch.Tensor:
+    scale, zero = q._synq_q
+    return (q.float() - zero.float()) * scale
+
+
+def _as_float(t):
+    if isinstance(t, _Pending):
+        t = t.run(False, None)
+    return _dequant(t) if getattr(t, "_synq_q", None) is not None else t
+
+
+class _Pending:
+    """A conv whose epilogue waits for what follows it (fused mode): an IntAdd hands it the
+    residual, an IntAct the ReLU and the output grid; then it runs as one kernel call. On the
+    CPU that is the prepacked conv with its requantizing epilogue (int8 out, the next layer's
+    input as is); elsewhere the float path followed by the same steps in PyTorch."""
+
+    __slots__ = ("layer", "xq", "xs", "xz", "residual")
+
+    def __init__(self, layer, xq, xs, xz):
+        self.layer, self.xq, self.xs, self.xz, self.residual = layer, xq, xs, xz, None
+
+    def run(self, relu: bool, out):
+        """out: None (float32 result) or (scale, zero in the int8 domain, highest int8 value)
+        for an int8 result tagged with its grid."""
+        L, res = self.layer, self.residual
+        if isinstance(res, _Pending):
+            res = res.run(False, None)
+        use_kernel = (self.xq.device.type == "cpu" and L.backend in (None, "cpu")
+                      and sk.ops.int_gemm._has_packed_kernel())
+        if not use_kernel:
+            y = L._conv_float(self.xq, self.xs, self.xz, relu and res is None)
+            if res is not None:
+                y = y + _as_float(res)
+                if relu:
+                    y.clamp_min_(0.0)
+            if out is None:
+                return y
+            q = _quantize_static(y, out[0], out[1], -128, out[2])
+        else:
+            rq = getattr(res, "_synq_q", None) if res is not None else None
+            if L.offset is not None:  # the offset term joins the residual (added pre-ReLU)
+                term = L._add_offset_term(None, self.xq, self.xs, self.xz)
+                res, rq = (term if res is None else term + _as_float(res)), None
+            rs, rz = (rq[0].reshape(1), rq[1].reshape(1)) if rq is not None else (None, None)
+            if res is not None and rq is None:
+                res = res.float()
+            q = torch.ops.synq._quantized_conv2d_packed(
+                self.xq, self.xs.reshape(1), self.xz.reshape(1), L._packed(), L.w_scale,
+                L.bias, L.stride, L.padding, L.dilation, L.groups, relu,
+                torch.int8 if out is not None else torch.float32,
+                None if out is None else out[0].reshape(1),
+                None if out is None else out[1].reshape(1), res, rs, rz)
+            if out is None:
+                return q
+            if out[2] < 127:     # activation grids below 8 bits end under int8's top
+                q.clamp_(max=out[2])
+        q._synq_q = (out[0], out[1])
+        return q
+
+
 class IntAct(nn.Module):
     """ReLU / ReLU6 (unless already applied by the layer before it) followed by the frozen
-    fake quantization of its activation quantizer."""
+    quantization of its activation quantizer: a float tensor on the grid (as the
+    fake-quantized model gives), or in fused mode (`emit_int`) the int8 tensor itself,
+    produced by the epilogue of the conv before it."""
 
     def __init__(self, name: str, kind: str, bits: int, scale: float, zero: int,
-                 apply_relu: bool):
+                 apply_relu: bool, emit_int: bool = False):
         super().__init__()
         self.name, self.kind, self.bits = name, kind, int(bits)
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("zero", torch.tensor(float(zero)))
         self.apply_relu = bool(apply_relu)
+        self.emit_int = bool(emit_int)
+
+    def _grid(self):
+        """(scale, zero in the int8 domain, highest int8 value) of this quantizer's grid."""
+        return (self.scale, (self.zero - 128).to(torch.int32), (1 << self.bits) - 1 - 128)
 
     def forward(self, x):
+        if isinstance(x, _Pending):
+            # ReLU6's top is the calibrated range's, which the clamp to the grid applies
+            q = x.run(True, self._grid())
+            return q if self.emit_int else _dequant(q)
+        x = _as_float(x)
         if self.kind == "relu6":
             x = x.clamp(0.0, 6.0)
         elif self.apply_relu:
             x = torch.relu(x)
-        return sk.fake_quant(x, self.scale, self.zero, self.bits)
+        if not self.emit_int:
+            return sk.fake_quant(x, self.scale, self.zero, self.bits)
+        scale, zero, hi = self._grid()
+        q = _quantize_static(x, scale, zero, -128, hi)
+        q._synq_q = (scale, zero)
+        return q
 
-    def config(self) -> dict:
-        return {"type": "act", "kind": self.kind, "bits": self.bits,
-                "apply_relu": self.apply_relu}
+
+class IntAdd(Add):
+    """Residual addition: in fused mode it hands the other operand to the pending conv as the
+    epilogue's residual; otherwise a float addition."""
+
+    def forward(self, a, b):
+        if isinstance(a, _Pending) and a.residual is None:
+            a.residual = b
+            return a
+        if isinstance(b, _Pending) and b.residual is None:
+            b.residual = a
+            return b
+        return _as_float(a) + _as_float(b)
 
 
 class IntModel(nn.Module):
@@ -316,10 +427,21 @@ def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Modul
     watched = (quant.QuantConv2d, quant.QuantLinear, quant.QuantAct, nn.BatchNorm2d)
 
     def hook(mod, args, out, name):
-        calls.append((name, mod, [a for a in args if isinstance(a, torch.Tensor)], out))
+        ins = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(out is t for t in ins):
+            return  # a pass-through (an empty Sequential shortcut, Identity): transparent
+        calls.append((name, mod, ins, out))
 
+    inside = set()
+    for name, m in qmodel.named_modules():
+        if isinstance(m, watched[:3]):
+            inside.update(f"{name}.{c}" for c, _ in m.named_modules() if c)
+    # the quantized layers, BNs and residual adds, and every other leaf module (to see who
+    # consumes an activation)
+    hooked = [(n, m) for n, m in qmodel.named_modules() if n not in inside and n and (
+        isinstance(m, watched + (Add,)) or not list(m.children()))]
     handles = [m.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name))
-               for n, m in qmodel.named_modules() if isinstance(m, watched)]
+               for n, m in hooked]
     try:
         with torch.no_grad():
             qmodel(example)
@@ -366,7 +488,7 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor) -> dict:
     calls = _trace(qmodel, example)
     producer = {}  # id(tensor) -> call index
     for i, (_, _, _, out) in enumerate(calls):
-        producer[id(out)] = i
+        producer.setdefault(id(out), i)
     counts = {}
     for name, *_ in calls:
         counts[name] = counts.get(name, 0) + 1
@@ -415,7 +537,59 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor) -> dict:
     for name, info in layers.items():
         info["bn"] = bn_of.get(name)
         info["relu"] = name in fused
-    return {"layers": layers, "acts": acts}
+    _plan_fusion(calls, counts, layers, acts, bn_of)
+    return {"layers": layers, "acts": acts, "fused": True}
+
+
+def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
+    """Which convs hand their epilogue to what follows (`defer`) and which activation
+    quantizers pass int8 on (`emit_int`): the fused mode of IntConv2d / IntAct / IntAdd."""
+    consumers = {}   # id(tensor) -> [(name, module)] of the calls that took it as an input
+    out_of = {}      # module name -> id of its output (modules called once)
+    for name, mod, ins, out in calls:
+        for t in ins:
+            consumers.setdefault(id(t), []).append((name, mod))
+        out_of[name] = id(out)
+
+    def only(tid, kind):
+        c = consumers.get(tid, [])
+        return c[0][0] if len(c) == 1 and isinstance(c[0][1], kind) else None
+
+    mods = {n: m for n, m, _, _ in calls}
+    for name, info in layers.items():
+        info["defer"] = False
+        if counts.get(name) != 1 or not isinstance(mods[name], quant.QuantConv2d):
+            continue
+        last = info["bn"] or name
+        if counts.get(last) != 1:
+            continue
+        tid = out_of[last]
+        if only(tid, quant.QuantAct):
+            info["defer"] = True
+        else:
+            add = only(tid, Add)
+            if add is not None and counts.get(add) == 1 and only(out_of[add], quant.QuantAct):
+                info["defer"] = True
+    for aname, info in acts.items():
+        c = consumers.get(out_of.get(aname), []) if counts.get(aname) == 1 else []
+        info["emit_int"] = bool(c) and all(
+            isinstance(m, Add) or (isinstance(m, quant.QuantConv2d)
+                                   and layers.get(n, {}).get("input_act") == aname)
+            for n, m in c)
+
+
+def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
+    """Switch the exported module tree between fused and unfused mode (IntAdd for every
+    residual Add either way)."""
+    for name, info in plan["layers"].items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, IntConv2d):
+            layer.defer = fused and info.get("defer", False)
+    for name, info in plan["acts"].items():
+        model.get_submodule(name).emit_int = fused and info.get("emit_int", False)
+    for name, m in list(model.named_modules()):
+        if type(m) is Add:
+            _set_child(model, name, IntAdd())
 
 
 @torch.no_grad()
@@ -467,8 +641,8 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def export(qmodel: nn.Module, example: torch.Tensor | None = None,
-           weight_format: str = "auto", input_range: tuple[float, float] | None = None
-           ) -> IntModel:
+           weight_format: str = "auto", input_range: tuple[float, float] | None = None,
+           fuse: bool = True) -> IntModel:
     """The integer version of a calibrated fake-quantized model (see the module docstring).
 
     Args:
@@ -480,6 +654,9 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
             or "int4" (linear layers packed whatever their bits, if they fit 16 levels).
         input_range: (lo, hi) of the model's input; the first layer then quantizes its input
             to 8 bits on this fixed range instead of each batch's own range.
+        fuse: pass int8 tensors from layer to layer where the structure allows (a conv
+            followed by its ReLU quantizer, or by a residual add and a ReLU quantizer, runs as
+            one kernel with a requantizing epilogue); checked on `example`, else off.
     """
     if weight_format not in ("auto", "int8", "int4"):
         raise ValueError(f"weight_format must be 'auto', 'int8' or 'int4', got "
@@ -541,7 +718,33 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
                                        apply_relu=info["fused_from"] is None))
     meta = {"format": FORMAT, "quant_config": dict(qmodel.quant_config),
             "model": getattr(qmodel, "meta", {}).get("model")}
+    plan["fused"] = bool(fuse) and _fusion_works(model, plan, example)
+    _set_fusion(model, plan, plan["fused"])
     return IntModel(model.eval(), _plan_json(plan), meta).eval()
+
+
+def _fusion_works(model: nn.Module, plan: dict, example: torch.Tensor) -> bool:
+    """Fused mode passes int8 tensors between modules, which the trace cannot prove safe for
+    code it does not see (a functional op in a forward). Run the example both ways: fused
+    mode is kept only if it runs and gives the unfused result (up to requantization
+    rounding)."""
+    import warnings
+    with torch.no_grad(), sk.value_checks(False):
+        _set_fusion(model, plan, False)
+        want = model(example)
+        _set_fusion(model, plan, True)
+        try:
+            got = model(example)
+            ok = (isinstance(got, torch.Tensor) and got.shape == want.shape
+                  and got.dtype == want.dtype
+                  and float((got - want).abs().max()) <= 0.25 * float(want.abs().max()) + 1e-6)
+            why = "its output differs from the unfused model's"
+        except Exception as e:  # noqa: BLE001 - any failure means: do not fuse
+            ok, why = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        warnings.warn(f"synq.deploy.export: fused int8 layer-to-layer mode disabled ({why}); "
+                      f"the model runs with float tensors between layers", stacklevel=3)
+    return ok
 
 
 def _plan_json(plan: dict) -> dict:
@@ -623,6 +826,7 @@ def load_int(path, device="cpu") -> IntModel:
         qa = model.get_submodule(name)
         _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, 1.0, 0,
                                        apply_relu=info["fused_from"] is None))
+    _set_fusion(model, plan, plan.get("fused", False))
     model.load_state_dict(state, strict=True)
     meta.pop("plan")
     return IntModel(model.to(device).eval(), plan, meta).eval()
