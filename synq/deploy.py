@@ -179,9 +179,17 @@ class IntConv2d(_IntLayer):
         return pending if self.defer else pending.run(self.relu, None)
 
     def _packed(self):
-        """The weight in the CPU kernel's layout, packed on first use (not saved)."""
+        """The weight in the CPU kernel's layout, packed on first use (not saved). That
+        layout holds int16, so rows stored with an offset get it back here, exactly (at most
+        9-bit weights: every product and pair sum of the kernel's int16 multiply-add stays
+        far inside int32), and need no offset term."""
         if self._wpack is None:
-            self._wpack = sk.prepack_conv2d_weight(self.weight, self.groups)
+            w = self.weight
+            if self.offset is not None:
+                w = w.to(torch.int16) + self.offset.to(torch.int16).reshape(-1, 1, 1, 1)
+                self._wpack = sk.reference.int_gemm.conv2d_prepack(w, self.groups)
+            else:
+                self._wpack = sk.prepack_conv2d_weight(w, self.groups)
         return self._wpack
 
     def _conv_float(self, xq, xs, xz, relu):
@@ -319,9 +327,6 @@ class _Pending:
             q = _quantize_static(y, out[0], out[1], -128, out[2])
         else:
             rq = getattr(res, "_synq_q", None) if res is not None else None
-            if L.offset is not None:  # the offset term joins the residual (added pre-ReLU)
-                term = L._add_offset_term(None, self.xq, self.xs, self.xz)
-                res, rq = (term if res is None else term + _as_float(res)), None
             rs, rz = (rq[0].reshape(1), rq[1].reshape(1)) if rq is not None else (None, None)
             if res is not None and rq is None:
                 res = res.float()
