@@ -26,6 +26,13 @@ What `export` does to each part of the model:
 - QuantAct -> IntAct: ReLU (skipped when the conv before it already applied it in its
   epilogue) and the frozen fake quantization, so residual additions see exactly the values
   of the fake-quantized model.
+- Fused mode (default where the traced structure allows it, checked on the example): a conv
+  followed by its ReLU quantizer, or by a residual Add and a ReLU quantizer, runs as one call
+  of the CPU's prepacked conv whose epilogue adds the residual, applies the ReLU and
+  requantizes to the quantizer's grid; the int8 result goes to the next conv as is. Elsewhere
+  (other devices) the same steps run as the float path plus PyTorch ops. On the CPU path the
+  packed weight is int16, so rows stored with an offset are packed exactly (9-bit) and skip
+  the offset term.
 
 Logits of the exported model agree with the fake-quantized model's up to float rounding
 (the BN fold, the int32 accumulation order) and the 8-bit quantization of the inputs named
@@ -162,6 +169,7 @@ class IntConv2d(_IntLayer):
 
         self.defer = False       # return a _Pending for the IntAct / IntAdd after it
         self._wpack = None
+        self._packed_on = None
 
     def forward(self, x: torch.Tensor):
         if isinstance(x, _Pending):
@@ -177,6 +185,15 @@ class IntConv2d(_IntLayer):
             xs, xz = xs.reshape(()), xz.reshape(())
         pending = _Pending(self, xq, xs, xz)
         return pending if self.defer else pending.run(self.relu, None)
+
+    def _use_packed(self, device) -> bool:
+        """Whether this call runs the CPU's prepacked conv kernel (decided once per device)."""
+        key = (device.type, self.backend)
+        if self._packed_on is None or self._packed_on[0] != key:
+            ok = (device.type == "cpu" and self.backend in (None, "cpu")
+                  and _PACKED_CONV is not None and sk.ops.int_gemm._has_packed_kernel())
+            self._packed_on = (key, ok)
+        return self._packed_on[1]
 
     def _packed(self):
         """The weight in the CPU kernel's layout, packed on first use (not saved). That
@@ -297,6 +314,10 @@ def _as_float(t):
     return _dequant(t) if getattr(t, "_synq_q", None) is not None else t
 
 
+_PACKED_CONV = (torch.ops.synq._quantized_conv2d_packed.default
+                if hasattr(torch.ops.synq, "_quantized_conv2d_packed") else None)
+
+
 class _Pending:
     """A conv whose epilogue waits for what follows it (fused mode): an IntAdd hands it the
     residual, an IntAct the ReLU and the output grid; then it runs as one kernel call. On the
@@ -314,9 +335,7 @@ class _Pending:
         L, res = self.layer, self.residual
         if isinstance(res, _Pending):
             res = res.run(False, None)
-        use_kernel = (self.xq.device.type == "cpu" and L.backend in (None, "cpu")
-                      and sk.ops.int_gemm._has_packed_kernel())
-        if not use_kernel:
+        if not L._use_packed(self.xq.device):
             y = L._conv_float(self.xq, self.xs, self.xz, relu and res is None)
             if res is not None:
                 y = y + _as_float(res)
@@ -330,12 +349,11 @@ class _Pending:
             rs, rz = (rq[0].reshape(1), rq[1].reshape(1)) if rq is not None else (None, None)
             if res is not None and rq is None:
                 res = res.float()
-            q = torch.ops.synq._quantized_conv2d_packed(
+            q = _PACKED_CONV(
                 self.xq, self.xs.reshape(1), self.xz.reshape(1), L._packed(), L.w_scale,
                 L.bias, L.stride, L.padding, L.dilation, L.groups, relu,
                 torch.int8 if out is not None else torch.float32,
-                None if out is None else out[0].reshape(1),
-                None if out is None else out[1].reshape(1), res, rs, rz)
+                None if out is None else out[0], None if out is None else out[1], res, rs, rz)
             if out is None:
                 return q
             if out[2] < 127:     # activation grids below 8 bits end under int8's top
@@ -360,8 +378,15 @@ class IntAct(nn.Module):
         self.emit_int = bool(emit_int)
 
     def _grid(self):
-        """(scale, zero in the int8 domain, highest int8 value) of this quantizer's grid."""
-        return (self.scale, (self.zero - 128).to(torch.int32), (1 << self.bits) - 1 - 128)
+        """(scale, zero in the int8 domain, highest int8 value) of this quantizer's grid, as
+        one-element tensors (cached; rebuilt when the buffers change or move)."""
+        key = (self.scale.data_ptr(), self.scale._version, self.zero._version)
+        if getattr(self, "_grid_key", None) != key:
+            self._grid_cache = (self.scale.reshape(1),
+                                (self.zero - 128).to(torch.int32).reshape(1),
+                                (1 << self.bits) - 1 - 128)
+            self._grid_key = key
+        return self._grid_cache
 
     def forward(self, x):
         if isinstance(x, _Pending):
