@@ -136,7 +136,8 @@ setup(
         "safetensors",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "scikit-learn"]},
+    extras_require={"test": ["pytest", "hypothesis", "scikit-learn"],
+                    "bench": ["matplotlib"]},  # the latency plot of bench_inference
     entry_points={"console_scripts": ["synq=synq.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
