@@ -12,7 +12,7 @@ installed) shows latency against batch size per model, bit-width and backend.
 from __future__ import annotations
 
 import argparse
-import os
+import copy
 
 import torch
 
@@ -37,7 +37,7 @@ def _models(quick, device):
 def _float_model(model, device):
     if device == "cpu":
         return model.float().eval(), torch.float32, torch.contiguous_format
-    m = model.to(device).half().to(memory_format=torch.channels_last).eval()
+    m = copy.deepcopy(model).to(device).half().to(memory_format=torch.channels_last).eval()
     return m, torch.float16, torch.channels_last
 
 
