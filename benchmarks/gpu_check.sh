@@ -20,21 +20,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 step build
 # sm_90 only: the check runs on an H100 and every second counts.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SYNQ_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-timeout 200 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
+timeout 180 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
 "$PY" -c "import synq_kernels._ext as e; assert e.has_cuda_kernels(), e.load_error(); print('cuda kernels loaded')"
 
 step "tests (GPU)"
-timeout 100 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fake_quant.py tests/test_fake_quant_api.py \
+timeout 90 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fake_quant.py tests/test_fake_quant_api.py \
   $(ls tests/test_lowpass.py 2>/dev/null) -k "cuda or triton or compile or opcheck" \
   --junitxml="$OUT/gpu_tests.xml" || STATUS=1
 # The integer kernels' CUDA backend (tests named test_cuda_*; no -x, so that one failing
 # case does not hide the others' results).
-timeout 70 "$PY" -m pytest -q -p no:cacheprovider tests/test_int_gemm.py tests/test_deploy.py tests/test_int_conv.py \
+timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_int_gemm.py tests/test_deploy.py tests/test_int_conv.py \
   -k "cuda" --junitxml="$OUT/gpu_int_tests.xml" || STATUS=1
 
 step benchmarks
 # every family: kernels, fine-tuning throughput, integer-model latency (+ its PNG plot)
-timeout 170 "$PY" -m benchmarks --device cuda --quick --out "$OUT" || STATUS=1
+timeout 140 "$PY" -m benchmarks --device cuda --quick --out "$OUT" || STATUS=1
 
 step done
 ls -la "$OUT"
