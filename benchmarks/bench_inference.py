@@ -11,7 +11,6 @@ installed) shows latency against batch size per model, bit-width and backend.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -23,7 +22,7 @@ from synq.models import resnet18
 from synq.quant import calibrate, quantize_model
 
 from .bench_train import random_bn
-from .common import device_name, device_tag, markdown_table, time_fn, write_results
+from .common import bench_main, device_name, markdown_table, time_fn, write_results
 
 BATCHES = (1, 32, 256)
 
@@ -115,13 +114,4 @@ def plot(rows, path, device):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(f"device: {device_name(a.device)}")
-    run(a.quick, a.device, a.out)
+    bench_main(run, __doc__)

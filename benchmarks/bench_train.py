@@ -12,7 +12,6 @@ depend on the values); data are random images.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from torch import nn
 from synq.finetune import FinetuneConfig, finetune
 from synq.models import resnet18, resnet20
 
-from .common import device_name, markdown_table, write_results
+from .common import bench_main, markdown_table, write_results
 
 # (name, builder, image shape, batch, iterations): the issue's sizes; --quick shrinks them
 CASES = [("resnet20", lambda: resnet20(10, 3), (3, 32, 32), 256, 4),
@@ -71,13 +70,4 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(f"device: {device_name(a.device)}")
-    run(a.quick, a.device, a.out)
+    bench_main(run, __doc__)

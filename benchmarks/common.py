@@ -5,6 +5,7 @@ torch.utils.benchmark (median of blocked runs). Every result file names its devi
 versions and the date."""
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -93,3 +94,19 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def bench_main(run, doc: str, argv=None):
+    """The command line of a benchmark module: --quick, --device, --out, --threads, then
+    run(quick, device, out_dir)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both synq and PyTorch (default: torch's)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"device: {device_name(a.device)}")
+    return run(a.quick, a.device, a.out)

@@ -40,8 +40,6 @@ above; see tests/test_deploy.py for the measured bound.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -50,6 +48,7 @@ from torch import nn
 
 import synq_kernels as sk
 from . import quant
+from .io import build_float_model, read_saved, write_saved
 from .models.common import Add
 
 __all__ = ["export", "IntModel", "IntConv2d", "IntLinear", "IntAct", "save_int", "load_int",
@@ -150,11 +149,6 @@ class _IntLayer(nn.Module):
             self._backend = (device, sk.backends.resolve(op, device, self.backend))
         return self._backend[1]
 
-    def config(self) -> dict:
-        return {"static": self.static, "in_hi": getattr(self, "in_hi", None),
-                "relu": self.relu, "wbits": self.wbits, "k": self.k,
-                "has_offset": self.offset is not None}
-
 
 class IntConv2d(_IntLayer):
     """Integer Conv2d (+ folded BatchNorm, + fused ReLU): int8 input, int8 weight, int32
@@ -251,10 +245,6 @@ class IntConv2d(_IntLayer):
         else:
             out.add_((win[:, :, None] * coef).reshape(b, -1, *out.shape[2:]))
 
-    def config(self) -> dict:
-        return {**super().config(), "type": "conv2d", "stride": self.stride,
-                "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
-
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight.shape
         grid = "static" if self.static else "dynamic 8-bit"
@@ -291,9 +281,6 @@ class IntLinear(_IntLayer):
             if self.relu:
                 out = out.clamp_min_(0.0)
         return out.reshape(*lead, out.shape[-1])
-
-    def config(self) -> dict:
-        return {**super().config(), "type": "linear"}
 
     def extra_repr(self) -> str:
         n = self.weight.shape[0]
@@ -790,8 +777,6 @@ def save_int(model: IntModel, out_dir, model_spec: dict | None = None) -> Path:
     """Write `int_model.safetensors` and `int_model.json` into `out_dir` (atomically each).
     `model_spec` (see `synq.io.build_float_model`) defaults to the one the quantized model was
     loaded with."""
-    from safetensors.torch import save_file
-
     if not isinstance(model, IntModel):
         raise TypeError(f"save_int takes an IntModel (from synq.deploy.export), got "
                         f"{type(model).__name__}")
@@ -799,36 +784,14 @@ def save_int(model: IntModel, out_dir, model_spec: dict | None = None) -> Path:
     if spec is None:
         raise ValueError("no model spec: pass model_spec (how to build the float "
                          "architecture, see synq.io.build_float_model)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.model.state_dict().items()}
-    tmp = out / "int_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / "int_model.safetensors")
-    meta = {**model.meta, "model": spec, "plan": model.plan}
-    tmp = out / "int_model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "int_model.json")
-    return out
+    return write_saved(out_dir, "int_model", model.model.state_dict(),
+                       {**model.meta, "model": spec, "plan": model.plan})
 
 
 def load_int(path, device="cpu") -> IntModel:
     """Reload a model written by `save_int` (a folder or its int_model.json)."""
-    from safetensors.torch import load_file
-
-    from .io import build_float_model
-
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    meta_path, weights = folder / "int_model.json", folder / "int_model.safetensors"
-    for f in (meta_path, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: not a folder written by "
-                                    f"synq.deploy.save_int / `synq export`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    state = load_file(str(weights), device=str(device))
+    meta, state = read_saved(path, "int_model", FORMAT,
+                             "synq.deploy.save_int / `synq export`", device)
     model = quant.quantize_model(build_float_model(meta["model"]), **meta["quant_config"])
     plan = meta["plan"]
     for name, info in plan["layers"].items():

@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import quant
@@ -51,42 +50,56 @@ def call_target(target: str, kwargs: dict | None = None):
 
 def save_quantized(model: nn.Module, out_dir, model_spec: dict, extra: dict | None = None) -> Path:
     """Write `model.safetensors` and `model.json` into `out_dir` (atomically each)."""
-    from safetensors.torch import save_file
-
     cfg = getattr(model, "quant_config", None)
     if cfg is None:
         raise ValueError("save_quantized takes a model returned by synq.quant.quantize_model")
+    meta = {"format": FORMAT, "model": model_spec, "quant_config": cfg, **(extra or {})}
+    return write_saved(out_dir, "model", model.state_dict(), meta)
+
+
+def write_saved(out_dir, stem: str, state: dict, meta: dict) -> Path:
+    """Write `stem.safetensors` (the tensors of `state`) and `stem.json` (`meta`) into
+    `out_dir`, each atomically."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tmp = out / f"{stem}.safetensors.tmp"
     save_file(state, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
-    meta = {"format": FORMAT, "model": model_spec, "quant_config": cfg, **(extra or {})}
-    tmp = out / "model.json.tmp"
+    os.replace(tmp, out / f"{stem}.safetensors")
+    tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "model.json")
+    os.replace(tmp, out / f"{stem}.json")
     return out
+
+
+def read_saved(path, stem: str, fmt: str, writer: str, device="cpu") -> tuple[dict, dict]:
+    """(meta, tensors) of a folder written by `write_saved` (`path`: the folder or its
+    json); FileNotFoundError naming `writer` for a missing file, ValueError for another
+    format than `fmt`."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    meta_path, weights = folder / f"{stem}.json", folder / f"{stem}.safetensors"
+    for f in (meta_path, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: not a folder written by {writer}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != fmt:
+        raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected {fmt!r}")
+    return meta, load_file(str(weights), device=str(device))
 
 
 def load_quantized(path, device="cpu") -> nn.Module:
     """Reload a model saved by `save_quantized` (a folder, or its model.json), in eval mode with
     frozen activation ranges: its outputs equal the saved model's."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    meta_path, weights = folder / "model.json", folder / "model.safetensors"
-    for f in (meta_path, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: not a folder written by synq "
-                                    f"(save_quantized / `synq quantize`)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta, state = read_saved(path, "model", FORMAT,
+                             "synq (save_quantized / `synq quantize`)", device)
     cfg = dict(meta["quant_config"])
     model = quant.quantize_model(build_float_model(meta["model"]), **cfg)
-    model.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
+    model.load_state_dict(state, strict=True)
     for q in quant.act_quantizers(model).values():
         q.calibrating = False
     model.meta = meta

@@ -211,6 +211,18 @@ class QuantAct(nn.Module):
         return self.quantizer(self.act(x))
 
 
+def _with_weight_quantizer(cls, layer: nn.Module, bits, symmetric, learnable, backend):
+    """A `cls` sharing `layer`'s parameters, buffers and attributes (so it loads the float
+    layer's state dict), plus a WeightQuantizer of its weight."""
+    q = cls.__new__(cls)
+    q.__dict__ = copy.copy(layer.__dict__)
+    q._parameters = dict(layer._parameters)
+    q._buffers = dict(layer._buffers)
+    q._modules = dict(layer._modules)
+    q.weight_quantizer = WeightQuantizer(layer.weight, bits, symmetric, learnable, backend)
+    return q
+
+
 class QuantConv2d(nn.Conv2d):
     """nn.Conv2d whose weight passes through a WeightQuantizer at every forward. Keeps the
     float parameters under the same names, so it loads an nn.Conv2d state dict."""
@@ -218,13 +230,7 @@ class QuantConv2d(nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int, symmetric=False, learnable=None,
                    backend=None) -> "QuantConv2d":
-        q = cls.__new__(cls)
-        q.__dict__ = copy.copy(conv.__dict__)
-        q._parameters = dict(conv._parameters)
-        q._buffers = dict(conv._buffers)
-        q._modules = dict(conv._modules)
-        q.weight_quantizer = WeightQuantizer(conv.weight, bits, symmetric, learnable, backend)
-        return q
+        return _with_weight_quantizer(cls, conv, bits, symmetric, learnable, backend)
 
     def forward(self, x):
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
@@ -236,13 +242,7 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, symmetric=False, learnable=None,
                    backend=None) -> "QuantLinear":
-        q = cls.__new__(cls)
-        q.__dict__ = copy.copy(linear.__dict__)
-        q._parameters = dict(linear._parameters)
-        q._buffers = dict(linear._buffers)
-        q._modules = dict(linear._modules)
-        q.weight_quantizer = WeightQuantizer(linear.weight, bits, symmetric, learnable, backend)
-        return q
+        return _with_weight_quantizer(cls, linear, bits, symmetric, learnable, backend)
 
     def forward(self, x):
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)

@@ -3,9 +3,20 @@ Triton interpreter, which must be switched on before any kernel is defined, i.e.
 synq_kernels is imported."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (small tensors: threads cost more than they give,
+    and the CI machine is shared); a test may raise it, the setting is restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -8,24 +8,18 @@ differences flip some roundings of the coarse activation grids, so the bounds ar
 - relative logit error: max |int - fq| / max |fq| over a batch;
 - arg-max agreement: fraction of inputs whose top class is the same.
 """
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 import synq_kernels as sk
-from synq.deploy import IntConv2d, IntLinear, IntModel, _weight_ints, export, load_int, save_int
+from synq.deploy import IntConv2d, IntModel, _weight_ints, export, load_int, save_int
 from synq.models import Add, mobilenet_v2, resnet18, resnet20
 from synq.quant import calibrate, quant_layers, quantize_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model, seed=0):

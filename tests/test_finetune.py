@@ -20,12 +20,7 @@ needs_lowpass = pytest.mark.skipif(not filters.has_lowpass(),
 LOWPASS = filters.has_lowpass()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits_cnn():

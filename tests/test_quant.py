@@ -12,13 +12,7 @@ from synq.quant import (ActQuantizer, QuantAct, QuantConv2d, QuantLinear, Weight
                         set_calibration)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: threads cost more than they give, and the CI machine is shared.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _counts(model):

@@ -7,12 +7,7 @@ from synq.losses import BNStats, bns_loss
 from synq.synth import SynthConfig, augment_batch, load_synthetic, seeded_generator, synthesize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_model():

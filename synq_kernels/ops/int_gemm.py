@@ -364,6 +364,21 @@ def quantized_linear(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     return out.reshape(*lead, n)
 
 
+def _conv_geometry(stride, padding, dilation):
+    """stride, padding, dilation as [h, w] lists, checked (stride, dilation >= 1, padding >= 0)."""
+    stride, padding, dilation = (_pair("stride", stride), _pair("padding", padding),
+                                 _pair("dilation", dilation))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    return stride, padding, dilation
+
+
+def _check_groups(groups):
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+
+
 def _pair(name, v):
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
@@ -397,13 +412,8 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     _check_tensor("w_q", w_q, (torch.int8,), 4)
     _checks.check_same_device(x_q=x_q, w_q=w_q)
     _out_dtype(out_dtype)
-    stride, padding, dilation = (_pair("stride", stride), _pair("padding", padding),
-                                 _pair("dilation", dilation))
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got "
-                         f"stride={stride}, padding={padding}, dilation={dilation}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    stride, padding, dilation = _conv_geometry(stride, padding, dilation)
+    _check_groups(groups)
     c, cout = x_q.shape[1], w_q.shape[0]
     if c % groups or cout % groups:
         raise ValueError(f"groups = {groups} must divide the input channels ({c}) and the "
@@ -490,8 +500,7 @@ def prepack_conv2d_weight(w_q: Tensor, groups: int = 1, backend: str | None = No
     int16 (groups, ceil(Cout / groups / 16), kh, kw, ceil(C / groups / 2), 32), 16 output
     channels per block, input channels in pairs (see reference `conv2d_prepack`)."""
     _check_tensor("w_q", w_q, (torch.int8,), 4)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    _check_groups(groups)
     if w_q.shape[0] % groups:
         raise ValueError(f"groups = {groups} must divide the output channels ({w_q.shape[0]})")
     if _packed_backend(w_q.device, backend) == "cpu":
@@ -531,13 +540,8 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
     if out_dtype not in OUT_DTYPES + (torch.int8, torch.uint8):
         raise TypeError(f"out_dtype must be float32, float16, bfloat16, int8 or uint8, got "
                         f"{out_dtype}")
-    stride, padding, dilation = (_pair("stride", stride), _pair("padding", padding),
-                                 _pair("dilation", dilation))
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"stride and dilation must be >= 1 and padding >= 0, got "
-                         f"stride={stride}, padding={padding}, dilation={dilation}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    stride, padding, dilation = _conv_geometry(stride, padding, dilation)
+    _check_groups(groups)
     dev = x_q.device
     if not isinstance(w_scale, torch.Tensor) or w_scale.dim() != 1:
         raise ValueError("w_scale of quantized_conv2d_packed must be a 1-D (Cout,) tensor "
