@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of a saved quantized model (`synq quantize --out`)")
     x.add_argument("--out", default=None, help="output folder (default: QUANTIZED/int)")
     x.add_argument("--weight-format", default="auto", choices=["auto", "int8", "int4"],
-                   help="auto: 5-8-bit weights as int8, 2-4-bit linear weights as packed int4")
+                   help="auto: 5-8-bit weights as int8, 2-4-bit weights as packed int4")
     x.add_argument("--input-range", default=None, metavar="LO,HI",
                    help="fixed range of the model input for the first layer's 8-bit grid "
                         "(default: each batch's own range)")

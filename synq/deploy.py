@@ -8,13 +8,17 @@ What `export` does to each part of the model:
   `(q - z) * s` is stored as its integers `q - z` and the per-channel scales `s`; a BatchNorm2d
   that directly follows a conv is folded into the scales and a float bias (a negative BN
   weight flips the sign of that channel's integers, so scales stay positive).
-- Weight storage by bit-width: 5-8 bits as int8; 2-4 bits as packed int4 for linear layers
-  (`synq_kernels.pack_int4`). The paper's asymmetric weight grid has integers
-  `q - z` in [qmin - z, qmax - z], which need not fit the signed 4-bit range, so a row that
-  does not fit is stored as `q - 8` (always in [-8, 7]) and its offset `8 - z` is added back
-  from the row sums of the input: `sum_k (x_k - x_zero) (w_k + o) = acc + o * sum_k (x_k -
-  x_zero)`. Convolution weights are int8 at every bit-width because `quantized_conv2d` takes
-  no packed int4 weights.
+- Weight storage by bit-width: 5-8 bits as int8; 2-4 bits as packed int4
+  (`synq_kernels.pack_int4`; a conv weight is packed per output channel along its flattened
+  (C / groups) * kh * kw in PyTorch's order, shape (Cout, ceil(K / 2))). The paper's
+  asymmetric weight grid has integers `q - z` in [qmin - z, qmax - z], which need not fit the
+  signed 4-bit range, so a row that does not fit is stored as `q - 8` (always in [-8, 7]) and
+  its offset `8 - z` is added back from the row sums of the input: `sum_k (x_k - x_zero) (w_k
+  + o) = acc + o * sum_k (x_k - x_zero)`. Linear layers compute on the packed weight
+  (`quantized_linear` unpacks it in the kernel); the conv kernels take int8 or their own
+  prepacked layout, so a packed conv weight is unpacked once per device on first use (a
+  cache that is not saved): int4 conv storage halves the file and the state dict, not the
+  working memory.
 - Inputs of a layer: where the input is the output of an activation quantizer (the usual
   case: every ReLU / ReLU6 of a quantized model), the layer quantizes it to int8 with that
   quantizer's scale and zero point (the values already lie on its grid, so this is exact).
@@ -151,15 +155,26 @@ class _IntLayer(nn.Module):
 
 
 class IntConv2d(_IntLayer):
-    """Integer Conv2d (+ folded BatchNorm, + fused ReLU): int8 input, int8 weight, int32
-    accumulation, float32 output."""
+    """Integer Conv2d (+ folded BatchNorm, + fused ReLU): int8 input, int8 or packed int4
+    weight (stored; computed as int8), int32 accumulation, float32 or requantized int8
+    output."""
 
     def __init__(self, name, weight, w_scale, bias, w_rowsum, offset, in_scale, in_zero,
-                 in_qmax, relu, wbits, stride, padding, dilation, groups):
+                 in_qmax, relu, wbits, stride, padding, dilation, groups, in_channels,
+                 kernel_size):
+        kernel_size = [int(k) for k in kernel_size]
+        cg = int(in_channels) // int(groups)
         super().__init__(name, weight, w_scale, bias, w_rowsum, offset, in_scale, in_zero,
-                         in_qmax, relu, wbits, weight[0].numel())
+                         in_qmax, relu, wbits, cg * kernel_size[0] * kernel_size[1])
         self.stride, self.padding = list(stride), list(padding)
         self.dilation, self.groups = list(dilation), int(groups)
+        self.kernel_size, self.in_channels = kernel_size, int(in_channels)
+        want = ((weight.shape[0], (self.k + 1) // 2) if self.packed
+                else (weight.shape[0], cg, *kernel_size))
+        if tuple(weight.shape) != tuple(want):
+            raise ValueError(f"layer {name}: stored weight has shape {tuple(weight.shape)}, "
+                             f"expected {want}")
+        self._unpacked = None
 
         self.defer = False       # return a _Pending for the IntAct / IntAdd after it
         self._wpack = None
@@ -180,6 +195,18 @@ class IntConv2d(_IntLayer):
         pending = _Pending(self, xq, xs, xz)
         return pending if self.defer else pending.run(self.relu, None)
 
+    def weight_int8(self) -> torch.Tensor:
+        """The stored integers as an int8 (Cout, C / groups, kh, kw) tensor: the weight
+        itself, or a packed int4 weight unpacked once per device (cached, not saved)."""
+        if not self.packed:
+            return self.weight
+        key = (self.weight.device, self.weight.data_ptr())
+        if self._unpacked is None or self._unpacked[0] != key:
+            w = sk.unpack_int4(self.weight, True, self.k)
+            cg = self.in_channels // self.groups
+            self._unpacked = (key, w.reshape(-1, cg, *self.kernel_size).contiguous())
+        return self._unpacked[1]
+
     def _use_packed(self, device) -> bool:
         """Whether this call runs the CPU's prepacked conv kernel (decided once per device)."""
         key = (device.type, self.backend)
@@ -195,7 +222,7 @@ class IntConv2d(_IntLayer):
         9-bit weights: every product and pair sum of the kernel's int16 multiply-add stays
         far inside int32), and need no offset term."""
         if self._wpack is None:
-            w = self.weight
+            w = self.weight_int8()
             if self.offset is not None:
                 w = w.to(torch.int16) + self.offset.to(torch.int16).reshape(-1, 1, 1, 1)
                 self._wpack = sk.reference.int_gemm.conv2d_prepack(w, self.groups)
@@ -208,7 +235,7 @@ class IntConv2d(_IntLayer):
         backend = self._backend_for("quantized_conv2d", xq.device)
         fuse_relu = relu and self.offset is None
         out = torch.ops.synq.quantized_conv2d(
-            xq, xs.reshape(()), xz.reshape(()), self.weight, self.w_scale, self.w_rowsum,
+            xq, xs.reshape(()), xz.reshape(()), self.weight_int8(), self.w_scale, self.w_rowsum,
             self.bias, self.stride, self.padding, self.dilation, self.groups, fuse_relu,
             torch.float32, backend)
         if self.offset is not None:
@@ -226,7 +253,7 @@ class IntConv2d(_IntLayer):
         b, c, h, w = xq.shape
         g = self.groups
         sums = xq.reshape(b, g, c // g, h, w).sum(2, dtype=torch.int32) - (c // g) * xz
-        kernel = tuple(self.weight.shape[2:])
+        kernel = tuple(self.kernel_size)
         if self.dilation == [1, 1] and 2 * max(self.padding) <= min(kernel):
             # a box sum: average pooling with divisor 1 adds the integers exactly
             win = F.avg_pool2d(sums.float(), kernel, self.stride, self.padding,
@@ -246,10 +273,12 @@ class IntConv2d(_IntLayer):
             out.add_((win[:, :, None] * coef).reshape(b, -1, *out.shape[2:]))
 
     def extra_repr(self) -> str:
-        c_out, c_in, kh, kw = self.weight.shape
+        kh, kw = self.kernel_size
         grid = "static" if self.static else "dynamic 8-bit"
-        return (f"{c_in * self.groups}, {c_out}, kernel=({kh}, {kw}), stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, w{self.wbits} int8, "
+        kind = "packed int4" if self.packed else "int8"
+        return (f"{self.in_channels}, {self.weight.shape[0]}, kernel=({kh}, {kw}), "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"w{self.wbits} {kind}, "
                 f"input {grid}, relu={self.relu}")
 
 
@@ -647,9 +676,11 @@ def _store(ints: torch.Tensor, packed: bool):
     return stored.contiguous(), (offset if bool(offset.any()) else None)
 
 
-def _pack_linear(ints: torch.Tensor, wbits: int, weight_format: str):
+def _store_as(ints: torch.Tensor, wbits: int, weight_format: str):
+    """`_store` by the export's weight_format; a conv's integers are flattened per output
+    channel before packing."""
     packed = weight_format == "int4" or (weight_format == "auto" and wbits <= 4)
-    return _store(ints, packed)
+    return _store(ints.reshape(ints.shape[0], -1) if packed else ints, packed)
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -667,8 +698,8 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
             frozen activation ranges; it is not modified.
         example: an input batch used to trace which layer feeds which (its values do not
             matter); None: one random image of 64x64 pixels with the first conv's channels.
-        weight_format: "auto" (5-8 bits int8, 2-4 bits packed int4 for linear layers), "int8",
-            or "int4" (linear layers packed whatever their bits, if they fit 16 levels).
+        weight_format: "auto" (5-8 bits int8, 2-4 bits packed int4), "int8", or "int4"
+            (packed whatever the bits, if each row fits 16 levels).
         input_range: (lo, hi) of the model's input; the first layer then quantizes its input
             to 8 bits on this fixed range instead of each batch's own range.
         fuse: pass int8 tensors from layer to layer where the structure allows (a conv
@@ -717,12 +748,13 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
             in_scale = max((hi - lo) / 255.0, quant._EPS)
             in_zero = int(min(max(round(-lo / in_scale), 0), 255))
         if isinstance(layer, nn.Conv2d):
-            w, offset = _store(ints, packed=False)
-            new = IntConv2d(name, w, scale, bias, sk.weight_row_sums(w), offset, in_scale, in_zero,
-                            in_qmax, info["relu"], wbits, layer.stride, layer.padding,
-                            layer.dilation, layer.groups)
+            w, offset = _store_as(ints, wbits, weight_format)
+            new = IntConv2d(name, w, scale, bias, sk.weight_row_sums(w, ints[0].numel()),
+                            offset, in_scale, in_zero, in_qmax, info["relu"], wbits,
+                            layer.stride, layer.padding, layer.dilation, layer.groups,
+                            layer.in_channels, layer.kernel_size)
         else:
-            w, offset = _pack_linear(ints, wbits, weight_format)
+            w, offset = _store_as(ints, wbits, weight_format)
             new = IntLinear(name, w, scale, bias, sk.weight_row_sums(w, ints.shape[1]), offset,
                             in_scale, in_zero, in_qmax, info["relu"], wbits, ints.shape[1])
         _set_child(model, name, new)
@@ -807,7 +839,8 @@ def load_int(path, device="cpu") -> IntModel:
             new = IntConv2d(name, t["weight"], t["w_scale"], t["bias"], t["w_rowsum"],
                             t.get("offset"), in_scale, in_zero, in_qmax, info["relu"],
                             layer.weight_quantizer.bits, layer.stride, layer.padding,
-                            layer.dilation, layer.groups)
+                            layer.dilation, layer.groups, layer.in_channels,
+                            layer.kernel_size)
         else:
             new = IntLinear(name, t["weight"], t["w_scale"], t["bias"], t["w_rowsum"],
                             t.get("offset"), in_scale, in_zero, in_qmax, info["relu"],

@@ -99,6 +99,7 @@ def test_small_net_agrees(bits, fmt, bound):
     assert isinstance(layers["conv1"], IntConv2d) and layers["conv1"].relu   # ReLU fused
     assert layers["conv2"].static and not layers["conv3"].static
     assert layers["fc2"].packed == (bits <= 4 and fmt == "auto")
+    assert layers["conv1"].packed == (bits <= 4 and fmt == "auto")
     if bits == 8:  # asymmetric 8-bit weights span 256 levels: stored with row offsets
         assert layers["conv1"].offset is not None
     with torch.no_grad():
@@ -116,6 +117,43 @@ def test_int4_linear_offsets_exact_against_int8():
     q = _quantized(model, 4, x)
     a, b = export(q, weight_format="int4"), export(q, weight_format="int8")
     assert a.int_layers()["0"].offset is not None and a.int_layers()["0"].packed
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_int4_conv_storage_exact_against_int8(fuse):
+    """Packed int4 conv weights (odd K, a grouped conv, rows with offsets) give the result of
+    the same integers stored as int8, fused and unfused, and take half the bytes."""
+    torch.manual_seed(7)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1, self.r1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+            self.c2, self.b2, self.r2 = (nn.Conv2d(8, 8, 3, padding=1, groups=4),
+                                         nn.BatchNorm2d(8), nn.ReLU())
+            self.c3, self.r3 = nn.Conv2d(8, 6, (1, 3), stride=2), nn.ReLU()
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x):
+            x = self.r2(self.b2(self.c2(self.r1(self.b1(self.c1(x))))))
+            return self.fc(self.r3(self.c3(x)).mean((2, 3)))
+
+    x = torch.randn(5, 3, 9, 10)
+    q = _quantized(_randomize_bn(Net()), 4, x)
+    a = export(q, weight_format="int4", fuse=fuse)
+    b = export(q, weight_format="int8", fuse=fuse)
+    la, lb = a.int_layers(), b.int_layers()
+    for name in ("c1", "c2", "c3"):
+        assert la[name].packed and not lb[name].packed
+        assert la[name].weight.numel() == lb[name].weight.shape[0] * ((la[name].k + 1) // 2)
+        assert torch.equal(la[name].weight_int8() + (0 if la[name].offset is None else
+                                                     la[name].offset.reshape(-1, 1, 1, 1)),
+                           lb[name].weight_int8() + (0 if lb[name].offset is None else
+                                                     lb[name].offset.reshape(-1, 1, 1, 1)))
+    assert any(la[n].offset is not None for n in ("c1", "c2", "c3"))  # asymmetric rows
+    assert "packed int4" in repr(la["c2"])
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
 
@@ -195,6 +233,7 @@ def test_save_load_round_trip(tmp_path):
     x = torch.randn(4, 1, 16, 16)
     q = _quantized(model, 4, x)
     im = export(q)
+    assert all(m.packed for m in im.int_layers().values())   # W4: int4 storage everywhere
     spec = {"source": "registry", "name": "resnet20",
             "kwargs": {"num_classes": 10, "in_channels": 1}}
     save_int(im, tmp_path / "int", model_spec=spec)
