@@ -670,3 +670,22 @@ def test_cuda_opcheck(backend):
                 pb, torch.rand(7).cuda() + 0.1, sk.weight_row_sums(pb, 19), torch.randn(7).cuda(),
                 True, torch.bfloat16, True, backend)
         torch.library.opcheck(torch.ops.synq.quantized_linear.default, args)
+
+
+@pytest.mark.parametrize("backend, device", [(b, "cpu") for b in BACKENDS + TRITON] + [
+    pytest.param("cuda", "cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="no CUDA"))])
+@pytest.mark.parametrize("w_int4", [False, True])
+def test_quantized_linear_empty_k_and_rows(backend, device, w_int4):
+    """K = 0 gives the epilogue of an empty sum (bias, then ReLU); no rows gives no rows."""
+    bias = torch.tensor([1.0, -2.0, 3.0, 0.5], device=device)
+    w = torch.zeros(4, 0, dtype=torch.uint8 if w_int4 else torch.int8, device=device)
+    for lead in ((3,), (2, 0), (0,)):
+        x = torch.zeros(*lead, 0, dtype=torch.int8, device=device)
+        y = sk.quantized_linear(x, 0.1, 3, w, torch.ones(4, device=device), bias, relu=True,
+                                backend=backend)
+        assert y.shape == (*lead, 4)
+        assert torch.equal(y.cpu(), bias.cpu().clamp_min(0).expand(*lead, 4))
+    x = torch.zeros(0, 5, dtype=torch.int8, device=device)
+    w5 = sk.pack_int4(torch.ones(4, 5, dtype=torch.int8)) if w_int4 else \
+        torch.ones(4, 5, dtype=torch.int8)
+    assert sk.quantized_linear(x, 0.1, 3, w5.to(device), 1.0, backend=backend).shape == (0, 4)

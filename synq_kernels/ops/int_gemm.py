@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -242,7 +244,7 @@ def weight_row_sums(w_q: Tensor, k: int | None = None) -> Tensor:
     `quantized_linear` / `quantized_conv2d` as w_rowsum."""
     if w_q.dtype == torch.uint8:
         w_q = R.unpack_int4(w_q, True, k)
-    return w_q.reshape(w_q.shape[0], -1).sum(1, dtype=torch.int32)
+    return w_q.flatten(1).sum(1, dtype=torch.int32)
 
 
 def _int_param(name, v, device):
@@ -346,8 +348,8 @@ def quantized_linear(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
                          f"{tuple(w_q.shape)} (expected {want} columns)")
     _check_k(k)
     lead = x_q.shape[:-1]
-    x2 = x_q.reshape(-1, k)
-    m = x2.shape[0]
+    m = math.prod(lead)
+    x2 = x_q.reshape(m, k)      # explicit m: reshape(-1, 0) is ambiguous when K = 0
     xs = _per_row("x_scale", _float_param("x_scale", x_scale, dev), lead, m)
     xz = _per_row("x_zero", _int_param("x_zero", x_zero, dev), lead, m)
     x2, xz = _check_activation(x2, xz)
