@@ -4,8 +4,9 @@
 Rows per bit-width: min-max quantization without fine-tuning, the baseline (synthetic data,
 KD + CE on every sample), each SynQ component alone (low-pass filter, CAM alignment,
 hard-sample soft labels), full SynQ, and the ceiling (full SynQ fine-tuning on real training
-images, as many as the synthetic set). Seeds: --seeds for baseline and full SynQ, the first
-seed for the rest; every variant of a seed fine-tunes on that seed's synthetic set.
+images, as many as the synthetic set). Seeds: --seeds for baseline, full SynQ and the
+--every-seed variants, the first seed for the rest; every variant of a seed fine-tunes on
+that seed's synthetic set.
 
 Resumable: finished variants are read back from the CSV and skipped; synthetic sets and the
 running fine-tune continue from their files. Results: <out>.csv, <out>.md (regenerated after
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="W/A bit-widths")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--every-seed", nargs="*", default=[], choices=list(VARIANTS),
+                   metavar="VARIANT", help="also run these variants on every seed (baseline "
+                   "and synq always are)")
     # synthesis budget
     p.add_argument("--num-images", type=int, default=512)
     p.add_argument("--synth-steps", type=int, default=200)
@@ -191,7 +195,8 @@ def plan(args):
     first = args.seeds[0]
     jobs = [(b, v, first) for b in args.bits for v in args.variants]
     for s in args.seeds[1:]:
-        jobs += [(b, v, s) for b in args.bits for v in args.variants if VARIANTS[v][2]]
+        jobs += [(b, v, s) for b in args.bits for v in args.variants
+                 if VARIANTS[v][2] or v in args.every_seed]
     return jobs
 
 
@@ -256,18 +261,19 @@ def write_markdown(args, rows, fp, teacher_desc, md_path, command, env, costs, c
             checks.append(f"- W4A4: SynQ is {gap:.2f} points below FP (target: within 1.5): "
                           f"{'met' if gap <= 1.5 else 'not met'}.")
         if base:
-            first = str(args.seeds[0])
-            same = [float(r["top1"]) for r in rows if int(r["bits"]) == b
-                    and r["variant"] == "baseline" and r["seed"] == first]
+            base_of = {r["seed"]: float(r["top1"]) for r in rows
+                       if int(r["bits"]) == b and r["variant"] == "baseline"}
             for v in ("+lowpass", "+cam", "+hard-soft-labels"):
                 if by.get((b, v)):
-                    d = by[(b, v)][0] - statistics.mean(base)
-                    paired = (f"; vs the baseline of the same seed and synthetic set (seed "
-                              f"{first}, {same[0]:.2f}): {by[(b, v)][0] - same[0]:+.2f} points, "
-                              f"{'met' if by[(b, v)][0] >= same[0] else 'not met'}"
-                              if same else "")
-                    checks.append(f"- W{b}A{b}: {v} vs baseline mean: {d:+.2f} points "
-                                  f"(target: >= 0): {'met' if d >= 0 else 'not met'}{paired}.")
+                    d = statistics.mean(by[(b, v)]) - statistics.mean(base)
+                    diffs = [float(r["top1"]) - base_of[r["seed"]] for r in rows
+                             if int(r["bits"]) == b and r["variant"] == v
+                             and r["seed"] in base_of]
+                    paired = ("; paired with the baseline of the same seed and synthetic set: "
+                              + ", ".join(f"{x:+.2f}" for x in diffs) if diffs else "")
+                    checks.append(f"- W{b}A{b}: {v} - baseline, means over seeds: {d:+.2f} "
+                                  f"points (target: >= 0): {'met' if d >= 0 else 'not met'}"
+                                  f"{paired}.")
         if b == 3 and base and full and len(base) > 1 and len(full) > 1:
             d = statistics.mean(full) - statistics.mean(base)
             spread = max(statistics.stdev(full), statistics.stdev(base))
@@ -295,12 +301,15 @@ def write_markdown(args, rows, fp, teacher_desc, md_path, command, env, costs, c
               f"Gaussian low-pass d0 {args.d0} (80 at 224x224 scaled to 28x28).",
               "- Quantizer: per-channel asymmetric min/max weights, per-tensor EMA activation "
               "ranges after every ReLU, all layers (first and last included) at the same bits.",
-              f"- Seeds: {', '.join(map(str, args.seeds))} for baseline and SynQ; "
+              f"- Seeds: {', '.join(map(str, args.seeds))} for "
+              f"{', '.join(['baseline', 'SynQ'] + list(args.every_seed))}; "
               f"{args.seeds[0]} for the other rows. Real-data ceiling: {args.num_images} "
               f"random training images.",
               f"- {args.note}"]
     if costs:
-        lines += ["", "## Measured cost on this machine", ""] + [f"- {c}" for c in costs]
+        lines += ["", "## Measured cost on this machine", "",
+                  "From `--measure` (per-step costs; its projection is for the budget and "
+                  "seeds of that call):", ""] + [f"- {c}" for c in costs]
     total = sum(float(r["seconds"]) for r in rows)
     lines += ["", "## Run", "", f"- Command: `{command}`",
               f"- Machine: {env['device']}; torch {env['torch']}; {env['date']}.",
