@@ -396,6 +396,16 @@ def cmd_bench(args):
     return bench_main(argv)
 
 
+def bundled_input_range(meta: dict):
+    """The input range of the bundled model (normalized Fashion-MNIST pixels in [0, 1]), so
+    that its export quantizes the first layer's input on a fixed grid; None for other
+    models, whose input range the exporter cannot know."""
+    if (meta.get("model") or {}).get("source") != "bundled":
+        return None
+    from .data import FMNIST_MEAN, FMNIST_STD
+    return (-FMNIST_MEAN / FMNIST_STD, (1.0 - FMNIST_MEAN) / FMNIST_STD)
+
+
 def cmd_export(args):
     """Export a saved quantized model to integer layers, save it, and (with a test set)
     compare the two models' accuracy."""
@@ -410,7 +420,10 @@ def cmd_export(args):
             raise UsageError(f"--input-range must be LO,HI, got {args.input_range!r}") from None
         input_range = (lo, hi)
     else:
-        input_range = None
+        input_range = bundled_input_range(qmodel.meta)
+        if input_range is not None:
+            log.info("first layer input range %.4f,%.4f (normalized Fashion-MNIST pixels of "
+                     "the bundled model; --input-range overrides)", *input_range)
     try:
         int_model = export(qmodel, weight_format=args.weight_format, input_range=input_range)
     except ValueError as e:
@@ -492,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: 5-8-bit weights as int8, 2-4-bit weights as packed int4")
     x.add_argument("--input-range", default=None, metavar="LO,HI",
                    help="fixed range of the model input for the first layer's 8-bit grid "
-                        "(default: each batch's own range)")
+                        "(default: the pixel range for the bundled model, else each batch's "
+                        "own range)")
     _add_test_options(x), _add_run_options(x)
     x.set_defaults(func=cmd_export)
 

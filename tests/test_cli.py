@@ -182,6 +182,19 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     assert e.value.code == 2
 
 
+def test_export_of_bundled_model_fixes_the_input_range():
+    """The bundled model's inputs are normalized [0, 1] pixels: its export quantizes the first
+    layer on that fixed grid (results do not depend on the batch); other models keep the
+    per-batch range unless --input-range is given."""
+    from synq.data import normalize_images
+    lo, hi = cli.bundled_input_range({"model": {"source": "bundled"}})
+    px = normalize_images(torch.tensor([[[0, 255]]], dtype=torch.uint8))
+    assert lo == pytest.approx(float(px.min()), abs=1e-6)
+    assert hi == pytest.approx(float(px.max()), abs=1e-6)
+    assert cli.bundled_input_range({"model": {"source": "registry"}}) is None
+    assert cli.bundled_input_range({}) is None
+
+
 def test_interrupt_exits_130_and_says_resume(tmp_path, digits_module, monkeypatch, capsys):
     import synq.finetune
 
