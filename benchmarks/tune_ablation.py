@@ -49,8 +49,10 @@ def summarize(paths, out_md):
                     r["variant"], {})[int(r["seed"])] = float(r["heldout_top1"])
     lines = ["# Ablation settings scored on 2,000 held-out training images (not the test set)",
              "", "Made by `python benchmarks/tune_ablation.py` (see its docstring); each cell "
-             "is the mean +- sample std over seeds, then the per-seed values.", "",
-             "| bits | candidate (overrides of ablation.py) | baseline | SynQ | SynQ - baseline |",
+             "is the mean +- sample std over seeds, then the per-seed values; a candidate "
+             "gives the settings that differ from ablation.py's other defaults (lambda_cam "
+             "200 where not named).", "",
+             "| bits | candidate settings | baseline | SynQ | SynQ - baseline |",
              "|---|---|---|---|---|"]
 
     def cell(d):
@@ -99,7 +101,8 @@ def main(argv=None):
     for cand in args.candidate or ["{}"]:
         over = json.loads(cand)
         a = argparse.Namespace(**{**vars(base), **over})
-        name = json.dumps(over, sort_keys=True)
+        # named by its effective budget, not by the overrides alone (defaults change)
+        name = json.dumps({"epochs": a.epochs, "lr": a.lr, **over}, sort_keys=True)
         scores = {}
         for seed in args.seeds:
             syn = work / f"synthetic_seed{seed}_{ablation.synth_key(a, seed)}.pt"
