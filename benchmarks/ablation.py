@@ -236,10 +236,11 @@ def read_done(csv_path: Path, keys: dict) -> list[dict]:
                 if keys.get((int(r["bits"]), r["variant"], int(r["seed"]))) == r["key"]]
 
 
-def append_row(csv_path: Path, row: dict) -> None:
+def append_row(csv_path: Path, row: dict, fields=FIELDS) -> None:
+    """Append one row (header first in a new file), synced to disk."""
     new = not csv_path.exists()
     with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         w.writerow(row)

@@ -8,13 +8,11 @@ with a plain copy of the same tensor (8 B/element) measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import synq_kernels as sk
 
-from .common import device_name, markdown_table, time_fn, write_results
+from .common import bench_main, markdown_table, time_fn, write_results
 
 CHANNELS = 64
 
@@ -103,17 +101,7 @@ def _row(n, kind, impl, t_f, t_fb, copy_gbs, sp_f, sp_fb):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="skip the 64M-element size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for both synq and PyTorch (default: torch's)")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(f"fake_quant on {device_name(a.device)}")
-    run(a.quick, a.device, a.out)
+    bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import sys
 import time
@@ -118,14 +117,7 @@ def main(argv=None):
                 row = dict(bits=args.bits, candidate=name, variant=v, seed=seed,
                            heldout_top1=f"{res.top1:.2f}", seconds=f"{time.time() - t0:.0f}",
                            finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-                new = not out.exists()
-                with open(out, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=FIELDS)
-                    if new:
-                        w.writeheader()
-                    w.writerow(row)
-                    f.flush()
-                    os.fsync(f.fileno())
+                ablation.append_row(out, row, FIELDS)
                 print(row, flush=True)
                 scores.setdefault(v, []).append(res.top1)
         for v, s in scores.items():

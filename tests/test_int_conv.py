@@ -85,20 +85,26 @@ def assert_epilogue_close(y, want, mag, out_dtype):
     assert bool((err <= tol).all()), f"max excess {float((err - tol).max()):.3g}"
 
 
+def conv_epilogue_cases(cases):
+    """Random quantized_conv2d inputs per (B, C, H, W, Cout, k, stride, padding, dilation,
+    groups): uint8 x on odd cases, int8 on even; bias except on the third; ReLU on even
+    cases. Tuples (x_q, x_zero, w_q, w_scale, bias, relu, stride, padding, dilation, groups)."""
+    for i, (b, c, h, w, cout, k, s, p, d, g) in enumerate(cases):
+        x_u8 = i % 2 == 1
+        x_q = (torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8) if x_u8
+               else rand_i8(b, c, h, w))
+        w_q = rand_i8(cout, c // g, k, k)
+        ws = torch.rand(cout) * 0.01 + 0.001
+        bias = torch.randn(cout) * 5 if i != 2 else None
+        yield x_q, 131 if x_u8 else -9, w_q, ws, bias, i % 2 == 0, s, p, d, g
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_float_epilogue(backend, out_dtype):
     cases = [(2, 16, 15, 13, 24, 3, 2, 1, 1, 1), (1, 32, 9, 9, 32, 3, 1, 2, 2, 32),
              (2, 24, 8, 8, 12, 1, 1, 0, 1, 4), (1, 8, 11, 7, 6, 5, 3, 2, 2, 2)]
-    for i, (b, c, h, w, cout, k, s, p, d, g) in enumerate(cases):
-        x_u8 = i % 2 == 1
-        x_q = (torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8) if x_u8
-               else rand_i8(b, c, h, w))
-        xz = 131 if x_u8 else -9
-        w_q = rand_i8(cout, c // g, k, k)
-        ws = torch.rand(cout) * 0.01 + 0.001
-        bias = torch.randn(cout) * 5 if i != 2 else None
-        relu = i % 2 == 0
+    for x_q, xz, w_q, ws, bias, relu, s, p, d, g in conv_epilogue_cases(cases):
         y = sk.quantized_conv2d(x_q, 0.05, xz, w_q, ws, bias, stride=s, padding=p,
                                 dilation=d, groups=g, relu=relu, out_dtype=out_dtype,
                                 backend=backend)
@@ -329,15 +335,7 @@ def test_cuda_float_epilogue(backend, out_dtype):
     cases = [(2, 16, 15, 13, 24, 3, 2, 1, 1, 1), (1, 32, 9, 9, 32, 3, 1, 2, 2, 32),
              (2, 24, 8, 8, 12, 1, 1, 0, 1, 4), (1, 8, 11, 7, 6, 5, 3, 2, 2, 2),
              (3, 64, 10, 10, 200, 3, 1, 1, 1, 1), (1, 32, 12, 12, 64, 3, 1, 1, 1, 2)]
-    for i, (b, c, h, w, cout, k, s, p, d, g) in enumerate(cases):
-        x_u8 = i % 2 == 1
-        x_q = (torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8) if x_u8
-               else rand_i8(b, c, h, w))
-        xz = 131 if x_u8 else -9
-        w_q = rand_i8(cout, c // g, k, k)
-        ws = torch.rand(cout) * 0.01 + 0.001
-        bias = torch.randn(cout) * 5 if i != 2 else None
-        relu = i % 2 == 0
+    for i, (x_q, xz, w_q, ws, bias, relu, s, p, d, g) in enumerate(conv_epilogue_cases(cases)):
         want, mag = float64_conv(x_q, 0.05, xz, w_q, ws, bias, relu, stride=(s, s),
                                  padding=(p, p), dilation=(d, d), groups=g)
         for fmt in (torch.contiguous_format, torch.channels_last):

@@ -173,11 +173,10 @@ def assert_epilogue_close(y, want, mag, out_dtype):
     assert bool((err <= tol).all()), f"max excess {float((err - tol).max()):.3g}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("w_int4", [False, True])
-def test_quantized_linear_matches_float64(backend, w_int4):
-    cases = [((1, 257), 31, torch.float32), ((2, 3, 31), 257, torch.float16),
-             ((17, 64), 33, torch.bfloat16), ((128, 1000), 40, torch.float32)]
+def linear_cases(cases, w_int4):
+    """Random quantized_linear inputs for each (x shape, N, out_dtype) of `cases` crossed with
+    uint8 / int8 x, per-row / per-tensor x grid, bias on / off and ReLU on / off: tuples
+    (x_q, xs, xz, w8, w_q, ws, bias, relu, out_dtype, lead, n)."""
     for (shape, n, out_dtype), x_u8, per_row, bias_on, relu in itertools.product(
             cases, (False, True), (False, True), (False, True), (False, True)):
         k = shape[-1]
@@ -191,6 +190,15 @@ def test_quantized_linear_matches_float64(backend, w_int4):
         w_q = sk.pack_int4(w8) if w_int4 else w8
         ws = torch.rand(n) * 0.02 + 0.001
         bias = torch.randn(n) * 10 if bias_on else None
+        yield x_q, xs, xz, w8, w_q, ws, bias, relu, out_dtype, lead, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w_int4", [False, True])
+def test_quantized_linear_matches_float64(backend, w_int4):
+    cases = [((1, 257), 31, torch.float32), ((2, 3, 31), 257, torch.float16),
+             ((17, 64), 33, torch.bfloat16), ((128, 1000), 40, torch.float32)]
+    for x_q, xs, xz, w8, w_q, ws, bias, relu, out_dtype, lead, n in linear_cases(cases, w_int4):
         y = sk.quantized_linear(x_q, xs, xz, w_q, ws, bias, relu=relu, out_dtype=out_dtype,
                                 backend=backend)
         assert y.shape == (*lead, n)
@@ -624,19 +632,7 @@ def test_cuda_quantized_linear(backend, w_int4):
     cases = [((1, 257), 31, torch.float32), ((2, 3, 31), 257, torch.float16),
              ((16, 4096), 100, torch.bfloat16), ((17, 64), 33, torch.bfloat16),
              ((300, 1000), 140, torch.float32), ((128, 96), 40, torch.float16)]
-    for (shape, n, out_dtype), x_u8, per_row, bias_on, relu in itertools.product(
-            cases, (False, True), (False, True), (False, True), (False, True)):
-        k = shape[-1]
-        x_q = (torch.randint(0, 256, shape, dtype=torch.uint8) if x_u8
-               else rand_i8(*shape))
-        lo, hi = (0, 255) if x_u8 else (-128, 127)
-        lead = shape[:-1]
-        xs = torch.rand(lead) * 0.1 + 0.01 if per_row else 0.037
-        xz = torch.randint(lo, hi + 1, lead) if per_row else (lo + hi) // 2 + 3
-        w8 = rand_i4(n, k) if w_int4 else rand_i8(n, k)
-        w_q = sk.pack_int4(w8) if w_int4 else w8
-        ws = torch.rand(n) * 0.02 + 0.001
-        bias = torch.randn(n) * 10 if bias_on else None
+    for x_q, xs, xz, w8, w_q, ws, bias, relu, out_dtype, lead, n in linear_cases(cases, w_int4):
         to = (lambda t: t.cuda() if isinstance(t, torch.Tensor) else t)
         y = sk.quantized_linear(x_q.cuda(), to(xs), to(xz), w_q.cuda(), ws.cuda(), to(bias),
                                 relu=relu, out_dtype=out_dtype, backend=backend)
@@ -647,7 +643,8 @@ def test_cuda_quantized_linear(backend, w_int4):
         if CPU_BACKENDS:  # same float32 expression: bit-exact with the cpu backend
             y_cpu = sk.quantized_linear(x_q, xs, xz, w_q, ws, bias, relu=relu,
                                         out_dtype=out_dtype, backend="cpu")
-            assert torch.equal(y, y_cpu), (shape, n, out_dtype, x_u8, per_row, bias_on, relu)
+            assert torch.equal(y, y_cpu), (tuple(x_q.shape), x_q.dtype, n, out_dtype,
+                                           torch.is_tensor(xs), bias is not None, relu)
 
 
 @pytest.mark.parametrize("backend", CUDA)
