@@ -100,7 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--d0", type=float, default=10.0,
                    help="Gaussian low-pass radius (80 at 224x224 scales to 10 at 28x28)")
-    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--tau", nargs="+", default=["0.5"], metavar="[BITS=]VALUE",
+                   help="easy-sample threshold (CE only where 1 - p_teacher(y) < tau): one "
+                        "value for every bit-width, or BITS=VALUE pairs")
     p.add_argument("--lambda-cam", nargs="+", default=["4=50", "3=200"], metavar="[BITS=]VALUE",
                    help="CAM loss weight: one value for every bit-width, or BITS=VALUE "
                         "pairs (default: 50 at W4A4, 200 at W3A3, chosen on held-out data)")
@@ -158,11 +160,11 @@ def synth_config(args, seed):
                        steps=args.synth_steps, beta=args.beta, gamma=args.gamma, seed=seed)
 
 
-def lambda_cam(args, bits) -> float:
-    """The CAM weight for `bits` from --lambda-cam (a plain value applies to every width)."""
+def per_bits(values, bits, flag) -> float:
+    """The value for `bits` from an option that takes VALUE (every bit-width) or BITS=VALUE
+    pairs, e.g. --lambda-cam 4=50 3=200."""
     plain, by_bits = None, {}
-    for item in ([args.lambda_cam] if isinstance(args.lambda_cam, (int, float))
-                 else args.lambda_cam):
+    for item in ([values] if isinstance(values, (int, float, str)) else values):
         key, sep, value = str(item).rpartition("=")
         try:
             if sep:
@@ -170,23 +172,33 @@ def lambda_cam(args, bits) -> float:
             else:
                 plain = float(value)
         except ValueError:
-            raise SystemExit(f"--lambda-cam: expected VALUE or BITS=VALUE, got {item!r}")
+            raise SystemExit(f"{flag}: expected VALUE or BITS=VALUE, got {item!r}")
     if bits in by_bits:
         return by_bits[bits]
     if plain is None:
-        raise SystemExit(f"--lambda-cam gives no value for {bits} bits")
+        raise SystemExit(f"{flag} gives no value for {bits} bits")
     return plain
+
+
+def lambda_cam(args, bits) -> float:
+    return per_bits(args.lambda_cam, bits, "--lambda-cam")
+
+
+def tau(args, bits) -> float:
+    return per_bits(args.tau, bits, "--tau")
 
 
 def ft_config(args, bits, variant, seed):
     overrides, _, _ = VARIANTS[variant]
     cfg = FinetuneConfig(wbits=bits, abits=bits, epochs=args.epochs,
                          calib_epochs=args.calib_epochs, iters_per_epoch=args.iters,
-                         batch_size=args.batch_size, lr=args.lr, d0=args.d0, tau=args.tau,
+                         batch_size=args.batch_size, lr=args.lr, d0=args.d0,
                          lambda_ce=args.lambda_ce, seed=seed)
     cfg = dataclasses.replace(cfg, **overrides)
     if cfg.use_cam:   # variants without CAM keep the field's default (and their result keys)
         cfg = dataclasses.replace(cfg, lambda_cam=lambda_cam(args, bits))
+    if cfg.use_hard_soft_labels:   # likewise tau: the baseline's CE covers every sample
+        cfg = dataclasses.replace(cfg, tau=tau(args, bits))
     if variant == "minmax":
         cfg = dataclasses.replace(cfg, epochs=cfg.calib_epochs)
     return cfg
@@ -324,7 +336,7 @@ def write_markdown(args, rows, fp, teacher_desc, md_path, command, env, costs, c
               f"ranges only), SGD Nesterov momentum 0.9, weight decay 1e-4, lr {args.lr}, "
               f"cosine schedule; augmentation random-resized-crop (0.5-1) + flip.",
               f"- Losses: KD (temperature 20, alpha 20), lambda_CE {args.lambda_ce}, tau "
-              f"{args.tau}, lambda_CAM "
+              f"{', '.join(f'{tau(args, b):g} at W{b}A{b}' for b in args.bits)}, lambda_CAM "
               f"{', '.join(f'{lambda_cam(args, b):g} at W{b}A{b}' for b in args.bits)} "
               f"(Grad-CAM at {cam_layer}, 7x7), "
               f"Gaussian low-pass d0 {args.d0} (80 at 224x224 scaled to 28x28).",

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import ablation  # noqa: E402
 from synq.data import fashion_mnist_dataset  # noqa: E402
-from synq.finetune import finetune  # noqa: E402
+from synq.finetune import FinetuneConfig, finetune  # noqa: E402
 from synq.synth import load_synthetic  # noqa: E402
 
 FIELDS = ["bits", "candidate", "variant", "seed", "heldout_top1", "seconds", "finished"]
@@ -50,7 +50,7 @@ def summarize(paths, out_md):
              "", "Made by `python benchmarks/tune_ablation.py` (see its docstring); each cell "
              "is the mean +- sample std over seeds, then the per-seed values; a candidate "
              "gives the settings that differ from ablation.py's other defaults (lambda_cam "
-             "200 where not named).", "",
+             "200 and tau 0.5 where not named).", "",
              "| bits | candidate settings | baseline | SynQ | SynQ - baseline |",
              "|---|---|---|---|---|"]
 
@@ -67,6 +67,19 @@ def summarize(paths, out_md):
                      f"{cell(q) if q else '-'} | {gain} |")
     Path(out_md).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def candidate_name(a, bits, over) -> str:
+    """Names a candidate by its effective budget, not by the overrides alone (the script's
+    defaults change): epochs and lr always, lambda_cam and tau where they differ from
+    FinetuneConfig's defaults (200, 0.5), and every override."""
+    d = FinetuneConfig()
+    name = {"epochs": a.epochs, "lr": a.lr}
+    for field, value in (("lambda_cam", ablation.lambda_cam(a, bits)),
+                         ("tau", ablation.tau(a, bits))):
+        if value != getattr(d, field):
+            name[field] = value
+    return json.dumps({**name, **over}, sort_keys=True)
 
 
 def main(argv=None):
@@ -100,8 +113,7 @@ def main(argv=None):
     for cand in args.candidate or ["{}"]:
         over = json.loads(cand)
         a = argparse.Namespace(**{**vars(base), **over})
-        # named by its effective budget, not by the overrides alone (defaults change)
-        name = json.dumps({"epochs": a.epochs, "lr": a.lr, **over}, sort_keys=True)
+        name = candidate_name(a, args.bits, over)
         scores = {}
         for seed in args.seeds:
             syn = work / f"synthetic_seed{seed}_{ablation.synth_key(a, seed)}.pt"

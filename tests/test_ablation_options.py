@@ -1,0 +1,27 @@
+"""The ablation script's per-bit-width options: parsing, and which variants they reach."""
+import pytest
+
+from benchmarks import ablation
+
+
+def test_per_bits_plain_and_pairs():
+    assert ablation.per_bits(["0.5"], 4, "--tau") == 0.5
+    assert ablation.per_bits(0.7, 3, "--tau") == 0.7
+    assert ablation.per_bits(["0.5", "4=0.7"], 4, "--tau") == 0.7
+    assert ablation.per_bits(["0.5", "4=0.7"], 3, "--tau") == 0.5
+    with pytest.raises(SystemExit, match="no value for 2 bits"):
+        ablation.per_bits(["4=0.7"], 2, "--tau")
+    with pytest.raises(SystemExit, match="expected VALUE or BITS=VALUE"):
+        ablation.per_bits(["four=0.7"], 4, "--tau")
+
+
+def test_tau_and_lambda_cam_reach_only_the_variants_that_use_them():
+    args = ablation.parse_args(["--tau", "4=0.7", "3=0.3", "--lambda-cam", "4=50", "3=300"])
+    for variant, (over, _, _) in ablation.VARIANTS.items():
+        cfg = ablation.ft_config(args, 4, variant, 0)
+        uses_mask = over.get("use_hard_soft_labels", True)
+        uses_cam = over.get("use_cam", True)
+        assert cfg.tau == (0.7 if uses_mask else 0.5), variant
+        assert cfg.lambda_cam == (50.0 if uses_cam else 200.0), variant
+    assert ablation.ft_config(args, 3, "synq", 0).tau == 0.3
+    assert ablation.ft_config(args, 3, "synq", 0).lambda_cam == 300.0
