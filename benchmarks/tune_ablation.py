@@ -50,11 +50,17 @@ def summarize(paths, out_md):
              "", "Made by `python benchmarks/tune_ablation.py` (see its docstring); each cell "
              "is the mean +- sample std over seeds, then the per-seed values; a candidate "
              "gives the settings that differ from ablation.py's other defaults (lambda_cam "
-             "200 and tau 0.5 where not named).", "",
-             "| bits | candidate settings | baseline | SynQ | SynQ - baseline |",
-             "|---|---|---|---|---|"]
+             "200 and tau 0.5 where not named; a variant ignores the settings of the "
+             "components it leaves out, e.g. the baseline's CE covers every sample whatever "
+             "tau).", ""]
+    order = [v for v in ablation.VARIANTS
+             if any(v in vs for vs in by.values())]
+    lines += ["| bits | candidate settings | " + " | ".join(order) + " | SynQ - baseline |",
+              "|---|---|" + "---|" * (len(order) + 1)]
 
     def cell(d):
+        if not d:
+            return "-"
         v = [d[k] for k in sorted(d)]
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         return f"{statistics.mean(v):.2f} +- {sd:.2f} ({', '.join(f'{x:.2f}' for x in v)})"
@@ -63,8 +69,8 @@ def summarize(paths, out_md):
         b, q = vs.get("baseline", {}), vs.get("synq", {})
         common = sorted(set(b) & set(q))
         gain = (f"{statistics.mean(q[k] - b[k] for k in common):+.2f}" if common else "-")
-        lines.append(f"| W{bits}A{bits} | `{cand}` | {cell(b) if b else '-'} | "
-                     f"{cell(q) if q else '-'} | {gain} |")
+        lines.append(f"| W{bits}A{bits} | `{cand}` | "
+                     + " | ".join(cell(vs.get(v, {})) for v in order) + f" | {gain} |")
     Path(out_md).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
