@@ -405,6 +405,9 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
             depthwise.
         w_scale: scalar or (Cout,); bias None or (Cout,).
         stride, padding, dilation: int or pair (padding >= 0, the others >= 1).
+        w_rowsum: optional (Cout,) `weight_row_sums(w_q)`, precomputed once per layer; it must
+            be exactly that (some backends use it for the zero-point correction, others
+            recompute it), computed here when None.
     Returns (B, Cout, OH, OW) of out_dtype.
     """
     _check_tensor("x_q", x_q, (torch.int8, torch.uint8), 4)
