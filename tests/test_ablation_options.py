@@ -25,3 +25,10 @@ def test_tau_and_lambda_cam_reach_only_the_variants_that_use_them():
         assert cfg.lambda_cam == (50.0 if uses_cam else 200.0), variant
     assert ablation.ft_config(args, 3, "synq", 0).tau == 0.3
     assert ablation.ft_config(args, 3, "synq", 0).lambda_cam == 300.0
+
+
+def test_paired_ci_matches_a_hand_computation():
+    # diffs 1, 2, 3: mean 2, sd 1, n 3 -> half-width 4.303 / sqrt(3)
+    lo, hi = ablation.paired_ci([1.0, 2.0, 3.0])
+    half = 4.303 / 3 ** 0.5
+    assert abs(lo - (2 - half)) < 1e-9 and abs(hi - (2 + half)) < 1e-9
