@@ -6,12 +6,13 @@ int4_matmul and int8 quantized_linear (fused dequantizing epilogue, float32 out)
 ResNet-18 layers against F.conv2d (fp32 on the CPU, fp16 channels-last cuDNN on a GPU) and
 quantized_conv2d (channels-last input on a GPU);
 on the CPU also the ResNet-20 (1x28x28 Fashion-MNIST) layers at batch 1, 32 and 256, the
-prepacked int8-in / int8-out conv (quantized_conv2d_packed's kernel op, channels-last) and the
+prepacked int8-in / int8-out conv (quantized_conv2d_packed's kernel op, channels-last), the
+MobileNetV2 depthwise layers at batch 1 and 8 against channels-last fp32 F.conv2d, and the
 whole ResNet-20: fp32 model vs its integer version (benchmarks/int_resnet20.py).
 Rate: GOP/s = 2 M N K / time.
 
     python -m benchmarks.bench_int_gemm [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
-        [--only gemm,conv,resnet20]
+        [--only gemm,conv,dw,resnet20]
 """
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ RESNET20_CONVS = [
     ("r20.layer3.conv", 64, 7, 7, 64, 3, 1, 1),
 ]
 RESNET20_BATCHES = [1, 32, 256]
+
+# MobileNetV2 depthwise convs at 224 x 224 input (groups = C = Cout); on the CPU the float
+# baseline is F.conv2d on channels-last input, oneDNN's fast depthwise layout (NCHW is 2-20x
+# slower there)
+MOBILENETV2_DW = [
+    ("mbv2.dw32", 32, 112, 112, 32, 3, 1, 1, 32),
+    ("mbv2.dw144.s2", 144, 56, 56, 144, 3, 2, 1, 144),
+    ("mbv2.dw192", 192, 28, 28, 192, 3, 1, 1, 192),
+    ("mbv2.dw384", 384, 14, 14, 384, 3, 1, 1, 384),
+    ("mbv2.dw960", 960, 7, 7, 960, 3, 1, 1, 960),
+]
 
 
 def _backends(op, device):
@@ -95,44 +107,47 @@ def _gemm_rows(m, k, n, device, quick):
 
 
 def _conv_rows(layer, batch, device, quick):
-    name, c, h, w_, cout, k, s, p = layer
+    name, c, h, w_, cout, k, s, p = layer[:8]
+    g = layer[8] if len(layer) > 8 else 1
     rows = []
     x = torch.randint(-128, 128, (batch, c, h, w_), dtype=torch.int8, device=device)
-    wq = torch.randint(-128, 128, (cout, c, k, k), dtype=torch.int8, device=device)
-    if device == "cuda":  # channels-last: cuDNN's fast fp16 layout, and synq's on the GPU
-        x = x.contiguous(memory_format=torch.channels_last)
+    wq = torch.randint(-128, 128, (cout, c // g, k, k), dtype=torch.int8, device=device)
+    if device == "cuda" or g > 1:  # channels-last: cuDNN's fast fp16 layout, synq's on the
+        x = x.contiguous(memory_format=torch.channels_last)  # GPU, oneDNN's for depthwise
     oh = (h + 2 * p - k) // s + 1
     ow = (w_ + 2 * p - k) // s + 1
-    ops = 2 * batch * cout * oh * ow * c * k * k
-    shape = f"{name} b{batch} {c}x{h}x{w_}->{cout} k{k}s{s}"
+    ops = 2 * batch * cout * oh * ow * (c // g) * k * k
+    shape = f"{name} b{batch} {c}x{h}x{w_}->{cout} k{k}s{s}" + (f"g{g}" if g > 1 else "")
     mrt = 0.2 if quick else 0.5
     dt = torch.float32 if device == "cpu" else torch.float16
     xf, wf = x.to(dt), wq.to(dt)
     if device == "cuda":
         wf = wf.contiguous(memory_format=torch.channels_last)
-    base_t = time_fn(lambda: F.conv2d(xf, wf, None, s, p), device, mrt)
-    rows.append(_row("conv", shape, f"F.conv2d {str(dt)[6:]}", base_t, ops, base_t))
+    base_t = time_fn(lambda: F.conv2d(xf, wf, None, s, p, 1, g), device, mrt)
+    layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
+    rows.append(_row("conv", shape, f"F.conv2d {str(dt)[6:]}{layout}", base_t, ops, base_t))
     ws, rs = torch.rand(cout, device=device) + 0.1, sk.weight_row_sums(wq)
     for b in _backends("quantized_conv2d", device):
         with sk.value_checks(False):
             t = time_fn(lambda: sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
-                                                    w_rowsum=rs, backend=b), device, mrt)
+                                                    groups=g, w_rowsum=rs, backend=b),
+                        device, mrt)
         rows.append(_row("conv", shape, f"synq quantized_conv2d int8 [{b}]", t, ops, base_t))
     if device == "cpu" and "cpu" in _backends("quantized_conv2d", device):
-        rows += _packed_conv_rows(x, wq, ws, s, p, shape, ops, base_t, mrt)
+        rows += _packed_conv_rows(x, wq, ws, s, p, shape, ops, base_t, mrt, g)
     return rows
 
 
-def _packed_conv_rows(x, wq, ws, s, p, shape, ops, base_t, mrt):
+def _packed_conv_rows(x, wq, ws, s, p, shape, ops, base_t, mrt, g=1):
     """The exporter's CPU path: channels-last int8 in, prepacked weight, bias + ReLU +
     requantization to int8 in the epilogue, the kernel op called directly."""
     xc = x.contiguous(memory_format=torch.channels_last)
-    wp = sk.prepack_conv2d_weight(wq)
+    wp = sk.prepack_conv2d_weight(wq, g)
     op = torch.ops.synq._quantized_conv2d_packed.default
     xs, xz = torch.tensor([0.02]), torch.tensor([3], dtype=torch.int32)
     os_, oz = torch.tensor([0.5]), torch.tensor([-128], dtype=torch.int32)
     bias = torch.randn(wq.shape[0])
-    t = time_fn(lambda: op(xc, xs, xz, wp, ws, bias, [s, s], [p, p], [1, 1], 1, True,
+    t = time_fn(lambda: op(xc, xs, xz, wp, ws, bias, [s, s], [p, p], [1, 1], g, True,
                            torch.int8, os_, oz, None, None, None), "cpu", mrt)
     return [_row("conv", shape, "synq quantized_conv2d_packed int8->int8 [cpu]", t, ops,
                  base_t)]
@@ -160,7 +175,7 @@ def _resnet20_rows(batches, quick):
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None,
-        only: tuple[str, ...] = ("gemm", "conv", "resnet20")) -> list[dict]:
+        only: tuple[str, ...] = ("gemm", "conv", "dw", "resnet20")) -> list[dict]:
     if device == "cpu":
         ms = [1, 16, 256]
         batches = [1]
@@ -181,6 +196,11 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None,
     if device == "cpu" and "conv" in only:
         for batch in RESNET20_BATCHES[:2] if quick else RESNET20_BATCHES:
             for layer in RESNET20_CONVS:
+                rows += _conv_rows(layer, batch, device, quick)
+                print(markdown_table(rows[-3:]), flush=True)
+    if device == "cpu" and "dw" in only:
+        for batch in [1] if quick else [1, 8]:
+            for layer in MOBILENETV2_DW[::2] if quick else MOBILENETV2_DW:
                 rows += _conv_rows(layer, batch, device, quick)
                 print(markdown_table(rows[-3:]), flush=True)
     if device == "cpu" and "resnet20" in only:
@@ -204,8 +224,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); 1 gives steadier numbers on a "
                         "machine whose cores are shared with other jobs")
-    p.add_argument("--only", default="gemm,conv,resnet20",
-                   help="comma-separated parts to run: gemm, conv, resnet20 (CPU only)")
+    p.add_argument("--only", default="gemm,conv,dw,resnet20",
+                   help="comma-separated parts to run: gemm, conv, dw (MobileNetV2 depthwise, "
+                        "CPU only), resnet20 (CPU only)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

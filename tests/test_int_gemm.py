@@ -302,6 +302,12 @@ x = torch.randint(-128, 128, (2, 6, 9, 8), dtype=torch.int8)
 w = torch.randint(-128, 128, (4, 3, 3, 3), dtype=torch.int8)
 y = sk.quantized_conv2d(x, 1.0, 5, w, 1.0, padding=1, groups=2, backend="cpu")
 assert torch.equal(y.to(torch.int32), R.quantized_conv2d_int(x, 5, w, (1, 1), (1, 1), (1, 1), 2))
+for c, s in [(20, 2), (32, 1)]:  # depthwise kernel: a partial and a full channel block
+    x = torch.randint(-128, 128, (2, c, 9, 7), dtype=torch.int8)
+    w = torch.randint(-128, 128, (c, 1, 3, 3), dtype=torch.int8)
+    y = sk.quantized_conv2d(x, 1.0, -3, w, 1.0, stride=s, padding=1, groups=c, backend="cpu")
+    want = R.quantized_conv2d_int(x, -3, w, (s, s), (1, 1), (1, 1), c)
+    assert torch.equal(y.to(torch.int32), want), c
 print("portable ok")
 """
 
