@@ -3,6 +3,7 @@ in the same run: fp32 on a CPU, fp16 channels-last on a GPU.
 
 Models: the bundled Fashion-MNIST ResNet-20 (1x28x28, its trained weights) and ResNet-18 at
 3x224x224 (random weights, random BatchNorm statistics: latency does not depend on them),
+on a CPU also MobileNetV2 at 3x224x224 (batch 1 and 8; random as ResNet-18),
 exported at W8A8 and W4A4 after calibration on one random batch, at batch 1, 32 and 256.
 On a GPU every integer backend available is timed; the plot (PNG, if matplotlib is
 installed) shows latency against batch size per model, bit-width and backend.
@@ -18,7 +19,7 @@ import torch
 import synq_kernels as sk
 from synq.assets import load_default_teacher
 from synq.deploy import export
-from synq.models import resnet18
+from synq.models import mobilenet_v2, resnet18
 from synq.quant import calibrate, quantize_model
 
 from .bench_train import random_bn
@@ -31,6 +32,9 @@ def _models(quick, device):
     yield "resnet20", load_default_teacher()[0], (1, 28, 28), BATCHES
     r18_batches = (1, 32) if (quick and device == "cpu") else BATCHES
     yield "resnet18", random_bn(resnet18(num_classes=1000)), (3, 224, 224), r18_batches
+    if device == "cpu":  # depthwise convs: the CPU kernel's own path
+        yield ("mobilenetv2", random_bn(mobilenet_v2(num_classes=1000)), (3, 224, 224),
+               (1,) if quick else (1, 8))
 
 
 def _float_model(model, device):
