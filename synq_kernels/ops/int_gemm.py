@@ -291,7 +291,8 @@ def _per_channel(name, t, n):
 def _check_activation(x_q, x_zero):
     """int8 or uint8 activations; uint8 ones are shifted to int8 (exact, zero point too)."""
     if x_q.dtype == torch.uint8:
-        return (x_q.to(torch.int16) - 128).to(torch.int8), x_zero - 128
+        # v - 128 for v in 0..255 is v with its top bit flipped, read as int8: one pass
+        return (x_q ^ 128).view(torch.int8), x_zero - 128
     return x_q, x_zero
 
 
