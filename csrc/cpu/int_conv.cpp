@@ -410,6 +410,31 @@ Scratch& thread_scratch() {
   return s;
 }
 
+// Walks the output pixels of one image in tiles: for each pixel of the next tile, its window
+// origin in the widened image (base + pixel offset), its output offset and its residual offset.
+// (oy, ox) are stepped rather than divided: an idiv per pixel costs as much as the whole K
+// loop of a 1-channel stem.
+struct PixelWalker {
+  const ConvArgs& a;
+  int64_t oy, ox, row_step, col_step;
+  const int16_t* row_base;
+  PixelWalker(const ConvArgs& a_, const int16_t* base, int64_t px0)
+      : a(a_), oy(px0 / a_.OW), ox(px0 % a_.OW), row_step(a_.sh * a_.Wp * a_.Cp),
+        col_step(a_.sw * a_.Cp), row_base(base + (px0 / a_.OW) * row_step) {}
+  void next(int mr, const int16_t** px, int64_t* poff, int64_t* roff) {
+    for (int r = 0; r < mr; ++r) {
+      px[r] = row_base + ox * col_step;
+      poff[r] = oy * a.soy + ox * a.sox;
+      roff[r] = a.res ? oy * a.sry + ox * a.srx : 0;
+      if (++ox == a.OW) {
+        ox = 0;
+        ++oy;
+        row_base += row_step;
+      }
+    }
+  }
+};
+
 // Pixels [t0, t1) (in tiles of kPT) x channel blocks [nb0, nb1) of image bi, whose widened
 // copy is `img`.
 void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64_t bi,
@@ -424,23 +449,10 @@ void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64
     const int nv = static_cast<int>(std::min<int64_t>(kCB, a.Og - nb * kCB));
     const float* sc = a.scale + (g * a.NB + nb) * kCB;
     const float* bs = a.bias + (g * a.NB + nb) * kCB;
-    // (oy, ox) of the next pixel, stepped rather than divided (an idiv per pixel costs as
-    // much as the whole K loop of a 1-channel stem)
-    int64_t oy = px0 / a.OW, ox = px0 % a.OW;
-    const int64_t row_step = a.sh * a.Wp * a.Cp, col_step = a.sw * a.Cp;
-    const int16_t* row_base = ig + oy * row_step;
+    PixelWalker walk(a, ig, px0);
     for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
       const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
-      for (int r = 0; r < mr; ++r) {
-        px[r] = row_base + ox * col_step;
-        poff[r] = oy * a.soy + ox * a.sox;
-        roff[r] = a.res ? oy * a.sry + ox * a.srx : 0;
-        if (++ox == a.OW) {
-          ox = 0;
-          ++oy;
-          row_base += row_step;
-        }
-      }
+      walk.next(mr, px, poff, roff);
       run_micro(px, mr, off, a.np, wb, acc);
 #if SYNQ_INT_CONV_X86
       if (vec_epi && nv == kCB) {
@@ -453,9 +465,54 @@ void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64
   }
 }
 
-void conv_run(ConvArgs& a) {
+// Whether epilogue_avx2 handles this output (and residual) for full 16-channel blocks.
+bool vector_epilogue_ok(const ConvArgs& a) {
+  return conv_use_avx2() && (!a.res || a.src == 1) &&
+         (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
+}
+
+// Widens the images and runs body(img, bi, unit, px0, px1) over every image, every one of
+// `units` channel units per image and every pixel: whole images per task when there are at
+// least as many as threads (each thread widens into its own scratch), otherwise all images
+// widened first, then pixel ranges (in tiles of `tile`) and units split across threads.
+template <typename Body>
+void conv_parallel(const ConvArgs& a, int64_t units, int64_t tile, int64_t work, Body body) {
   const int64_t P = a.OH * a.OW;
   const int64_t img_elems = a.Hp * a.Wp * a.Cp;
+  const int64_t nth = at::get_num_threads();
+  if (a.B >= nth && a.B > 1) {
+    const int64_t grain = work < (1 << 18) ? a.B : 1;
+    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
+      Scratch& s = thread_scratch();
+      if (static_cast<int64_t>(s.buf.size()) < img_elems) s.buf.resize(img_elems);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        widen_image(a, bi, s.buf.data());
+        for (int64_t u = 0; u < units; ++u) body(s.buf.data(), bi, u, int64_t{0}, P);
+      }
+    });
+    return;
+  }
+  Scratch& s = thread_scratch();
+  if (static_cast<int64_t>(s.buf.size()) < a.B * img_elems) s.buf.resize(a.B * img_elems);
+  int16_t* bufs = s.buf.data();
+  for (int64_t bi = 0; bi < a.B; ++bi) widen_image(a, bi, bufs + bi * img_elems);
+  const int64_t ptiles = (P + tile - 1) / tile;
+  const bool split = nth > 1 && work >= (1 << 18);
+  const int64_t pch =
+      split ? std::max<int64_t>(1, std::min(ptiles, (4 * nth + a.B * units - 1) / (a.B * units)))
+            : 1;
+  const int64_t total = a.B * units * pch;
+  at::parallel_for(0, total, split ? 1 : total, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pc = t % pch, u = (t / pch) % units, bi = t / pch / units;
+      const int64_t px0 = std::min(P, ptiles * pc / pch * tile);
+      const int64_t px1 = std::min(P, ptiles * (pc + 1) / pch * tile);
+      if (px0 < px1) body(bufs + bi * img_elems, bi, u, px0, px1);
+    }
+  });
+}
+
+void conv_run(ConvArgs& a) {
   // K offsets in int16 elements from a pixel's window origin; with groups > 1 each group reads
   // its own channel slice of the full-width buffer (Cp = C, Cg even) or (Cg odd) its own copy.
   std::vector<int32_t> off(a.kh * a.kw * ((a.Cg + 1) / 2));
@@ -467,48 +524,13 @@ void conv_run(ConvArgs& a) {
           off[(ky * a.kw + kx) * cg2 + j] =
               static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp + 2 * j);
   }
-  const bool vec_epi = conv_use_avx2() && (!a.res || a.src == 1) &&
-                       (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
-  const int64_t nth = at::get_num_threads();
-  const int64_t ptiles = (P + kPT - 1) / kPT;
-  const int64_t work = a.B * P * a.Cout * a.kh * a.kw * a.Cg;  // MACs
-  if (a.B >= nth && a.B > 1) {
-    // Whole images per task: each thread widens into its own scratch.
-    const int64_t grain = work < (1 << 18) ? a.B : 1;
-    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
-      Scratch& s = thread_scratch();
-      if (static_cast<int64_t>(s.buf.size()) < img_elems) s.buf.resize(img_elems);
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        widen_image(a, bi, s.buf.data());
-        for (int64_t g = 0; g < a.groups; ++g)
-          conv_tiles(a, s.buf.data(), off.data(), bi, g, 0, a.NB, 0, P, vec_epi);
-      }
-    });
-    return;
-  }
-  // Few images: widen them all, then split pixels and channel blocks across threads.
-  Scratch& s = thread_scratch();
-  if (static_cast<int64_t>(s.buf.size()) < a.B * img_elems) s.buf.resize(a.B * img_elems);
-  int16_t* bufs = s.buf.data();
-  for (int64_t bi = 0; bi < a.B; ++bi) widen_image(a, bi, bufs + bi * img_elems);
-  const int64_t gb = a.groups * a.NB;
-  int64_t pch = 1;
-  if (nth > 1 && work >= (1 << 18)) {
-    const int64_t want = 4 * nth;
-    pch = std::max<int64_t>(1, std::min(ptiles, (want + a.B * gb - 1) / (a.B * gb)));
-  }
-  const int64_t units = a.B * gb * pch;
-  const int64_t grain = (nth > 1 && work >= (1 << 18)) ? 1 : units;
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t pc = u % pch, nbg = (u / pch) % gb, bi = u / pch / gb;
-      const int64_t g = nbg / a.NB, nb = nbg % a.NB;
-      const int64_t px0 = std::min(P, ptiles * pc / pch * kPT);
-      const int64_t px1 = std::min(P, ptiles * (pc + 1) / pch * kPT);
-      if (px0 < px1)
-        conv_tiles(a, bufs + bi * img_elems, off.data(), bi, g, nb, nb + 1, px0, px1, vec_epi);
-    }
-  });
+  const bool vec_epi = vector_epilogue_ok(a);
+  const int64_t work = a.B * a.OH * a.OW * a.Cout * a.kh * a.kw * a.Cg;  // MACs
+  conv_parallel(a, a.groups * a.NB, kPT, work,
+                [&](const int16_t* img, int64_t bi, int64_t u, int64_t px0, int64_t px1) {
+                  const int64_t g = u / a.NB, nb = u % a.NB;
+                  conv_tiles(a, img, off.data(), bi, g, nb, nb + 1, px0, px1, vec_epi);
+                });
 }
 
 // ---- depthwise (groups = C = Cout): channels in the vector lanes ------------------------------
@@ -578,22 +600,11 @@ void dw_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t
   const int16_t* pb[kDwPT];
   const int16_t* px[kDwPT];
   int64_t poff[kDwPT], roff[kDwPT];
-  int64_t oy = px0 / a.OW, ox = px0 % a.OW;
-  const int64_t row_step = a.sh * a.Wp * a.Cp, col_step = a.sw * a.Cp;
-  const int16_t* row_base = img + oy * row_step;
+  PixelWalker walk(a, img, px0);
   const bool avx2 = conv_use_avx2();
   for (int64_t p0 = px0; p0 < px1; p0 += kDwPT) {
     const int mr = static_cast<int>(std::min<int64_t>(kDwPT, px1 - p0));
-    for (int r = 0; r < mr; ++r) {
-      pb[r] = row_base + ox * col_step;
-      poff[r] = oy * a.soy + ox * a.sox;
-      roff[r] = a.res ? oy * a.sry + ox * a.srx : 0;
-      if (++ox == a.OW) {
-        ox = 0;
-        ++oy;
-        row_base += row_step;
-      }
-    }
+    walk.next(mr, pb, poff, roff);
     for (int64_t nb = 0; nb < d.NBc; ++nb) {
       const int64_t c0 = nb * kCB;
       const int nv = static_cast<int>(std::min<int64_t>(kCB, a.C - c0));
@@ -653,39 +664,11 @@ void conv_run_dw(ConvArgs& a) {
     d.sc[c] = a.scale[c * kCB];
     d.bs[c] = a.bias[c * kCB];
   }
-  const bool vec_epi = conv_use_avx2() && (!a.res || a.src == 1) &&
-                       (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
-  const int64_t P = a.OH * a.OW, img_elems = a.Hp * a.Wp * a.Cp;
-  const int64_t nth = at::get_num_threads();
-  const int64_t work = a.B * P * a.C * d.T;
-  if (a.B >= nth && a.B > 1) {
-    const int64_t grain = work < (1 << 18) ? a.B : 1;
-    at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
-      Scratch& s = thread_scratch();
-      if (static_cast<int64_t>(s.buf.size()) < img_elems) s.buf.resize(img_elems);
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        widen_image(a, bi, s.buf.data());
-        dw_tiles(a, d, s.buf.data(), bi, 0, P, vec_epi);
-      }
-    });
-    return;
-  }
-  Scratch& s = thread_scratch();
-  if (static_cast<int64_t>(s.buf.size()) < a.B * img_elems) s.buf.resize(a.B * img_elems);
-  int16_t* bufs = s.buf.data();
-  for (int64_t bi = 0; bi < a.B; ++bi) widen_image(a, bi, bufs + bi * img_elems);
-  const int64_t ptiles = (P + kDwPT - 1) / kDwPT;
-  const bool split = nth > 1 && work >= (1 << 18);
-  const int64_t pch = split ? std::max<int64_t>(1, std::min(ptiles, (4 * nth + a.B - 1) / a.B))
-                            : 1;
-  at::parallel_for(0, a.B * pch, split ? 1 : a.B * pch, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t pc = u % pch, bi = u / pch;
-      const int64_t px0 = std::min(P, ptiles * pc / pch * kDwPT);
-      const int64_t px1 = std::min(P, ptiles * (pc + 1) / pch * kDwPT);
-      if (px0 < px1) dw_tiles(a, d, bufs + bi * img_elems, bi, px0, px1, vec_epi);
-    }
-  });
+  const bool vec_epi = vector_epilogue_ok(a);
+  conv_parallel(a, 1, kDwPT, a.B * a.OH * a.OW * a.C * d.T,
+                [&](const int16_t* img, int64_t bi, int64_t, int64_t px0, int64_t px1) {
+                  dw_tiles(a, d, img, bi, px0, px1, vec_epi);
+                });
 }
 
 void check_1(const at::Tensor& t, const char* name, at::ScalarType st) {
