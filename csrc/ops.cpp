@@ -52,11 +52,13 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
   // _conv2d_prepack; w_scale (Cout,) float32. Output channels-last (B, Cout, OH, OW).
   // y = float(acc) * (x_scale * w_scale) + bias, + residual (float32, or int8 / uint8 with
   // residual_scale / residual_zero), ReLU; out_dtype float32 / float16 / bfloat16, or int8 /
-  // uint8: clamp(round(y * (1 / out_scale)) + out_zero).
+  // uint8: clamp(round(y * (1 / out_scale)) + out_zero, lowest, out_max), out_max defaulting
+  // to the dtype's highest value (a lower one for grids narrower than 8 bits).
   m.def("_quantized_conv2d_packed(Tensor x, Tensor x_scale, Tensor x_zero, Tensor w_packed, "
         "Tensor w_scale, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, "
         "bool relu, ScalarType out_dtype, Tensor? out_scale, Tensor? out_zero, "
-        "Tensor? residual, Tensor? residual_scale, Tensor? residual_zero) -> Tensor");
+        "Tensor? residual, Tensor? residual_scale, Tensor? residual_zero, int? out_max=None) "
+        "-> Tensor");
 }
 
 }  // namespace synq

@@ -140,6 +140,27 @@ def test_requantize_rounds_half_to_even_and_clamps():
 
 
 @needs_cpu
+@pytest.mark.parametrize("out_dtype, out_max", [(torch.int8, -113), (torch.int8, -128),
+                                                (torch.uint8, 7), (torch.uint8, 255)])
+def test_out_max_lowers_the_top(out_dtype, out_max):
+    """out_max (a grid narrower than 8 bits) clamps inside the epilogue: exact against the
+    reference, and the same as clamping the unclamped result afterwards."""
+    for case in (CASES[1], CASES[9]):                 # general and depthwise kernels
+        x, xz, wq, ws, bias, kw = _args(case, torch.int8, out_dtype, "int8", True)
+        kw["out_scale"] = 0.05                        # many values above the top
+        outs = []
+        for be in ("reference", "cpu"):
+            wp = sk.prepack_conv2d_weight(wq, kw["groups"], backend=be)
+            outs.append(sk.quantized_conv2d_packed(x, 0.02, xz, wp, ws, bias, relu=True,
+                                                   out_max=out_max, backend=be, **kw))
+            full = sk.quantized_conv2d_packed(x, 0.02, xz, wp, ws, bias, relu=True,
+                                              backend=be, **kw)
+            assert torch.equal(outs[-1], full.clamp(max=out_max))
+        assert torch.equal(outs[0], outs[1])
+        assert int(outs[1].max()) == out_max
+
+
+@needs_cpu
 def test_opcheck():
     x, xz, wq, ws, bias, kw = _args(CASES[5], torch.int8, torch.int8, "int8", True)
     wp = torch.ops.synq._conv2d_prepack(wq, 1)
@@ -149,6 +170,7 @@ def test_opcheck():
             torch.tensor([0.37]), torch.tensor([-3], dtype=torch.int32), kw["residual"],
             torch.tensor([0.05]), torch.tensor([4], dtype=torch.int32))
     torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args)
+    torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args + (-20,))
     args = args[:11] + (torch.float32, None, None, None, None, None)
     torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args)
 
@@ -168,6 +190,11 @@ def test_errors():
     with pytest.raises(ValueError, match="needs residual_scale and residual_zero"):
         sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), padding=1,
                                    residual=torch.zeros(1, 4, 6, 6, dtype=torch.int8))
+    with pytest.raises(ValueError, match="out_max applies to an int8 / uint8 output only"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), out_max=3)
+    with pytest.raises(ValueError, match="out_max must be from -128 to 127, got 200"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), out_dtype=torch.int8,
+                                   out_scale=0.1, out_zero=0, out_max=200)
     with pytest.raises(TypeError, match="w_packed must have dtype int16"):
         sk.quantized_conv2d_packed(x, 0.1, 0, wp.to(torch.int8), torch.ones(4))
 

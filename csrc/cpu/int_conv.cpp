@@ -695,7 +695,8 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
                             const std::optional<at::Tensor>& out_zero,
                             const std::optional<at::Tensor>& residual,
                             const std::optional<at::Tensor>& residual_scale,
-                            const std::optional<at::Tensor>& residual_zero) {
+                            const std::optional<at::Tensor>& residual_zero,
+                            std::optional<int64_t> out_max) {
   TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kChar || x.scalar_type() == at::kByte),
               kWho, "x must be 4-D int8 or uint8, got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kWho,
@@ -778,6 +779,12 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
     TORCH_CHECK(a.oz >= a.qmin && a.oz <= a.qmax, kWho, "out_zero = ", a.oz,
                 " is outside the range of out_dtype ", out_dtype);
   }
+  if (out_max) {
+    TORCH_CHECK(quant_out, kWho, "out_max applies to an int8 / uint8 output only");
+    TORCH_CHECK(*out_max >= a.qmin && *out_max <= a.qmax, kWho, "out_max = ", *out_max,
+                " is outside the range of out_dtype ", out_dtype);
+    a.qmax = static_cast<int32_t>(*out_max);
+  }
   // residual
   a.res = nullptr;
   if (residual) {
@@ -845,7 +852,7 @@ at::Tensor quantized_conv2d_packed_cpu(
     bool relu, at::ScalarType out_dtype, const std::optional<at::Tensor>& out_scale,
     const std::optional<at::Tensor>& out_zero, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& residual_scale,
-    const std::optional<at::Tensor>& residual_zero) {
+    const std::optional<at::Tensor>& residual_zero, std::optional<int64_t> out_max) {
   TORCH_CHECK(w_scale.dim() == 1, kWho, "w_scale must be 1-D (Cout,), got ", w_scale.sizes());
   TORCH_CHECK(w_packed.dim() == 6 && w_packed.scalar_type() == at::kShort &&
                   w_packed.size(5) == 2 * kCB && w_packed.is_contiguous(),
@@ -857,7 +864,7 @@ at::Tensor quantized_conv2d_packed_cpu(
                           w_scale.size(0), w_scale, bias, stride,
                           padding, dilation, groups, relu, out_dtype,
                           at::MemoryFormat::ChannelsLast, out_scale, out_zero, residual,
-                          residual_scale, residual_zero);
+                          residual_scale, residual_zero, out_max);
 }
 
 // The unpacked op (int8 x, weights packed per call): output in x's memory format.
@@ -890,7 +897,8 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
   prepack_into(w.contiguous(), ps, wbuf.data());
   return conv_packed_impl(x, x_scale, x_zero, ps, wbuf.data(), w.size(0), w_scale, bias,
                           stride, padding, dilation, groups, relu, out_dtype, fmt,
-                          std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+                          std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                          std::nullopt);
 }
 
 }  // namespace

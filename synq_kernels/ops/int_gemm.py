@@ -460,8 +460,8 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
 # `prepack_conv2d_weight` once per layer, then `quantized_conv2d_packed` per call. Its kernel
 # is the compiled op torch.ops.synq._quantized_conv2d_packed itself (no Python custom-op layer
 # in between, so the per-call cost is the dispatcher's); a hot loop that has already checked
-# its arguments may call that op directly with the tensors this wrapper would build (see
-# `_packed_conv_args`). Without `_C`, or with backend="reference", the reference computes
+# its arguments may call that op directly with the tensors this wrapper would build (as
+# synq.deploy does). Without `_C`, or with backend="reference", the reference computes
 # the same thing in the same float32 order.
 
 def _has_packed_kernel():
@@ -479,7 +479,8 @@ if _has_packed_kernel():
 
     @torch.library.register_fake("synq::_quantized_conv2d_packed")
     def _(x, x_scale, x_zero, w_packed, w_scale, bias, stride, padding, dilation, groups, relu,
-          out_dtype, out_scale, out_zero, residual, residual_scale, residual_zero):
+          out_dtype, out_scale, out_zero, residual, residual_scale, residual_zero,
+          out_max=None):
         kh, kw = w_packed.shape[2], w_packed.shape[3]
         oh = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
         ow = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
@@ -519,6 +520,7 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
                             relu: bool = False, out_dtype: torch.dtype = torch.float32,
                             out_scale=None, out_zero=None, residual: Tensor | None = None,
                             residual_scale=None, residual_zero=None,
+                            out_max: int | None = None,
                             backend: str | None = None) -> Tensor:
     """Integer conv2d on a prepacked weight, with a fused epilogue; output channels-last.
 
@@ -526,8 +528,9 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
             (+ residual, or + residual_scale (residual - residual_zero) for an int residual)
         y = ReLU(y) if relu
         out = y as out_dtype (float32 / float16 / bfloat16), or requantized for int8 / uint8:
-              clamp(round(y / out_scale) + out_zero)   (exact float32 order: reference
-              `quantized_conv2d_packed`; / out_scale is * float32(1 / out_scale))
+              clamp(round(y / out_scale) + out_zero, lowest, out_max)   (exact float32
+              order: reference `quantized_conv2d_packed`; / out_scale is
+              * float32(1 / out_scale))
 
     Args:
         x_q: (B, C, H, W) int8 or uint8, any strides (channels-last is the fast layout);
@@ -537,6 +540,8 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
         w_scale: a (Cout,) tensor (Cout is its length).
         bias: None or (Cout,).
         out_scale, out_zero: per-tensor, required exactly when out_dtype is int8 / uint8.
+        out_max: None (the dtype's highest value) or a lower top for an int8 / uint8 output,
+            for grids narrower than 8 bits (a 4-bit grid shifted into int8 ends at -113).
         residual: None or the output's shape (B, Cout, OH, OW), float32 or int8 / uint8 with
             residual_scale / residual_zero (per-tensor); added before the ReLU.
     """
@@ -593,6 +598,11 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
             raise ValueError("out_scale and out_zero must be per-tensor (one element)")
         if checks:
             _checks.check_positive_finite("out_scale", os_)
+    if out_max is not None:
+        if not quant:
+            raise ValueError("out_max applies to an int8 / uint8 output only")
+        qlo, qhi = (-128, 127) if out_dtype == torch.int8 else (0, 255)
+        out_max = _checks.check_int_range("out_max", out_max, qlo, qhi)
     rs = rz = None
     if residual is not None:
         _check_tensor("residual", residual, (torch.float32, torch.int8, torch.uint8), 4)
@@ -614,7 +624,7 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
     elif residual_scale is not None or residual_zero is not None:
         raise ValueError("residual_scale / residual_zero given without a residual")
     args = (x_q, xs, xz, w_packed, ws, b, stride, padding, dilation, groups, bool(relu),
-            out_dtype, os_, oz, residual, rs, rz)
+            out_dtype, os_, oz, residual, rs, rz, out_max)
     if _packed_backend(dev, backend) == "cpu":
         return torch.ops.synq._quantized_conv2d_packed(*args)
     return R.quantized_conv2d_packed(*args)

@@ -162,7 +162,7 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
                             stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                             relu=False, out_dtype=torch.float32, out_scale=None, out_zero=None,
                             residual=None, residual_scale=None,
-                            residual_zero=None) -> torch.Tensor:
+                            residual_zero=None, out_max=None) -> torch.Tensor:
     """The packed-weight conv, computed in the kernel's float32 operation order so that
     int8 / uint8 outputs are bit-exact:
 
@@ -172,7 +172,8 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
         y = max(y, 0) if relu
         out = y.to(out_dtype), or for int8 / uint8:
             clamp(round_half_even(min(max(y * (1 / out_scale), qmin - z), qmax - z)) + z)
-              with z = out_zero, 1 / out_scale a float32 division
+              with z = out_zero, 1 / out_scale a float32 division, qmax = out_max if given
+              (else the dtype's highest value)
 
     x_q (B, C, H, W) int8 or uint8 with x_zero in its own range; one-element x_scale (float)
     and x_zero (integer); w_scale (Cout,) float32 (Cout from its length). Returns a
@@ -197,6 +198,8 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
         y = y.clamp_min(0)
     if out_dtype in (torch.int8, torch.uint8):
         qmin, qmax = (-128, 127) if out_dtype == torch.int8 else (0, 255)
+        if out_max is not None:
+            qmax = int(out_max)
         z = int(out_zero.reshape(()))
         inv = torch.ones((), dtype=torch.float32) / out_scale.to(torch.float32).reshape(())
         t = (y * inv).clamp(qmin - z, qmax - z)
