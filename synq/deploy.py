@@ -15,7 +15,9 @@ What `export` does to each part of the model:
   signed 4-bit range, so a row that does not fit is stored as `q - 8` (always in [-8, 7]) and
   its offset `8 - z` is added back from the row sums of the input: `sum_k (x_k - x_zero) (w_k
   + o) = acc + o * sum_k (x_k - x_zero)`. Linear layers compute on the packed weight
-  (`quantized_linear` unpacks it in the kernel); the conv kernels take int8 or their own
+  (`quantized_linear` unpacks it in the kernel), except that on the CPU rows with an offset
+  are unpacked once with the offset added back (it fits int8), which skips the offset term;
+  the conv kernels take int8 or their own
   prepacked layout, so a packed conv weight is unpacked once per device on first use (a
   cache that is not saved): int4 conv storage halves the file and the state dict, not the
   working memory.
@@ -143,6 +145,22 @@ class _IntLayer(nn.Module):
         self.k = int(k)
         self.backend = None      # None: the fastest available (IntModel.set_backend)
         self._backend = None
+        self._derived = (None, {})
+
+    def _cached(self, name: str, build):
+        """A value derived from the stored weight and offsets (unpacked, prepacked), built on
+        first use and kept until those buffers are replaced (`.to()`, assignment) or changed
+        in place (`load_state_dict`, an in-place op): they are compared by identity and
+        version counter. Not saved."""
+        w, o = self._buffers["weight"], self._buffers["offset"]
+        key, cache = self._derived
+        if (key is None or key[0] is not w or key[1] != w._version or key[2] is not o
+                or (o is not None and key[3] != o._version)):
+            cache = {}
+            self._derived = ((w, w._version, o, None if o is None else o._version), cache)
+        if name not in cache:
+            cache[name] = build()
+        return cache[name]
 
     @property
     def packed(self) -> bool:
@@ -174,10 +192,7 @@ class IntConv2d(_IntLayer):
         if tuple(weight.shape) != tuple(want):
             raise ValueError(f"layer {name}: stored weight has shape {tuple(weight.shape)}, "
                              f"expected {want}")
-        self._unpacked = None
-
         self.defer = False       # return a _Pending for the IntAct / IntAdd after it
-        self._wpack = None
         self._packed_on = None
 
     def forward(self, x: torch.Tensor):
@@ -200,12 +215,9 @@ class IntConv2d(_IntLayer):
         itself, or a packed int4 weight unpacked once per device (cached, not saved)."""
         if not self.packed:
             return self.weight
-        key = (self.weight.device, self.weight.data_ptr())
-        if self._unpacked is None or self._unpacked[0] != key:
-            w = sk.unpack_int4(self.weight, True, self.k)
-            cg = self.in_channels // self.groups
-            self._unpacked = (key, w.reshape(-1, cg, *self.kernel_size).contiguous())
-        return self._unpacked[1]
+        cg = self.in_channels // self.groups
+        return self._cached("int8", lambda: sk.unpack_int4(self.weight, True, self.k).reshape(
+            -1, cg, *self.kernel_size).contiguous())
 
     def _use_packed(self, device) -> bool:
         """Whether this call runs the CPU's prepacked conv kernel (decided once per device)."""
@@ -221,14 +233,14 @@ class IntConv2d(_IntLayer):
         layout holds int16, so rows stored with an offset get it back here, exactly (at most
         9-bit weights: every product and pair sum of the kernel's int16 multiply-add stays
         far inside int32), and need no offset term."""
-        if self._wpack is None:
-            w = self.weight_int8()
-            if self.offset is not None:
-                w = w.to(torch.int16) + self.offset.to(torch.int16).reshape(-1, 1, 1, 1)
-                self._wpack = sk.reference.int_gemm.conv2d_prepack(w, self.groups)
-            else:
-                self._wpack = sk.prepack_conv2d_weight(w, self.groups)
-        return self._wpack
+        return self._cached("cpu_packed", self._prepack)
+
+    def _prepack(self):
+        w = self.weight_int8()
+        if self.offset is not None:
+            w = w.to(torch.int16) + self.offset.to(torch.int16).reshape(-1, 1, 1, 1)
+            return sk.reference.int_gemm.conv2d_prepack(w, self.groups)
+        return sk.prepack_conv2d_weight(w, self.groups)
 
     def _conv_float(self, xq, xs, xz, relu):
         """The unfused path: float32 output of any backend (offset term included)."""
@@ -299,17 +311,42 @@ class IntLinear(_IntLayer):
             xq, xs, xz = _quantize_dynamic(x2, (1,))
             xs, xz = xs.reshape(m), xz.reshape(m)
         backend = self._backend_for("quantized_linear", x.device)
-        fuse_relu = self.relu and self.offset is None
-        out = torch.ops.synq.quantized_linear(xq, xs, xz, self.weight, self.w_scale,
-                                              self.w_rowsum, self.bias, fuse_relu,
-                                              torch.float32, self.packed, backend)
-        if self.offset is not None:
+        if backend in ("cpu", "cuda") and m > 0 and not torch.compiler.is_compiling():
+            # the compiled kernel itself: no custom-op layer, no re-checks of the export's
+            # scales (about 25 us a call at batch 1), and offsets folded where they fit
+            w, rowsum, offset, packed = self._direct_weight()
+            out = _LINEAR(xq, xs, xz, w, self.w_scale, rowsum, self.bias,
+                          self.relu and offset is None, torch.float32, packed)
+        else:
+            offset, packed = self.offset, self.packed
+            out = torch.ops.synq.quantized_linear(xq, xs, xz, self.weight, self.w_scale,
+                                                  self.w_rowsum, self.bias,
+                                                  self.relu and offset is None,
+                                                  torch.float32, packed, backend)
+        if offset is not None:
             # the offset term o[n] * sum_k (x_k - x_zero), scaled like the accumulator
             rows = xq.sum(1, dtype=torch.int32) - self.k * xz
-            out = out + (xs * rows.float())[:, None] * (self.w_scale * self.offset.float())
+            out = out + (xs * rows.float())[:, None] * (self.w_scale * offset.float())
             if self.relu:
                 out = out.clamp_min_(0.0)
         return out.reshape(*lead, out.shape[-1])
+
+    def _direct_weight(self):
+        """(weight, row sums, offsets or None, packed) for a direct kernel call: the stored
+        weight, except that rows stored with an offset get it back once (a cache, not saved)
+        where every sum fits int8, as it does for packed 2-4 bit weights (|q - z| <= 15); an
+        int8 weight computed that way needs no offset term and is exact. CPU only: on a GPU
+        the packed weight keeps its 4-bit memory traffic."""
+        return self._cached("direct", self._fold_offset)
+
+    def _fold_offset(self):
+        if self.offset is not None and self.weight.device.type == "cpu":
+            w = (sk.unpack_int4(self.weight, True, self.k) if self.packed
+                 else self.weight).to(torch.int32) + self.offset.reshape(-1, 1)
+            if int(w.min()) >= -128 and int(w.max()) <= 127:
+                w8 = w.to(torch.int8).contiguous()
+                return w8, sk.weight_row_sums(w8), None, False
+        return self.weight, self.w_rowsum, self.offset, self.packed
 
     def extra_repr(self) -> str:
         n = self.weight.shape[0]
@@ -332,6 +369,13 @@ def _as_float(t):
 
 _PACKED_CONV = (torch.ops.synq._quantized_conv2d_packed.default
                 if hasattr(torch.ops.synq, "_quantized_conv2d_packed") else None)
+_LINEAR = (torch.ops.synq._quantized_linear.default
+           if hasattr(torch.ops.synq, "_quantized_linear") else None)
+
+
+def _one(t: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor as shape (1,) (as is if it already is: no view per call)."""
+    return t if t.dim() == 1 else t.reshape(1)
 
 
 class _Pending:
@@ -362,18 +406,19 @@ class _Pending:
             q = _quantize_static(y, out[0], out[1], -128, out[2])
         else:
             rq = getattr(res, "_synq_q", None) if res is not None else None
-            rs, rz = (rq[0].reshape(1), rq[1].reshape(1)) if rq is not None else (None, None)
+            rs, rz = (_one(rq[0]), _one(rq[1])) if rq is not None else (None, None)
             if res is not None and rq is None:
                 res = res.float()
+            b = L._buffers
             q = _PACKED_CONV(
-                self.xq, self.xs.reshape(1), self.xz.reshape(1), L._packed(), L.w_scale,
-                L.bias, L.stride, L.padding, L.dilation, L.groups, relu,
+                self.xq, _one(self.xs), _one(self.xz), L._packed(), b["w_scale"],
+                b["bias"], L.stride, L.padding, L.dilation, L.groups, relu,
                 torch.int8 if out is not None else torch.float32,
-                None if out is None else out[0], None if out is None else out[1], res, rs, rz)
+                None if out is None else out[0], None if out is None else out[1], res, rs, rz,
+                # activation grids below 8 bits end under int8's top
+                None if out is None or out[2] >= 127 else out[2])
             if out is None:
                 return q
-            if out[2] < 127:     # activation grids below 8 bits end under int8's top
-                q.clamp_(max=out[2])
         q._synq_q = (out[0], out[1])
         return q
 
@@ -396,12 +441,13 @@ class IntAct(nn.Module):
     def _grid(self):
         """(scale, zero in the int8 domain, highest int8 value) of this quantizer's grid, as
         one-element tensors (cached; rebuilt when the buffers change or move)."""
-        key = (self.scale.data_ptr(), self.scale._version, self.zero._version)
-        if getattr(self, "_grid_key", None) != key:
-            self._grid_cache = (self.scale.reshape(1),
-                                (self.zero - 128).to(torch.int32).reshape(1),
+        scale, zero = self._buffers["scale"], self._buffers["zero"]
+        key = getattr(self, "_grid_key", None)
+        if (key is None or key[0] is not scale or key[1] != scale._version
+                or key[2] is not zero or key[3] != zero._version):
+            self._grid_cache = (scale.reshape(1), (zero - 128).to(torch.int32).reshape(1),
                                 (1 << self.bits) - 1 - 128)
-            self._grid_key = key
+            self._grid_key = (scale, scale._version, zero, zero._version)
         return self._grid_cache
 
     def forward(self, x):
