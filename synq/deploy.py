@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import synq_kernels as sk
-from . import quant
+from . import quant, replay
 from .io import build_float_model, read_saved, write_saved
 from .models.common import Add
 
@@ -484,17 +484,60 @@ class IntAdd(Add):
 
 class IntModel(nn.Module):
     """The exported model: `self.model` is the original module tree with its quantized layers
-    replaced (see the module docstring); forward runs without autograd."""
+    replaced (see the module docstring); forward runs without autograd.
+
+    Replay (CPU tensors, on by default; `replay = False` turns it off): the first call with
+    a new input shape runs eagerly and builds the layers' caches, the second also records
+    the ops it dispatches (`synq.replay`), and later calls with that shape replay them with
+    no Python module code in between; results are bit-identical to eager calls. A recording
+    is dropped when a parameter or buffer changes in place (load_state_dict included), on
+    `.to()` and other moves, and on `set_backend`; after replacing a buffer by assignment
+    (`layer.weight = t`), call `reset_replay()`."""
+
+    MAX_RECORDINGS = 16     # input shapes kept; the oldest is dropped past this
 
     def __init__(self, model: nn.Module, plan: dict, meta: dict):
         super().__init__()
         self.model = model
         self.plan = plan
         self.meta = meta
+        self.replay = True
+        self._recordings = {}
 
     def forward(self, x):
         with torch.no_grad(), sk.value_checks(False):
-            return self.model(x)
+            if (not self.replay or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
+                    or torch.compiler.is_compiling()):
+                return self.model(x)
+            key = replay.input_key(x)
+            got = self._recordings.get(key)
+            if got is not None and got[0] is not None:
+                rec, tensors, versions = got
+                if all(t._version == v for t, v in zip(tensors, versions)):
+                    return rec(x)
+                got = None                  # a weight changed in place: record again
+            if got is None:                 # first call of this shape: warm the caches
+                if len(self._recordings) >= self.MAX_RECORDINGS:
+                    self._recordings.pop(next(iter(self._recordings)))
+                self._recordings[key] = (None, "warm")
+                return self.model(x)
+            if got[1] != "warm":            # refused before: eager from now on
+                return self.model(x)
+            tensors = [*self.model.parameters(), *self.model.buffers()]
+            versions = [t._version for t in tensors]
+            out, rec, why = replay.record(self.model, x)
+            self._recordings[key] = ((rec, tensors, versions) if rec is not None
+                                     else (None, why))
+            return out
+
+    def reset_replay(self) -> "IntModel":
+        """Drop every recording (see the class docstring)."""
+        self._recordings = {}
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        self._recordings = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def int_layers(self) -> dict[str, _IntLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, _IntLayer)}
@@ -507,7 +550,7 @@ class IntModel(nn.Module):
         for layer in self.int_layers().values():
             layer.backend = backend
             layer._backend = None
-        return self
+        return self.reset_replay()
 
 
 # -- export ------------------------------------------------------------------------------------

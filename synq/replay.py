@@ -1,0 +1,187 @@
+"""Record the ops one forward call dispatches, then replay them for later calls with inputs of
+the same shape: the Python around the kernels (module calls, the exporter's bookkeeping)
+runs once per input shape instead of once per call. At batch 1 that Python costs more than
+the kernels of a small integer model.
+
+Recording runs the function eagerly under a TorchDispatchMode and notes every op with its
+arguments. A tensor argument is the input, the output of an earlier op, or a constant (a
+weight, a cached packed weight, a grid's scale: any tensor the call did not derive from its
+input; an op whose tensor arguments are all constants is a constant too and is not replayed).
+Replay runs the noted ops in order on the new input and drops each intermediate after its
+last use, as eager execution would.
+
+A recording is refused (and the function keeps running eagerly for that input key) when the
+call turns an input-derived value into a Python number (`.item()`, `bool()`, `int()`: the
+ops that follow may depend on it), or writes an input-derived value into a constant. Callers
+must drop recordings when what the Python depended on changes: weights replaced or changed in
+place, the backend chosen (see `synq.deploy.IntModel`)."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops that read a tensor's data into Python: control flow may depend on the value.
+_TO_PYTHON = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "tolist"}
+
+
+class _Slot:
+    """An argument filled from the replay's table of live tensors."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i):
+        self.i = i
+
+
+class _Step:
+    __slots__ = ("op", "func", "args", "kwargs", "dyn", "nested", "outs", "free")
+
+    def __init__(self, op, args, kwargs, outs):
+        # op: the OpOverload; func: its C++ callable (what OpOverload.__call__ forwards to)
+        self.op, self.func = op, getattr(op, "_op", op)
+        self.args, self.kwargs, self.outs = args, kwargs, outs
+        # top-level positional slots filled by index; anything nested goes through pytree
+        self.dyn = [(j, a.i) for j, a in enumerate(args) if isinstance(a, _Slot)]
+        self.nested = any(isinstance(leaf, _Slot)
+                          for j, a in enumerate(args) if not isinstance(a, _Slot)
+                          for leaf in pytree.tree_leaves(a)) or any(
+            isinstance(leaf, _Slot) for leaf in pytree.tree_leaves(kwargs))
+        self.free = ()
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        # id(tensor) -> (weakref, slot); the weakref tells a live tensor from a later one
+        # that got the id of a freed one (which is then a constant, or gets its own slot)
+        self.slot_of = {}
+        self.steps = []
+        self.n = 0
+        self.refused = None         # why this call cannot be replayed
+
+    def slot(self, t):
+        e = self.slot_of.get(id(t))
+        return e[1] if e is not None and e[0]() is t else None
+
+    def new_slot(self, t):
+        self.slot_of[id(t)] = (weakref.ref(t), self.n)
+        self.n += 1
+        return self.n - 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.refused:
+            return out
+        leaves = pytree.tree_leaves((args, kwargs))
+        dynamic = any(isinstance(t, torch.Tensor) and self.slot(t) is not None for t in leaves)
+        if not dynamic:
+            if any(isinstance(t, torch.Tensor) for t in leaves):
+                return out          # a constant (folded): its value is kept as is
+        elif func._schema.name.split("::")[-1] in _TO_PYTHON:
+            self.refused = f"{func} reads an input-derived value into Python"
+            return out
+        else:
+            for i, a in enumerate(func._schema.arguments):
+                v = args[i] if i < len(args) else kwargs.get(a.name)
+                written = a.alias_info is not None and a.alias_info.is_write
+                if written and isinstance(v, torch.Tensor) and self.slot(v) is None:
+                    self.refused = f"{func} writes an input-derived value into a constant"
+                    return out
+
+        def to_slot(x):
+            if isinstance(x, torch.Tensor):
+                s = self.slot(x)
+                return x if s is None else _Slot(s)
+            return x
+
+        rec_args = tuple(to_slot(a) for a in args)
+        if any(not isinstance(a, (torch.Tensor, _Slot)) for a in rec_args):
+            rec_args = tuple(pytree.tree_map(to_slot, a) for a in rec_args)
+        rec_kwargs = pytree.tree_map(to_slot, kwargs)
+
+        def out_slot(x):
+            if not isinstance(x, torch.Tensor):
+                return None
+            s = self.slot(x)
+            return s if s is not None else self.new_slot(x)
+
+        outs = pytree.tree_map(out_slot, out)
+        self.steps.append(_Step(func, rec_args, rec_kwargs, outs))
+        return out
+
+
+class Recording:
+    """The ops of one call, replayable on inputs of the recorded shape, strides, dtype and
+    device."""
+
+    def __init__(self, steps, n_slots, result):
+        self.steps, self.n_slots, self.result = steps, n_slots, result
+        last = {}
+        for k, st in enumerate(steps):
+            for leaf in pytree.tree_leaves((st.args, st.kwargs)):
+                if isinstance(leaf, _Slot):
+                    last[leaf.i] = k
+        kept = {leaf.i for leaf in pytree.tree_leaves(result) if isinstance(leaf, _Slot)}
+        frees = {}
+        for s, k in last.items():
+            if s not in kept and s != 0:
+                frees.setdefault(k, []).append(s)
+        for k, st in enumerate(steps):
+            st.free = tuple(frees.get(k, ()))
+
+    def __call__(self, x):
+        env = [None] * self.n_slots
+        env[0] = x
+        for st in self.steps:
+            if st.nested:
+                fill = (lambda a: env[a.i] if isinstance(a, _Slot) else a)
+                args = pytree.tree_map(fill, st.args, is_leaf=lambda a: isinstance(a, _Slot))
+                kwargs = pytree.tree_map(fill, st.kwargs,
+                                         is_leaf=lambda a: isinstance(a, _Slot))
+            else:
+                args, kwargs = st.args, st.kwargs
+                if st.dyn:
+                    args = list(args)
+                    for j, s in st.dyn:
+                        args[j] = env[s]
+            out = st.func(*args, **kwargs)
+            outs = st.outs
+            if isinstance(outs, int):
+                env[outs] = out
+            elif outs is not None:
+                for o, t in zip(pytree.tree_leaves(outs), pytree.tree_leaves(out)):
+                    if isinstance(o, int):
+                        env[o] = t
+            for s in st.free:
+                env[s] = None
+        return pytree.tree_map(lambda a: env[a.i] if isinstance(a, _Slot) else a, self.result,
+                               is_leaf=lambda a: isinstance(a, _Slot))
+
+
+def record(fn, x: torch.Tensor):
+    """(fn(x), a Recording of the call or None, why None): the call runs eagerly while its
+    ops are noted; a call that cannot be replayed (see the module docstring) still returns
+    its result."""
+    rec = _Recorder()
+    rec.new_slot(x)
+    with rec:
+        out = fn(x)
+    if rec.refused:
+        return out, None, rec.refused
+
+    def res(t):
+        if isinstance(t, torch.Tensor):
+            s = rec.slot(t)
+            return t if s is None else _Slot(s)
+        return t
+
+    result = pytree.tree_map(res, out)
+    return out, Recording(rec.steps, rec.n, result), None
+
+
+def input_key(x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, x.device)

@@ -1,0 +1,145 @@
+"""synq.replay (recorded op sequences) and its use by the exported IntModel: replayed results
+must equal eager ones bit for bit, calls that depend on their input's values in Python must be
+refused, and recordings must follow weight changes."""
+import pytest
+import torch
+
+from synq import replay
+from synq.deploy import export
+from synq.models import mobilenet_v2, resnet18, resnet20
+from synq.quant import calibrate, quantize_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _replayed(fn, x, *others):
+    """fn recorded on x, then replayed on x and on each of `others` against eager calls."""
+    out, rec, why = replay.record(fn, x)
+    assert rec is not None, why
+    assert torch.equal(out, fn(x))
+    for y in (x, *others):
+        assert torch.equal(rec(y), fn(y))
+    return rec
+
+
+def test_replays_multi_output_ops_lists_and_constants():
+    w = torch.randn(5, 7)
+    scale = torch.tensor([0.5])
+
+    def fn(x):
+        lo, hi = torch.aminmax(x, dim=1, keepdim=True)     # two outputs
+        y = torch.cat([x - lo, hi.expand(-1, 7)], 0)       # a list argument
+        y = y @ w.T * scale.reshape(()) + w.sum()           # constants, folded w.sum()
+        return y.clamp_(min=0.0)                            # in place on an intermediate
+
+    rec = _replayed(fn, torch.randn(3, 7), torch.randn(3, 7))
+    ops = [str(st.op) for st in rec.steps]
+    assert "aten.aminmax.default" in ops and "aten.cat.default" in ops
+    assert not any(op.startswith("aten.sum") for op in ops)       # folded, not replayed
+
+
+def test_constants_by_reference_folded_values_frozen():
+    """A constant argument is held by reference (in-place changes show); a value computed
+    from constants only is kept as recorded (IntModel re-records when weights change)."""
+    w = torch.randn(4, 3)
+    _, rec, _ = replay.record(lambda x: x @ w.T + w.sum(), torch.randn(2, 3))
+    old_sum = w.sum()
+    w.mul_(2.0)
+    y = torch.randn(2, 3)
+    assert torch.equal(rec(y), y @ w.T + old_sum)
+
+
+def test_frees_every_intermediate_after_its_last_use():
+    def fn(x):
+        a = x + 1
+        b = a * 2
+        c = b - a
+        return c.sum(1), c
+
+    out, rec, _ = replay.record(fn, torch.randn(4, 3))
+    freed = {s for st in rec.steps for s in st.free}
+    returned = {leaf.i for leaf in rec.result if isinstance(leaf, replay._Slot)}
+    produced = {st.outs for st in rec.steps}
+    assert freed == produced - returned - {0} and freed
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (lambda x: x * 2 if bool(x.sum() > 0) else x - 1, "reads an input-derived value"),
+    (lambda x: x + int(x.argmax()), "reads an input-derived value"),
+])
+def test_refuses_value_dependent_python(fn, reason):
+    x = torch.randn(6)
+    out, rec, why = replay.record(fn, x)
+    assert rec is None and reason in why
+    assert torch.equal(out, fn(x))
+
+
+def test_refuses_writing_into_a_constant():
+    buf = torch.zeros(4)
+    out, rec, why = replay.record(lambda x: buf.add_(x) * 1.0, torch.ones(4))
+    assert rec is None and "writes an input-derived value into a constant" in why
+
+
+def _export(model, bits, shape, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    calib = torch.randn(8, *shape, generator=g)
+    return export(calibrate(quantize_model(model.eval(), bits, bits, **kw), [calib]),
+                  example=calib[:1])
+
+
+@pytest.mark.parametrize("build, shape, bits", [
+    (lambda: resnet20(num_classes=10, in_channels=1), (1, 20, 20), 4),
+    (lambda: resnet20(num_classes=10, in_channels=1), (1, 20, 20), 8),
+    (lambda: resnet18(num_classes=7), (3, 36, 36), 8),
+    (lambda: mobilenet_v2(num_classes=7), (3, 32, 32), 4),
+])
+def test_int_model_replay_equals_eager(build, shape, bits):
+    torch.manual_seed(0)
+    im = _export(build(), bits, shape)
+    for b in (1, 3):
+        x = torch.randn(b, *shape)
+        want = im.model(x)                  # eager, no recording
+        outs = [im(x) for _ in range(3)]    # warm, record, replay
+        assert all(torch.equal(o, want) for o in outs)
+        rec = im._recordings[replay.input_key(x)][0]
+        assert isinstance(rec, replay.Recording)
+        y = torch.randn(b, *shape)          # new values, same shape
+        assert torch.equal(im(y), im.model(y))
+    x = torch.randn(2, *shape).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(im(x), im(x)) and torch.equal(im(x), im.model(x))
+
+
+def test_int_model_replay_follows_weight_changes_and_backend():
+    shape = (1, 16, 16)
+    ims = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        ims.append(_export(resnet20(num_classes=10, in_channels=1), 8, shape, seed,
+                           symmetric_weights=True))
+    a, b = ims
+    x = torch.randn(2, *shape)
+    before = [a(x) for _ in range(3)][-1]
+    assert isinstance(a._recordings[replay.input_key(x)][0], replay.Recording)
+    a.load_state_dict(b.state_dict())       # in place: versions change
+    want = b.model(x)
+    assert not torch.equal(before, want)
+    assert all(torch.equal(a(x), want) for _ in range(3))
+    a.set_backend("reference")
+    assert a._recordings == {}
+    assert all(torch.equal(a(x), a.model(x)) for _ in range(3))
+    a.set_backend(None)
+    a(x), a(x)
+    a.to(torch.float32)
+    assert a._recordings == {}
+
+
+def test_int_model_replay_off_and_bounded():
+    im = _export(resnet20(num_classes=10, in_channels=1), 8, (1, 12, 12))
+    im.replay = False
+    x = torch.randn(1, 1, 12, 12)
+    im(x), im(x)
+    assert im._recordings == {}
+    im.replay = True
+    for h in range(12, 12 + im.MAX_RECORDINGS + 3):
+        im(torch.randn(1, 1, h, h))
+    assert len(im._recordings) == im.MAX_RECORDINGS
