@@ -76,11 +76,24 @@ def normalize_axis(axis, ndim: int) -> int:
     return axis % ndim
 
 
+def min_max(t: torch.Tensor):
+    """(min, max) of a non-empty tensor as Python numbers: one reduction, one read from the
+    device."""
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    if t.device.type == "cpu":
+        return lo.item(), hi.item()
+    return tuple(torch.stack((lo, hi)).tolist())
+
+
 def check_positive_finite(name: str, t: torch.Tensor) -> None:
     if t.numel() == 0 or not value_checks_enabled(t):
         return
+    # one reduction and one read (a NaN anywhere makes the min NaN, which fails `lo > 0`);
+    # the slower search for the culprit runs only on failure
+    lo, hi = min_max(t)
+    if lo > 0 and hi < math.inf:
+        return
     bad = ~(torch.isfinite(t) & (t > 0))
-    if bool(bad.any()):
-        i = int(bad.flatten().nonzero()[0])
-        raise ValueError(f"{name} must be positive and finite everywhere, got "
-                         f"{float(t.flatten()[i])} at index {i}")
+    i = int(bad.flatten().nonzero()[0])
+    raise ValueError(f"{name} must be positive and finite everywhere, got "
+                     f"{float(t.flatten()[i])} at index {i}")

@@ -38,8 +38,9 @@ def _check_values(x_scale, x_zero, w_scale):
     _checks.check_positive_finite("x_scale", x_scale)
     _checks.check_positive_finite("w_scale", w_scale)
     if x_zero.numel() and _checks.value_checks_enabled(x_zero):
-        bad = (x_zero < -128) | (x_zero > 127)
-        if bool(bad.any()):
+        lo, hi = _checks.min_max(x_zero)
+        if lo < -128 or hi > 127:
+            bad = (x_zero < -128) | (x_zero > 127)
             raise ValueError("x_zero must be within the range of x_q's dtype (int8: -128..127, "
                              "uint8: 0..255), got "
                              f"{int(x_zero.flatten()[bad.flatten()][0])} in the int8 domain "
