@@ -539,6 +539,13 @@ class IntModel(nn.Module):
         self._recordings = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # recordings hold the ops' C++ callables (not picklable) and references into this
+        # model's tensors: pickled and deep-copied models record afresh
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(
+            self.__dict__)
+        return {**state, "_recordings": {}}
+
     def int_layers(self) -> dict[str, _IntLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, _IntLayer)}
 

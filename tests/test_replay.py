@@ -143,3 +143,17 @@ def test_int_model_replay_off_and_bounded():
     for h in range(12, 12 + im.MAX_RECORDINGS + 3):
         im(torch.randn(1, 1, h, h))
     assert len(im._recordings) == im.MAX_RECORDINGS
+
+
+def test_int_model_pickles_and_copies_after_replay(tmp_path):
+    import copy
+    im = _export(resnet20(num_classes=10, in_channels=1), 8, (1, 12, 12))
+    x = torch.randn(2, 1, 12, 12)
+    want = [im(x) for _ in range(3)][-1]
+    assert im._recordings
+    torch.save(im, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    twin = copy.deepcopy(im)
+    for m in (back, twin):
+        assert m._recordings == {}
+        assert all(torch.equal(m(x), want) for _ in range(3))
