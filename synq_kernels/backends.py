@@ -57,6 +57,9 @@ class OpInfo:
 
 
 _OPS: dict[str, OpInfo] = {}
+# resolve(op, device, None) per (op, device type, SYNQ_BACKEND): the availability checks
+# cost more than some kernels; cleared whenever the registry changes
+_DEFAULT_CACHE: dict[tuple, str] = {}
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
@@ -64,10 +67,12 @@ def register(op: str, backend: str, fn: Callable) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     _OPS.setdefault(op, OpInfo({}, dict(DEFAULT_PREFERENCE))).impls[backend] = fn
+    _DEFAULT_CACHE.clear()
 
 
 def set_preference(op: str, device_type: str, order: tuple[str, ...]) -> None:
     _OPS.setdefault(op, OpInfo({}, dict(DEFAULT_PREFERENCE))).preference[device_type] = order
+    _DEFAULT_CACHE.clear()
 
 
 def implementation(op: str, backend: str) -> Callable:
@@ -91,13 +96,19 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
 
 def resolve(op: str, device: torch.device, backend: str | None) -> str:
     """The concrete backend a call of `op` on `device` runs with."""
-    source = "backend"
-    if backend is None:
-        backend = os.environ.get("SYNQ_BACKEND") or None
-        source = "SYNQ_BACKEND"
-    if backend is None:
-        choices = available_backends(op, device)
-        return choices[0]
+    if backend is not None:
+        return _checked(op, device, backend, "backend")
+    env = os.environ.get("SYNQ_BACKEND") or None
+    key = (op, device.type, env)
+    got = _DEFAULT_CACHE.get(key)
+    if got is None:
+        got = (available_backends(op, device)[0] if env is None
+               else _checked(op, device, env, "SYNQ_BACKEND"))
+        _DEFAULT_CACHE[key] = got
+    return got
+
+
+def _checked(op: str, device: torch.device, backend, source: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{source}={backend!r} is not a backend; choose one of "
                          f"{', '.join(BACKENDS)} (or None for the fastest available)")

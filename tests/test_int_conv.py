@@ -165,6 +165,36 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.synq.quantized_conv2d.default, cl)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_skip_the_op_layer_modes_see_it(backend):
+    """Plain eager calls run the op's body directly; under a dispatch mode (fake tensors,
+    tracing, synq.replay's recorder) the custom op is what runs, with the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-128, 128, (2, 6, 9, 9), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (4, 3, 3, 3), dtype=torch.int8, generator=g)
+    args = (x, 0.02, -3, w, torch.rand(4, generator=g) + 0.1, torch.randn(4, generator=g))
+    kw = dict(padding=1, groups=2, relu=True, backend=backend)
+    direct = sk.quantized_conv2d(*args, **kw)
+    with Spy() as spy:
+        seen = sk.quantized_conv2d(*args, **kw)
+    assert "synq.quantized_conv2d.default" in spy.ops
+    assert torch.equal(direct, seen)
+    ref = R.quantized_conv2d(x, torch.tensor(0.02), torch.tensor(-3), w, args[4], args[5],
+                             [1, 1], [1, 1], [1, 1], 2, True, torch.float32)
+    torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-4)   # float32 epilogue order
+
+
 def test_torch_compile_fullgraph():
     w = rand_i8(8, 4, 3, 3)
     ws = torch.rand(8) + 0.1

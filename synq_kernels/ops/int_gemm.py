@@ -22,6 +22,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .. import _checks, backends
 from ..reference import int_gemm as R
@@ -62,10 +63,25 @@ def _(a, b, k, a_packed, a_signed, b_packed, backend):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
+def _direct_ok(*tensors) -> bool:
+    """Whether an eager call may run an op's body without the custom-op layer around it
+    (about 45 us a call): plain tensors, no dispatch mode (fake tensors, tracing), not
+    compiling or scripting. The op is still what torch.compile, opcheck and export see."""
+    return (not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
+            and _current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor for t in tensors if t is not None))
+
+
 @torch.library.custom_op("synq::quantized_linear", mutates_args=())
 def _quantized_linear(x: Tensor, x_scale: Tensor, x_zero: Tensor, w: Tensor, w_scale: Tensor,
                       w_rowsum: Tensor, bias: Optional[Tensor], relu: bool,
                       out_dtype: torch.dtype, w_packed: bool, backend: str) -> Tensor:
+    return _linear_body(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_dtype,
+                        w_packed, backend)
+
+
+def _linear_body(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_dtype, w_packed,
+                 backend):
     _check_values(x_scale, x_zero, w_scale)
     if x.shape[0] == 0 or w.shape[0] == 0:
         return torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
@@ -87,6 +103,12 @@ def _quantized_conv2d(x: Tensor, x_scale: Tensor, x_zero: Tensor, w: Tensor, w_s
                       w_rowsum: Tensor, bias: Optional[Tensor], stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, relu: bool,
                       out_dtype: torch.dtype, backend: str) -> Tensor:
+    return _conv2d_body(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
+                        dilation, groups, relu, out_dtype, backend)
+
+
+def _conv2d_body(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
+                 groups, relu, out_dtype, backend):
     _check_values(x_scale, x_zero, w_scale)
     fn = backends.implementation("quantized_conv2d", backend)
     if x.numel() == 0 or w.shape[0] == 0:
@@ -363,9 +385,11 @@ def quantized_linear(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
         raise ValueError(f"w_rowsum must have shape ({n},), got {tuple(w_rowsum.shape)}")
     w_rowsum = w_rowsum.to(device=dev, dtype=torch.int32).contiguous()
     be = _resolve("quantized_linear", dev, backend)
-    out = torch.ops.synq.quantized_linear(x2.contiguous(), xs, xz, w_q.contiguous(), ws,
-                                          w_rowsum, b, bool(relu), out_dtype, w_packed, be)
-    return out.reshape(*lead, n)
+    args = (x2.contiguous(), xs, xz, w_q.contiguous(), ws, w_rowsum, b, bool(relu), out_dtype,
+            w_packed, be)
+    run = _linear_body if _direct_ok(x_q, xs, xz, w_q, ws, b) else \
+        torch.ops.synq.quantized_linear
+    return run(*args).reshape(*lead, n)
 
 
 def _conv_geometry(stride, padding, dilation):
@@ -445,15 +469,23 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     x_q, xz = _check_activation(x_q, xz)
     ws = _per_channel("w_scale", _float_param("w_scale", w_scale, dev), cout)
     b = _bias(bias, cout, dev)
+    be = _resolve("quantized_conv2d", dev, backend)
     if w_rowsum is None:
-        w_rowsum = weight_row_sums(w_q)
+        # only the cuda and triton kernels read the row sums (the cpu and reference ones
+        # subtract the zero point from x first): skip the per-call reduction for the others
+        w_rowsum = (weight_row_sums(w_q) if be in _ROWSUM_BACKENDS
+                    else torch.zeros(cout, dtype=torch.int32, device=dev))
     elif tuple(w_rowsum.shape) != (cout,):
         raise ValueError(f"w_rowsum must have shape ({cout},), got {tuple(w_rowsum.shape)}")
     w_rowsum = w_rowsum.to(device=dev, dtype=torch.int32).contiguous()
-    be = _resolve("quantized_conv2d", dev, backend)
-    return torch.ops.synq.quantized_conv2d(x_q, xs, xz, w_q.contiguous(), ws, w_rowsum, b,
-                                           stride, padding, dilation, groups, bool(relu),
-                                           out_dtype, be)
+    args = (x_q, xs, xz, w_q.contiguous(), ws, w_rowsum, b, stride, padding, dilation, groups,
+            bool(relu), out_dtype, be)
+    if _direct_ok(x_q, xs, xz, w_q, ws, b, w_rowsum):
+        return _conv2d_body(*args)
+    return torch.ops.synq.quantized_conv2d(*args)
+
+
+_ROWSUM_BACKENDS = ("cuda", "triton")
 
 
 # -- packed-weight convolution: the fast CPU path of an exported integer model ------------------
