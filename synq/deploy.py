@@ -542,9 +542,7 @@ class IntModel(nn.Module):
     def __getstate__(self):
         # recordings hold the ops' C++ callables (not picklable) and references into this
         # model's tensors: pickled and deep-copied models record afresh
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(
-            self.__dict__)
-        return {**state, "_recordings": {}}
+        return {**super().__getstate__(), "_recordings": {}}
 
     def int_layers(self) -> dict[str, _IntLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, _IntLayer)}

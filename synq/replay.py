@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that read a tensor's data into Python: control flow may depend on the value.
-_TO_PYTHON = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "tolist"}
+_TO_PYTHON = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero"}
 
 
 class _Slot:
@@ -45,10 +45,8 @@ class _Step:
         self.args, self.kwargs, self.outs = args, kwargs, outs
         # top-level positional slots filled by index; anything nested goes through pytree
         self.dyn = [(j, a.i) for j, a in enumerate(args) if isinstance(a, _Slot)]
-        self.nested = any(isinstance(leaf, _Slot)
-                          for j, a in enumerate(args) if not isinstance(a, _Slot)
-                          for leaf in pytree.tree_leaves(a)) or any(
-            isinstance(leaf, _Slot) for leaf in pytree.tree_leaves(kwargs))
+        self.nested = any(isinstance(leaf, _Slot) for leaf in pytree.tree_leaves(
+            ([a for a in args if not isinstance(a, _Slot)], kwargs)))
         self.free = ()
 
 
@@ -98,9 +96,7 @@ class _Recorder(TorchDispatchMode):
                 return x if s is None else _Slot(s)
             return x
 
-        rec_args = tuple(to_slot(a) for a in args)
-        if any(not isinstance(a, (torch.Tensor, _Slot)) for a in rec_args):
-            rec_args = tuple(pytree.tree_map(to_slot, a) for a in rec_args)
+        rec_args = pytree.tree_map(to_slot, tuple(args))
         rec_kwargs = pytree.tree_map(to_slot, kwargs)
 
         def out_slot(x):

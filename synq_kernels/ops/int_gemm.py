@@ -387,7 +387,7 @@ def quantized_linear(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     be = _resolve("quantized_linear", dev, backend)
     args = (x2.contiguous(), xs, xz, w_q.contiguous(), ws, w_rowsum, b, bool(relu), out_dtype,
             w_packed, be)
-    run = _linear_body if _direct_ok(x_q, xs, xz, w_q, ws, b) else \
+    run = _linear_body if _direct_ok(x_q, xs, xz, w_q, ws, b, w_rowsum) else \
         torch.ops.synq.quantized_linear
     return run(*args).reshape(*lead, n)
 
@@ -414,6 +414,10 @@ def _pair(name, v):
             or not all(isinstance(e, int) and not isinstance(e, bool) for e in v)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
     return [int(v[0]), int(v[1])]
+
+
+# the backends whose quantized_conv2d reads w_rowsum (the others subtract x_zero first)
+_ROWSUM_BACKENDS = ("cuda", "triton")
 
 
 def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=None,
@@ -471,8 +475,7 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     b = _bias(bias, cout, dev)
     be = _resolve("quantized_conv2d", dev, backend)
     if w_rowsum is None:
-        # only the cuda and triton kernels read the row sums (the cpu and reference ones
-        # subtract the zero point from x first): skip the per-call reduction for the others
+        # skip the per-call reduction where the backend does not read it
         w_rowsum = (weight_row_sums(w_q) if be in _ROWSUM_BACKENDS
                     else torch.zeros(cout, dtype=torch.int32, device=dev))
     elif tuple(w_rowsum.shape) != (cout,):
@@ -483,9 +486,6 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     if _direct_ok(x_q, xs, xz, w_q, ws, b, w_rowsum):
         return _conv2d_body(*args)
     return torch.ops.synq.quantized_conv2d(*args)
-
-
-_ROWSUM_BACKENDS = ("cuda", "triton")
 
 
 # -- packed-weight convolution: the fast CPU path of an exported integer model ------------------
