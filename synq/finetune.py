@@ -20,6 +20,12 @@ augmentation come from generators seeded by (seed, epoch), and a checkpoint (stu
 quantizer ranges, optimizer, scheduler, RNG states, epoch, history) is written atomically after
 every epoch, so `resume=True` continues an interrupted run to the same result.
 
+An iteration does not wait for the device: the per-call scale checks of fake_quant are off
+inside it (the scales are clamped ranges) and the epoch's loss and accuracy sums stay on the
+device, read once per progress-bar refresh and at the end of the epoch. There a non-finite
+loss or logit, or a learned scale that left (0, inf), raises FloatingPointError before the
+epoch's checkpoint is written, so the last good checkpoint survives a divergence.
+
 Under torchrun (several processes, see synq.distributed) the student is wrapped in
 DistributedDataParallel and the teacher replicated. Every rank draws the same global batch of
 `batch_size` indices and augmentations from the shared (seed, epoch) generator and takes its
@@ -51,6 +57,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset
 from tqdm import tqdm
+
+import synq_kernels
 
 from . import distributed as D
 from . import filters
@@ -361,6 +369,73 @@ class _Step:
         return total + total2, logits, parts
 
 
+class _EpochStats:
+    """Running sums of one epoch kept on the device (loss parts weighted by batch size in
+    float64, correct predictions, samples with a non-finite logit), so that an iteration adds
+    to them without waiting for the device; `read` brings them to the host in one copy."""
+
+    def __init__(self, device):
+        self.sums: dict[str, torch.Tensor] = {}
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct, self.nonfinite, self.seen = zero, zero, 0
+
+    def add(self, parts: dict, logits: torch.Tensor, y: torch.Tensor) -> None:
+        n = len(y)
+        for k, v in parts.items():
+            t = v.detach().double() * n
+            self.sums[k] = self.sums.get(k, 0.0) + t
+        self.correct = self.correct + (logits.argmax(1) == y).sum()
+        self.nonfinite = self.nonfinite + (~torch.isfinite(logits)).any(1).sum()
+        self.seen += n
+
+    def read(self, reduce: bool = False) -> dict:
+        """{"correct", "seen", "nonfinite", "sums": {loss part: sum}} over this process's
+        batches (over all processes with `reduce`, which every rank must call)."""
+        keys = list(self.sums)  # the same order on every rank: each adds the same parts
+        seen = torch.full_like(self.correct, self.seen)
+        flat = torch.stack([self.correct, seen, self.nonfinite] + [self.sums[k] for k in keys])
+        if reduce:
+            flat = D.all_reduce_sum(flat)
+        values = flat.tolist()
+        return {"correct": int(values[0]), "seen": int(values[1]),
+                "nonfinite": int(values[2]), "sums": dict(zip(keys, values[3:]))}
+
+
+def _postfix(totals: dict) -> dict:
+    seen = max(totals["seen"], 1)
+    post = {"acc": f"{100.0 * totals['correct'] / seen:.1f}"}
+    if "loss" in totals["sums"]:
+        post["loss"] = f"{totals['sums']['loss'] / seen:.4f}"
+    return post
+
+
+def _check_finite(totals: dict, epoch: int, cfg, calibrating: bool, student) -> None:
+    """FloatingPointError, before the epoch's checkpoint is written, when the epoch produced
+    a non-finite loss or logit, or a learned quantizer scale left (0, inf)."""
+    nonfinite = totals["nonfinite"]
+    where = f"epoch {epoch + 1}/{cfg.epochs}"
+    if calibrating and nonfinite:
+        raise FloatingPointError(
+            f"calibration ({where}): the quantized model gave non-finite logits for "
+            f"{nonfinite} sample(s); check the teacher and the training data for inf / NaN")
+    loss = totals["sums"].get("loss")
+    if loss is not None and (nonfinite or not math.isfinite(loss)):
+        raise FloatingPointError(
+            f"fine-tuning diverged in {where}: the loss sum is {loss} and {nonfinite} "
+            f"sample(s) had non-finite logits; the previous epoch's checkpoint is kept. "
+            f"Try a lower lr (now {cfg.lr}) or smaller loss weights")
+    scales = [(n, p) for n, p in student.named_parameters()
+              if "quantizer" in n and n.rsplit(".", 1)[-1] == "scale"]
+    if scales and not calibrating:
+        low = torch.stack([p.detach().min().float() for _, p in scales])
+        if not bool(torch.isfinite(low).all() & (low > 0).all()):
+            i = int((~(torch.isfinite(low) & (low > 0))).nonzero()[0])
+            raise FloatingPointError(
+                f"fine-tuning diverged in {where}: the learned scale {scales[i][0]} reached "
+                f"{float(low[i])} (it must stay positive and finite); try a lower lr "
+                f"(now {cfg.lr})")
+
+
 def _evaluate_frozen(student, quantizers, eval_data, device) -> dict:
     """evaluate without calibrating on the test set: a test during the calibration epochs
     must neither move the ranges nor (sharded over ranks) reduce a different number of
@@ -497,40 +572,37 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
             for q in quantizers:
                 q.calibrating = calibrating
             t0 = time.time()
-            sums, correct, seen = {}, 0, 0
+            stats = _EpochStats(device)
             bar = tqdm(batches(epoch), total=iters, disable=not progress or not D.is_main(),
                        mininterval=progress_interval(),
                        dynamic_ncols=True,
                        desc=f"{'calibrate' if calibrating else 'fine-tune'} "
                             f"{epoch + 1}/{cfg.epochs}")
+            shown = time.monotonic()
             for x, y in bar:
-                if calibrating:
-                    with torch.no_grad():
-                        logits = student(x)
-                    parts = {}
-                else:
-                    loss, logits, parts = step(x, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    parts["loss"] = loss.detach()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                post = {"acc": f"{100.0 * correct / seen:.1f}"}
-                if "loss" in sums:
-                    post["loss"] = f"{sums['loss'] / seen:.4f}"
-                bar.set_postfix(post, refresh=False)
+                # The scales fed to fake_quant are positive by construction (clamped ranges);
+                # their per-call checks would make a GPU wait twice per layer. Non-finite
+                # values are caught once per epoch below instead, before the checkpoint.
+                with synq_kernels.value_checks(False):
+                    if calibrating:
+                        with torch.no_grad():
+                            logits = student(x)
+                        parts = {}
+                    else:
+                        loss, logits, parts = step(x, y)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        parts["loss"] = loss.detach()
+                stats.add(parts, logits, y)
+                if not bar.disable and time.monotonic() - shown >= bar.mininterval:
+                    bar.set_postfix(_postfix(stats.read()), refresh=False)  # one read
+                    shown = time.monotonic()
             bar.close()
-            if D.is_distributed():  # the epoch's statistics over the global batches
-                keys = sorted(sums)
-                totals = D.all_reduce_sum(torch.tensor(
-                    [correct, seen] + [sums[k] for k in keys], dtype=torch.float64,
-                    device=device)).tolist()
-                correct, seen = int(totals[0]), int(totals[1])
-                sums = dict(zip(keys, totals[2:]))
+            totals = stats.read(reduce=D.is_distributed())  # the global batches' statistics
+            _check_finite(totals, epoch, cfg, calibrating, student)
+            correct, seen, sums = totals["correct"], totals["seen"], totals["sums"]
             if epoch == cfg.calib_epochs - 1:
                 set_calibration(student, False)  # freeze; learnable ranges start from here
             entry = {"epoch": epoch + 1, "phase": "calibrate" if calibrating else "train",

@@ -143,6 +143,7 @@ class ActQuantizer(nn.Module):
         self.sync_ranks = False
         self.enabled = True
         self.name = ""  # set by quantize_model, for error messages
+        self._init_seen = None  # (buffer, its version, value): see is_initialized
         self.register_buffer("running_min", torch.zeros(()))
         self.register_buffer("running_max", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -153,12 +154,25 @@ class ActQuantizer(nn.Module):
             else:
                 self.register_buffer("zero_point", torch.zeros(()))
 
+    def is_initialized(self) -> bool:
+        """Whether a range has been calibrated. The flag is a buffer (checkpoints keep it);
+        its value is read from the device once and reused while the buffer is the same tensor
+        at the same version, so a forward on a GPU does not wait for it every time
+        (load_state_dict, fill_ and .to() all change the identity or the version)."""
+        buf = self.initialized
+        if torch.compiler.is_compiling():
+            return bool(buf)
+        seen = self._init_seen
+        if seen is None or seen[0] is not buf or seen[1] != buf._version:
+            seen = self._init_seen = (buf, buf._version, bool(buf))
+        return seen[2]
+
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().min().float(), x.detach().max().float()
         if self.sync_ranks:
             lo, hi = distributed.all_reduce_min_max(lo, hi)
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)
             self.initialized.fill_(True)
@@ -171,7 +185,7 @@ class ActQuantizer(nn.Module):
     def freeze(self) -> None:
         """Stop calibrating; a learnable quantizer takes the calibrated range as its start."""
         self.calibrating = False
-        if self.learnable is not None and bool(self.initialized):
+        if self.learnable is not None and self.is_initialized():
             scale, zero_point = _asym_params(self.running_min, self.running_max,
                                              self.qmin, self.qmax)
             self.scale.copy_(scale)
@@ -182,7 +196,7 @@ class ActQuantizer(nn.Module):
             return x
         if self.calibrating:
             self._observe(x)
-        elif not bool(self.initialized):
+        elif not self.is_initialized():
             raise RuntimeError(f"activation quantizer {self.name or '(unnamed)'} has no range: "
                                f"calibrate the model first (synq.quant.calibrate)")
         if self.learnable is not None and not self.calibrating:

@@ -124,6 +124,63 @@ def test_resume_after_interruption_matches_uninterrupted_run(digits, synthetic, 
                  lr=2e-4)
 
 
+def test_steady_state_iterations_do_not_wait_for_the_device(digits, synthetic, monkeypatch):
+    """Host reads of tensor values (each a GPU sync) in a fine-tuning run: per-layer scale
+    checks and running statistics would make dozens per iteration; allowed are the easy-sample
+    count (one per iteration) and a few per epoch."""
+    teacher = digits[0]
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            reads.append(1)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_epoch = []
+    cfg = dict(SMALL, epochs=3, iters_per_epoch=6, learnable="lsq")
+    finetune(teacher, synthetic, progress=False,
+             on_epoch_end=lambda e, h: (per_epoch.append(len(reads)), reads.clear()), **cfg)
+    calib, train = per_epoch[0], per_epoch[1:]
+    assert max(train) <= 6 + 5, per_epoch
+    assert calib <= 40, per_epoch  # the first forward reads each quantizer's flag once
+
+
+def test_divergence_stops_before_the_checkpoint(digits, synthetic, tmp_path):
+    teacher = copy.deepcopy(digits[0])
+    poisoned = []  # the teacher's outputs turn to NaN from the 3rd epoch on
+    teacher[-1].register_forward_hook(lambda m, a, out: out * float("nan") if poisoned else out)
+    ckpt = tmp_path / "run.pt"
+    cfg = dict(SMALL, epochs=4, iters_per_epoch=2)
+    with pytest.raises(FloatingPointError, match=r"diverged in epoch 3/4.*lower lr"):
+        finetune(teacher, synthetic, checkpoint=ckpt, progress=False, **cfg,
+                 on_epoch_end=lambda e, h: poisoned.append(1) if e == 1 else None)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+
+
+def test_non_finite_data_is_reported_by_calibration(digits):
+    _, train, _ = digits
+    x, y = train.tensors
+    x = x[:64].clone()
+    x[5, 0, 3, 3] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"calibration \(epoch 1/2\).*non-finite logits for \d+ sample"):
+        finetune(digits[0], (x, y[:64]), progress=False,
+                 **dict(SMALL, epochs=2, iters_per_epoch=2, use_lowpass=False, augment=False))
+
+
+def test_a_learned_scale_that_leaves_the_positive_range_is_named():
+    from synq.finetune import _check_finite
+    student = quantize_model(_digits_cnn(), 4, 4, learnable="lsq")
+    totals = {"correct": 0, "seen": 8, "nonfinite": 0, "sums": {"loss": 1.0}}
+    cfg = FinetuneConfig(epochs=2)
+    _check_finite(totals, 1, cfg, False, student)  # fine as initialized
+    name, p = next((n, p) for n, p in student.named_parameters() if n.endswith(".scale"))
+    with torch.no_grad():
+        p.view(-1)[0] = -0.5
+    with pytest.raises(FloatingPointError, match=rf"{name} reached -0.5"):
+        _check_finite(totals, 1, cfg, False, student)
+
+
 @pytest.mark.parametrize("switches", [
     dict(use_lowpass=False, use_cam=False, use_hard_soft_labels=False),  # baseline
     dict(use_lowpass=False, use_cam=True, use_hard_soft_labels=False),

@@ -140,6 +140,22 @@ def test_calibration_switch_and_state_dict_keeps_ranges():
         torch.testing.assert_close(q(x), q2(x))
 
 
+def test_calibrated_flag_follows_load_state_dict_after_a_forward():
+    """The flag's value is cached (no device read per forward) but never stale."""
+    q = ActQuantizer(bits=4)
+    with pytest.raises(RuntimeError, match="no range"):
+        q(torch.rand(4))
+    calibrated = ActQuantizer(bits=4)
+    calibrated.calibrating = True
+    calibrated(torch.tensor([0.0, 3.0]))
+    calibrated.calibrating = False
+    q.load_state_dict(calibrated.state_dict())
+    torch.testing.assert_close(q(torch.tensor([1.0])), calibrated(torch.tensor([1.0])))
+    q.load_state_dict(ActQuantizer(bits=4).state_dict())
+    with pytest.raises(RuntimeError, match="no range"):
+        q(torch.rand(4))
+
+
 @pytest.mark.parametrize("mode", ["lsq", "lsq+"])
 def test_learnable_step_sizes(mode):
     torch.manual_seed(0)
