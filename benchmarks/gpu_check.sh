@@ -2,6 +2,7 @@
 # One call on a GPU machine (torch preinstalled, no network): build the extension with its
 # CUDA kernels, run the tests (CUDA and Triton ones on the GPU), run every GPU benchmark,
 # and leave tables and a log in the folder given as the argument. Budget: under 8 minutes.
+# Exit status 0 only when every step passed; a failed step does not stop the later ones.
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 set -uo pipefail
@@ -20,8 +21,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 step build
 # sm_90 only: the check runs on an H100 and every second counts.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SYNQ_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-timeout 180 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "BUILD FAILED"; exit 1; }
-"$PY" -c "import synq_kernels._ext as e; assert e.has_cuda_kernels(), e.load_error(); print('cuda kernels loaded')"
+if ! timeout 180 "$PY" -m pip install -q --no-build-isolation --no-deps -e .; then
+  # Keep the rest of the call useful: without the CUDA kernels the Triton tests and
+  # benchmarks still run (the CUDA rows are then missing, and the status says so).
+  echo "CUDA BUILD FAILED: going on with the C++ extension only (triton backend)"
+  STATUS=1
+  SYNQ_BUILD_CUDA=0 timeout 90 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
+    || { echo "BUILD FAILED"; exit 1; }
+fi
+"$PY" -c "import synq_kernels._ext as e; assert e.has_cuda_kernels(), e.load_error(); print('cuda kernels loaded')" \
+  || STATUS=1
 
 step "tests (GPU)"
 timeout 90 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fake_quant.py tests/test_fake_quant_api.py \
