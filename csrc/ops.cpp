@@ -32,6 +32,10 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
         "int qmax, int axis, float grad_factor, bool qparam_grads) -> (Tensor, Tensor, Tensor)");
   // y = a_h @ x @ a_w over the last two dims; a_h, a_w: the Gaussian low-pass circulants.
   m.def("_lowpass_gaussian(Tensor x, Tensor a_h, Tensor a_w) -> Tensor");
+  // x (B, C, H, W) float32: per-channel mean and biased variance over (B, H, W) (CPU only),
+  // and dx of a loss given its gradients with respect to them.
+  m.def("_channel_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("_channel_stats_backward(Tensor g_mean, Tensor g_var, Tensor x, Tensor mean) -> Tensor");
   // a (M, K) @ b (N, K).T in int32; a packed int4 of a_signed-ness or int8, b packed signed
   // int4 or int8 (packed rows: ceil(K/2) bytes, element 2i in the low nibble of byte i).
   m.def("_int_mm(Tensor a, Tensor b, int k, bool a_packed, bool a_signed, bool b_packed) "

@@ -1,12 +1,14 @@
 """synq_kernels: the fused kernels of synq as PyTorch custom ops.
 
 Every op has the backends "reference" (plain PyTorch), "cpu" (C++), "cuda" (CUDA C++) and
-"triton"; `backend=None` picks the fastest one available for the input's device.
+"triton", except channel_stats (reference and cpu: PyTorch's own reductions are the fast path
+on a GPU); `backend=None` picks the fastest one available for the input's device.
 """
 from . import _ext, backends, compiled  # noqa: F401  (compiled registers cpu / cuda)
 from . import reference
 from ._checks import value_checks
 from .backends import available_backends
+from .ops.channel_stats import channel_stats
 from .ops.fake_quant import fake_quant, quant_range
 from .ops.lowpass import lowpass
 from .ops.int_gemm import (int4_matmul, int8_matmul, pack_int4, prepack_conv2d_weight,
@@ -17,6 +19,8 @@ from .ops import int_gemm as _int_gemm
 backends.register("fake_quant", "reference",
                   (reference.fake_quant_forward, reference.fake_quant_backward))
 backends.register("lowpass", "reference", reference.lowpass_forward)
+backends.register("channel_stats", "reference",
+                  (reference.channel_stats_forward, reference.channel_stats_backward))
 backends.register("int_mm", "reference", _int_gemm.reference_int_mm)
 backends.register("quantized_linear", "reference", _int_gemm.reference_quantized_linear)
 backends.register("quantized_conv2d", "reference", _int_gemm.reference_quantized_conv2d)
@@ -34,7 +38,7 @@ try:
 except ImportError:
     pass
 
-__all__ = ["fake_quant", "lowpass", "quant_range", "int8_matmul", "int4_matmul", "pack_int4",
+__all__ = ["fake_quant", "lowpass", "channel_stats", "quant_range", "int8_matmul", "int4_matmul", "pack_int4",
            "unpack_int4", "quantized_linear", "quantized_conv2d", "weight_row_sums",
            "prepack_conv2d_weight", "quantized_conv2d_packed",
            "available_backends", "value_checks", "backends", "reference"]

@@ -38,6 +38,18 @@ for _backend in ("cpu", "cuda"):
     backends.register("lowpass", _backend, lowpass_filter)
 
 
+def channel_stats_forward(x):
+    return torch.ops.synq._channel_stats(x.float())
+
+
+def channel_stats_backward(g_mean, g_var, x, mean):
+    return torch.ops.synq._channel_stats_backward(g_mean, g_var, x.float(), mean).to(x.dtype)
+
+
+# CPU only: on a GPU the reference's torch.var_mean is the fast path
+backends.register("channel_stats", "cpu", (channel_stats_forward, channel_stats_backward))
+
+
 def int_mm(a, b, k, a_packed, a_signed, b_packed):
     return torch.ops.synq._int_mm(a, b, k, a_packed, a_signed, b_packed)
 

@@ -1,0 +1,112 @@
+"""Per-channel batch statistics (synq_kernels.channel_stats), the cost centre of
+BN-statistics synthesis, against PyTorch's torch.var_mean over (B, H, W) with its autograd, in
+the same run; and one synthesis step of the bundled ResNet-20 (batch 256, 1x28x28) with the
+statistics from each backend.
+
+Shapes: the BN inputs of ResNet-20 at 28x28 (batch 256) and of ResNet-18 at 224x224 (batch
+64). Each row is timed forward alone and forward + backward (the loss (mean^2 + var).sum()),
+in interleaved rounds (the fastest kept). On a GPU only the reference exists (PyTorch's own
+reductions are the fast path there), so the benchmark runs on the CPU.
+
+    python -m benchmarks.bench_channel_stats [--quick] [--threads N] [--out DIR]
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+import synq_kernels as sk
+
+from .common import bench_main, markdown_table, time_fn, write_results
+
+SHAPES = [("resnet20 layer1", (256, 16, 28, 28)), ("resnet20 layer2", (256, 32, 14, 14)),
+          ("resnet20 layer3", (256, 64, 7, 7)), ("resnet18 stem", (64, 64, 112, 112)),
+          ("resnet18 layer1", (64, 64, 56, 56)), ("resnet18 layer4", (64, 512, 7, 7))]
+QUICK = SHAPES[:3]
+
+
+def _fwd(x, backend):
+    def f():
+        with torch.no_grad():
+            sk.channel_stats(x, backend=backend)
+    return f
+
+
+def _fwd_bwd(x, backend):
+    def f():
+        m, v = sk.channel_stats(x, backend=backend)
+        (m.square() + v).sum().backward()
+    return f
+
+
+def _synthesis_step_seconds(backend: str, steps: int) -> float:
+    """Seconds per Adam step of synq.synth.synthesize on the bundled teacher, with
+    channel_stats on `backend` (through SYNQ_BACKEND: the teacher is float, so it is the only
+    synq op of the step)."""
+    import tempfile
+
+    from synq.assets import load_default_teacher
+    from synq.synth import synthesize
+    model = load_default_teacher()[0]
+    old = os.environ.get("SYNQ_BACKEND")
+    os.environ["SYNQ_BACKEND"] = backend
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            synthesize(model, os.path.join(d, "s.pt"), (1, 28, 28), num_images=256,
+                       batch_size=256, steps=steps, progress=False)
+            return (time.perf_counter() - t) / steps
+    finally:
+        if old is None:
+            os.environ.pop("SYNQ_BACKEND")
+        else:
+            os.environ["SYNQ_BACKEND"] = old
+
+
+def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/results"):
+    if device != "cpu":
+        print("channel_stats has no GPU kernel (the reference is PyTorch's own); skipped")
+        return []
+    backends = [b for b in sk.available_backends("channel_stats", "cpu") if b != "reference"]
+    rounds, mrt = (2, 0.2) if quick else (3, 0.5)
+    rows = []
+    for name, shape in (QUICK if quick else SHAPES):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        cands = [(be, kind, fn(x, be)) for be in ["reference"] + backends
+                 for kind, fn in (("forward", _fwd), ("forward+backward", _fwd_bwd))]
+        runs = [[] for _ in cands]
+        for _ in range(rounds):
+            for i, (_, _, fn) in enumerate(cands):
+                runs[i].append(time_fn(fn, device, mrt))
+        base = {kind: min(ts) for (be, kind, _), ts in zip(cands, runs) if be == "reference"}
+        for (be, kind, _), ts in zip(cands, runs):
+            t = min(ts)
+            rows.append({"what": f"{name} {'x'.join(map(str, shape))}", "pass": kind,
+                         "backend": "torch.var_mean" if be == "reference" else be,
+                         "ms": t * 1e3, "GB/s read": x.numel() * 4 / t / 1e9,
+                         "speedup_vs_torch": base[kind] / t})
+        print(markdown_table(rows[-len(cands):]), flush=True)
+    steps = 3 if quick else 6
+    runs = {be: [] for be in ["reference"] + backends}
+    for _ in range(2):
+        for be in runs:
+            runs[be].append(_synthesis_step_seconds(be, steps))
+    for be, ts in runs.items():
+        t = min(ts)
+        rows.append({"what": "synthesis step, bundled resnet20, 256x1x28x28", "pass": "Adam step",
+                     "backend": "torch.var_mean" if be == "reference" else be, "ms": t * 1e3,
+                     "GB/s read": "", "speedup_vs_torch": min(runs["reference"]) / t})
+    print(markdown_table(rows[-len(runs):]), flush=True)
+    threads = torch.get_num_threads()
+    notes = (f"torch threads: {threads}. ms: the fastest of {rounds} interleaved rounds "
+             "(each a median); 'torch.var_mean' is the reference backend (var_mean over "
+             "(B, H, W) and PyTorch autograd). GB/s read counts one read of x. The synthesis "
+             f"rows time {steps} Adam steps of synq.synth.synthesize, fastest of 2 rounds.")
+    write_results("channel_stats", rows, device, out_dir, notes, suffix=f"_{threads}t")
+    return rows
+
+
+if __name__ == "__main__":
+    bench_main(run, __doc__)

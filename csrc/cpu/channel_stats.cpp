@@ -1,0 +1,210 @@
+// Per-channel mean and biased variance of a (B, C, H, W) tensor over (B, H, W), and their
+// backward: the BatchNorm statistics that BN-statistics synthesis matches at every layer.
+//
+// Forward: channel c's data are B rows of H*W contiguous floats (NCHW). Each row is read
+// from memory once: its sum, then the sum of squared deviations from the row mean while the
+// row is still in cache; rows are merged into the channel's mean and M2 in double with Chan's
+// update (no E[x^2] - E[x]^2 cancellation). Channels are spread over threads.
+// Backward: dx = g_mean[c] / N + g_var[c] * 2 / N * (x - mean[c]), one pass over x.
+// The sums use 16 float accumulators (two AVX2 vectors where the CPU has AVX2, chosen at run
+// time; a portable loop otherwise) over blocks of kBlock elements, added into double per
+// block.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SYNQ_STATS_X86 1
+#include <immintrin.h>
+#else
+#define SYNQ_STATS_X86 0
+#endif
+
+namespace synq {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kBlock = 512;
+
+// sum of p[0..n) - shift, and of its squares when `squares` (then `shift` is the row mean)
+template <bool squares>
+double block_sums(const float* p, int64_t n, float shift) {
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    float acc[kLanes] = {};
+    int64_t i = b0;
+    for (; i + kLanes <= b1; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const float d = p[i + j] - shift;
+        acc[j] += squares ? d * d : d;
+      }
+    }
+    float tail = 0.f;
+    for (; i < b1; ++i) {
+      const float d = p[i] - shift;
+      tail += squares ? d * d : d;
+    }
+    double s = tail;
+    for (int j = 0; j < kLanes; ++j) s += acc[j];
+    total += s;
+  }
+  return total;
+}
+
+#if SYNQ_STATS_X86
+template <bool squares>
+__attribute__((target("avx2"))) double block_sums_avx2(const float* p, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = b0;
+    for (; i + 16 <= b1; i += 16) {
+      const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(p + i), s);
+      const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(p + i + 8), s);
+      a0 = _mm256_add_ps(a0, squares ? _mm256_mul_ps(d0, d0) : d0);
+      a1 = _mm256_add_ps(a1, squares ? _mm256_mul_ps(d1, d1) : d1);
+    }
+    __m256 v = _mm256_add_ps(a0, a1);  // 8 lanes -> 1, in float (each holds <= 64 terms)
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float tail = 0.f;
+    for (; i < b1; ++i) {
+      const float d = p[i] - shift;
+      tail += squares ? d * d : d;
+    }
+    total += static_cast<double>(_mm_cvtss_f32(h)) + tail;
+  }
+  return total;
+}
+
+__attribute__((target("avx2"))) void affine_row_avx2(const float* x, float* y, int64_t n,
+                                                     float a, float mu, float b) {
+  const __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(mu), vb = _mm256_set1_ps(b);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm);
+    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_mul_ps(va, d), vb));
+  }
+  for (; i < n; ++i) y[i] = a * (x[i] - mu) + b;
+}
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#else
+bool have_avx2() { return false; }
+#endif
+
+template <bool squares>
+double row_sums(const float* p, int64_t n, float shift) {
+#if SYNQ_STATS_X86
+  if (have_avx2()) return block_sums_avx2<squares>(p, n, shift);
+#endif
+  return block_sums<squares>(p, n, shift);
+}
+
+void affine_row(const float* x, float* y, int64_t n, float a, float mu, float b) {
+#if SYNQ_STATS_X86
+  if (have_avx2()) return affine_row_avx2(x, y, n, a, mu, b);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] = a * (x[i] - mu) + b;
+}
+
+void check_input(const at::Tensor& x, const char* who) {
+  TORCH_CHECK(x.dim() == 4, who, "x must be (B, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, who, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), who, "x must be a CPU tensor");
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_) {
+  check_input(x_, "synq channel_stats (cpu): ");
+  const auto x = x_.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto mean = at::empty({C}, x.options());
+  auto var = at::empty({C}, x.options());
+  if (B * HW == 0) {  // as torch.var_mean: no samples, no statistics
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    var.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {mean, var};
+  }
+  const float* xp = x.const_data_ptr<float>();
+  float* mp = mean.mutable_data_ptr<float>();
+  float* vp = var.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(B * HW, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double n = 0.0, m = 0.0, m2 = 0.0;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* row = xp + (b * C + c) * HW;
+        const double rm = row_sums<false>(row, HW, 0.f) / static_cast<double>(HW);
+        const double rm2 = row_sums<true>(row, HW, static_cast<float>(rm));
+        // the row's deviations were taken from float(rm); shift its M2 to rm exactly
+        const double off = static_cast<double>(static_cast<float>(rm)) - rm;
+        const double row_m2 = std::max(0.0, rm2 - static_cast<double>(HW) * off * off);
+        const double nn = n + static_cast<double>(HW);
+        const double delta = rm - m;
+        m += delta * static_cast<double>(HW) / nn;
+        m2 += row_m2 + delta * delta * n * static_cast<double>(HW) / nn;
+        n = nn;
+      }
+      mp[c] = static_cast<float>(m);
+      vp[c] = static_cast<float>(m2 / n);
+    }
+  });
+  return {mean, var};
+}
+
+at::Tensor channel_stats_backward_cpu(const at::Tensor& g_mean_, const at::Tensor& g_var_,
+                                      const at::Tensor& x_, const at::Tensor& mean_) {
+  const char* who = "synq channel_stats backward (cpu): ";
+  check_input(x_, who);
+  const int64_t B = x_.size(0), C = x_.size(1), HW = x_.size(2) * x_.size(3);
+  for (const auto* t : {&g_mean_, &g_var_, &mean_}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == at::kFloat &&
+                    t->device().is_cpu(),
+                who, "g_mean, g_var and mean must be float32 CPU tensors of shape (", C, ")");
+  }
+  const auto x = x_.contiguous();
+  const auto gm = g_mean_.contiguous(), gv = g_var_.contiguous(), mean = mean_.contiguous();
+  auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return dx;
+  const double N = static_cast<double>(B * HW);
+  const float* xp = x.const_data_ptr<float>();
+  const float* gmp = gm.const_data_ptr<float>();
+  const float* gvp = gv.const_data_ptr<float>();
+  const float* mp = mean.const_data_ptr<float>();
+  float* dp = dx.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(HW, 1));
+  at::parallel_for(0, B * C, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r % C;
+      const float a = static_cast<float>(2.0 * gvp[c] / N);
+      const float b = static_cast<float>(gmp[c] / N);
+      const float mu = mp[c];
+      affine_row(xp + r * HW, dp + r * HW, HW, a, mu, b);
+    }
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(synq, CPU, m) {
+  m.impl("_channel_stats", &channel_stats_cpu);
+  m.impl("_channel_stats_backward", &channel_stats_backward_cpu);
+}
+
+}  // namespace synq

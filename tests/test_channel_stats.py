@@ -1,0 +1,126 @@
+"""synq_kernels.channel_stats: per-channel mean / biased variance over (B, H, W) and their
+gradient, every backend against float64 on awkward shapes, strides and dtypes; opcheck;
+torch.compile; errors; bns_loss through it."""
+import pytest
+import torch
+
+import synq_kernels as sk
+
+BACKENDS = sk.available_backends("channel_stats", "cpu")
+SHAPES = [(1, 1, 1, 1), (2, 3, 1, 1), (3, 5, 7, 11), (1, 4, 33, 65), (17, 2, 5, 3),
+          (4, 3, 1, 37), (2, 1, 130, 9)]
+
+
+def _f64(x):
+    v, m = torch.var_mean(x.detach().double(), dim=(0, 2, 3), unbiased=False)
+    return m, v
+
+
+def test_cpu_backend_is_built():
+    assert "reference" in BACKENDS
+    if sk._ext.has_cpu_kernels():
+        assert BACKENDS[0] == "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_statistics_match_float64(backend, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    # a large common offset: a one-pass E[x^2] - E[x]^2 would lose the variance here
+    x = torch.randn(shape, generator=g) * 0.5 + 300.0
+    m, v = sk.channel_stats(x, backend=backend)
+    m64, v64 = _f64(x)
+    assert m.dtype == v.dtype == torch.float32 and m.shape == v.shape == (shape[1],)
+    torch.testing.assert_close(m.double(), m64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(v.double(), v64, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("which", ["both", "mean", "var"])
+def test_gradient_matches_float64_autograd(backend, shape, which):
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    x = (torch.randn(shape, generator=g) * 2 - 1).requires_grad_(True)
+    gm = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    gv = torch.randn(shape[1], generator=g, dtype=torch.float64)
+
+    def loss(m, v):
+        terms = {"both": (m * gm).sum() + (v * gv).sum(), "mean": (m * gm).sum(),
+                 "var": (v * gv).sum()}
+        return terms[which]
+    m, v = sk.channel_stats(x, backend=backend)
+    (dx,) = torch.autograd.grad(loss(m.double(), v.double()), x)
+    x64 = x.detach().double().requires_grad_(True)
+    v64, m64 = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
+    (dx64,) = torch.autograd.grad(loss(m64, v64), x64)
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-6 * dx64.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strides_and_half_precision(backend):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 5, 9, 7, generator=g)
+    m64, v64 = _f64(base)
+    for x in (base.contiguous(memory_format=torch.channels_last),
+              base.transpose(0, 1).contiguous().transpose(0, 1),        # permuted strides
+              torch.randn(6, 5, 9, 14, generator=g)[..., ::2]):         # a gap in W
+        m, v = sk.channel_stats(x, backend=backend)
+        ref_m, ref_v = _f64(x)
+        torch.testing.assert_close(m.double(), ref_m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v.double(), ref_v, rtol=1e-5, atol=1e-6)
+    for dt in (torch.float16, torch.bfloat16):
+        x = base.to(dt).requires_grad_(True)
+        m, v = sk.channel_stats(x, backend=backend)
+        ref_m, ref_v = _f64(x)  # of the rounded input: computed in float32 from it
+        torch.testing.assert_close(m.double(), ref_m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v.double(), ref_v, rtol=1e-5, atol=1e-6)
+        (dx,) = torch.autograd.grad(v.sum(), x)
+        assert dx.dtype == dt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend):
+    m, v = sk.channel_stats(torch.zeros(0, 3, 4, 4), backend=backend)
+    assert m.shape == (3,) and torch.isnan(m).all() and torch.isnan(v).all()
+    m, v = sk.channel_stats(torch.zeros(2, 0, 4, 4), backend=backend)
+    assert m.shape == v.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x = torch.randn(3, 4, 5, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.synq.channel_stats.default, (x, backend))
+    mean = x.detach().mean((0, 2, 3))
+    torch.library.opcheck(torch.ops.synq.channel_stats_backward.default,
+                          (torch.randn(4), torch.randn(4), x.detach(), mean, backend))
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+
+    def f(x):
+        m, v = sk.channel_stats(x)
+        return (m.square() + v).sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+    (g1,) = torch.autograd.grad(compiled(x), x)
+    (g2,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("x, err, match", [
+    (torch.randn(3, 4, 5), ValueError, r"\(B, C, H, W\)"),
+    (torch.ones(2, 3, 4, 4, dtype=torch.int32), TypeError, "floating"),
+    ([1.0], TypeError, "torch.Tensor"),
+])
+def test_bad_input(x, err, match):
+    with pytest.raises(err, match=match):
+        sk.channel_stats(x)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="not a backend"):
+        sk.channel_stats(torch.randn(1, 1, 2, 2), backend="gpu")
+    with pytest.raises(NotImplementedError, match="no 'triton' backend"):
+        sk.channel_stats(torch.randn(1, 1, 2, 2), backend="triton")
