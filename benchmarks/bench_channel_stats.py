@@ -5,10 +5,10 @@ statistics from each backend.
 
 Shapes: the BN inputs of ResNet-20 at 28x28 (batch 256) and of ResNet-18 at 224x224 (batch
 64). Each row is timed forward alone and forward + backward (the loss (mean^2 + var).sum()),
-in interleaved rounds (the fastest kept). On a GPU only the reference exists (PyTorch's own
-reductions are the fast path there), so the benchmark runs on the CPU.
+in interleaved rounds on a CPU (the fastest kept). On a GPU it times the triton backend
+against the reference, which is the default there until this benchmark shows otherwise.
 
-    python -m benchmarks.bench_channel_stats [--quick] [--threads N] [--out DIR]
+    python -m benchmarks.bench_channel_stats [--quick] [--device cpu|cuda] [--threads N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _fwd_bwd(x, backend):
     return f
 
 
-def _synthesis_step_seconds(backend: str, steps: int) -> float:
+def _synthesis_step_seconds(backend: str, steps: int, device: str) -> float:
     """Seconds per Adam step of synq.synth.synthesize on the bundled teacher, with
     channel_stats on `backend` (through SYNQ_BACKEND: the teacher is float, so it is the only
     synq op of the step)."""
@@ -49,14 +49,14 @@ def _synthesis_step_seconds(backend: str, steps: int) -> float:
 
     from synq.assets import load_default_teacher
     from synq.synth import synthesize
-    model = load_default_teacher()[0]
+    model = load_default_teacher()[0].to(device)
     old = os.environ.get("SYNQ_BACKEND")
     os.environ["SYNQ_BACKEND"] = backend
     try:
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
             synthesize(model, os.path.join(d, "s.pt"), (1, 28, 28), num_images=256,
-                       batch_size=256, steps=steps, progress=False)
+                       batch_size=256, steps=steps, progress=False, device=device)
             return (time.perf_counter() - t) / steps
     finally:
         if old is None:
@@ -66,15 +66,16 @@ def _synthesis_step_seconds(backend: str, steps: int) -> float:
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/results"):
-    if device != "cpu":
-        print("channel_stats has no GPU kernel (the reference is PyTorch's own); skipped")
-        return []
-    backends = [b for b in sk.available_backends("channel_stats", "cpu") if b != "reference"]
-    rounds, mrt = (2, 0.2) if quick else (3, 0.5)
+    others = [b for b in sk.available_backends("channel_stats", device) if b != "reference"]
+    if device == "cpu":  # Triton on CPU tensors is the interpreter: not a benchmark
+        others = [b for b in others if b != "triton"]
+    gpu = device != "cpu"
+    rounds, mrt = (1, 0.5) if gpu else ((2, 0.2) if quick else (3, 0.5))
     rows = []
-    for name, shape in (QUICK if quick else SHAPES):
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        cands = [(be, kind, fn(x, be)) for be in ["reference"] + backends
+    for name, shape in (QUICK if quick and not gpu else SHAPES):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        x.requires_grad_(True)
+        cands = [(be, kind, fn(x, be)) for be in ["reference"] + others
                  for kind, fn in (("forward", _fwd), ("forward+backward", _fwd_bwd))]
         runs = [[] for _ in cands]
         for _ in range(rounds):
@@ -89,10 +90,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                          "speedup_vs_torch": base[kind] / t})
         print(markdown_table(rows[-len(cands):]), flush=True)
     steps = 3 if quick else 6
-    runs = {be: [] for be in ["reference"] + backends}
+    runs = {be: [] for be in ["reference"] + others}
     for _ in range(2):
         for be in runs:
-            runs[be].append(_synthesis_step_seconds(be, steps))
+            runs[be].append(_synthesis_step_seconds(be, steps, device))
     for be, ts in runs.items():
         t = min(ts)
         rows.append({"what": "synthesis step, bundled resnet20, 256x1x28x28", "pass": "Adam step",
@@ -100,11 +101,12 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                      "GB/s read": "", "speedup_vs_torch": min(runs["reference"]) / t})
     print(markdown_table(rows[-len(runs):]), flush=True)
     threads = torch.get_num_threads()
-    notes = (f"torch threads: {threads}. ms: the fastest of {rounds} interleaved rounds "
+    notes = (f"torch threads: {threads}. ms: the fastest of {rounds} interleaved round(s) "
              "(each a median); 'torch.var_mean' is the reference backend (var_mean over "
              "(B, H, W) and PyTorch autograd). GB/s read counts one read of x. The synthesis "
              f"rows time {steps} Adam steps of synq.synth.synthesize, fastest of 2 rounds.")
-    write_results("channel_stats", rows, device, out_dir, notes, suffix=f"_{threads}t")
+    write_results("channel_stats", rows, device, out_dir, notes,
+                  suffix="" if gpu else f"_{threads}t")
     return rows
 
 

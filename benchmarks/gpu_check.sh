@@ -34,7 +34,7 @@ fi
 
 step "tests (GPU)"
 timeout 90 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_fake_quant.py tests/test_fake_quant_api.py \
-  $(ls tests/test_lowpass.py 2>/dev/null) -k "cuda or triton or compile or opcheck" \
+  tests/test_channel_stats.py $(ls tests/test_lowpass.py 2>/dev/null) -k "cuda or triton or compile or opcheck" \
   --junitxml="$OUT/gpu_tests.xml" || STATUS=1
 # The integer kernels' CUDA backend (tests named test_cuda_*; no -x, so that one failing
 # case does not hide the others' results).

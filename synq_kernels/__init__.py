@@ -1,8 +1,8 @@
 """synq_kernels: the fused kernels of synq as PyTorch custom ops.
 
 Every op has the backends "reference" (plain PyTorch), "cpu" (C++), "cuda" (CUDA C++) and
-"triton", except channel_stats (reference and cpu: PyTorch's own reductions are the fast path
-on a GPU); `backend=None` picks the fastest one available for the input's device.
+"triton" (channel_stats: no "cuda"); `backend=None` picks the fastest one available for the
+input's device.
 """
 from . import _ext, backends, compiled  # noqa: F401  (compiled registers cpu / cuda)
 from . import reference
@@ -35,6 +35,10 @@ except ImportError:
     pass
 try:
     from .triton import int_gemm as _triton_int_gemm  # noqa: F401
+except ImportError:
+    pass
+try:
+    from .triton import channel_stats as _triton_channel_stats  # noqa: F401
 except ImportError:
     pass
 

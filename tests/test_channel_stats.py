@@ -20,6 +20,8 @@ def test_cpu_backend_is_built():
     assert "reference" in BACKENDS
     if sk._ext.has_cpu_kernels():
         assert BACKENDS[0] == "cpu"
+    if sk.backends._triton_reason("cpu") is None:  # the interpreter: Triton tested here too
+        assert "triton" in BACKENDS
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -122,5 +124,30 @@ def test_bad_input(x, err, match):
 def test_bad_backend():
     with pytest.raises(ValueError, match="not a backend"):
         sk.channel_stats(torch.randn(1, 1, 2, 2), backend="gpu")
-    with pytest.raises(NotImplementedError, match="no 'triton' backend"):
-        sk.channel_stats(torch.randn(1, 1, 2, 2), backend="triton")
+    with pytest.raises(NotImplementedError, match="no 'cuda' backend"):
+        sk.channel_stats(torch.randn(1, 1, 2, 2), backend="cuda")
+
+
+def test_gpu_default_is_the_reference_until_timed():
+    info = sk.backends._OPS["channel_stats"]
+    assert info.preference["cuda"][0] == "reference"
+    assert "triton" in info.impls or sk.backends._triton_reason("cuda") is not None
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", SHAPES + [(64, 8, 112, 112)])
+def test_triton_cuda_matches_float64(shape):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=g) + 3.0).cuda().requires_grad_(True)
+    m, v = sk.channel_stats(x, backend="triton")
+    m64, v64 = _f64(x.cpu())
+    torch.testing.assert_close(m.double().cpu(), m64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.double().cpu(), v64, rtol=1e-4, atol=1e-6)
+    gm, gv = torch.randn_like(m), torch.randn_like(v)
+    (dx,) = torch.autograd.grad((m * gm).sum() + (v * gv).sum(), x)
+    (dref,) = torch.autograd.grad(sum((t * gt).sum() for t, gt in zip(
+        sk.channel_stats(x, backend="reference"), (gm, gv))), x)
+    torch.testing.assert_close(dx, dref, rtol=1e-4, atol=1e-6 * dref.abs().max().item())

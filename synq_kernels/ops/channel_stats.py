@@ -4,9 +4,10 @@ BatchNorm computes for each channel of a (B, C, H, W) tensor, which BN-statistic
 
 Two custom ops, `synq::channel_stats` and `synq::channel_stats_backward`, each taking the name
 of the backend that runs it; autograd and the fake kernels are registered here once. Backends:
-"reference" (torch.var_mean, any device) and "cpu" (C++: one read of the data forward, one
-pass backward; torch.var_mean and its autograd take several on the CPU). On a GPU the
-reference runs (PyTorch's own reductions are fast there).
+"reference" (torch.var_mean, any device), "cpu" (C++: one read of the data forward, one pass
+backward; torch.var_mean and its autograd take several on the CPU) and "triton" (the same
+passes on a GPU; not the default there until timed against torch.var_mean on one, see
+synq_kernels/triton/channel_stats.py).
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def channel_stats(x: Tensor, backend: str | None = None) -> tuple[Tensor, Tensor
 
     Args:
         x: (B, C, H, W) float32, float16 or bfloat16, any strides; computed in float32.
-        backend: "reference", "cpu", or None for the fastest available on x's device.
+        backend: "reference", "cpu", "triton", or None for the default of x's device (cpu
+            on a CPU, reference on a GPU).
 
     Returns two float32 tensors of shape (C,) (NaN where B * H * W is 0). Differentiable
     with respect to x (first derivatives).
