@@ -41,28 +41,31 @@ def _fwd_bwd(x, backend):
     return f
 
 
-def _synthesis_step_seconds(backend: str, steps: int, device: str) -> float:
+def _synthesis_step_seconds(backend: str, steps: int, device: str,
+                            channels_last: bool) -> float:
     """Seconds per Adam step of synq.synth.synthesize on the bundled teacher, with
     channel_stats on `backend` (through SYNQ_BACKEND: the teacher is float, so it is the only
-    synq op of the step)."""
+    synq op of the step) and, on a CPU, the model channels-last or not."""
     import tempfile
 
+    import synq.synth as S
     from synq.assets import load_default_teacher
-    from synq.synth import synthesize
     model = load_default_teacher()[0].to(device)
-    old = os.environ.get("SYNQ_BACKEND")
+    old = os.environ.get("SYNQ_BACKEND"), S.CPU_CHANNELS_LAST
     os.environ["SYNQ_BACKEND"] = backend
+    S.CPU_CHANNELS_LAST = channels_last
     try:
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            synthesize(model, os.path.join(d, "s.pt"), (1, 28, 28), num_images=256,
-                       batch_size=256, steps=steps, progress=False, device=device)
+            S.synthesize(model, os.path.join(d, "s.pt"), (1, 28, 28), num_images=256,
+                         batch_size=256, steps=steps, progress=False, device=device)
             return (time.perf_counter() - t) / steps
     finally:
-        if old is None:
+        if old[0] is None:
             os.environ.pop("SYNQ_BACKEND")
         else:
-            os.environ["SYNQ_BACKEND"] = old
+            os.environ["SYNQ_BACKEND"] = old[0]
+        S.CPU_CHANNELS_LAST = old[1]
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/results"):
@@ -90,21 +93,28 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                          "speedup_vs_torch": base[kind] / t})
         print(markdown_table(rows[-len(cands):]), flush=True)
     steps = 3 if quick else 6
-    runs = {be: [] for be in ["reference"] + others}
+    # (label, channel_stats backend, channels-last model on the CPU); the first is the
+    # plain-PyTorch baseline, the last what synthesize runs by default
+    configs = [("torch.var_mean", "reference", False)] + [(be, be, False) for be in others]
+    if not gpu and others:
+        configs.append((f"{others[0]}, channels-last model", others[0], True))
+    runs = {c: [] for c in configs}
     for _ in range(2):
-        for be in runs:
-            runs[be].append(_synthesis_step_seconds(be, steps, device))
-    for be, ts in runs.items():
-        t = min(ts)
+        for c in configs:
+            runs[c].append(_synthesis_step_seconds(c[1], steps, device, c[2]))
+    base = min(runs[configs[0]])
+    for c, ts in runs.items():
         rows.append({"what": "synthesis step, bundled resnet20, 256x1x28x28", "pass": "Adam step",
-                     "backend": "torch.var_mean" if be == "reference" else be, "ms": t * 1e3,
-                     "GB/s read": "", "speedup_vs_torch": min(runs["reference"]) / t})
+                     "backend": c[0], "ms": min(ts) * 1e3, "GB/s read": "",
+                     "speedup_vs_torch": base / min(ts)})
     print(markdown_table(rows[-len(runs):]), flush=True)
     threads = torch.get_num_threads()
     notes = (f"torch threads: {threads}. ms: the fastest of {rounds} interleaved round(s) "
              "(each a median); 'torch.var_mean' is the reference backend (var_mean over "
              "(B, H, W) and PyTorch autograd). GB/s read counts one read of x. The synthesis "
-             f"rows time {steps} Adam steps of synq.synth.synthesize, fastest of 2 rounds.")
+             f"rows time {steps} Adam steps of synq.synth.synthesize, fastest of 2 rounds; "
+             "on a CPU synthesize runs a channels-last copy of the model by default "
+             "(synq.synth.CPU_CHANNELS_LAST), the other rows a model as given (NCHW).")
     write_results("channel_stats", rows, device, out_dir, notes,
                   suffix="" if gpu else f"_{threads}t")
     return rows

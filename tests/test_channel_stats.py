@@ -82,6 +82,30 @@ def test_strides_and_half_precision(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (2, 40, 6, 5), (3, 17, 1, 1), (1, 33, 20, 20)])
+def test_channels_last_statistics_and_gradient(backend, shape):
+    """Channels-last input (a model in channels-last memory format): read as it is, dx
+    returned channels-last; channel counts around the kernel's 16-channel slices."""
+    g = torch.Generator().manual_seed(5 + sum(shape))
+    x = (torch.randn(shape, generator=g) * 0.7 + 50.0).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    m, v = sk.channel_stats(x, backend=backend)
+    m64, v64 = _f64(x)
+    torch.testing.assert_close(m.double(), m64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(v.double(), v64, rtol=2e-4, atol=1e-7)
+    gm = torch.randn(shape[1], generator=g)
+    gv = torch.randn(shape[1], generator=g)
+    (dx,) = torch.autograd.grad((m * gm).sum() + (v * gv).sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    v64, m64 = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
+    (dx64,) = torch.autograd.grad((m64 * gm.double()).sum() + (v64 * gv.double()).sum(), x64)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    # the float32 mean of values near 50 is off by up to 2e-6, which shifts every dx of a
+    # channel by a[c] times that: about 1e-6 of max|dx| (the float64 reference has no error)
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5 * dx64.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty(backend):
     m, v = sk.channel_stats(torch.zeros(0, 3, 4, 4), backend=backend)
     assert m.shape == (3,) and torch.isnan(m).all() and torch.isnan(v).all()
@@ -94,8 +118,11 @@ def test_opcheck(backend):
     x = torch.randn(3, 4, 5, 6, requires_grad=True)
     torch.library.opcheck(torch.ops.synq.channel_stats.default, (x, backend))
     mean = x.detach().mean((0, 2, 3))
-    torch.library.opcheck(torch.ops.synq.channel_stats_backward.default,
-                          (torch.randn(4), torch.randn(4), x.detach(), mean, backend))
+    for xd in (x.detach(), x.detach().contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.synq.channel_stats_backward.default,
+                              (torch.randn(4), torch.randn(4), xd, mean, backend))
+    xcl = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.synq.channel_stats.default, (xcl, backend))
 
 
 def test_torch_compile_fullgraph():

@@ -126,3 +126,30 @@ def test_augment_batch_is_seeded_and_differentiable():
     # the full-size, unflipped crop is the identity
     same = augment_batch(x.detach(), seeded_generator(0), crop_scale=(1.0, 1.0), flip=False)
     assert same.shape == x.shape
+
+
+def test_cpu_channels_last_copy_computes_the_same_losses(tmp_path, monkeypatch):
+    """Synthesis on a CPU runs a channels-last copy of the model: the caller's model keeps its
+    layout, and the first step's losses (before any update) equal those of the model as is."""
+    import synq.synth as S
+    import synq_kernels
+    model = _bn_model()
+    losses, layouts = {}, []
+    real = synq_kernels.channel_stats
+
+    def spy(x, backend=None):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last)
+                       and not x.is_contiguous())
+        return real(x, backend)
+    monkeypatch.setattr(synq_kernels, "channel_stats", spy)
+    for cl in (False, True):
+        monkeypatch.setattr(S, "CPU_CHANNELS_LAST", cl)
+        layouts.clear()
+        out = synthesize(model, tmp_path / f"cl{cl}.pt", (1, 8, 8), num_images=12,
+                         batch_size=12, steps=1, progress=False)
+        losses[cl] = out["meta"]["batch_losses"][0]
+        assert layouts and all(f == cl for f in layouts)  # the BN inputs' layout
+    assert losses[True].keys() == losses[False].keys()
+    for k in losses[True]:
+        assert losses[True][k] == pytest.approx(losses[False][k], rel=1e-5), k
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -5,7 +5,11 @@
 // from memory once: its sum, then the sum of squared deviations from the row mean while the
 // row is still in cache; rows are merged into the channel's mean and M2 in double with Chan's
 // update (no E[x^2] - E[x]^2 cancellation). Channels are spread over threads.
-// Backward: dx = g_mean[c] / N + g_var[c] * 2 / N * (x - mean[c]), one pass over x.
+// Channels-last input (B, H, W, C in memory) is read as it is: per sample, the channel sums
+// over its pixels (vectors along C), then the squared deviations from the sample's channel
+// means, merged over samples the same way; threads take slices of 16 channels.
+// Backward: dx = g_mean[c] / N + g_var[c] * 2 / N * (x - mean[c]), one pass over x, in x's
+// memory format.
 // The sums use 16 float accumulators (two AVX2 vectors where the CPU has AVX2, chosen at run
 // time; a portable loop otherwise) over blocks of kBlock elements, added into double per
 // block.
@@ -20,6 +24,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_STATS_X86 1
@@ -129,9 +134,125 @@ void check_input(const at::Tensor& x, const char* who) {
   TORCH_CHECK(x.device().is_cpu(), who, "x must be a CPU tensor");
 }
 
+
+// ---- channels-last (NHWC) --------------------------------------------------------------------
+
+constexpr int64_t kPixBlock = 256;  // pixels summed in float before joining the double sums
+constexpr int64_t kChanSlice = 16;  // channels per work item (one 64-byte line)
+
+// For channels [c0, c1) of one sample (pixels p of `x` at x + p * C): s1[c] += sum_p x - shift[c]
+// (squares = false) or s1[c] += sum_p (x - shift[c])^2 (squares = true), float per block of
+// pixels, double across blocks.
+template <bool squares>
+__attribute__((always_inline)) inline void nhwc_sums_body(const float* x, int64_t HW, int64_t C,
+                                                          int64_t c0, int64_t c1,
+                                                          const float* shift, double* s1) {
+  float acc[kChanSlice];
+  const int64_t w = c1 - c0;
+  for (int64_t p0 = 0; p0 < HW; p0 += kPixBlock) {
+    const int64_t p1 = std::min(HW, p0 + kPixBlock);
+    for (int64_t j = 0; j < w; ++j) acc[j] = 0.f;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* px = x + p * C + c0;
+      for (int64_t j = 0; j < w; ++j) {
+        const float d = px[j] - shift[j];
+        acc[j] += squares ? d * d : d;
+      }
+    }
+    for (int64_t j = 0; j < w; ++j) s1[j] += acc[j];
+  }
+}
+
+template <bool squares>
+void nhwc_sums_plain(const float* x, int64_t HW, int64_t C, int64_t c0, int64_t c1,
+                     const float* shift, double* s1) {
+  nhwc_sums_body<squares>(x, HW, C, c0, c1, shift, s1);
+}
+
+void nhwc_affine_plain(const float* x, float* y, int64_t npix, int64_t C, const float* a,
+                       const float* mu, const float* b) {
+  for (int64_t p = 0; p < npix; ++p)
+    for (int64_t c = 0; c < C; ++c) y[p * C + c] = a[c] * (x[p * C + c] - mu[c]) + b[c];
+}
+
+#if SYNQ_STATS_X86
+template <bool squares>
+__attribute__((target("avx2"))) void nhwc_sums_avx2(const float* x, int64_t HW, int64_t C,
+                                                    int64_t c0, int64_t c1, const float* shift,
+                                                    double* s1) {
+  nhwc_sums_body<squares>(x, HW, C, c0, c1, shift, s1);
+}
+
+__attribute__((target("avx2"))) void nhwc_affine_avx2(const float* x, float* y, int64_t npix,
+                                                      int64_t C, const float* a,
+                                                      const float* mu, const float* b) {
+  for (int64_t p = 0; p < npix; ++p)
+    for (int64_t c = 0; c < C; ++c) y[p * C + c] = a[c] * (x[p * C + c] - mu[c]) + b[c];
+}
+#endif
+
+template <bool squares>
+void nhwc_sums(const float* x, int64_t HW, int64_t C, int64_t c0, int64_t c1,
+               const float* shift, double* s1) {
+#if SYNQ_STATS_X86
+  if (have_avx2()) return nhwc_sums_avx2<squares>(x, HW, C, c0, c1, shift, s1);
+#endif
+  nhwc_sums_plain<squares>(x, HW, C, c0, c1, shift, s1);
+}
+
+void nhwc_affine(const float* x, float* y, int64_t npix, int64_t C, const float* a,
+                 const float* mu, const float* b) {
+#if SYNQ_STATS_X86
+  if (have_avx2()) return nhwc_affine_avx2(x, y, npix, C, a, mu, b);
+#endif
+  nhwc_affine_plain(x, y, npix, C, a, mu, b);
+}
+
+void channel_stats_nhwc(const float* xp, int64_t B, int64_t C, int64_t HW, float* mp,
+                        float* vp) {
+  const int64_t slices = (C + kChanSlice - 1) / kChanSlice;
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1_) {
+    for (int64_t sl = s0; sl < s1_; ++sl) {
+      const int64_t c0 = sl * kChanSlice, c1 = std::min(C, c0 + kChanSlice), w = c1 - c0;
+      double n = 0.0, m[kChanSlice] = {}, m2[kChanSlice] = {};
+      const float zero[kChanSlice] = {};
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = xp + b * HW * C;
+        double s[kChanSlice] = {}, q[kChanSlice] = {};
+        float rmf[kChanSlice];
+        nhwc_sums<false>(xb, HW, C, c0, c1, zero, s);
+        double rm[kChanSlice];
+        for (int64_t j = 0; j < w; ++j) {
+          rm[j] = s[j] / static_cast<double>(HW);
+          rmf[j] = static_cast<float>(rm[j]);
+        }
+        nhwc_sums<true>(xb, HW, C, c0, c1, rmf, q);
+        const double nn = n + static_cast<double>(HW);
+        for (int64_t j = 0; j < w; ++j) {
+          const double off = static_cast<double>(rmf[j]) - rm[j];
+          const double row_m2 = std::max(0.0, q[j] - static_cast<double>(HW) * off * off);
+          const double delta = rm[j] - m[j];
+          m[j] += delta * static_cast<double>(HW) / nn;
+          m2[j] += row_m2 + delta * delta * n * static_cast<double>(HW) / nn;
+        }
+        n = nn;
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        mp[c0 + j] = static_cast<float>(m[j]);
+        vp[c0 + j] = static_cast<float>(m2[j] / n);
+      }
+    }
+  });
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_) {
   check_input(x_, "synq channel_stats (cpu): ");
-  const auto x = x_.contiguous();
+  const bool nhwc = is_channels_last(x_);
+  const auto x = nhwc ? x_ : x_.contiguous();
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   auto mean = at::empty({C}, x.options());
   auto var = at::empty({C}, x.options());
@@ -143,6 +264,10 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_) {
   const float* xp = x.const_data_ptr<float>();
   float* mp = mean.mutable_data_ptr<float>();
   float* vp = var.mutable_data_ptr<float>();
+  if (nhwc) {
+    channel_stats_nhwc(xp, B, C, HW, mp, vp);
+    return {mean, var};
+  }
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(B * HW, 1));
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -177,9 +302,10 @@ at::Tensor channel_stats_backward_cpu(const at::Tensor& g_mean_, const at::Tenso
                     t->device().is_cpu(),
                 who, "g_mean, g_var and mean must be float32 CPU tensors of shape (", C, ")");
   }
-  const auto x = x_.contiguous();
+  const bool nhwc = is_channels_last(x_);
+  const auto x = nhwc ? x_ : x_.contiguous();
   const auto gm = g_mean_.contiguous(), gv = g_var_.contiguous(), mean = mean_.contiguous();
-  auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto dx = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return dx;
   const double N = static_cast<double>(B * HW);
   const float* xp = x.const_data_ptr<float>();
@@ -187,6 +313,18 @@ at::Tensor channel_stats_backward_cpu(const at::Tensor& g_mean_, const at::Tenso
   const float* gvp = gv.const_data_ptr<float>();
   const float* mp = mean.const_data_ptr<float>();
   float* dp = dx.mutable_data_ptr<float>();
+  if (nhwc) {
+    std::vector<float> a(C), b(C);
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = static_cast<float>(2.0 * gvp[c] / N);
+      b[c] = static_cast<float>(gmp[c] / N);
+    }
+    const int64_t pgrain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(C, 1));
+    at::parallel_for(0, B * HW, pgrain, [&](int64_t p0, int64_t p1) {
+      nhwc_affine(xp + p0 * C, dp + p0 * C, p1 - p0, C, a.data(), mp, b.data());
+    });
+    return dx;
+  }
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(HW, 1));
   at::parallel_for(0, B * C, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
