@@ -4,7 +4,7 @@ the same run; and one synthesis step of the bundled ResNet-20 (batch 256, 1x28x2
 statistics from each backend.
 
 Shapes: the BN inputs of ResNet-20 at 28x28 (batch 256) and of ResNet-18 at 224x224 (batch
-64). Each row is timed forward alone and forward + backward (the loss (mean^2 + var).sum()),
+64), each NCHW and channels-last (synthesis on a CPU runs the model channels-last). Each row is timed forward alone and forward + backward (the loss (mean^2 + var).sum()),
 in interleaved rounds on a CPU (the fastest kept). On a GPU it times the triton backend
 against the reference, which is the default there until this benchmark shows otherwise.
 
@@ -75,9 +75,12 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
     gpu = device != "cpu"
     rounds, mrt = (1, 0.5) if gpu else ((2, 0.2) if quick else (3, 0.5))
     rows = []
-    for name, shape in (QUICK if quick and not gpu else SHAPES):
+    layouts = [("", torch.contiguous_format), (" channels-last", torch.channels_last)]
+    cases = [(name + tag, shape, fmt) for name, shape in (QUICK if quick and not gpu else SHAPES)
+             for tag, fmt in layouts]
+    for name, shape, fmt in cases:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-        x.requires_grad_(True)
+        x = x.contiguous(memory_format=fmt).requires_grad_(True)
         cands = [(be, kind, fn(x, be)) for be in ["reference"] + others
                  for kind, fn in (("forward", _fwd), ("forward+backward", _fwd_bwd))]
         runs = [[] for _ in cands]

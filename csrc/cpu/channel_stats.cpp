@@ -5,9 +5,8 @@
 // from memory once: its sum, then the sum of squared deviations from the row mean while the
 // row is still in cache; rows are merged into the channel's mean and M2 in double with Chan's
 // update (no E[x^2] - E[x]^2 cancellation). Channels are spread over threads.
-// Channels-last input (B, H, W, C in memory) is read as it is: per sample, the channel sums
-// over its pixels (vectors along C), then the squared deviations from the sample's channel
-// means, merged over samples the same way; threads take slices of 16 channels.
+// Channels-last input (B, H, W, C in memory) is read as it is: chunks of 256 pixels of a
+// 64-channel slice take the place of the rows (sums as vectors along C).
 // Backward: dx = g_mean[c] / N + g_var[c] * 2 / N * (x - mean[c]), one pass over x, in x's
 // memory format.
 // The sums use 16 float accumulators (two AVX2 vectors where the CPU has AVX2, chosen at run
@@ -17,13 +16,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -137,36 +136,55 @@ void check_input(const at::Tensor& x, const char* who) {
 
 // ---- channels-last (NHWC) --------------------------------------------------------------------
 
-constexpr int64_t kPixBlock = 256;  // pixels summed in float before joining the double sums
-constexpr int64_t kChanSlice = 16;  // channels per work item (one 64-byte line)
+constexpr int64_t kPixBlock = 256;  // pixels per chunk: a chunk of a slice is <= 64 KB
+constexpr int64_t kChanSlice = 64;  // channels per work item (four 64-byte lines)
 
-// For channels [c0, c1) of one sample (pixels p of `x` at x + p * C): s1[c] += sum_p x - shift[c]
-// (squares = false) or s1[c] += sum_p (x - shift[c])^2 (squares = true), float per block of
-// pixels, double across blocks.
+// For channels [c0, c0 + w) of a chunk of np pixels (pixel p at x + p * C):
+// out[j] = sum_p x - shift[j] (squares = false) or sum_p (x - shift[j])^2 (squares = true),
+// in float (np <= kPixBlock terms per channel).
 template <bool squares>
-__attribute__((always_inline)) inline void nhwc_sums_body(const float* x, int64_t HW, int64_t C,
-                                                          int64_t c0, int64_t c1,
-                                                          const float* shift, double* s1) {
-  float acc[kChanSlice];
-  const int64_t w = c1 - c0;
-  for (int64_t p0 = 0; p0 < HW; p0 += kPixBlock) {
-    const int64_t p1 = std::min(HW, p0 + kPixBlock);
-    for (int64_t j = 0; j < w; ++j) acc[j] = 0.f;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* px = x + p * C + c0;
-      for (int64_t j = 0; j < w; ++j) {
-        const float d = px[j] - shift[j];
+__attribute__((always_inline)) inline void nhwc_sums_body(const float* __restrict x, int64_t np,
+                                                          int64_t C, int64_t w,
+                                                          const float* __restrict shift,
+                                                          float* __restrict out) {
+  float acc[kChanSlice], sh[kChanSlice];
+  for (int64_t j = 0; j < kChanSlice; ++j) {
+    acc[j] = 0.f;
+    sh[j] = j < w ? shift[j] : 0.f;
+  }
+  // common widths get a fixed trip count, which the compiler turns into whole vectors
+  auto fixed = [&](auto width) {
+    constexpr int64_t W = decltype(width)::value;
+    for (int64_t p = 0; p < np; ++p) {
+      const float* __restrict px = x + p * C;
+      for (int64_t j = 0; j < W; ++j) {
+        const float d = px[j] - sh[j];
         acc[j] += squares ? d * d : d;
       }
     }
-    for (int64_t j = 0; j < w; ++j) s1[j] += acc[j];
+  };
+  if (w == 64) {
+    fixed(std::integral_constant<int64_t, 64>());
+  } else if (w == 32) {
+    fixed(std::integral_constant<int64_t, 32>());
+  } else if (w == 16) {
+    fixed(std::integral_constant<int64_t, 16>());
+  } else {
+    for (int64_t p = 0; p < np; ++p) {
+      const float* __restrict px = x + p * C;
+      for (int64_t j = 0; j < w; ++j) {
+        const float d = px[j] - sh[j];
+        acc[j] += squares ? d * d : d;
+      }
+    }
   }
+  for (int64_t j = 0; j < w; ++j) out[j] = acc[j];
 }
 
 template <bool squares>
-void nhwc_sums_plain(const float* x, int64_t HW, int64_t C, int64_t c0, int64_t c1,
-                     const float* shift, double* s1) {
-  nhwc_sums_body<squares>(x, HW, C, c0, c1, shift, s1);
+void nhwc_sums_plain(const float* x, int64_t np, int64_t C, int64_t w, const float* shift,
+                     float* out) {
+  nhwc_sums_body<squares>(x, np, C, w, shift, out);
 }
 
 void nhwc_affine_plain(const float* x, float* y, int64_t npix, int64_t C, const float* a,
@@ -177,10 +195,9 @@ void nhwc_affine_plain(const float* x, float* y, int64_t npix, int64_t C, const 
 
 #if SYNQ_STATS_X86
 template <bool squares>
-__attribute__((target("avx2"))) void nhwc_sums_avx2(const float* x, int64_t HW, int64_t C,
-                                                    int64_t c0, int64_t c1, const float* shift,
-                                                    double* s1) {
-  nhwc_sums_body<squares>(x, HW, C, c0, c1, shift, s1);
+__attribute__((target("avx2"))) void nhwc_sums_avx2(const float* x, int64_t np, int64_t C,
+                                                    int64_t w, const float* shift, float* out) {
+  nhwc_sums_body<squares>(x, np, C, w, shift, out);
 }
 
 __attribute__((target("avx2"))) void nhwc_affine_avx2(const float* x, float* y, int64_t npix,
@@ -192,12 +209,12 @@ __attribute__((target("avx2"))) void nhwc_affine_avx2(const float* x, float* y, 
 #endif
 
 template <bool squares>
-void nhwc_sums(const float* x, int64_t HW, int64_t C, int64_t c0, int64_t c1,
-               const float* shift, double* s1) {
+void nhwc_sums(const float* x, int64_t np, int64_t C, int64_t w, const float* shift,
+               float* out) {
 #if SYNQ_STATS_X86
-  if (have_avx2()) return nhwc_sums_avx2<squares>(x, HW, C, c0, c1, shift, s1);
+  if (have_avx2()) return nhwc_sums_avx2<squares>(x, np, C, w, shift, out);
 #endif
-  nhwc_sums_plain<squares>(x, HW, C, c0, c1, shift, s1);
+  nhwc_sums_plain<squares>(x, np, C, w, shift, out);
 }
 
 void nhwc_affine(const float* x, float* y, int64_t npix, int64_t C, const float* a,
@@ -208,34 +225,38 @@ void nhwc_affine(const float* x, float* y, int64_t npix, int64_t C, const float*
   nhwc_affine_plain(x, y, npix, C, a, mu, b);
 }
 
+// Chunks of kPixBlock pixels of a 64-channel slice play the part of the NCHW rows: each is
+// read from memory once (its sums, then its squared deviations from cache) and merged into
+// the slice's running (count, mean, M2) in double. Threads take slices, so the result does
+// not depend on the number of threads.
 void channel_stats_nhwc(const float* xp, int64_t B, int64_t C, int64_t HW, float* mp,
                         float* vp) {
   const int64_t slices = (C + kChanSlice - 1) / kChanSlice;
-  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1_) {
-    for (int64_t sl = s0; sl < s1_; ++sl) {
-      const int64_t c0 = sl * kChanSlice, c1 = std::min(C, c0 + kChanSlice), w = c1 - c0;
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      const int64_t c0 = sl * kChanSlice, w = std::min(C, c0 + kChanSlice) - c0;
       double n = 0.0, m[kChanSlice] = {}, m2[kChanSlice] = {};
       const float zero[kChanSlice] = {};
+      float sum[kChanSlice], sq[kChanSlice], rmf[kChanSlice];
       for (int64_t b = 0; b < B; ++b) {
-        const float* xb = xp + b * HW * C;
-        double s[kChanSlice] = {}, q[kChanSlice] = {};
-        float rmf[kChanSlice];
-        nhwc_sums<false>(xb, HW, C, c0, c1, zero, s);
-        double rm[kChanSlice];
-        for (int64_t j = 0; j < w; ++j) {
-          rm[j] = s[j] / static_cast<double>(HW);
-          rmf[j] = static_cast<float>(rm[j]);
+        for (int64_t p0 = 0; p0 < HW; p0 += kPixBlock) {
+          const int64_t np = std::min(kPixBlock, HW - p0);
+          const float* xc = xp + (b * HW + p0) * C + c0;
+          nhwc_sums<false>(xc, np, C, w, zero, sum);
+          for (int64_t j = 0; j < w; ++j) rmf[j] = sum[j] / static_cast<float>(np);
+          nhwc_sums<true>(xc, np, C, w, rmf, sq);
+          const double cnt = static_cast<double>(np), nn = n + cnt;
+          for (int64_t j = 0; j < w; ++j) {
+            // the chunk's mean in double, and its M2 shifted from float(mean) to it
+            const double rm = static_cast<double>(sum[j]) / cnt;
+            const double off = static_cast<double>(rmf[j]) - rm;
+            const double chunk_m2 = std::max(0.0, static_cast<double>(sq[j]) - cnt * off * off);
+            const double delta = rm - m[j];
+            m[j] += delta * cnt / nn;
+            m2[j] += chunk_m2 + delta * delta * n * cnt / nn;
+          }
+          n = nn;
         }
-        nhwc_sums<true>(xb, HW, C, c0, c1, rmf, q);
-        const double nn = n + static_cast<double>(HW);
-        for (int64_t j = 0; j < w; ++j) {
-          const double off = static_cast<double>(rmf[j]) - rm[j];
-          const double row_m2 = std::max(0.0, q[j] - static_cast<double>(HW) * off * off);
-          const double delta = rm[j] - m[j];
-          m[j] += delta * static_cast<double>(HW) / nn;
-          m2[j] += row_m2 + delta * delta * n * static_cast<double>(HW) / nn;
-        }
-        n = nn;
       }
       for (int64_t j = 0; j < w; ++j) {
         mp[c0 + j] = static_cast<float>(m[j]);
