@@ -25,6 +25,9 @@ inside it (the scales are clamped ranges) and the epoch's loss and accuracy sums
 device, read once per progress-bar refresh and at the end of the epoch. There a non-finite
 loss or logit, or a learned scale that left (0, inf), raises FloatingPointError before the
 epoch's checkpoint is written, so the last good checkpoint survives a divergence.
+On a CPU the teacher and the student run as channels-last copies (`CPU_CHANNELS_LAST`;
+oneDNN's convolutions are faster there, and fake_quant keeps the layout); the returned student
+is contiguous.
 
 Under torchrun (several processes, see synq.distributed) the student is wrapped in
 DistributedDataParallel and the teacher replicated. Every rank draws the same global batch of
@@ -73,6 +76,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
            "residual_add_layers"]
 
 CHECKPOINT_FORMAT = 1
+# Fine-tuning on a CPU runs channels-last copies of the teacher and student (see finetune).
+CPU_CHANNELS_LAST = True
 
 
 @dataclass
@@ -487,6 +492,10 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
     device = torch.device(device)
 
     teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    if device.type == "cpu" and CPU_CHANNELS_LAST:
+        # oneDNN's convolutions run faster on channels-last tensors on the CPU; the student
+        # (a quantized copy) inherits the layout and is returned contiguous
+        teacher = teacher.to(memory_format=torch.channels_last)
     student = quantize_model(teacher, cfg.wbits, cfg.abits, first_last_bits=cfg.first_last_bits,
                              symmetric_weights=cfg.symmetric_weights, learnable=cfg.learnable,
                              backend=cfg.backend).requires_grad_(True).eval()
@@ -623,7 +632,7 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
     for q in quantizers:
         q.calibrating = False
         q.sync_ranks = False  # the returned model runs on its own, e.g. on rank 0 alone
-    student.eval()
+    student.eval().to(memory_format=torch.contiguous_format)
     top1 = top5 = n_eval = None
     if eval_data is not None:
         res = evaluate(student, eval_data, device)

@@ -81,6 +81,27 @@ def test_non_contiguous(backend, device, transform):
                             transform=transform)
 
 
+@pytest.mark.parametrize("backend,device",
+                         [pytest.param("reference", "cpu", id="reference-cpu")] + backend_params())
+@pytest.mark.parametrize("axis", [None, 0, 1, 2, 3, -1])
+@pytest.mark.parametrize("dy_layout", ["channels_last", "contiguous"])
+def test_channels_last_input_gives_the_nchw_result_in_its_layout(backend, device, axis,
+                                                                  dy_layout):
+    """A channels-last x (a model in channels-last format) runs on its NHWC view: the same
+    values as the NCHW tensor, outputs and dx channels-last, whatever dy's layout."""
+    x, s, z, dy, _, _ = make_inputs((3, 5, 7, 9), axis, torch.float32, 4, False, device, 1)
+    cl = torch.channels_last
+    xcl = x.contiguous(memory_format=cl)
+    dy2 = dy.contiguous(memory_format=cl) if dy_layout == "channels_last" else dy
+    got = run_op(xcl, s, z, dy2, 4, False, axis, backend)
+    want = run_op(x, s, z, dy, 4, False, axis, backend)
+    assert got[0].is_contiguous(memory_format=cl) and not got[0].is_contiguous()
+    assert got[1].is_contiguous(memory_format=cl)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for g, w in zip(got[2:], want[2:]):  # sums over the channel in another order
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("axis", [None, 1])
 def test_empty_tensor(backend, device, axis):

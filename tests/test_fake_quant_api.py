@@ -146,6 +146,13 @@ def test_opcheck(backend, axis):
     torch.library.opcheck(torch.ops.synq.fake_quant_backward.default,
                           (dy, x.detach(), s.detach(), z.detach(), 0, 15, ax, 0.5, True,
                            backend))
+    # channels-last 4-D input: outputs keep the layout (the fake kernels say so too)
+    x4 = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.synq.fake_quant.default,
+                          (x4.requires_grad_(), s, z, 0, 15, ax, 0.5, backend))
+    torch.library.opcheck(torch.ops.synq.fake_quant_backward.default,
+                          (torch.randn(2, 6, 3, 4), x4.detach(), s.detach(), z.detach(), 0, 15,
+                           ax, 0.5, True, backend))
 
 
 def test_torch_compile_fullgraph():

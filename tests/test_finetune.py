@@ -181,6 +181,24 @@ def test_a_learned_scale_that_leaves_the_positive_range_is_named():
         _check_finite(totals, 1, cfg, False, student)
 
 
+def test_cpu_run_is_channels_last_and_returns_a_contiguous_student(digits, synthetic,
+                                                                 monkeypatch):
+    import synq_kernels
+    teacher = digits[0]
+    layouts = []
+    real = synq_kernels.fake_quant
+
+    def spy(x, *a, **k):
+        if x.dim() == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return real(x, *a, **k)
+    monkeypatch.setattr(synq_kernels, "fake_quant", spy)
+    res = finetune(teacher, synthetic, progress=False, **dict(SMALL, epochs=2, iters_per_epoch=2))
+    assert layouts and all(layouts)  # activations and conv weights ran channels-last
+    assert all(p.is_contiguous() for p in res.student.parameters())
+    assert all(p.is_contiguous() for p in teacher.parameters())  # the caller's model as it was
+
+
 @pytest.mark.parametrize("switches", [
     dict(use_lowpass=False, use_cam=False, use_hard_soft_labels=False),  # baseline
     dict(use_lowpass=False, use_cam=True, use_hard_soft_labels=False),

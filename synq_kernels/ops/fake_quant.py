@@ -14,17 +14,36 @@ from .. import _checks, backends
 OP = "fake_quant"
 
 
+# A channels-last 4-D x (a model in channels-last memory format) reaches the backends as its
+# contiguous NHWC view, x.permute(0, 2, 3, 1), with the axis renumbered; the result is
+# permuted back, so it is channels-last too and nothing is copied.
+_NHWC_AXIS = {-1: -1, 0: 0, 1: 3, 2: 1, 3: 2}
+
+
+def _channels_last(x: Tensor) -> bool:
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """The memory format of the op's outputs shaped like x."""
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+
+
 @torch.library.custom_op("synq::fake_quant", mutates_args=())
 def _fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                 axis: int, grad_factor: float, backend: str) -> Tensor:
     _checks.check_positive_finite("scale", scale)
     fwd, _ = backends.implementation(OP, backend)
+    if _channels_last(x):
+        y = fwd(x.permute(0, 2, 3, 1), scale, zero_point, qmin, qmax, _NHWC_AXIS[axis])
+        return y.permute(0, 3, 1, 2)
     return fwd(x, scale, zero_point, qmin, qmax, axis)
 
 
 @_fake_quant.register_fake
 def _(x, scale, zero_point, qmin, qmax, axis, grad_factor, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=_layout(x))
 
 
 @torch.library.custom_op("synq::fake_quant_backward", mutates_args=())
@@ -32,12 +51,17 @@ def _fake_quant_backward(dy: Tensor, x: Tensor, scale: Tensor, zero_point: Tenso
                          qmax: int, axis: int, grad_factor: float, qparam_grads: bool,
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = backends.implementation(OP, backend)
+    if _channels_last(x):
+        dy = dy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        dx, ds, dz = bwd(dy, x.permute(0, 2, 3, 1), scale, zero_point, qmin, qmax,
+                         _NHWC_AXIS[axis], grad_factor, qparam_grads)
+        return dx.permute(0, 3, 1, 2), ds, dz
     return bwd(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, qparam_grads)
 
 
 @_fake_quant_backward.register_fake
 def _(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, qparam_grads, backend):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+    return (torch.empty_like(x, memory_format=_layout(x)),
             torch.empty_like(scale, dtype=torch.float32),
             torch.empty_like(zero_point, dtype=torch.float32))
 
