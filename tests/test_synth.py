@@ -153,3 +153,24 @@ def test_cpu_channels_last_copy_computes_the_same_losses(tmp_path, monkeypatch):
     for k in losses[True]:
         assert losses[True][k] == pytest.approx(losses[False][k], rel=1e-5), k
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_keep_best_stores_the_lowest_loss_iterate(tmp_path):
+    """keep_best (the default) saves each batch's iterate of lowest loss: its recomputed
+    loss is the one reported, and never above the last iterate's of the same trajectory."""
+    from synq.losses import focal_ce
+    model = _bn_model()
+    got = {}
+    for kb in (False, True):
+        out = synthesize(model, tmp_path / f"kb{kb}.pt", (1, 8, 8), num_images=12,
+                         batch_size=12, steps=30, lr=2.0, keep_best=kb, progress=False)
+        got[kb] = out
+    reported = {kb: o["meta"]["batch_losses"][0] for kb, o in got.items()}
+    total = {kb: r["bns"] + 0.1 * r["ce"] for kb, r in reported.items()}
+    assert total[True] <= total[False]
+    with BNStats(model) as stats, torch.no_grad():
+        logits = model(got[True]["images"])
+        bns = float(bns_loss(stats.inputs, stats.layers))
+        ce = float(focal_ce(logits, got[True]["labels"], 0.5))
+    assert bns == pytest.approx(reported[True]["bns"], rel=1e-4)
+    assert ce == pytest.approx(reported[True]["ce"], rel=1e-3, abs=1e-6)
