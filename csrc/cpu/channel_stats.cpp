@@ -187,10 +187,18 @@ void nhwc_sums_plain(const float* x, int64_t np, int64_t C, int64_t w, const flo
   nhwc_sums_body<squares>(x, np, C, w, shift, out);
 }
 
-void nhwc_affine_plain(const float* x, float* y, int64_t npix, int64_t C, const float* a,
-                       const float* mu, const float* b) {
+// y = a[c] * (x - mu[c]) + b[c] over npix pixels of C channels
+__attribute__((always_inline)) inline void nhwc_affine_body(const float* x, float* y,
+                                                            int64_t npix, int64_t C,
+                                                            const float* a, const float* mu,
+                                                            const float* b) {
   for (int64_t p = 0; p < npix; ++p)
     for (int64_t c = 0; c < C; ++c) y[p * C + c] = a[c] * (x[p * C + c] - mu[c]) + b[c];
+}
+
+void nhwc_affine_plain(const float* x, float* y, int64_t npix, int64_t C, const float* a,
+                       const float* mu, const float* b) {
+  nhwc_affine_body(x, y, npix, C, a, mu, b);
 }
 
 #if SYNQ_STATS_X86
@@ -203,8 +211,7 @@ __attribute__((target("avx2"))) void nhwc_sums_avx2(const float* x, int64_t np, 
 __attribute__((target("avx2"))) void nhwc_affine_avx2(const float* x, float* y, int64_t npix,
                                                       int64_t C, const float* a,
                                                       const float* mu, const float* b) {
-  for (int64_t p = 0; p < npix; ++p)
-    for (int64_t c = 0; c < C; ++c) y[p * C + c] = a[c] * (x[p * C + c] - mu[c]) + b[c];
+  nhwc_affine_body(x, y, npix, C, a, mu, b);
 }
 #endif
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, backends
+from ..reference.int_gemm import conv_memory_format  # dx keeps a channels-last x's layout
 
 OP = "channel_stats"
 
@@ -32,24 +33,16 @@ def _(x, backend):
     return x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """dx's layout: channels-last for a channels-last x (the layout of the model's other
-    gradients there), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 @torch.library.custom_op("synq::channel_stats_backward", mutates_args=())
 def _channel_stats_backward(g_mean: Tensor, g_var: Tensor, x: Tensor, mean: Tensor,
                             backend: str) -> Tensor:
     _, bwd = backends.implementation(OP, backend)
-    return bwd(g_mean, g_var, x, mean).contiguous(memory_format=_memory_format(x))
+    return bwd(g_mean, g_var, x, mean).contiguous(memory_format=conv_memory_format(x))
 
 
 @_channel_stats_backward.register_fake
 def _(g_mean, g_var, x, mean, backend):
-    return torch.empty_like(x, memory_format=_memory_format(x))
+    return torch.empty_like(x, memory_format=conv_memory_format(x))
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, backends
+from ..reference.int_gemm import conv_memory_format
 
 OP = "fake_quant"
 
@@ -21,13 +22,7 @@ _NHWC_AXIS = {-1: -1, 0: 0, 1: 3, 2: 1, 3: 2}
 
 
 def _channels_last(x: Tensor) -> bool:
-    return (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    """The memory format of the op's outputs shaped like x."""
-    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return conv_memory_format(x) == torch.channels_last
 
 
 @torch.library.custom_op("synq::fake_quant", mutates_args=())
@@ -43,7 +38,7 @@ def _fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: i
 
 @_fake_quant.register_fake
 def _(x, scale, zero_point, qmin, qmax, axis, grad_factor, backend):
-    return torch.empty_like(x, memory_format=_layout(x))
+    return torch.empty_like(x, memory_format=conv_memory_format(x))
 
 
 @torch.library.custom_op("synq::fake_quant_backward", mutates_args=())
@@ -61,7 +56,7 @@ def _fake_quant_backward(dy: Tensor, x: Tensor, scale: Tensor, zero_point: Tenso
 
 @_fake_quant_backward.register_fake
 def _(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, qparam_grads, backend):
-    return (torch.empty_like(x, memory_format=_layout(x)),
+    return (torch.empty_like(x, memory_format=conv_memory_format(x)),
             torch.empty_like(scale, dtype=torch.float32),
             torch.empty_like(zero_point, dtype=torch.float32))
 

@@ -98,8 +98,9 @@ def quantized_linear(x_q, x_scale, x_zero, w_q, w_scale, bias=None, relu=False,
 
 
 def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The output format of the conv ops: channels-last for an input that is channels-last
-    and not also plain contiguous, else contiguous NCHW."""
+    """The output format of the ops that keep a channels-last layout (the convs, fake_quant,
+    channel_stats' backward): channels-last for an input that is channels-last and not also
+    plain contiguous, else contiguous."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
