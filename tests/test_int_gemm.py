@@ -354,13 +354,8 @@ def test_triton_opcheck(backend):
 
 
 _AOT_SCRIPT = r"""
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import synq_kernels.triton.int_gemm as m
 
-ALIGN = [["tt.divisibility", 16]]
 fn = m._int_mm_kernel
 for cc in (80, 90):
     for ap, bp in [(False, False), (False, True), (True, True)]:
@@ -369,13 +364,8 @@ for cc in (80, 90):
                "scm": "i32"}
         consts = {"A_PACKED": ap, "A_SIGNED": True, "B_PACKED": bp, "BM": 128, "BN": 128,
                   "BK": 128}
-        full = dict(sig)
-        full.update({k: "constexpr" for k in consts})
-        aligned = ["a_ptr", "b_ptr", "c_ptr", "sam", "sbn", "scm"]
-        attrs = {(fn.arg_names.index(a),): ALIGN for a in aligned}
-        src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
-        ptx = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                             options={"num_warps": 8}).asm["ptx"]
+        ptx = build(fn, sig, consts, ["a_ptr", "b_ptr", "c_ptr", "sam", "sbn", "scm"],
+                    num_warps=8, cc=cc)
         mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
         assert mma and all("s8.s8" in x for x in mma), (cc, ap, bp, sorted(set(mma))[:3])
 print("ok")
@@ -387,15 +377,8 @@ def test_triton_compiles_to_int8_mma_for_sm80_and_sm90():
     """The interpreter hides GPU-only compile errors: compile ahead of time (no GPU needed)
     and check that the products are int8 tensor-core MMAs (mma.sync s8 on sm_80, wgmma s8 on
     sm_90)."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
-    if res.returncode != 0 and "ImportError" in res.stderr and "triton" in res.stderr:
-        pytest.skip("this triton version lacks the ahead-of-time compile API used here")
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    import triton_aot
+    triton_aot.run(_AOT_SCRIPT)
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -452,26 +435,16 @@ def test_triton_quantized_linear_extremes_and_lead_dims(backend):
 
 
 _AOT_EPILOGUE_SCRIPT = r"""
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import synq_kernels.triton.int_gemm as m
 
-ALIGN = [["tt.divisibility", 16]]
 EPI = {"xs_ptr": "*fp32", "xz_ptr": "*i32", "ws_ptr": "*fp32", "rs_ptr": "*i32",
        "bias_ptr": "*fp32"}
 CONV = {k: "i32" for k in ("P", "OHW", "OW", "H", "W", "sxb", "sxc", "sxh", "sxw", "swn", "sob",
                            "soc", "soh", "sow", "sh", "sw", "ph", "pw", "dh", "dw")}
 
 
-def build(fn, sig, consts, num_warps):
-    full = dict(sig)
-    full.update({k: "constexpr" for k in consts})
-    attrs = {(fn.arg_names.index(a),): ALIGN for a in ("x_ptr", "w_ptr", "out_ptr")}
-    src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps}).asm["ptx"]
+def build_epi(fn, sig, consts, num_warps):
+    return build(fn, sig, consts, ("x_ptr", "w_ptr", "out_ptr"), num_warps=num_warps)
 
 
 def int8_mma(ptx, what):
@@ -482,7 +455,7 @@ def int8_mma(ptx, what):
 for wp, out, relu in [(False, "fp32", False), (True, "bf16", True)]:
     sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": f"*{out}", **EPI,
            "M": "i32", "N": "i32", "K": "i32", "sxm": "i32", "swn": "i32", "som": "i32"}
-    int8_mma(build(m._quantized_linear_kernel, sig,
+    int8_mma(build_epi(m._quantized_linear_kernel, sig,
                    {"W_PACKED": wp, "HAS_BIAS": True, "RELU": relu, "ROUND_BF16": out == "bf16",
                     "BM": 128, "BN": 128, "BK": 128}, 8), ("linear", wp))
 for wp, out in [(False, "fp16"), (True, "fp32")]:
@@ -490,7 +463,7 @@ for wp, out in [(False, "fp16"), (True, "fp32")]:
            "Cg": "i32", "Og": "i32", "K": "i32", "KW": "i32", "n_tiles": "i32", "swc": "i32",
            "swy": "i32", "swx": "i32", **CONV}
     sig = {a: sig[a] for a in m._conv_gemm_kernel.arg_names if a in sig}
-    int8_mma(build(m._conv_gemm_kernel, sig,
+    int8_mma(build_epi(m._conv_gemm_kernel, sig,
                    {"W_PACKED": wp, "HAS_BIAS": False, "RELU": True, "ROUND_BF16": False,
                     "BM": 128, "BN": 128, "BK": 64}, 8), ("conv", wp))
 for wp in (False, True):
@@ -498,7 +471,7 @@ for wp in (False, True):
            "Cout": "i32", "Og": "i32", "KH": "i32", "KW": "i32", "swy": "i32", "swx": "i32",
            **CONV}
     sig = {a: sig[a] for a in m._conv_depthwise_kernel.arg_names if a in sig}
-    ptx = build(m._conv_depthwise_kernel, sig,
+    ptx = build_epi(m._conv_depthwise_kernel, sig,
                 {"W_PACKED": wp, "HAS_BIAS": True, "RELU": False, "ROUND_BF16": True,
                  "BM": 64, "BN": 64}, 4)
     assert "st.global" in ptx, ("depthwise", wp)
@@ -511,15 +484,8 @@ def test_triton_linear_and_conv_compile_for_sm90():
     """quantized_linear's and quantized_conv2d's kernels compiled ahead of time for sm_90 (the
     interpreter hides GPU-only compile errors): the GEMMs must be int8 wgmma, int8 and packed
     int4 weights, every output dtype somewhere."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT_EPILOGUE_SCRIPT], env=env,
-                         capture_output=True, text=True, timeout=300)
-    if res.returncode != 0 and "ImportError" in res.stderr and "triton" in res.stderr:
-        pytest.skip("this triton version lacks the ahead-of-time compile API used here")
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    import triton_aot
+    triton_aot.run(_AOT_EPILOGUE_SCRIPT)
 
 # Triton on CUDA tensors (a GPU machine; skipped here): the interpreter runs the same kernels
 # above, but only a GPU runs the compiled code. Named *cuda* so that benchmarks/gpu_check.sh's

@@ -208,3 +208,27 @@ def test_bad_inputs():
         sk.lowpass(torch.randn(4, 4), 3.0, backend="fft")
     with pytest.raises(RuntimeError, match="cuda"):
         sk.lowpass(torch.randn(4, 4), 3.0, backend="cuda")
+
+
+_AOT_SCRIPT = r'''
+import synq_kernels.triton.lowpass as m
+
+# the GPU launch configurations of lowpass_gaussian: 28x28 (bundled model), 32x32, 224x224
+for dt, (bm, bw, bk, bn) in [("fp32", (32, 32, 32, 32)), ("bf16", (32, 32, 32, 32)),
+                             ("fp16", (64, 256, 32, 32)), ("fp32", (64, 256, 32, 32))]:
+    ptx = build(m._lowpass_gaussian_kernel, {
+        "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "ah_ptr": "*fp32", "aw_ptr": "*fp32",
+        "H": "i32", "W": "i32", "n_mblocks": "i32"},
+        {"BM": bm, "BW": bw, "BK": bk, "BN": bn, "PRECISION": m.GPU_PRECISION, "INT64": False,
+         "ROUND_BF16": dt == "bf16"}, ["ah_ptr", "aw_ptr"],
+        num_warps=8 if bm * bw >= 8192 else 4, num_stages=2)
+    mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
+    assert mma and all("tf32" in x for x in mma), (dt, bw, sorted(set(mma))[:3])
+print("ok")
+'''
+
+
+def test_triton_compiles_to_tf32_mma_for_sm90_without_gpu():
+    pytest.importorskip("triton")
+    import triton_aot
+    triton_aot.run(_AOT_SCRIPT)
