@@ -12,6 +12,11 @@ Resumable: finished variants are read back from the CSV and skipped; synthetic s
 running fine-tune continue from their files. Results: <out>.csv, <out>.md (regenerated after
 every variant) with the budget and the exact command.
 
+Two processes can share one table: start the same command a second time with --reverse
+added (the plan from its end; its log to another file). Each job is claimed by a file in
+<out>_work/ before it runs, and the CSV is read again before every job, so no job runs twice
+and the results are the same as from one process (each job is seeded on its own).
+
     python benchmarks/ablation.py --measure          # time one synthesis / fine-tuning step
     python benchmarks/ablation.py                    # the full table (about 2 h on 2 cores)
     python benchmarks/ablation.py --quick-teacher 300 --out /tmp/abl  # before the teacher exists
@@ -124,6 +129,8 @@ def parse_args(argv=None):
                    "images only (smoke runs; 0 = all 10,000)")
     p.add_argument("--note", default=NOTE, help="how the hyperparameters were chosen "
                    "(printed under the budget)")
+    p.add_argument("--reverse", action="store_true",
+                   help="run the plan from its last job (a second process sharing the table)")
     p.add_argument("--measure", action="store_true",
                    help="time one synthesis step and one fine-tuning step per variant, print "
                         "the projected total, and exit")
@@ -139,6 +146,7 @@ def load_teacher(args, work: Path):
         return model, f"bundled {meta['architecture']} (test top-1 {meta.get('test_top1')}%)"
     path = work / f"quick_teacher_{args.quick_teacher}.pt"
     from synq.models import resnet20
+    torch.manual_seed(0)  # the same teacher in every process (a --reverse partner included)
     model = resnet20(10, 1)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -248,8 +256,67 @@ def read_done(csv_path: Path, keys: dict) -> list[dict]:
     if not csv_path.exists():
         return []
     with open(csv_path) as f:
-        return [r for r in csv.DictReader(f)
+        rows = [r for r in csv.DictReader(f)
                 if keys.get((int(r["bits"]), r["variant"], int(r["seed"]))) == r["key"]]
+    first = {}
+    for r in rows:  # one row per job, should a job ever have been written twice
+        first.setdefault((r["bits"], r["variant"], r["seed"]), r)
+    return list(first.values())
+
+
+def claim(work: Path, key: str) -> bool:
+    """Claims the job `key` for this process by creating <work>/<key>.claim (holding the pid)
+    exclusively; a claim whose process has died is taken over. False: another live process
+    holds it."""
+    path = work / f"{key}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return True
+            if pid and _alive(pid):
+                return False
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ensure_synthetic(args, teacher, syn_path: Path, seed: int, work: Path, device, log):
+    """Makes seed's synthetic set unless it is complete; waits while another process makes
+    it. Returns the seconds spent synthesizing, or None."""
+    def ready():
+        return syn_path.exists() and torch.load(syn_path, weights_only=False)["meta"]["complete"]
+
+    while not ready() and not claim(work, f"synthetic_seed{seed}"):
+        time.sleep(10)
+    seconds = None
+    if not ready():
+        t0 = time.time()
+        log(f"synthesizing {args.num_images} images for seed {seed} -> {syn_path}", flush=True)
+        synthesize(teacher, syn_path, (1, 28, 28), config=synth_config(args, seed),
+                   device=device)
+        seconds = time.time() - t0
+        log(f"synthesis seed {seed}: {seconds:.0f} s", flush=True)
+    (work / f"synthetic_seed{seed}.claim").unlink(missing_ok=True)
+    return seconds
 
 
 def append_row(csv_path: Path, row: dict, fields=FIELDS) -> None:
@@ -465,28 +532,28 @@ def main(argv=None):
     log(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n# teacher: {teacher_desc}, "
         f"FP top-1 {fp['top1']:.2f}%, CAM layer {cam_layer}", flush=True)
 
-    rows = read_done(csv_path, keys)
-    done = {(int(r["bits"]), r["variant"], int(r["seed"])) for r in rows}
     synth_seconds = {}
     md = dict(args=args, fp=fp, teacher_desc=teacher_desc, md_path=md_path, command=command,
               env=env, costs=costs, cam_layer=cam_layer)
-    for bits, variant, seed in plan(args):
-        if (bits, variant, seed) in done:
+    jobs = plan(args)
+    for bits, variant, seed in (jobs[::-1] if args.reverse else jobs):
+        # read again before every job: another process (--reverse) may have finished it
+        rows = read_done(csv_path, keys)
+        if (bits, variant, seed) in {(int(r["bits"]), r["variant"], int(r["seed"]))
+                                     for r in rows}:
             continue
         key = keys[(bits, variant, seed)]
+        if not claim(work, key):
+            log(f"W{bits}A{bits} {variant} seed {seed}: running in another process", flush=True)
+            continue
         syn_path = work / f"synthetic_seed{seed}_{synth_key(args, seed)}.pt"
-        if not (syn_path.exists() and torch.load(syn_path, weights_only=False)["meta"]["complete"]):
-            t0 = time.time()
-            log(f"synthesizing {args.num_images} images for seed {seed} -> {syn_path}", flush=True)
-            synthesize(teacher, syn_path, (1, 28, 28), config=synth_config(args, seed),
-                       device=device)
-            synth_seconds[seed] = time.time() - t0
-            log(f"synthesis seed {seed}: {synth_seconds[seed]:.0f} s", flush=True)
+        seconds = ensure_synthetic(args, teacher, syn_path, seed, work, device, log)
+        if seconds is not None:
+            synth_seconds[seed] = seconds
         _, real, _ = VARIANTS[variant]
         data = real_subset(args, seed) if real else load_synthetic(syn_path)
         cfg = ft_config(args, bits, variant, seed)
         ckpt = work / f"ft_w{bits}_{variant.replace(' ', '_').replace(',', '')}_s{seed}_{key}.pt"
-        t0 = time.time()
         log(f"W{bits}A{bits} {variant} seed {seed}", flush=True)
         res = finetune(teacher, data, cfg, eval_data=(tx, ty), checkpoint=ckpt, resume=True,
                        device=device)
@@ -497,11 +564,15 @@ def main(argv=None):
         append_row(csv_path, row)
         rows.append(row)
         ckpt.unlink(missing_ok=True)
+        (work / f"{key}.claim").unlink(missing_ok=True)
         log(f"W{bits}A{bits} {variant} seed {seed}: top-1 {res.top1:.2f}% "
             f"({seconds:.0f} s)", flush=True)
         write_markdown(rows=rows, **md)
+    rows = read_done(csv_path, keys)
     write_markdown(rows=rows, **md)
-    log(f"done: {md_path}", flush=True)
+    missing = len(jobs) - len({(r["bits"], r["variant"], r["seed"]) for r in rows})
+    log(f"done: {md_path}" + (f" ({missing} job(s) still running in another process)"
+                              if missing else ""), flush=True)
     return 0
 
 

@@ -32,3 +32,30 @@ def test_paired_ci_matches_a_hand_computation():
     lo, hi = ablation.paired_ci([1.0, 2.0, 3.0])
     half = 4.303 / 3 ** 0.5
     assert abs(lo - (2 - half)) < 1e-9 and abs(hi - (2 + half)) < 1e-9
+
+
+def test_job_claims_are_exclusive_between_live_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    assert ablation.claim(tmp_path, "k1")
+    assert ablation.claim(tmp_path, "k1")  # this process already holds it
+    assert (tmp_path / "k1.claim").read_text() == str(os.getpid())
+    # held by another live process: refused
+    (tmp_path / "k2.claim").write_text(str(os.getppid()))
+    assert not ablation.claim(tmp_path, "k2")
+    # held by a process that has exited: taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "k3.claim").write_text(dead)
+    assert ablation.claim(tmp_path, "k3")
+    assert (tmp_path / "k3.claim").read_text() == str(os.getpid())
+
+
+def test_reverse_is_the_plan_backwards_and_keys_do_not_depend_on_it():
+    fwd = ablation.parse_args(["--seeds", "0", "1", "--every-seed", "+cam"])
+    rev = ablation.parse_args(["--seeds", "0", "1", "--every-seed", "+cam", "--reverse"])
+    assert ablation.plan(rev) == ablation.plan(fwd)  # main() walks it backwards
+    for job in ablation.plan(fwd):
+        assert ablation.row_key(fwd, *job, "layer3") == ablation.row_key(rev, *job, "layer3")
+    assert ablation.synth_key(fwd, 1) == ablation.synth_key(rev, 1)
