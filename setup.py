@@ -6,7 +6,8 @@ Environment flags:
   SYNQ_BUILD_CUDA=1/0  force the CUDA sources on or off. Default: on when a CUDA toolkit
                        (nvcc under CUDA_HOME) and a CUDA build of torch are both present;
                        a visible GPU is not needed.
-  TORCH_CUDA_ARCH_LIST CUDA targets, default "8.0;9.0" (sm_80 and sm_90 machine code).
+  TORCH_CUDA_ARCH_LIST CUDA targets, default "8.0;9.0+PTX" (sm_80 and sm_90 machine code,
+                       and sm_90 PTX that newer GPUs compile when loading).
   MAX_JOBS             parallel compile jobs (ninja).
 """
 import glob
@@ -84,7 +85,8 @@ def _extensions():
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # +PTX: sm_90 PTX as well, which the driver compiles for newer GPUs (sm_100, sm_120)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["cxx"] = cxx + ["-DSYNQ_WITH_CUDA"]
         extra["nvcc"] = ["-O3", "-DSYNQ_WITH_CUDA", "--expt-relaxed-constexpr",
