@@ -355,6 +355,8 @@ def paired_ci(diffs) -> tuple[float, float]:
 
 
 def write_markdown(args, rows, fp, teacher_desc, md_path, command, env, costs, cam_layer):
+    # seed order in every per-seed list (two processes append rows in another order)
+    rows = sorted(rows, key=lambda r: (int(r["bits"]), int(r["seed"])))
     by = {}
     for r in rows:
         by.setdefault((int(r["bits"]), r["variant"]), []).append(float(r["top1"]))
