@@ -250,17 +250,21 @@ def plan(args):
     return jobs
 
 
+def job_of(row: dict) -> tuple[int, str, int]:
+    """The (bits, variant, seed) job of a CSV row."""
+    return int(row["bits"]), row["variant"], int(row["seed"])
+
+
 def read_done(csv_path: Path, keys: dict) -> list[dict]:
     """The CSV rows of the planned jobs whose key matches (results of other settings are
     left in the file but not shown)."""
     if not csv_path.exists():
         return []
     with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f)
-                if keys.get((int(r["bits"]), r["variant"], int(r["seed"]))) == r["key"]]
+        rows = [r for r in csv.DictReader(f) if keys.get(job_of(r)) == r["key"]]
     first = {}
     for r in rows:  # one row per job, should a job ever have been written twice
-        first.setdefault((r["bits"], r["variant"], r["seed"]), r)
+        first.setdefault(job_of(r), r)
     return list(first.values())
 
 
@@ -301,22 +305,19 @@ def _alive(pid: int) -> bool:
 
 def ensure_synthetic(args, teacher, syn_path: Path, seed: int, work: Path, device, log):
     """Makes seed's synthetic set unless it is complete; waits while another process makes
-    it. Returns the seconds spent synthesizing, or None."""
+    it."""
     def ready():
         return syn_path.exists() and torch.load(syn_path, weights_only=False)["meta"]["complete"]
 
     while not ready() and not claim(work, f"synthetic_seed{seed}"):
         time.sleep(10)
-    seconds = None
     if not ready():
         t0 = time.time()
         log(f"synthesizing {args.num_images} images for seed {seed} -> {syn_path}", flush=True)
         synthesize(teacher, syn_path, (1, 28, 28), config=synth_config(args, seed),
                    device=device)
-        seconds = time.time() - t0
-        log(f"synthesis seed {seed}: {seconds:.0f} s", flush=True)
+        log(f"synthesis seed {seed}: {time.time() - t0:.0f} s", flush=True)
     (work / f"synthetic_seed{seed}.claim").unlink(missing_ok=True)
-    return seconds
 
 
 def append_row(csv_path: Path, row: dict, fields=FIELDS) -> None:
@@ -534,24 +535,20 @@ def main(argv=None):
     log(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n# teacher: {teacher_desc}, "
         f"FP top-1 {fp['top1']:.2f}%, CAM layer {cam_layer}", flush=True)
 
-    synth_seconds = {}
     md = dict(args=args, fp=fp, teacher_desc=teacher_desc, md_path=md_path, command=command,
               env=env, costs=costs, cam_layer=cam_layer)
     jobs = plan(args)
     for bits, variant, seed in (jobs[::-1] if args.reverse else jobs):
         # read again before every job: another process (--reverse) may have finished it
         rows = read_done(csv_path, keys)
-        if (bits, variant, seed) in {(int(r["bits"]), r["variant"], int(r["seed"]))
-                                     for r in rows}:
+        if (bits, variant, seed) in {job_of(r) for r in rows}:
             continue
         key = keys[(bits, variant, seed)]
         if not claim(work, key):
             log(f"W{bits}A{bits} {variant} seed {seed}: running in another process", flush=True)
             continue
         syn_path = work / f"synthetic_seed{seed}_{synth_key(args, seed)}.pt"
-        seconds = ensure_synthetic(args, teacher, syn_path, seed, work, device, log)
-        if seconds is not None:
-            synth_seconds[seed] = seconds
+        ensure_synthetic(args, teacher, syn_path, seed, work, device, log)
         _, real, _ = VARIANTS[variant]
         data = real_subset(args, seed) if real else load_synthetic(syn_path)
         cfg = ft_config(args, bits, variant, seed)
@@ -572,7 +569,7 @@ def main(argv=None):
         write_markdown(rows=rows, **md)
     rows = read_done(csv_path, keys)
     write_markdown(rows=rows, **md)
-    missing = len(jobs) - len({(r["bits"], r["variant"], r["seed"]) for r in rows})
+    missing = len(jobs) - len(rows)
     log(f"done: {md_path}" + (f" ({missing} job(s) still running in another process)"
                               if missing else ""), flush=True)
     return 0
