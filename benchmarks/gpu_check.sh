@@ -11,6 +11,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # a step stopped at its time limit must still leave its output
 STATUS=0
 step() { echo; echo "=== $* ($(date +%T))"; }
 
@@ -37,16 +38,17 @@ step "tests (GPU)"
 # limit when pytest-timeout is, so that one hung case fails alone instead of the whole step.
 # No -x: one failure must not hide the other results. The sm_80/sm_90 ahead-of-time compile
 # tests (*_without_gpu) are left out: they are for machines with no GPU and CI runs them.
-PYT=(-q -rfE -p no:cacheprovider)
-"$PY" -c "import xdist" 2>/dev/null && PYT+=(-n 4)
+PYT=(-q -rfE -p no:cacheprovider -p no:benchmark)
+"$PY" -c "import xdist" 2>/dev/null && PYT+=(-n 8)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYT+=(--timeout 60)
-timeout 90 "$PY" -m pytest "${PYT[@]}" tests/test_fake_quant.py tests/test_fake_quant_api.py \
+# SIGINT at the limit: pytest then still prints its summary of what ran and failed.
+timeout -s INT -k 15 110 "$PY" -m pytest "${PYT[@]}" tests/test_fake_quant.py tests/test_fake_quant_api.py \
   tests/test_channel_stats.py tests/test_lowpass.py \
   -k "(cuda or triton or compile or opcheck) and not without_gpu" \
   --junitxml="$OUT/gpu_tests.xml" || STATUS=1
 # The integer kernels' CUDA backend (tests named test_cuda_*; no -x, so that one failing
 # case does not hide the others' results).
-timeout 60 "$PY" -m pytest "${PYT[@]}" tests/test_int_gemm.py tests/test_deploy.py tests/test_int_conv.py \
+timeout -s INT -k 15 60 "$PY" -m pytest "${PYT[@]}" tests/test_int_gemm.py tests/test_deploy.py tests/test_int_conv.py \
   -k "cuda" --junitxml="$OUT/gpu_int_tests.xml" || STATUS=1
 
 step benchmarks

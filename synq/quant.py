@@ -17,6 +17,7 @@ Ranges always include zero, so that zero (padding, dead ReLUs) is exactly repres
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Iterable
 
@@ -332,6 +333,10 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
     edge = {layers[0], layers[-1]} if first_last_bits is not None else set()
 
     qmodel = copy.deepcopy(model)
+    # A new activation quantizer's range buffers go where the model is (a model moved to a GPU
+    # before quantization must not get CPU ranges): the device of the nearest tensor above.
+    device = next(itertools.chain(qmodel.parameters(), qmodel.buffers()),
+                  torch.empty(0)).device
     for name, m in list(qmodel.named_modules()):
         if name in layers:
             bits = first_last_bits if name in edge else wbits
@@ -339,7 +344,7 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
             _set_child(qmodel, name, cls.from_float(m, bits, symmetric_weights, learnable,
                                                     backend))
         elif type(m) in (nn.ReLU, nn.ReLU6):
-            quantizer = ActQuantizer(abits, act_momentum, learnable, backend)
+            quantizer = ActQuantizer(abits, act_momentum, learnable, backend).to(device)
             quantizer.name = name
             _set_child(qmodel, name, QuantAct(m, quantizer))
     qmodel.quant_config = {"wbits": wbits, "abits": abits, "first_last_bits": first_last_bits,

@@ -1,5 +1,6 @@
 """synq.quant: quantizers, quantized layers and quantize_model on every supported architecture."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -237,3 +238,16 @@ def test_fake_quant_is_used(monkeypatch):
     q = quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()), 4, 4)
     calibrate(q, [torch.randn(2, 1, 5, 5)])
     assert calls == [0, None]  # weight per channel (axis 0), activation per tensor
+
+
+@pytest.mark.parametrize("learnable", [None, "lsq+"])
+def test_quantizers_are_made_on_the_models_device(learnable):
+    # A model moved to a GPU before quantize_model must get its activation ranges there too
+    # (found on an H100: CPU range buffers beside CUDA activations). The meta device stands
+    # in for the GPU here: every tensor of the quantized copy must be where the model was.
+    model = resnet20(num_classes=10, in_channels=1).to("meta")
+    q = quantize_model(model, 4, 4, learnable=learnable)
+    placed = {n: t.device.type for n, t in itertools.chain(q.named_parameters(),
+                                                             q.named_buffers())}
+    assert any("quantizer" in n for n in placed)
+    assert set(placed.values()) == {"meta"}, {n: d for n, d in placed.items() if d != "meta"}
