@@ -859,6 +859,9 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
         scale, zero = _act_params(qa.quantizer)
         _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, scale, zero,
                                        apply_relu=info["fused_from"] is None))
+    # the new modules' scales and zero points were made from Python numbers (on the CPU):
+    # the integer model lives where the quantized model's layers are
+    model = model.to(device)
     meta = {"format": FORMAT, "quant_config": dict(qmodel.quant_config),
             "model": getattr(qmodel, "meta", {}).get("model")}
     plan["fused"] = bool(fuse) and _fusion_works(model, plan, example)
