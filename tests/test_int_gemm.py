@@ -658,3 +658,29 @@ def test_quantized_linear_empty_k_and_rows(backend, device, w_int4):
     w5 = sk.pack_int4(torch.ones(4, 5, dtype=torch.int8)) if w_int4 else \
         torch.ones(4, 5, dtype=torch.int8)
     assert sk.quantized_linear(x, 0.1, 3, w5.to(device), 1.0, backend=backend).shape == (0, 4)
+
+
+def test_gpu_default_sends_large_int8_products_to_triton(monkeypatch):
+    # The rule measured on an H100 / H200 (TRITON_INT8_MIN_M): with no backend named, int8 x
+    # int8 products with M >= 17 on a GPU run on Triton, smaller M and packed int4 weights on
+    # cuda; a named backend or SYNQ_BACKEND is obeyed. No GPU here: the registry is faked.
+    from synq_kernels import backends
+    from synq_kernels.ops import int_gemm as ops
+    monkeypatch.delenv("SYNQ_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "resolve", lambda op, dev, be: be or "cuda")
+    monkeypatch.setattr(backends, "available_backends",
+                        lambda op, dev: ["cuda", "triton", "reference"])
+    dev = torch.device("cuda")
+    m0 = ops.TRITON_INT8_MIN_M
+    for op in ("int_mm", "quantized_linear"):
+        assert ops._resolve_gemm(op, dev, None, m0, False) == "triton"
+        assert ops._resolve_gemm(op, dev, None, 4096, False) == "triton"
+        assert ops._resolve_gemm(op, dev, None, m0 - 1, False) == "cuda"
+        assert ops._resolve_gemm(op, dev, None, 1, False) == "cuda"
+        assert ops._resolve_gemm(op, dev, None, 4096, True) == "cuda"
+        assert ops._resolve_gemm(op, dev, "cuda", 4096, False) == "cuda"
+    monkeypatch.setenv("SYNQ_BACKEND", "cuda")
+    assert ops._resolve_gemm("int_mm", dev, None, 4096, False) == "cuda"
+    monkeypatch.delenv("SYNQ_BACKEND")
+    monkeypatch.setattr(backends, "available_backends", lambda op, dev: ["cuda", "reference"])
+    assert ops._resolve_gemm("int_mm", dev, None, 4096, False) == "cuda"

@@ -6,8 +6,8 @@ Two custom ops, `synq::channel_stats` and `synq::channel_stats_backward`, each t
 of the backend that runs it; autograd and the fake kernels are registered here once. Backends:
 "reference" (torch.var_mean, any device), "cpu" (C++: one read of the data forward, one pass
 backward; torch.var_mean and its autograd take several on the CPU) and "triton" (the same
-passes on a GPU; not the default there until timed against torch.var_mean on one, see
-synq_kernels/triton/channel_stats.py).
+passes on a GPU; not the default there: timed on an H100 and an H200, torch.var_mean won
+every row, benchmarks/results/gpu_2026-11-27/).
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -172,6 +173,25 @@ def _resolve(op, device, backend):
     return backends.resolve(op, device, backend)
 
 
+# Above this M an int8 x int8 product on a GPU goes to Triton rather than to the cuda kernel,
+# when the caller named no backend. Measured on an H100 and an H200
+# (benchmarks/results/gpu_2026-11-27/int_gemm_*): at K = N = 4096, M = 256 and 4096, Triton's
+# kernel (wgmma) took 0.29x-0.73x the time of the cuda one (mma.sync), 1.39x fp16 matmul at
+# 4096^3 on the H100 against the cuda kernel's 0.40x. At M = 1 the cuda weight-streaming kernel
+# was 2.4-4x faster; at M = 16 the two cards disagreed. Packed int4 weights stay on cuda, which
+# was faster at every M.
+TRITON_INT8_MIN_M = 17
+
+
+def _resolve_gemm(op, device, backend, m, int4):
+    be = _resolve(op, device, backend)
+    if (backend is None and be == "cuda" and not int4 and m >= TRITON_INT8_MIN_M
+            and not os.environ.get("SYNQ_BACKEND")
+            and "triton" in backends.available_backends(op, "cuda")):
+        return "triton"
+    return be
+
+
 # -- public API ---------------------------------------------------------------------------------
 
 def pack_int4(q: Tensor, signed: bool = True) -> Tensor:
@@ -229,7 +249,7 @@ def int8_matmul(a: Tensor, b: Tensor, backend: str | None = None) -> Tensor:
         raise ValueError(f"K mismatch: a is {tuple(a.shape)} (M, K) and b is "
                          f"{tuple(b.shape)} (N, K)")
     _check_k(a.shape[1])
-    be = _resolve("int_mm", a.device, backend)
+    be = _resolve_gemm("int_mm", a.device, backend, a.shape[0], False)
     return torch.ops.synq.int_mm(a, b, a.shape[1], False, True, False, be)
 
 
@@ -384,7 +404,7 @@ def quantized_linear(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
     elif tuple(w_rowsum.shape) != (n,):
         raise ValueError(f"w_rowsum must have shape ({n},), got {tuple(w_rowsum.shape)}")
     w_rowsum = w_rowsum.to(device=dev, dtype=torch.int32).contiguous()
-    be = _resolve("quantized_linear", dev, backend)
+    be = _resolve_gemm("quantized_linear", dev, backend, m, w_packed)
     args = (x2.contiguous(), xs, xz, w_q.contiguous(), ws, w_rowsum, b, bool(relu), out_dtype,
             w_packed, be)
     run = _linear_body if _direct_ok(x_q, xs, xz, w_q, ws, b, w_rowsum) else \
