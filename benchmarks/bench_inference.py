@@ -65,11 +65,14 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             cands = [((base_name, "torch"), None, lambda: fmodel(xf))]
             for bits, im in ints.items():
                 for be in backends:
-                    cands.append(((f"int W{bits}A{bits}", be or "default"), (im, be, True),
+                    cands.append(((f"int W{bits}A{bits}", be or "default"), (im, be, True, False),
                                   (lambda im: lambda: im(x))(im)))
+                    if device == "cuda":    # the same with CUDA-graph replay (IntModel.cuda_graphs)
+                        cands.append(((f"int W{bits}A{bits} graphs", be), (im, be, True, True),
+                                      (lambda im: lambda: im(x))(im)))
                 if b == 1 and device == "cpu":
                     # the same model without replay (IntModel.replay): its Python every call
-                    cands.append(((f"int W{bits}A{bits} eager", "default"), (im, None, False),
+                    cands.append(((f"int W{bits}A{bits} eager", "default"), (im, None, False, False),
                                   (lambda im: lambda: im(x))(im)))
             # rounds interleave the candidates, so that a slow phase of a shared machine
             # hits all of them; each row keeps its fastest round
@@ -78,11 +81,11 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             for r in range(rounds):
                 for i, (_, setting, fn) in enumerate(cands):
                     if setting is not None:
-                        im, be, rp = setting
+                        im, be, rp, graphs = setting
                         if chosen.get(id(im), "unset") != be:   # (drops its recordings)
                             im.set_backend(be)
                             chosen[id(im)] = be
-                        im.replay = rp
+                        im.replay, im.cuda_graphs = rp, graphs
                     with torch.no_grad():
                         if r == 0:
                             fn()    # with time_fn's warm-up: caches built, ops recorded
@@ -95,7 +98,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                              "ms_rounds": " / ".join(f"{v * 1e3:.4g}" if v < 10 else
                                                     f"{v * 1e3:.0f}" for v in ts)})
             for im in ints.values():
-                im.replay = True
+                im.replay, im.cuda_graphs = True, False
+                for key, why in im.graph_refusals().items():
+                    print(f"CUDA graph refused for {name} input {key[0]}: {why}")
             print(markdown_table([r for r in rows if r["model"] == name and r["batch"] == b]),
                   flush=True)
     threads = torch.get_num_threads()

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import synq_kernels as sk
-from . import quant, replay
+from . import cuda_graphs, quant, replay
 from .io import build_float_model, read_saved, write_saved
 from .models.common import Add
 
@@ -492,7 +492,12 @@ class IntModel(nn.Module):
     no Python module code in between; results are bit-identical to eager calls. A recording
     is dropped when a parameter or buffer changes in place (load_state_dict included), on
     `.to()` and other moves, and on `set_backend`; after replacing a buffer by assignment
-    (`layer.weight = t`), call `reset_replay()`."""
+    (`layer.weight = t`), call `reset_replay()`.
+
+    CUDA graphs (CUDA tensors, off by default until timed on a GPU; `cuda_graphs = True`
+    turns them on): the same scheme with the forward captured into a CUDA graph per input
+    shape (`synq.cuda_graphs`); a forward that cannot be captured runs eagerly, and
+    `graph_refusals()` says why."""
 
     MAX_RECORDINGS = 16     # input shapes kept; the oldest is dropped past this
 
@@ -503,9 +508,14 @@ class IntModel(nn.Module):
         self.meta = meta
         self.replay = True
         self._recordings = {}
+        self.cuda_graphs = False
+        self._graphs = cuda_graphs.GraphCache()
 
     def forward(self, x):
         with torch.no_grad(), sk.value_checks(False):
+            if (self.cuda_graphs and isinstance(x, torch.Tensor) and x.is_cuda
+                    and not torch.compiler.is_compiling()):
+                return self._graphs(self.model, x)
             if (not self.replay or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
                     or torch.compiler.is_compiling()):
                 return self.model(x)
@@ -531,18 +541,24 @@ class IntModel(nn.Module):
             return out
 
     def reset_replay(self) -> "IntModel":
-        """Drop every recording (see the class docstring)."""
+        """Drop every recording and CUDA graph (see the class docstring)."""
         self._recordings = {}
+        self._graphs = cuda_graphs.GraphCache()
         return self
 
+    def graph_refusals(self) -> dict:
+        """input key -> why its CUDA-graph capture failed (those shapes run eagerly)."""
+        return dict(self._graphs.refused)
+
     def _apply(self, fn, *args, **kwargs):
-        self._recordings = {}
+        self.reset_replay()
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
         # recordings hold the ops' C++ callables (not picklable) and references into this
-        # model's tensors: pickled and deep-copied models record afresh
-        return {**super().__getstate__(), "_recordings": {}}
+        # model's tensors, graphs their memory: pickled and deep-copied models record afresh
+        return {**super().__getstate__(), "_recordings": {},
+                "_graphs": cuda_graphs.GraphCache()}
 
     def int_layers(self) -> dict[str, _IntLayer]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, _IntLayer)}

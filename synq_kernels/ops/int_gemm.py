@@ -176,7 +176,7 @@ def _resolve(op, device, backend):
 # Above this M an int8 x int8 product on a GPU goes to Triton rather than to the cuda kernel,
 # when the caller named no backend. Measured on an H100 and an H200
 # (benchmarks/results/gpu_2026-11-27/int_gemm_*): at K = N = 4096, M = 256 and 4096, Triton's
-# kernel (wgmma) took 0.29x-0.73x the time of the cuda one (mma.sync), 1.39x fp16 matmul at
+# kernel (wgmma) took 0.28x-0.73x the time of the cuda one (mma.sync), 1.39x fp16 matmul at
 # 4096^3 on the H100 against the cuda kernel's 0.40x. At M = 1 the cuda weight-streaming kernel
 # was 2.4-4x faster; at M = 16 the two cards disagreed. Packed int4 weights stay on cuda, which
 # was faster at every M.

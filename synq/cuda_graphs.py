@@ -1,0 +1,78 @@
+"""CUDA-graph replay of a module's forward, per input shape: the GPU analogue of synq.replay.
+
+An exported integer model on a GPU spends most of a small batch's time launching kernels from
+Python (first GPU runs, benchmarks/results/gpu_2026-11-27/: about 8-10 ms per forward of
+ResNet-20 or ResNet-18 at any batch size). A captured graph replays every kernel of the
+forward with one launch.
+
+Per input key (shape, strides, dtype, device): the first call runs eagerly (layer caches
+built, Triton kernels compiled), the second warms up once more on a side stream and captures
+the forward into a graph fed from a static copy of the input, and later calls copy the input
+in, replay, and return a copy of the static output. A capture that fails (an op that
+synchronizes or copies from the host inside the forward) is remembered, with its reason, and
+that key runs eagerly from then on. A graph is dropped when a parameter or buffer of the
+model changes in place; `clear()` drops them all.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GraphCache:
+    MAX_GRAPHS = 8      # input shapes kept; the oldest is dropped past this
+
+    def __init__(self):
+        self.graphs: dict[tuple, object] = {}
+        self.refused: dict[tuple, str] = {}     # key -> why its capture failed
+
+    def clear(self) -> None:
+        self.graphs = {}
+        self.refused = {}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        if key in self.refused:
+            return model(x)
+        got = self.graphs.get(key)
+        if got is not None and got != "warm":
+            graph, static_in, static_out, tensors, versions = got
+            if all(t._version == v for t, v in zip(tensors, versions)):
+                static_in.copy_(x)
+                graph.replay()
+                return static_out.clone()
+            got = None                          # a weight changed in place: capture again
+        if got is None:
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                self.graphs.pop(next(iter(self.graphs)))
+            self.graphs[key] = "warm"
+            return model(x)
+        try:
+            entry = self._capture(model, x)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            del self.graphs[key]
+            self.refused[key] = f"{type(e).__name__}: {e}"
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            return model(x)
+        self.graphs[key] = entry
+        entry[1].copy_(x)
+        entry[0].replay()
+        return entry[2].clone()
+
+    @staticmethod
+    def _capture(model: nn.Module, x: torch.Tensor):
+        static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        static_in.copy_(x)
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            model(static_in)                    # PyTorch asks for a warm-up on a side stream
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_in)
+        if not isinstance(static_out, torch.Tensor):
+            raise TypeError(f"the forward returned {type(static_out).__name__}, not a tensor")
+        tensors = [*model.parameters(), *model.buffers()]
+        return graph, static_in, static_out, tensors, [t._version for t in tensors]
