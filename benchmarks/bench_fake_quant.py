@@ -8,6 +8,8 @@ with a plain copy of the same tensor (8 B/element) measured in the same run.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import synq_kernels as sk
@@ -72,15 +74,24 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None,
                 elif "fwd" not in base:
                     base["fwd_plain"] = t_f
                 rows.append(_row(n, kind, name, t_f, t_fb, copy_gbs, None, None))
-            for b in backends:
+            first = len(rows) - 2
+            # On a GPU also without the scale's value check, which waits for the GPU at
+            # every call (synq.finetune turns it off: sk.value_checks(False)); torch's ops
+            # check nothing.
+            for b, checked in [(b, c) for b in backends
+                               for c in ((True, False) if device == "cuda" else (True,))]:
                 def fwd(b=b):
                     return sk.fake_quant(x, s, z, 4, axis=axis, backend=b)
-                with torch.no_grad():
-                    t_f = time_fn(fwd, device)
-                t_fb = time_fn(_fwd_bwd(fwd, x, s, z, dy), device)
-                rows.append(_row(n, kind, f"synq[{b}]", t_f, t_fb, copy_gbs,
-                                 base["fwd"] / t_f, base["fwd+bwd"] / t_fb))
-            print(markdown_table(rows[-(len(backends) + 2):]), flush=True)
+                with contextlib.ExitStack() as stack:
+                    if not checked:
+                        stack.enter_context(sk.value_checks(False))
+                    with torch.no_grad():
+                        t_f = time_fn(fwd, device)
+                    t_fb = time_fn(_fwd_bwd(fwd, x, s, z, dy), device)
+                rows.append(_row(n, kind, f"synq[{b}]" + ("" if checked else " unchecked"),
+                                 t_f, t_fb, copy_gbs, base["fwd"] / t_f,
+                                 base["fwd+bwd"] / t_fb))
+            print(markdown_table(rows[first:]), flush=True)
     if out_dir:
         write_results("fake_quant", rows, device, out_dir,
                       notes="speedup = PyTorch learnable op time / synq time, same tensor, "

@@ -59,7 +59,14 @@ step benchmarks
 # every family: kernels, fine-tuning throughput, integer-model latency (+ its PNG plot)
 timeout 170 "$PY" -m benchmarks --device cuda --quick --out "$OUT" || STATUS=1
 
+step profile
+# where the fine-tuning loop and the integer model's eager forward spend their time, and
+# which Python lines synchronize with the GPU (not a benchmark; read before optimizing)
+timeout 45 "$PY" -m benchmarks.gpu_profile --device cuda --out "$OUT/gpu_profile.txt" \
+  > /dev/null || STATUS=1
+
 step summary
+grep -A12 "synchronizing calls" "$OUT/gpu_profile.txt" 2>/dev/null
 for f in "$OUT"/*.md; do echo "--- $(basename "$f")"; cat "$f"; done
 ls -la "$OUT"
 echo "gpu_check status $STATUS"
