@@ -28,6 +28,9 @@ def _triton_reason(device_type: str) -> str | None:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return ("Triton runs on CPU tensors only under its interpreter; set TRITON_INTERPRET=1 "
                 "before importing synq_kernels")
+    if device_type == "cpu":
+        from .triton import interpreter_problem
+        return interpreter_problem()
     if device_type not in ("cpu", "cuda"):
         return f"Triton kernels are not built for {device_type} tensors"
     return None

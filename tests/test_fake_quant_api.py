@@ -110,6 +110,22 @@ def test_cuda_backend_on_cpu_tensor():
         sk.fake_quant(torch.randn(4), 0.1, 0.0, 4, backend="cuda")
 
 
+def test_triton_on_cpu_names_an_interpreter_that_cannot_run_it(monkeypatch):
+    # Triton 3.6's interpreter fails on the kernels' loops under NumPy 2.4 (its 3.8 does not):
+    # the backend is then unavailable on CPU tensors, with the probe's reason, instead of an
+    # InterpreterError from inside a kernel
+    pytest.importorskip("triton")
+    import synq_kernels.triton as skt
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(skt, "_INTERPRETER_PROBLEM", ["Triton 0.0's interpreter cannot run"])
+    monkeypatch.setattr(backends, "_DEFAULT_CACHE", {})
+    assert "triton" not in sk.available_backends("fake_quant", "cpu")
+    with pytest.raises(RuntimeError, match="Triton 0.0's interpreter cannot run"):
+        sk.fake_quant(torch.randn(4), 0.1, 0.0, 4, backend="triton")
+    monkeypatch.setattr(skt, "_INTERPRETER_PROBLEM", [])
+    assert skt.interpreter_problem() == skt._probe()   # probed afresh, and cached
+
+
 def test_default_backend_is_fastest_available(monkeypatch):
     monkeypatch.delenv("SYNQ_BACKEND", raising=False)
     want = "cpu" if "cpu" in CPU_BACKENDS else "reference"

@@ -13,6 +13,10 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import synq_kernels  # noqa: E402
+
+if synq_kernels.backends._triton_reason("cpu") is not None:  # e.g. an older interpreter
+    pytest.skip(synq_kernels.backends._triton_reason("cpu"), allow_module_level=True)
+
 from synq_kernels import reference  # noqa: E402
 from synq_kernels.ops.fake_quant import quant_range  # noqa: E402
 from synq_kernels.triton import fake_quant as tfq  # noqa: E402
