@@ -671,8 +671,8 @@ def test_gpu_default_sends_large_int8_products_to_triton(monkeypatch):
     monkeypatch.setattr(backends, "available_backends",
                         lambda op, dev: ["cuda", "triton", "reference"])
     dev = torch.device("cuda")
-    m0 = ops.TRITON_INT8_MIN_M
-    for op in ("int_mm", "quantized_linear"):
+    assert ops.TRITON_INT8_MIN_M == {"int_mm": 17, "quantized_linear": 257}
+    for op, m0 in ops.TRITON_INT8_MIN_M.items():
         assert ops._resolve_gemm(op, dev, None, m0, False) == "triton"
         assert ops._resolve_gemm(op, dev, None, 4096, False) == "triton"
         assert ops._resolve_gemm(op, dev, None, m0 - 1, False) == "cuda"

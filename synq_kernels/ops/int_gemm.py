@@ -173,19 +173,21 @@ def _resolve(op, device, backend):
     return backends.resolve(op, device, backend)
 
 
-# Above this M an int8 x int8 product on a GPU goes to Triton rather than to the cuda kernel,
-# when the caller named no backend. Measured on an H100 and an H200
-# (benchmarks/results/gpu_2026-11-27/int_gemm_*): at K = N = 4096, M = 256 and 4096, Triton's
-# kernel (wgmma) took 0.28x-0.73x the time of the cuda one (mma.sync), 1.39x fp16 matmul at
-# 4096^3 on the H100 against the cuda kernel's 0.40x. At M = 1 the cuda weight-streaming kernel
-# was 2.4-4x faster; at M = 16 the two cards disagreed. Packed int4 weights stay on cuda, which
-# was faster at every M.
-TRITON_INT8_MIN_M = 17
+# From these M on, an int8 x int8 product on a GPU goes to Triton rather than to the cuda
+# kernel when the caller named no backend. Measured on an H100 and an H200 at K = N = 4096
+# (benchmarks/results/gpu_2026-11-27/int_gemm_*), Triton time / cuda time:
+# - int8_matmul: 0.29 / 0.28 at M = 4096 (Triton's wgmma kernel is 1.39x fp16 matmul at
+#   4096^3 on the H100, the cuda mma.sync one 0.40x), 0.38 / 0.73 at M = 256; at M = 16 the
+#   cards disagreed (0.86 / 2.9), at M = 1 cuda's weight-streaming kernel won (2.4 / 4.2).
+# - quantized_linear (int8 weights): 0.64 / 0.51 at M = 4096, but 0.82 / 1.26 at M = 256 and
+#   cuda ahead at M <= 16, so its switch is set higher, past the M where the cards disagreed.
+# Packed int4 weights stay on cuda, which was faster at every M.
+TRITON_INT8_MIN_M = {"int_mm": 17, "quantized_linear": 257}
 
 
 def _resolve_gemm(op, device, backend, m, int4):
     be = _resolve(op, device, backend)
-    if (backend is None and be == "cuda" and not int4 and m >= TRITON_INT8_MIN_M
+    if (backend is None and be == "cuda" and not int4 and m >= TRITON_INT8_MIN_M[op]
             and not os.environ.get("SYNQ_BACKEND")
             and "triton" in backends.available_backends(op, "cuda")):
         return "triton"
