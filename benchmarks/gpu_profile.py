@@ -47,6 +47,10 @@ def _syncs(device, found):
             found[f"{w.filename}:{w.lineno}"] += 1
 
 
+def _activities(device):
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+
+
 def _report(title, prof, device, syncs, out):
     print(f"\n## {title}\n", file=out)
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -67,9 +71,8 @@ def profile_finetune(device, small, out):
     cfg = FinetuneConfig(wbits=4, abits=4, epochs=2, calib_epochs=1, iters_per_epoch=iters,
                          batch_size=batch, d0=80.0 * shape[-1] / 224, backend=None)
     finetune(model, (x, y), cfg, device=device, progress=False)      # warm-up
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     syncs = collections.Counter()
-    with profile(activities=acts) as prof, _syncs(device, syncs):
+    with profile(activities=_activities(device)) as prof, _syncs(device, syncs):
         finetune(model, (x, y), cfg, device=device, progress=False)
     _report(f"fine-tuning, resnet20 {shape} batch {batch}, {iters} iterations + calibration",
             prof, device, syncs, out)
@@ -83,9 +86,8 @@ def profile_int_forward(device, small, out):
     x = calib[:1]
     with torch.no_grad():
         im(x), im(x)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         syncs = collections.Counter()
-        with profile(activities=acts) as prof, _syncs(device, syncs):
+        with profile(activities=_activities(device)) as prof, _syncs(device, syncs):
             for _ in range(2 if small else 10):
                 im(x)
     _report("exported W8A8 resnet20 (bundled), batch 1, eager forward x10", prof, device,

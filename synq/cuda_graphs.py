@@ -12,12 +12,14 @@ the forward into a graph fed from a static copy of the input, and later calls co
 in, replay, and return a copy of the static output. A capture that fails (an op that
 synchronizes or copies from the host inside the forward) is remembered, with its reason, and
 that key runs eagerly from then on. A graph is dropped when a parameter or buffer of the
-model changes in place; `clear()` drops them all.
+model changes in place; a new GraphCache drops them all.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import replay
 
 
 class GraphCache:
@@ -27,21 +29,14 @@ class GraphCache:
         self.graphs: dict[tuple, object] = {}
         self.refused: dict[tuple, str] = {}     # key -> why its capture failed
 
-    def clear(self) -> None:
-        self.graphs = {}
-        self.refused = {}
-
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        key = replay.input_key(x)
         if key in self.refused:
             return model(x)
         got = self.graphs.get(key)
         if got is not None and got != "warm":
-            graph, static_in, static_out, tensors, versions = got
-            if all(t._version == v for t, v in zip(tensors, versions)):
-                static_in.copy_(x)
-                graph.replay()
-                return static_out.clone()
+            if all(t._version == v for t, v in zip(got[3], got[4])):
+                return self._replay(got, x)
             got = None                          # a weight changed in place: capture again
         if got is None:
             if len(self.graphs) >= self.MAX_GRAPHS:
@@ -57,9 +52,14 @@ class GraphCache:
                 torch.cuda.synchronize(x.device)
             return model(x)
         self.graphs[key] = entry
-        entry[1].copy_(x)
-        entry[0].replay()
-        return entry[2].clone()
+        return self._replay(entry, x)
+
+    @staticmethod
+    def _replay(entry, x: torch.Tensor) -> torch.Tensor:
+        graph, static_in, static_out = entry[:3]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()   # a copy: the next replay overwrites static_out
 
     @staticmethod
     def _capture(model: nn.Module, x: torch.Tensor):
