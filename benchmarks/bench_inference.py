@@ -98,7 +98,7 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                              "ms_rounds": " / ".join(f"{v * 1e3:.4g}" if v < 10 else
                                                     f"{v * 1e3:.0f}" for v in ts)})
             for im in ints.values():
-                im.replay, im.cuda_graphs = True, False
+                im.replay, im.cuda_graphs = True, True     # the defaults
                 for key, why in im.graph_refusals().items():
                     print(f"CUDA graph refused for {name} input {key[0]}: {why}")
             print(markdown_table([r for r in rows if r["model"] == name and r["batch"] == b]),

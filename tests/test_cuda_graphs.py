@@ -96,16 +96,19 @@ def _int_model(device, bits=8):
     return export(q, example=x[:1])
 
 
-def test_int_model_flag_is_off_by_default_and_cpu_inputs_ignore_it():
+def test_int_model_flag_is_on_by_default_and_cpu_inputs_ignore_it():
     im = _int_model("cpu")
-    assert im.cuda_graphs is False
+    assert im.cuda_graphs is True
     x = torch.randn(2, 1, 28, 28)
+    im.cuda_graphs = False
     want = im(x)
     im.cuda_graphs = True                           # CUDA tensors only: CPU replay as before
-    torch.testing.assert_close(im(x), want, rtol=0, atol=0)
+    for _ in range(3):
+        torch.testing.assert_close(im(x), want, rtol=0, atol=0)
     assert not im._graphs.graphs
+    im.cuda_graphs = False
     im2 = pickle.loads(pickle.dumps(im))            # graphs are not saved, the flag is
-    assert im2.cuda_graphs is True and not im2._graphs.graphs
+    assert im2.cuda_graphs is False and not im2._graphs.graphs
     torch.testing.assert_close(copy.deepcopy(im)(x), want, rtol=0, atol=0)
 
 
@@ -116,6 +119,7 @@ def test_int_model_flag_is_off_by_default_and_cpu_inputs_ignore_it():
 def test_cuda_graph_replay_matches_eager(backend, bits):
     im = _int_model("cuda", bits).set_backend(backend)
     xs = [torch.randn(3, 1, 28, 28, device="cuda") for _ in range(4)]
+    im.cuda_graphs = False
     want = [im(x) for x in xs]
     im.cuda_graphs = True
     got = [im(x) for x in xs]

@@ -296,6 +296,61 @@ def test_triton_low_precision_outputs_round_to_nearest(backend):
 def test_triton_opcheck(backend):
     test_opcheck(backend)
 
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend):
+    """The tap-blocked implicit GEMM (channels per group >= TAP_MIN_CHANNELS): channel counts
+    that no K block divides (a masked channel tail per tap), two groups, dilation, stride,
+    padding past the kernel's reach, channels-last / NCHW / a strided view, against the exact
+    integer reference; then the epilogue on one case."""
+    from synq_kernels.triton import int_gemm as T
+    for b, c, h, w, cout, k, s, p, d, g, fmt in [
+            (2, 80, 9, 11, 24, 3, 1, 1, 1, 2, "cl"),      # Cg 40, Og 12
+            (1, 33, 13, 6, 70, 3, 2, 2, 2, 1, "nchw"),    # Cg 33, ragged Og tile
+            (3, 64, 7, 7, 40, 1, 2, 0, 1, 1, "view"),     # 1x1 stride 2 on a strided view
+            (1, 160, 5, 5, 16, 5, 1, 4, 1, 1, "cl")]:     # padding 4 of a 5x5: taps all pad
+        assert c // g >= T.TAP_MIN_CHANNELS
+        x_q, w_q = layer_inputs(b, c, h, w, cout, k, g)
+        if fmt == "cl":
+            x_q = x_q.contiguous(memory_format=torch.channels_last)
+        elif fmt == "view":
+            x_q = rand_i8(b, c, h, 2 * w)[..., ::2]
+        geom = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=g)
+        want = R.quantized_conv2d_int(x_q, -3, w_q, **geom)
+        y = sk.quantized_conv2d(x_q, 1.0, -3, w_q, 1.0, backend=backend, **geom)
+        assert torch.equal(y.to(torch.int32), want), (c, cout, k, s, p, d, g, fmt)
+    ws, bias = torch.rand(cout) * 0.01 + 0.001, torch.randn(cout)
+    y = sk.quantized_conv2d(x_q, 0.05, -3, w_q, ws, bias, relu=True, backend=backend, **geom)
+    want, mag = float64_conv(x_q, 0.05, -3, w_q, ws, bias, True, **geom)
+    assert_epilogue_close(y, want, mag, torch.float32)
+
+
+_AOT_SCRIPT = r"""
+import synq_kernels.triton.int_gemm as m
+
+ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "n_cb", "n_kb", "n_tiles", "sxb", "sxc",
+        "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh", "sow", "sh", "sw", "ph",
+        "pw", "dh", "dw"]
+sig = {"x_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "xs_ptr": "*fp32", "xz_ptr": "*i32",
+       "ws_ptr": "*fp32", "rs_ptr": "*i32", "bias_ptr": "*fp32", **{a: "i32" for a in ints}}
+for bm, bn, bk, warps in [(128, 128, 128, 8), (128, 64, 64, 4)]:
+    consts = {"HAS_BIAS": True, "RELU": True, "ROUND_BF16": False, "BM": bm, "BN": bn, "BK": bk}
+    ptx = build(m._conv_tap_kernel, sig, consts,
+                ["x_ptr", "w_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy",
+                 "swx", "sob", "soh", "sow"], num_warps=warps, cc=90, num_stages=3)
+    mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
+    assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_tap_kernel_compiles_to_int8_mma_for_sm90():
+    """The interpreter hides GPU-only compile errors: the tap-blocked conv kernel compiled
+    ahead of time for sm_90 (no GPU needed), its products int8 tensor-core MMAs."""
+    import triton_aot
+    triton_aot.run(_AOT_SCRIPT)
+
 # Triton on CUDA tensors (a GPU machine; skipped here): the interpreter runs the same kernels
 # above, but only a GPU runs the compiled code. Named *cuda* so that benchmarks/gpu_check.sh's
 # `-k cuda` selects them; few shapes, since every new constexpr combination is a JIT compile.
