@@ -231,6 +231,30 @@ class IntConv2d(_IntLayer):
             return w
         return self._cached("int8_cl", lambda: w.contiguous(memory_format=torch.channels_last))
 
+    def _use_tap(self, xq) -> bool:
+        """The GPU's fused path: the triton backend's tap-blocked conv with the requantizing
+        epilogue (synq_kernels.triton.conv_tap), for convs with enough channels per group."""
+        return (xq.is_cuda and GPU_FUSED and _conv_tap is not None
+                and self.in_channels // self.groups >= _conv_tap.TAP_MIN_CHANNELS
+                and self._backend_for("quantized_conv2d", xq.device) == "triton"
+                and not torch.compiler.is_compiling())
+
+    def _conv_tap(self, xq, xs, xz, relu, res, out):
+        """One kernel call: conv, offset term, bias, residual, ReLU, and the int8 output on
+        the grid `out` = (scale, zero, highest int8) or float32 when `out` is None."""
+        rq = getattr(res, "_synq_q", None) if res is not None else None
+        if res is not None and rq is None and res.dtype != torch.float32:
+            res = res.float()
+        y = _conv_tap.fused_conv2d(
+            xq, xs, xz, self.conv_weight(xq.device), self.w_scale, self.w_rowsum, self.bias,
+            tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups, relu,
+            self.offset, res, None if rq is None else rq[0], None if rq is None else rq[1],
+            None if out is None else out[0], None if out is None else out[1],
+            127 if out is None else out[2])
+        if out is not None:
+            y._synq_q = (out[0], out[1])
+        return y
+
     def _use_packed(self, device) -> bool:
         """Whether this call runs the CPU's prepacked conv kernel (decided once per device)."""
         key = (device.type, self.backend)
@@ -379,6 +403,14 @@ def _as_float(t):
     return _dequant(t) if getattr(t, "_synq_q", None) is not None else t
 
 
+# The fused GPU conv (IntConv2d._use_tap); GPU_FUSED = False runs the unfused path instead
+# (conv with a float32 output, then the residual, ReLU and requantization as PyTorch ops).
+GPU_FUSED = True
+try:
+    from synq_kernels.triton import conv_tap as _conv_tap
+except ImportError:         # no Triton
+    _conv_tap = None
+
 _PACKED_CONV = (torch.ops.synq._quantized_conv2d_packed.default
                 if hasattr(torch.ops.synq, "_quantized_conv2d_packed") else None)
 _LINEAR = (torch.ops.synq._quantized_linear.default
@@ -407,6 +439,8 @@ class _Pending:
         L, res = self.layer, self.residual
         if isinstance(res, _Pending):
             res = res.run(False, None)
+        if L._use_tap(self.xq):
+            return L._conv_tap(self.xq, self.xs, self.xz, relu, res, out)
         if not L._use_packed(self.xq.device):
             y = L._conv_float(self.xq, self.xs, self.xz, relu and res is None)
             if res is not None:

@@ -303,7 +303,7 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend):
     that no K block divides (a masked channel tail per tap), two groups, dilation, stride,
     padding past the kernel's reach, channels-last / NCHW / a strided view, against the exact
     integer reference; then the epilogue on one case."""
-    from synq_kernels.triton import int_gemm as T
+    from synq_kernels.triton import conv_tap as T
     for b, c, h, w, cout, k, s, p, d, g, fmt in [
             (2, 80, 9, 11, 24, 3, 1, 1, 1, 2, "cl"),      # Cg 40, Og 12
             (1, 33, 13, 6, 70, 3, 2, 2, 2, 1, "nchw"),    # Cg 33, ragged Og tile
@@ -326,20 +326,26 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend):
 
 
 _AOT_SCRIPT = r"""
-import synq_kernels.triton.int_gemm as m
+import synq_kernels.triton.conv_tap as m
 
 ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "n_cb", "n_kb", "n_tiles", "sxb", "sxc",
-        "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh", "sow", "sh", "sw", "ph",
-        "pw", "dh", "dw"]
-sig = {"x_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "xs_ptr": "*fp32", "xz_ptr": "*i32",
-       "ws_ptr": "*fp32", "rs_ptr": "*i32", "bias_ptr": "*fp32", **{a: "i32" for a in ints}}
-for bm, bn, bk, warps in [(128, 128, 128, 8), (128, 64, 64, 4)]:
-    consts = {"HAS_BIAS": True, "RELU": True, "ROUND_BF16": False, "BM": bm, "BN": bn, "BK": bk}
-    ptx = build(m._conv_tap_kernel, sig, consts,
-                ["x_ptr", "w_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy",
-                 "swx", "sob", "soh", "sow"], num_warps=warps, cc=90, num_stages=3)
+        "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh", "sow", "srb", "src", "srh",
+        "srw", "sh", "sw", "ph", "pw", "dh", "dw"]
+f32, i32 = "*fp32", "*i32"
+base = {"x_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": f32, "xz_ptr": i32, "ws_ptr": f32,
+        "rs_ptr": i32, "bias_ptr": f32, "off_ptr": i32, "rsc_ptr": f32, "rzp_ptr": i32,
+        "osc_ptr": f32, "ozp_ptr": i32, "out_hi": "fp32", **{a: "i32" for a in ints}}
+aligned = ["x_ptr", "w_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy", "swx",
+           "sob", "soh", "sow"]
+# the plain conv (float32 out) and the fused one (offset term, int8 residual, int8 out)
+for bm, bn, bk, warps, fused in [(128, 128, 128, 8, False), (128, 64, 64, 4, True)]:
+    sig = dict(base, out_ptr="*i8" if fused else f32, res_ptr="*i8" if fused else f32)
+    consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused else 0,
+              "RELU": True, "OUT_Q": fused, "ROUND_BF16": False, "BM": bm, "BN": bn, "BK": bk}
+    ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)
     mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
     assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])
+    assert ("div.rn.f32" in ptx) == fused and not re.search(r"div\.(full|approx)", ptx)
 print("ok")
 """
 

@@ -1,0 +1,114 @@
+"""Tile sweep of the Triton tap-blocked int8 conv (synq_kernels/triton/int_gemm.py,
+_conv_tap_kernel) on the ResNet-18 layers at batch 32 and 256, against cuDNN's fp16
+channels-last F.conv2d in the same run. GPU only. Each row times quantized_conv2d (triton
+backend, channels-last int8 input and weight, float32 output) with one launch configuration
+forced through `_tap_config`; "default" is the configuration the kernel picks by itself.
+What it finds goes into `_tap_config`.
+
+    python -m benchmarks.bench_conv_tiles [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import synq_kernels as sk
+from synq_kernels.triton import int_gemm as T
+
+from .common import markdown_table, time_fn, write_results
+
+# (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input
+LAYERS = [
+    ("layer1.conv", 64, 56, 56, 64, 3, 1, 1),
+    ("layer2.0.conv1", 64, 56, 56, 128, 3, 2, 1),
+    ("layer2.conv", 128, 28, 28, 128, 3, 1, 1),
+    ("layer3.conv", 256, 14, 14, 256, 3, 1, 1),
+    ("layer4.conv", 512, 7, 7, 512, 3, 1, 1),
+    ("layer3.0.down", 128, 28, 28, 256, 1, 2, 0),
+]
+# (BM, BN, BK, num_warps, num_stages)
+CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3),
+           (128, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4),
+           (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
+
+
+def run(quick: bool, out_dir: str | None, dev: str = "cuda"):
+    rows = []
+    default_cfg = T._tap_config
+    batches = (256,) if quick else (32, 256)
+    try:
+        for b in batches:
+            for name, c, h, w, cout, k, s, p in LAYERS:
+                x = torch.randint(-128, 128, (b, c, h, w), dtype=torch.int8, device=dev)
+                x = x.contiguous(memory_format=torch.channels_last)
+                wq = torch.randint(-128, 128, (cout, c, k, k), dtype=torch.int8, device=dev)
+                wq = wq.contiguous(memory_format=torch.channels_last)
+                oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+                ops = 2 * b * cout * oh * ow * c * k * k
+                fdt = torch.float16 if dev == "cuda" else torch.float32
+                xf, wf = x.to(fdt), wq.to(fdt)
+                base = time_fn(lambda: F.conv2d(xf, wf, None, s, p), dev, 0.2)
+                shape = f"{name} b{b} {c}x{h}x{w}->{cout} k{k}s{s}"
+                rows.append({"shape": shape, "impl": "F.conv2d fp16 channels-last",
+                             "config": "", "ms": base * 1e3, "TOP/s": ops / base / 1e12,
+                             "speedup_vs_fp16": 1.0})
+                ws, rs = torch.rand(cout, device=dev) + 0.1, sk.weight_row_sums(wq)
+                want = None
+                for cfg in [None] + CONFIGS:
+                    if cfg is not None:
+                        bm, bn, bk, nw, ns = cfg
+                        if bn > max(cout, 32) or bk > c:
+                            continue
+                        T._tap_config = (lambda *a, _c=cfg: dict(
+                            BM=_c[0], BN=_c[1], BK=_c[2], num_warps=_c[3], num_stages=_c[4]))
+                    else:
+                        T._tap_config = default_cfg
+                        cfg = tuple(default_cfg(b * oh * ow, c, cout, False).values())
+
+                    def fn():
+                        return sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
+                                                   w_rowsum=rs, backend="triton")
+                    with sk.value_checks(False):
+                        try:
+                            y = fn()
+                            if want is None:
+                                want = y
+                            ok = torch.equal(y, want)
+                            t = time_fn(fn, dev, 0.2)
+                        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                            rows.append({"shape": shape, "impl": "synq triton tap",
+                                         "config": str(cfg), "ms": f"failed: {e}"[:80],
+                                         "TOP/s": "", "speedup_vs_fp16": ""})
+                            continue
+                    label = "synq triton tap" + (" (default)" if T._tap_config is default_cfg
+                                                 else "") + ("" if ok else " MISMATCH")
+                    rows.append({"shape": shape, "impl": label, "config": str(cfg),
+                                 "ms": t * 1e3, "TOP/s": ops / t / 1e12,
+                                 "speedup_vs_fp16": base / t})
+                print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
+    finally:
+        T._tap_config = default_cfg
+    if out_dir:
+        write_results("conv_tiles", rows, dev, out_dir,
+                      "config = (BM, BN, BK, num_warps, num_stages) of _conv_tap_kernel; "
+                      "speedup against cuDNN fp16 channels-last, same run; MISMATCH marks a "
+                      "result that differs from the first configuration's.")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_conv_tiles")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_conv_tiles needs a CUDA GPU")
+        return 0
+    run(a.quick, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

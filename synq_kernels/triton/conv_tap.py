@@ -1,0 +1,198 @@
+"""The tap-blocked int8 implicit-GEMM convolution in Triton, with an optional requantizing
+epilogue: the triton quantized_conv2d for convolutions with at least TAP_MIN_CHANNELS input
+channels per group, and the fused conv of an exported model on a GPU (synq.deploy).
+
+One program owns BM output pixels x BN output channels of one group and walks K in one flat
+loop over blocks (window tap t, channel block): t = kb // n_cb, so a block never straddles two
+taps. Its A tile is BM pixels x BK channels of one tap: a row mask (padding, ragged rows) and
+channel offsets only, a contiguous run of bytes per pixel on a channels-last input; one loop
+(not taps x channel blocks) keeps Triton's software pipelining over all of K. Window positions
+in the padding read the zero point, which the row-sum correction cancels (zero padding in the
+real domain); channels past C / groups are masked to 0 in both operands.
+
+Epilogue, in this order (the order of synq.deploy's unfused GPU path, up to float rounding):
+
+    acc' = acc - x_zero * w_rowsum[n]  (+ offset[n] * sum over the window of (x - x_zero))
+    y = float32(acc') * (x_scale * w_scale[n]) + bias[n]
+    y += residual                      (float32, or res_scale * (r - res_zero) for int8 r)
+    y = ReLU(y)
+    out = y as float32 / float16 / bfloat16, or int8:
+          clamp(round_half_even(y / out_scale) + out_zero, -128, out_hi)
+
+The offset term is the one of exported asymmetric weights (synq.deploy: a row stored minus
+an offset o[n]): sum_k (x_k - x_zero)(w_k + o) = acc + o * sum_k (x_k - x_zero), the window
+sums taken from the A tiles in registers. y / out_scale is IEEE division (tl.math.div_rn) and
+the rounding the 2^23 trick of fake_quant.py, as torch.div and torch.round.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.int_gemm import conv_memory_format
+
+# Channels per group from which int8 convs take this kernel; below it a K block of one tap
+# would be mostly padding, and int_gemm's (ky, kx, c)-flattened kernel packs K densely.
+TAP_MIN_CHANNELS = 32
+
+
+@triton.jit
+def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr, off_ptr,
+                     res_ptr, rsc_ptr, rzp_ptr, osc_ptr, ozp_ptr, out_hi,
+                     P, OHW, OW, H, W, Cg, Og, KW, n_cb, n_kb, n_tiles,
+                     sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
+                     srb, src, srh, srw, sh, sw, ph, pw, dh, dw,
+                     HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
+                     RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = pid_n // n_tiles
+    rp = pid_m * BM + tl.arange(0, BM)
+    p_ok = rp < P
+    bi = rp // OHW
+    oy = (rp % OHW) // OW
+    ox = rp % OW
+    iy0 = oy * sh - ph
+    ix0 = ox * sw - pw
+    xrow = bi * sxb + (g * Cg) * sxc
+    rj = (pid_n % n_tiles) * BN + tl.arange(0, BN)
+    j_ok = rj < Og
+    rn = g * Og + rj
+    xz = tl.load(xz_ptr)
+    xz8 = xz.to(tl.int8)
+    rc0 = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    asum = tl.zeros([BM], dtype=tl.int32)
+    for kb in range(0, n_kb):
+        t = kb // n_cb
+        c0 = (kb % n_cb) * BK
+        ky = t // KW
+        kx = t % KW
+        iy = iy0 + ky * dh
+        ix = ix0 + kx * dw
+        inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        rc = c0 + rc0
+        c_ok = rc < Cg
+        a = tl.load(x_ptr + (xrow + iy * sxh + ix * sxw)[:, None] + (rc * sxc)[None, :],
+                    mask=(inside & p_ok)[:, None] & c_ok[None, :], other=0)
+        a = tl.where(inside[:, None], a, xz8)  # padding holds the zero point; w is 0 past Cg
+        if HAS_OFFSET:
+            asum += tl.sum(tl.where(c_ok[None, :], a.to(tl.int32) - xz, 0), axis=1)
+        b = tl.load(w_ptr + (rn * swn + ky * swy + kx * swx)[:, None] + (rc * swc)[None, :],
+                    mask=j_ok[:, None] & c_ok[None, :], other=0)
+        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    xs = tl.load(xs_ptr)
+    rs = tl.load(rs_ptr + rn, mask=j_ok, other=0)
+    ws = tl.load(ws_ptr + rn, mask=j_ok, other=0.0)
+    acc = acc - xz * rs[None, :]
+    if HAS_OFFSET:
+        acc += asum[:, None] * tl.load(off_ptr + rn, mask=j_ok, other=0)[None, :]
+    y = acc.to(tl.float32) * (xs * ws)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=j_ok, other=0.0)[None, :]
+    mask = p_ok[:, None] & j_ok[None, :]
+    if RES_MODE != 0:
+        roff = (bi * srb + oy * srh + ox * srw)[:, None] + (rn * src)[None, :]
+        r = tl.load(res_ptr + roff, mask=mask, other=0).to(tl.float32)
+        if RES_MODE == 2:  # int8 residual on its grid: dequantized as (r - zero) * scale
+            r = (r - tl.load(rzp_ptr).to(tl.float32)) * tl.load(rsc_ptr)
+        y = y + r
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    orow = bi * sob + oy * soh + ox * sow
+    if OUT_Q:
+        osc = tl.load(osc_ptr)
+        q = tl.math.div_rn(y, tl.broadcast_to(osc, [BM, BN]))
+        qa = tl.abs(q)
+        qr = (qa + 8388608.0) - 8388608.0
+        q = tl.where(qa < 8388608.0, tl.where(q < 0, -qr, qr), q)
+        q = q + tl.load(ozp_ptr).to(tl.float32)
+        q = tl.where(q < -128.0, -128.0, tl.where(q > out_hi, out_hi, q))
+        tl.store(out_ptr + orow[:, None] + (rn * soc)[None, :], q.to(tl.int8), mask=mask)
+    else:
+        if ROUND_BF16:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+        tl.store(out_ptr + orow[:, None] + (rn * soc)[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _tap_config(p: int, cg: int, og: int, interp: bool) -> dict:
+    """Launch parameters: tile BM pixels x BN output channels x BK input channels, warps and
+    pipeline stages (benchmarks/bench_conv_tiles.py times the alternatives on a GPU)."""
+    if interp:  # few, large programs under the interpreter
+        return dict(BM=_block(p, 16, 256), BN=_block(og, 16, 128), BK=_block(cg, 32, 128),
+                    num_warps=4)
+    bn = _block(og, 32, 128)
+    bk = 128 if cg % 128 == 0 else (64 if cg >= 64 else 32)
+    bm = 128 if p >= 4096 else 64
+    return dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 128 * 128 else 4,
+                num_stages=3)
+
+
+def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
+               groups, relu, out, offset=None, residual=None, res_scale=None, res_zero=None,
+               out_scale=None, out_zero=None, out_hi=127):
+    """Runs the kernel into `out` (B, Cout, OH, OW), float or int8 (then out_scale / out_zero
+    one-element float32 / int32 tensors), and returns it. x: int8 (B, C, H, W), any strides;
+    w: int8 (Cout, C / groups, kh, kw), read channels-last (copied once here otherwise);
+    x_scale, w_scale, bias float32, x_zero, w_rowsum, offset int32; residual None or of out's
+    shape, float32, or int8 with res_scale / res_zero. The caller checks shapes and dtypes
+    (ops.int_gemm for quantized_conv2d, synq.deploy for its fused layers)."""
+    bsz, c, h, wd = x.shape
+    cout, cg, kh, kw = w.shape
+    og = cout // groups
+    if w.stride(1) != 1:  # (Cout, C/g, kh, kw) contiguous: read K = (ky, kx, c) in runs
+        w = w.contiguous(memory_format=torch.channels_last)
+    oh, ow = out.shape[2], out.shape[3]
+    p = bsz * oh * ow
+    cfg = _tap_config(p, cg, og, x.device.type == "cpu")
+    bn, bk = cfg["BN"], cfg["BK"]
+    n_tiles, n_cb = triton.cdiv(og, bn), triton.cdiv(cg, bk)
+    grid = (triton.cdiv(p, cfg["BM"]), groups * n_tiles)
+    out_q = out.dtype == torch.int8
+    res_mode = 0 if residual is None else (2 if residual.dtype == torch.int8 else 1)
+    dummy = w_scale
+    _conv_tap_kernel[grid](
+        x, w, out, x_scale, x_zero, w_scale, w_rowsum, bias if bias is not None else dummy,
+        offset if offset is not None else w_rowsum,
+        residual if residual is not None else dummy,
+        res_scale if res_scale is not None else dummy,
+        res_zero if res_zero is not None else x_zero,
+        out_scale if out_scale is not None else dummy,
+        out_zero if out_zero is not None else x_zero, float(out_hi),
+        p, oh * ow, ow, h, wd, cg, og, kw, n_cb, kh * kw * n_cb, n_tiles,
+        *x.stride(), *w.stride(), *out.stride(),
+        *(residual.stride() if residual is not None else (0, 0, 0, 0)),
+        *stride, *padding, *dilation,
+        HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
+        RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, **cfg)
+    return out
+
+
+def fused_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
+                 groups, relu, offset=None, residual=None, res_scale=None, res_zero=None,
+                 out_scale=None, out_zero=None, out_hi=127):
+    """synq.deploy's fused conv on a GPU: a new output (int8 when out_scale is given, else
+    float32) in x's memory format; the arguments as conv2d_tap's (x_scale, x_zero, scales
+    and zero points one-element tensors on x's device)."""
+    bsz, _, h, wd = x.shape
+    kh, kw = w.shape[2], w.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = torch.empty((bsz, w.shape[0], oh, ow), device=x.device,
+                      dtype=torch.int8 if out_scale is not None else torch.float32,
+                      memory_format=conv_memory_format(x))
+    if residual is not None and residual.shape != out.shape:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the "
+                         f"conv output {tuple(out.shape)}")
+    return conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
+                      dilation, groups, relu, out, offset, residual, res_scale, res_zero,
+                      out_scale, out_zero, out_hi)

@@ -1,0 +1,119 @@
+"""synq_kernels.triton.conv_tap: the fused (requantizing) tap-blocked conv that an exported
+model runs on a GPU. Under the Triton interpreter (CPU) its epilogue must equal, bit for bit,
+the same float32 steps in PyTorch on the exact integer accumulator; on a GPU (fused
+multiply-adds) the int8 outputs may differ by one step at rounding ties."""
+import pytest
+import torch
+
+import synq_kernels as sk
+from synq_kernels.reference import int_gemm as R
+
+TRITON_CPU = "triton" in sk.available_backends("int_mm", "cpu")
+GPU = torch.cuda.is_available() and "triton" in sk.available_backends("int_mm", "cuda")
+DEVICES = ([pytest.param("cpu", marks=pytest.mark.skipif(not TRITON_CPU, reason="no triton"))]
+           + [pytest.param("cuda", marks=pytest.mark.skipif(not GPU, reason="needs a GPU"))])
+
+# (B, C, H, W, Cout, k, stride, padding, dilation, groups, channels_last)
+CASES = [(2, 32, 8, 7, 24, 3, 1, 1, 1, 1, True),
+         (1, 80, 9, 9, 30, 3, 2, 1, 1, 2, False),
+         (2, 40, 6, 6, 16, 1, 1, 0, 1, 1, True),
+         (1, 64, 7, 5, 48, 3, 1, 2, 2, 1, True)]
+
+
+def _expected(x, xs, xz, w, ws, bias, offset, relu, res, rscale, rzero, oscale, ozero, hi, geom):
+    """The epilogue's steps in float32 PyTorch on the exact integer sums."""
+    acc = R.quantized_conv2d_int(x, xz, w, **geom).to(torch.int64)
+    if offset is not None:
+        ones = torch.ones_like(w)
+        win = R.quantized_conv2d_int(x, xz, ones, **geom).to(torch.int64)
+        acc = acc + win * offset.to(torch.int64).reshape(1, -1, 1, 1)
+    y = acc.float() * (xs * ws).reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+    if res is not None:
+        y = y + ((res.float() - rzero.float()) * rscale if res.dtype == torch.int8 else res)
+    if relu:
+        y = y.clamp_min(0.0)
+    if oscale is None:
+        return y
+    return (torch.div(y, oscale).round() + ozero.float()).clamp(-128, hi).to(torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_epilogue(device):
+    from synq_kernels.triton import conv_tap
+    g = torch.Generator().manual_seed(0)
+    variants = [(o, r, q) for o in (False, True) for r in (None, "float", "int8")
+                for q in (False, True)]
+    for i, (b, c, h, w_, cout, k, s, p, d, grp, cl) in enumerate(CASES):
+        x = torch.randint(-128, 128, (b, c, h, w_), dtype=torch.int8, generator=g)
+        w = torch.randint(-128, 128, (cout, c // grp, k, k), dtype=torch.int8, generator=g)
+        geom = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=grp)
+        oh, ow = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w_ + 2 * p - d * (k - 1) - 1) // s + 1
+        xs, xz = torch.tensor([0.031]), torch.tensor([-5], dtype=torch.int32)
+        ws = torch.rand(cout, generator=g) * 2e-3 + 1e-4
+        bias = torch.randn(cout, generator=g) * 0.5
+        for j, (use_off, res_kind, quant) in enumerate(variants[i::2]):
+            offset = (torch.randint(-60, 60, (cout,), dtype=torch.int32, generator=g)
+                      if use_off else None)
+            res = rsc = rzp = None
+            if res_kind == "float":
+                res = torch.randn(b, cout, oh, ow, generator=g)
+            elif res_kind == "int8":
+                res = torch.randint(-128, 100, (b, cout, oh, ow), dtype=torch.int8, generator=g)
+                rsc, rzp = torch.tensor([0.07]), torch.tensor([-20], dtype=torch.int32)
+            osc, ozp, hi = ((torch.tensor([0.05]), torch.tensor([-100], dtype=torch.int32), 100)
+                            if quant else (None, None, 127))
+            relu = j % 2 == 0
+            want = _expected(x, xs, xz, w, ws, bias, offset, relu, res, rsc, rzp, osc, ozp, hi,
+                             geom)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+            got = conv_tap.fused_conv2d(
+                x.to(device).contiguous(memory_format=fmt), dev(xs), dev(xz), dev(w), dev(ws),
+                dev(sk.weight_row_sums(w)), dev(bias), geom["stride"], geom["padding"],
+                geom["dilation"], grp, relu, dev(offset), dev(res), dev(rsc), dev(rzp), dev(osc),
+                dev(ozp), hi).cpu()
+            what = (i, use_off, res_kind, quant, relu)
+            assert got.dtype == want.dtype and got.shape == want.shape, what
+            if device == "cpu":
+                assert torch.equal(got, want), what
+            elif quant:   # fused multiply-adds: one step off at a rounding tie, rarely
+                diff = (got.int() - want.int()).abs()
+                assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, what
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="residual"):
+        conv_tap.fused_conv2d(x.to(device), dev(xs), dev(xz), dev(w), dev(ws),
+                              dev(sk.weight_row_sums(w)), None, geom["stride"],
+                              geom["padding"], geom["dilation"], grp, False,
+                              residual=torch.zeros(1, 1, 1, 1, device=device))
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_exported_model_on_the_fused_path(monkeypatch, bits):
+    """The exported ResNet-20 with its wide convs on the fused path (forced on the CPU, under
+    the interpreter) against the CPU's own prepacked path: the same integer model, so the
+    logits agree up to float rounding in the epilogues (an int8 activation one step off)."""
+    import synq.deploy as D
+    from synq.models import resnet20
+    from synq.quant import calibrate, quantize_model
+    torch.manual_seed(1)
+    model = resnet20(num_classes=10, in_channels=1)
+    x = torch.randn(4, 1, 28, 28)
+    im = D.export(calibrate(quantize_model(model, bits, bits), [x]), example=x[:1])
+    im.replay = False
+    want = im(x)
+    used = []
+    real = D.IntConv2d._conv_tap
+
+    def spy(self, *a):
+        used.append(self.name)
+        return real(self, *a)
+    monkeypatch.setattr(D.IntConv2d, "_use_tap", lambda self, xq: (
+        self.in_channels // self.groups >= D._conv_tap.TAP_MIN_CHANNELS))
+    monkeypatch.setattr(D.IntConv2d, "_conv_tap", spy)
+    got = im(x)
+    assert len(used) >= 5, used      # the 32- and 64-channel convs of stages 2 and 3
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 0.02 * scale, ((got - want).abs().max(), scale)
+    assert torch.equal(got.argmax(1), want.argmax(1))
