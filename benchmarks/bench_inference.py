@@ -18,6 +18,7 @@ import torch
 
 import synq_kernels as sk
 from synq.assets import load_default_teacher
+from synq import deploy
 from synq.deploy import export
 from synq.models import mobilenet_v2, resnet18
 from synq.quant import calibrate, quantize_model
@@ -65,14 +66,19 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             cands = [((base_name, "torch"), None, lambda: fmodel(xf))]
             for bits, im in ints.items():
                 for be in backends:
-                    cands.append(((f"int W{bits}A{bits}", be or "default"), (im, be, True, False),
-                                  (lambda im: lambda: im(x))(im)))
+                    cands.append(((f"int W{bits}A{bits}", be or "default"),
+                                  (im, be, True, False, True), (lambda im: lambda: im(x))(im)))
                     if device == "cuda":    # the same with CUDA-graph replay (IntModel.cuda_graphs)
-                        cands.append(((f"int W{bits}A{bits} graphs", be), (im, be, True, True),
+                        cands.append(((f"int W{bits}A{bits} graphs", be),
+                                      (im, be, True, True, True), (lambda im: lambda: im(x))(im)))
+                    if device == "cuda" and be == "triton":  # without the fused conv epilogue
+                        cands.append(((f"int W{bits}A{bits} graphs unfused", be),
+                                      (im, be, True, True, False),
                                       (lambda im: lambda: im(x))(im)))
                 if b == 1 and device == "cpu":
                     # the same model without replay (IntModel.replay): its Python every call
-                    cands.append(((f"int W{bits}A{bits} eager", "default"), (im, None, False, False),
+                    cands.append(((f"int W{bits}A{bits} eager", "default"),
+                                  (im, None, False, False, True),
                                   (lambda im: lambda: im(x))(im)))
             # rounds interleave the candidates, so that a slow phase of a shared machine
             # hits all of them; each row keeps its fastest round
@@ -81,10 +87,11 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             for r in range(rounds):
                 for i, (_, setting, fn) in enumerate(cands):
                     if setting is not None:
-                        im, be, rp, graphs = setting
-                        if chosen.get(id(im), "unset") != be:   # (drops its recordings)
-                            im.set_backend(be)
-                            chosen[id(im)] = be
+                        im, be, rp, graphs, fused = setting
+                        if chosen.get(id(im), "unset") != (be, fused):
+                            deploy.GPU_FUSED = fused
+                            im.set_backend(be)      # (drops its recordings and graphs)
+                            chosen[id(im)] = (be, fused)
                         im.replay, im.cuda_graphs = rp, graphs
                     with torch.no_grad():
                         if r == 0:
@@ -97,8 +104,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                              "ms": t * 1e3, "img/s": b / t, "speedup_vs_float": base / t,
                              "ms_rounds": " / ".join(f"{v * 1e3:.4g}" if v < 10 else
                                                     f"{v * 1e3:.0f}" for v in ts)})
+            deploy.GPU_FUSED = True
             for im in ints.values():
                 im.replay, im.cuda_graphs = True, True     # the defaults
+                im.set_backend(None)
                 for key, why in im.graph_refusals().items():
                     print(f"CUDA graph refused for {name} input {key[0]}: {why}")
             print(markdown_table([r for r in rows if r["model"] == name and r["batch"] == b]),

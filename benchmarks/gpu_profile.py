@@ -1,11 +1,12 @@
 """Where the time goes in the two GPU paths whose first timings missed their targets
 (benchmarks/results/gpu_2026-11-27/README.md): the SynQ fine-tuning loop and the exported
-integer model at batch 1. Not a benchmark: no speed ratio comes from here.
+integer ResNet-18 at batch 256. Not a benchmark: no speed ratio comes from here.
 
 For each path it prints torch.profiler's top ops by device time and by host time, and every
 host-device synchronization with the Python line that caused it (CUDA's sync debug mode).
 One fine-tuning run (1 calibration epoch and 1 epoch of `iters` iterations) is profiled after
-a warm-up run; the integer model's eager forward is profiled after two warm-up calls.
+a warm-up run; the integer model's eager forward (CUDA graphs off) is profiled after two
+warm-up calls.
 
     python -m benchmarks.gpu_profile [--device cuda|cpu] [--out FILE] [--small]
 """
@@ -23,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from synq.assets import load_default_teacher
 from synq.deploy import export
 from synq.finetune import FinetuneConfig, finetune
-from synq.models import resnet20
+from synq.models import resnet18, resnet20
 from synq.quant import calibrate, quantize_model
 
 from .bench_train import random_bn
@@ -79,18 +80,26 @@ def profile_finetune(device, small, out):
 
 
 def profile_int_forward(device, small, out):
-    teacher = load_default_teacher()[0].to(device)
-    calib = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
-    im = export(calibrate(quantize_model(teacher, 8, 8), [calib]), example=calib[:1])
-    im.replay = False                                 # the eager path, as on a GPU
-    x = calib[:1]
+    """The exported model's eager forward (graphs off: each kernel and its host cost seen):
+    the bundled ResNet-20 at batch 1 when small, else ResNet-18 (224x224, random weights) at
+    batch 256, the shape whose integer model is bound by its kernels on a GPU."""
+    g = torch.Generator().manual_seed(0)
+    if small:
+        model, shape, batch, name = load_default_teacher()[0], (1, 28, 28), 1, "resnet20 (bundled)"
+    else:
+        model, shape, batch, name = random_bn(resnet18(1000)), (3, 224, 224), 256, "resnet18"
+    calib = torch.randn(8, *shape, generator=g).to(device)
+    im = export(calibrate(quantize_model(model.to(device), 8, 8), [calib]), example=calib[:1])
+    im.replay = im.cuda_graphs = False               # the eager path
+    x = torch.randn(batch, *shape, generator=g).to(device)
+    reps = 2 if small else 3
     with torch.no_grad():
         im(x), im(x)
         syncs = collections.Counter()
         with profile(activities=_activities(device)) as prof, _syncs(device, syncs):
-            for _ in range(2 if small else 10):
+            for _ in range(reps):
                 im(x)
-    _report("exported W8A8 resnet20 (bundled), batch 1, eager forward x10", prof, device,
+    _report(f"exported W8A8 {name}, batch {batch}, eager forward x{reps}", prof, device,
             syncs, out)
 
 
