@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import synq_kernels as sk
-from synq_kernels.triton import int_gemm as T
+from synq_kernels.triton import conv_tap as T
 
 from .common import markdown_table, time_fn, write_results
 
@@ -28,16 +28,23 @@ LAYERS = [
     ("layer4.conv", 512, 7, 7, 512, 3, 1, 1),
     ("layer3.0.down", 128, 28, 28, 256, 1, 2, 0),
 ]
+BATCHES, BATCHES_QUICK = (32, 256), (256,)
 # (BM, BN, BK, num_warps, num_stages)
 CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3),
            (128, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4),
            (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
 
 
-def run(quick: bool, out_dir: str | None, dev: str = "cuda"):
+def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
+        allow_cpu: bool = False):
+    """allow_cpu: run on CPU tensors too (Triton's interpreter; a smoke test of this script)."""
+    if device != "cuda" and not allow_cpu:
+        print("bench_conv_tiles times GPU tiles: skipped on", device)
+        return []
+    dev = device
     rows = []
     default_cfg = T._tap_config
-    batches = (256,) if quick else (32, 256)
+    batches = BATCHES_QUICK if quick else BATCHES
     try:
         for b in batches:
             for name, c, h, w, cout, k, s, p in LAYERS:
@@ -106,7 +113,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_conv_tiles needs a CUDA GPU")
         return 0
-    run(a.quick, a.out)
+    run(a.quick, "cuda", a.out)
     return 0
 
 
