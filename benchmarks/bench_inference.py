@@ -19,6 +19,7 @@ import torch
 import synq_kernels as sk
 from synq.assets import load_default_teacher
 from synq import deploy
+from synq.cuda_graphs import GraphCache
 from synq.deploy import export
 from synq.models import mobilenet_v2, resnet18
 from synq.quant import calibrate, quantize_model
@@ -64,6 +65,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             xf = x.to(fdt).contiguous(memory_format=fmt)
             base_name = "fp32" if device == "cpu" else "fp16 channels-last"
             cands = [((base_name, "torch"), None, lambda: fmodel(xf))]
+            if device == "cuda":    # the float model under CUDA graphs too (synq's GraphCache)
+                fgraphs = GraphCache()
+                cands.append(((base_name + " graphs", "torch"), None,
+                              lambda: fgraphs(fmodel, xf)))
             for bits, im in ints.items():
                 for be in backends:
                     cands.append(((f"int W{bits}A{bits}", be or "default"),
@@ -100,10 +105,13 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             base = min(runs[0])
             for ((impl, be), _, _), ts in zip(cands, runs):
                 t = min(ts)
-                rows.append({"model": name, "batch": b, "impl": impl, "backend": be,
-                             "ms": t * 1e3, "img/s": b / t, "speedup_vs_float": base / t,
-                             "ms_rounds": " / ".join(f"{v * 1e3:.4g}" if v < 10 else
-                                                    f"{v * 1e3:.0f}" for v in ts)})
+                row = {"model": name, "batch": b, "impl": impl, "backend": be,
+                       "ms": t * 1e3, "img/s": b / t, "speedup_vs_float": base / t}
+                if device == "cuda":
+                    row["speedup_vs_float_graphs"] = min(runs[1]) / t
+                row["ms_rounds"] = " / ".join(f"{v * 1e3:.4g}" if v < 10 else
+                                              f"{v * 1e3:.0f}" for v in ts)
+                rows.append(row)
             deploy.GPU_FUSED = True
             for im in ints.values():
                 im.replay, im.cuda_graphs = True, True     # the defaults
@@ -114,7 +122,12 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                   flush=True)
     threads = torch.get_num_threads()
     notes = (f"Exported integer models (synq.deploy.export) vs the float model in the same "
-             f"run. torch threads: {threads}. " + ("" if device == "cuda" else
+             f"run. torch threads: {threads}. " + (
+             "speedup_vs_float is against the eager fp16 model, speedup_vs_float_graphs "
+             "against the same model replayed as a CUDA graph (synq.cuda_graphs.GraphCache); "
+             "'graphs' rows replay the integer model's graph (its default), 'unfused' rows "
+             "run without the fused conv epilogue (synq.deploy.GPU_FUSED = False). "
+             if device == "cuda" else
              f"{rounds} rounds, each timing every row of a batch in turn; ms is the fastest "
              "round's median (ms_rounds lists them), speedup the float model's fastest over "
              "the row's. "
