@@ -72,7 +72,7 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                             BM=_c[0], BN=_c[1], BK=_c[2], num_warps=_c[3], num_stages=_c[4]))
                     else:
                         T._tap_config = default_cfg
-                        cfg = tuple(default_cfg(b * oh * ow, c, cout, False).values())
+                        cfg = tuple(default_cfg(b * oh * ow, c, cout, k * k, False).values())
 
                     def fn():
                         return sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,

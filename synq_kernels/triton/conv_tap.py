@@ -124,17 +124,25 @@ def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _tap_config(p: int, cg: int, og: int, interp: bool) -> dict:
-    """Launch parameters: tile BM pixels x BN output channels x BK input channels, warps and
-    pipeline stages (benchmarks/bench_conv_tiles.py times the alternatives on a GPU)."""
+def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool) -> dict:
+    """Launch parameters for p output pixels, cg / og channels per group in / out and taps =
+    kh * kw: tile BM pixels x BN output channels x BK input channels, warps and pipeline
+    stages. Large convs take the fastest tiles of the H200 sweep
+    (benchmarks/results/gpu_2026-11-27b/, ResNet-18 layers at batch 256, against the first
+    guess (128, 128, 128, 8, 3)): 3x3 with >= 128 channels (64, 128, 64, 4, 3), 0.76-0.99x
+    the guess's time; 1x1 to >= 256 channels (128, 256, 64, 8, 3), 0.70x; 64 channels
+    (128, 64, 64, 4, 3), 0.92x. Small convs (p < 4096) were not swept."""
     if interp:  # few, large programs under the interpreter
         return dict(BM=_block(p, 16, 256), BN=_block(og, 16, 128), BK=_block(cg, 32, 128),
                     num_warps=4)
-    bn = _block(og, 32, 128)
-    bk = 128 if cg % 128 == 0 else (64 if cg >= 64 else 32)
-    bm = 128 if p >= 4096 else 64
-    return dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 128 * 128 else 4,
-                num_stages=3)
+    bk = 64 if cg >= 64 else 32
+    if p < 4096:
+        return dict(BM=64, BN=_block(og, 32, 128), BK=bk, num_warps=4, num_stages=3)
+    if taps == 1 and og >= 256:
+        return dict(BM=128, BN=256, BK=bk, num_warps=8, num_stages=3)
+    if cg >= 128:
+        return dict(BM=64, BN=_block(og, 32, 128), BK=bk, num_warps=4, num_stages=3)
+    return dict(BM=128, BN=_block(og, 32, 64), BK=bk, num_warps=4, num_stages=3)
 
 
 def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
@@ -153,7 +161,7 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         w = w.contiguous(memory_format=torch.channels_last)
     oh, ow = out.shape[2], out.shape[3]
     p = bsz * oh * ow
-    cfg = _tap_config(p, cg, og, x.device.type == "cpu")
+    cfg = _tap_config(p, cg, og, kh * kw, x.device.type == "cpu")
     bn, bk = cfg["BN"], cfg["BK"]
     n_tiles, n_cb = triton.cdiv(og, bn), triton.cdiv(cg, bk)
     grid = (triton.cdiv(p, cfg["BM"]), groups * n_tiles)
