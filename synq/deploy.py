@@ -232,10 +232,11 @@ class IntConv2d(_IntLayer):
         return self._cached("int8_cl", lambda: w.contiguous(memory_format=torch.channels_last))
 
     def _use_tap(self, xq) -> bool:
-        """The GPU's fused path: the triton backend's tap-blocked conv with the requantizing
-        epilogue (synq_kernels.triton.conv_tap), for convs with enough channels per group."""
+        """The GPU's fused path: the triton backend's implicit-GEMM conv with the
+        requantizing epilogue (synq_kernels.triton.conv_tap), for every conv with more than
+        one input channel per group (depthwise-like ones run the direct kernel, unfused)."""
         return (xq.is_cuda and GPU_FUSED and _conv_tap is not None
-                and self.in_channels // self.groups >= _conv_tap.TAP_MIN_CHANNELS
+                and self.in_channels // self.groups > 1
                 and self._backend_for("quantized_conv2d", xq.device) == "triton"
                 and not torch.compiler.is_compiling())
 

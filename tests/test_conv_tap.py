@@ -1,5 +1,5 @@
-"""synq_kernels.triton.conv_tap: the fused (requantizing) tap-blocked conv that an exported
-model runs on a GPU. Under the Triton interpreter (CPU) its epilogue must equal, bit for bit,
+"""synq_kernels.triton.conv_tap: the fused (requantizing) conv that an exported model runs on
+a GPU, in its tap-blocked and flattened-K modes. Under the Triton interpreter (CPU) its epilogue must equal, bit for bit,
 the same float32 steps in PyTorch on the exact integer accumulator; on a GPU (fused
 multiply-adds) the int8 outputs may differ by one step at rounding ties."""
 import pytest
@@ -17,7 +17,11 @@ DEVICES = ([pytest.param("cpu", marks=pytest.mark.skipif(not TRITON_CPU, reason=
 CASES = [(2, 32, 8, 7, 24, 3, 1, 1, 1, 1, True),
          (1, 80, 9, 9, 30, 3, 2, 1, 1, 2, False),
          (2, 40, 6, 6, 16, 1, 1, 0, 1, 1, True),
-         (1, 64, 7, 5, 48, 3, 1, 2, 2, 1, True)]
+         (1, 64, 7, 5, 48, 3, 1, 2, 2, 1, True),
+         # fewer than 32 channels per group: the flattened-K mode (a 7x7 stride-2 stem, and
+         # a grouped, dilated one with 8 channels per group)
+         (2, 3, 15, 13, 20, 7, 2, 3, 1, 1, True),
+         (1, 16, 9, 9, 24, 3, 1, 2, 2, 2, False)]
 
 
 def _expected(x, xs, xz, w, ws, bias, offset, relu, res, rscale, rzero, oscale, ozero, hi, geom):
@@ -110,10 +114,10 @@ def test_exported_model_on_the_fused_path(monkeypatch, bits):
         used.append(self.name)
         return real(self, *a)
     monkeypatch.setattr(D.IntConv2d, "_use_tap", lambda self, xq: (
-        self.in_channels // self.groups >= D._conv_tap.TAP_MIN_CHANNELS))
+        self.in_channels // self.groups > 1))
     monkeypatch.setattr(D.IntConv2d, "_conv_tap", spy)
     got = im(x)
-    assert len(used) >= 5, used      # the 32- and 64-channel convs of stages 2 and 3
+    assert len(used) >= 18, used     # every conv but the 1-channel stem
     scale = want.abs().max()
     assert (got - want).abs().max() <= 0.02 * scale, ((got - want).abs().max(), scale)
     assert torch.equal(got.argmax(1), want.argmax(1))

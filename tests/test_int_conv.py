@@ -328,7 +328,7 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend):
 _AOT_SCRIPT = r"""
 import synq_kernels.triton.conv_tap as m
 
-ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "n_cb", "n_kb", "n_tiles", "sxb", "sxc",
+ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "n_cb", "n_kb", "n_tiles", "sxb", "sxc",
         "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh", "sow", "srb", "src", "srh",
         "srw", "sh", "sw", "ph", "pw", "dh", "dw"]
 f32, i32 = "*fp32", "*i32"
@@ -337,11 +337,15 @@ base = {"x_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": f32, "xz_ptr": i32, "ws_ptr": 
         "osc_ptr": f32, "ozp_ptr": i32, "out_hi": "fp32", **{a: "i32" for a in ints}}
 aligned = ["x_ptr", "w_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy", "swx",
            "sob", "soh", "sow"]
-# the plain conv (float32 out) and the fused one (offset term, int8 residual, int8 out)
-for bm, bn, bk, warps, fused in [(128, 128, 128, 8, False), (128, 64, 64, 4, True)]:
+# the plain conv (float32 out), the fused one (offset term, int8 residual, int8 out), and
+# the flattened-K mode of a 3-channel 7x7 stem (fused, no residual)
+for bm, bn, bk, warps, fused, flat in [(128, 128, 128, 8, False, False),
+                                       (64, 128, 64, 4, True, False),
+                                       (128, 64, 32, 4, True, True)]:
     sig = dict(base, out_ptr="*i8" if fused else f32, res_ptr="*i8" if fused else f32)
-    consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused else 0,
-              "RELU": True, "OUT_Q": fused, "ROUND_BF16": False, "BM": bm, "BN": bn, "BK": bk}
+    consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused and not flat else 0,
+              "RELU": True, "OUT_Q": fused, "ROUND_BF16": False, "FLAT": flat,
+              "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "BM": bm, "BN": bn, "BK": bk}
     ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)
     mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
     assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])

@@ -1,10 +1,17 @@
-"""The tap-blocked int8 implicit-GEMM convolution in Triton, with an optional requantizing
-epilogue: the triton quantized_conv2d for convolutions with at least TAP_MIN_CHANNELS input
-channels per group, and the fused conv of an exported model on a GPU (synq.deploy).
+"""The int8 implicit-GEMM convolution in Triton, with an optional requantizing epilogue: the
+triton quantized_conv2d for int8 weights and more than one input channel per group, and the
+fused conv of an exported model on a GPU (synq.deploy).
 
-One program owns BM output pixels x BN output channels of one group and walks K in one flat
-loop over blocks (window tap t, channel block): t = kb // n_cb, so a block never straddles two
-taps. Its A tile is BM pixels x BK channels of one tap: a row mask (padding, ragged rows) and
+Two modes of one kernel. With at least TAP_MIN_CHANNELS channels per group, tap-blocked
+(below). With fewer (a 3-channel stem, 16-channel ResNet-20 stages), flattened K: K runs over
+(ky, kx, c) in blocks that cross taps, each A element gets its own window position and
+padding mask, and the channel count and kernel width are compile-time constants, so the
+index split is a multiply, not a division (the previous kernel's three run-time divisions
+per element made ResNet-18's stem take 6.8 ms at batch 256 on an H200).
+
+Tap-blocked: one program owns BM output pixels x BN output channels of one group and walks K
+in one flat loop over blocks (window tap t, channel block): t = kb // n_cb, so a block never
+straddles two taps. Its A tile is BM pixels x BK channels of one tap: a row mask (padding, ragged rows) and
 channel offsets only, a contiguous run of bytes per pixel on a channels-last input; one loop
 (not taps x channel blocks) keeps Triton's software pipelining over all of K. Window positions
 in the padding read the zero point, which the row-sum correction cancels (zero padding in the
@@ -40,11 +47,12 @@ TAP_MIN_CHANNELS = 32
 @triton.jit
 def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr, off_ptr,
                      res_ptr, rsc_ptr, rzp_ptr, osc_ptr, ozp_ptr, out_hi,
-                     P, OHW, OW, H, W, Cg, Og, KW, n_cb, n_kb, n_tiles,
+                     P, OHW, OW, H, W, Cg, Og, KW, K, n_cb, n_kb, n_tiles,
                      sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
                      srb, src, srh, srw, sh, sw, ph, pw, dh, dw,
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
                      RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
+                     FLAT: tl.constexpr, CG: tl.constexpr, KWC: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -66,22 +74,42 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     asum = tl.zeros([BM], dtype=tl.int32)
     for kb in range(0, n_kb):
-        t = kb // n_cb
-        c0 = (kb % n_cb) * BK
-        ky = t // KW
-        kx = t % KW
-        iy = iy0 + ky * dh
-        ix = ix0 + kx * dw
-        inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        rc = c0 + rc0
-        c_ok = rc < Cg
-        a = tl.load(x_ptr + (xrow + iy * sxh + ix * sxw)[:, None] + (rc * sxc)[None, :],
-                    mask=(inside & p_ok)[:, None] & c_ok[None, :], other=0)
-        a = tl.where(inside[:, None], a, xz8)  # padding holds the zero point; w is 0 past Cg
-        if HAS_OFFSET:
-            asum += tl.sum(tl.where(c_ok[None, :], a.to(tl.int32) - xz, 0), axis=1)
-        b = tl.load(w_ptr + (rn * swn + ky * swy + kx * swx)[:, None] + (rc * swc)[None, :],
-                    mask=j_ok[:, None] & c_ok[None, :], other=0)
+        if FLAT:
+            # K flattened in (ky, kx, c) order, blocks across taps; CG and KWC are
+            # compile-time constants, so the index split costs multiplies, not divisions
+            rk = kb * BK + rc0
+            k_ok = rk < K
+            c = rk % CG
+            tap = rk // CG
+            ky = tap // KWC
+            kx = tap % KWC
+            iy = iy0[:, None] + (ky * dh)[None, :]
+            ix = ix0[:, None] + (kx * dw)[None, :]
+            inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            a = tl.load(x_ptr + xrow[:, None] + (c * sxc)[None, :] + iy * sxh + ix * sxw,
+                        mask=inside & p_ok[:, None] & k_ok[None, :], other=0)
+            a = tl.where(inside, a, xz8)
+            if HAS_OFFSET:
+                asum += tl.sum(tl.where(k_ok[None, :], a.to(tl.int32) - xz, 0), axis=1)
+            b = tl.load(w_ptr + rn[:, None] * swn + (c * swc + ky * swy + kx * swx)[None, :],
+                        mask=j_ok[:, None] & k_ok[None, :], other=0)
+        else:
+            t = kb // n_cb
+            c0 = (kb % n_cb) * BK
+            ky = t // KW
+            kx = t % KW
+            iy = iy0 + ky * dh
+            ix = ix0 + kx * dw
+            inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            rc = c0 + rc0
+            c_ok = rc < Cg
+            a = tl.load(x_ptr + (xrow + iy * sxh + ix * sxw)[:, None] + (rc * sxc)[None, :],
+                        mask=(inside & p_ok)[:, None] & c_ok[None, :], other=0)
+            a = tl.where(inside[:, None], a, xz8)  # padding: the zero point; w is 0 past Cg
+            if HAS_OFFSET:
+                asum += tl.sum(tl.where(c_ok[None, :], a.to(tl.int32) - xz, 0), axis=1)
+            b = tl.load(w_ptr + (rn * swn + ky * swy + kx * swx)[:, None]
+                        + (rc * swc)[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0)
         acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
     xs = tl.load(xs_ptr)
     rs = tl.load(rs_ptr + rn, mask=j_ok, other=0)
@@ -124,17 +152,23 @@ def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool) -> dict:
+def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int = 0) -> dict:
     """Launch parameters for p output pixels, cg / og channels per group in / out and taps =
     kh * kw: tile BM pixels x BN output channels x BK input channels, warps and pipeline
     stages. Large convs take the fastest tiles of the H200 sweep
     (benchmarks/results/gpu_2026-11-27b/, ResNet-18 layers at batch 256, against the first
     guess (128, 128, 128, 8, 3)): 3x3 with >= 128 channels (64, 128, 64, 4, 3), 0.76-0.99x
     the guess's time; 1x1 to >= 256 channels (128, 256, 64, 8, 3), 0.70x; 64 channels
-    (128, 64, 64, 4, 3), 0.92x. Small convs (p < 4096) were not swept."""
+    (128, 64, 64, 4, 3), 0.92x. Small convs (p < 4096) were not swept. flat_k: K of a conv
+    with fewer than TAP_MIN_CHANNELS channels per group (the flattened-K mode, not swept
+    either): BK 32 up to K = 160 (ResNet-18's stem: 147 in 5 blocks), else 64."""
     if interp:  # few, large programs under the interpreter
-        return dict(BM=_block(p, 16, 256), BN=_block(og, 16, 128), BK=_block(cg, 32, 128),
-                    num_warps=4)
+        return dict(BM=_block(p, 16, 256), BN=_block(og, 16, 128),
+                    BK=_block(flat_k or cg, 32, 128), num_warps=4)
+    if flat_k:
+        bn = _block(og, 32, 128)
+        return dict(BM=128, BN=bn, BK=32 if flat_k <= 160 else 64,
+                    num_warps=8 if bn == 128 else 4, num_stages=3)
     bk = 64 if cg >= 64 else 32
     if p < 4096:
         return dict(BM=64, BN=_block(og, 32, 128), BK=bk, num_warps=4, num_stages=3)
@@ -161,9 +195,12 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         w = w.contiguous(memory_format=torch.channels_last)
     oh, ow = out.shape[2], out.shape[3]
     p = bsz * oh * ow
-    cfg = _tap_config(p, cg, og, kh * kw, x.device.type == "cpu")
+    flat = cg < TAP_MIN_CHANNELS
+    k = kh * kw * cg
+    cfg = _tap_config(p, cg, og, kh * kw, x.device.type == "cpu", k if flat else 0)
     bn, bk = cfg["BN"], cfg["BK"]
     n_tiles, n_cb = triton.cdiv(og, bn), triton.cdiv(cg, bk)
+    n_kb = triton.cdiv(k, bk) if flat else kh * kw * n_cb
     grid = (triton.cdiv(p, cfg["BM"]), groups * n_tiles)
     out_q = out.dtype == torch.int8
     res_mode = 0 if residual is None else (2 if residual.dtype == torch.int8 else 1)
@@ -176,12 +213,13 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         res_zero if res_zero is not None else x_zero,
         out_scale if out_scale is not None else dummy,
         out_zero if out_zero is not None else x_zero, float(out_hi),
-        p, oh * ow, ow, h, wd, cg, og, kw, n_cb, kh * kw * n_cb, n_tiles,
+        p, oh * ow, ow, h, wd, cg, og, kw, k, n_cb, n_kb, n_tiles,
         *x.stride(), *w.stride(), *out.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         *stride, *padding, *dilation,
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
-        RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, **cfg)
+        RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
+        CG=cg if flat else 0, KWC=kw if flat else 0, **cfg)
     return out
 
 

@@ -14,9 +14,12 @@ out = float32(acc - x_zero * w_rowsum[n]) * (x_scale * w_scale[n]) + bias[n], Re
 x_zero is already in the int8 domain (uint8 activations are shifted by -128 in
 synq_kernels.ops.int_gemm before any backend runs).
 
-quantized_conv2d is an implicit GEMM: rows are output pixels (batch, oy, ox flattened), columns
-the output channels of one group, and K runs over the kernel window in (ky, kx, c) order, so a
-K block of a channels-last input is a contiguous run of channels. Each K block of the
+quantized_conv2d with an int8 weight and more than one input channel per group runs
+conv_tap.py's kernel (tap-blocked or flattened K, with the fused epilogue synq.deploy uses).
+The kernel here serves packed int4 conv weights: an implicit GEMM whose rows are output
+pixels (batch, oy, ox flattened), columns the output channels of one group, and K runs over
+the kernel window in (ky, kx, c) order, so a K block of a channels-last input is a
+contiguous run of channels. Each K block of the
 activation tile is gathered straight from the input through its four strides (NCHW,
 channels-last or any other layout), nothing like im2col is written to memory; window
 positions in the padding read the zero point, which the rowsum correction then cancels (zero
@@ -390,7 +393,7 @@ def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dila
             swy, swx, *out.stride(), *geom,
             BM=bm, BN=bn, num_warps=warps, **common)
         return out
-    if not w_packed and cg >= conv_tap.TAP_MIN_CHANNELS:
+    if not w_packed:  # (cg > 1 here) the tap-blocked or flattened-K kernel of conv_tap
         return conv_tap.conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride,
                                    padding, dilation, groups, relu, out)
     if interp:
