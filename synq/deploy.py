@@ -22,8 +22,9 @@ What `export` does to each part of the model:
   cache that is not saved): int4 conv storage halves the file and the state dict, not the
   working memory.
 - Inputs of a layer: where the input is the output of an activation quantizer (the usual
-  case: every ReLU / ReLU6 of a quantized model), the layer quantizes it to int8 with that
-  quantizer's scale and zero point (the values already lie on its grid, so this is exact).
+  case: every ReLU / ReLU6 of a quantized model), directly or through max-pools (max keeps
+  the grid), the layer quantizes it to int8 with that quantizer's scale and zero point (the
+  values already lie on its grid, so this is exact).
   Other inputs (the image at the first conv, the average-pooled features at the classifier,
   a MobileNetV2 linear bottleneck) are float in the fake-quantized model; they are quantized
   to 8 bits at run time from their own range: per tensor for a convolution (so the result
@@ -35,8 +36,10 @@ What `export` does to each part of the model:
 - Fused mode (default where the traced structure allows it, checked on the example): a conv
   followed by its ReLU quantizer, or by a residual Add and a ReLU quantizer, runs as one call
   of the CPU's prepacked conv whose epilogue adds the residual, applies the ReLU and
-  requantizes to the quantizer's grid; the int8 result goes to the next conv as is. Elsewhere
-  (other devices) the same steps run as the float path plus PyTorch ops. On the CPU path the
+  requantizes to the quantizer's grid; the int8 result goes to the next conv as is (through
+  a max-pool too: IntMaxPool2d). On a GPU the same epilogue is Triton's
+  (synq_kernels/triton/conv_tap.py) for convs with more than one input channel per group;
+  elsewhere the steps run as the float path plus PyTorch ops. On the CPU path the
   packed weight is int16, so rows stored with an offset are packed exactly (9-bit) and skip
   the offset term.
 
@@ -515,6 +518,25 @@ class IntAct(nn.Module):
         return q
 
 
+class IntMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d that keeps int8 activations int8 in fused mode: max commutes with the
+    monotone grid, so an int8 tensor tagged with its grid comes out int8 with the same tag,
+    and the conv after it takes it as is (its static input grid is that activation's). A
+    float input is pooled as by nn.MaxPool2d. PyTorch's max-pool has no usable int8 kernel
+    (none on CUDA; the CPU's checks the spatial size against int8's range), so the pool runs
+    on float16 on a GPU and float32 on a CPU, both exact for int8 values."""
+
+    def forward(self, x):
+        q = getattr(x, "_synq_q", None)
+        if q is None or self.return_indices:
+            return super().forward(_as_float(x))
+        y = F.max_pool2d(x.half() if x.is_cuda else x.float(), self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.ceil_mode)
+        y = y.to(torch.int8)
+        y._synq_q = q
+        return y
+
+
 class IntAdd(Add):
     """Residual addition: in fused mode it hands the other operand to the pending conv as the
     epilogue's residual; otherwise a float addition."""
@@ -708,6 +730,12 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor) -> dict:
                                  f"{name} does not directly follow one")
             bn_of[src[0]] = name
         elif isinstance(mod, (quant.QuantConv2d, quant.QuantLinear)):
+            # a max-pool keeps its input's grid (max commutes with the monotone rounding)
+            while (src is not None and isinstance(src[1], nn.MaxPool2d)
+                   and not src[1].return_indices and counts[src[0]] == 1):
+                pin = src[2][0] if src[2] else None
+                src = calls[producer[id(pin)]] if pin is not None and id(pin) in producer \
+                    else None
             act = src[0] if src is not None and isinstance(src[1], quant.QuantAct) else None
             if name in layers and layers[name]["input_act"] != act:
                 raise ValueError(f"layer {name} is called twice with inputs of different "
@@ -775,12 +803,19 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
             add = only(tid, Add)
             if add is not None and counts.get(add) == 1 and only(out_of[add], quant.QuantAct):
                 info["defer"] = True
+    def takes_int(n, m, aname, pools=True):
+        if isinstance(m, Add) or (isinstance(m, quant.QuantConv2d)
+                                  and layers.get(n, {}).get("input_act") == aname):
+            return True
+        if pools and isinstance(m, nn.MaxPool2d) and not m.return_indices \
+                and counts.get(n) == 1:     # IntMaxPool2d passes int8 on
+            c = consumers.get(out_of.get(n), [])
+            return bool(c) and all(takes_int(n2, m2, aname, False) for n2, m2 in c)
+        return False
+
     for aname, info in acts.items():
         c = consumers.get(out_of.get(aname), []) if counts.get(aname) == 1 else []
-        info["emit_int"] = bool(c) and all(
-            isinstance(m, Add) or (isinstance(m, quant.QuantConv2d)
-                                   and layers.get(n, {}).get("input_act") == aname)
-            for n, m in c)
+        info["emit_int"] = bool(c) and all(takes_int(n, m, aname) for n, m in c)
 
 
 def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
@@ -795,6 +830,9 @@ def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
     for name, m in list(model.named_modules()):
         if type(m) is Add:
             _set_child(model, name, IntAdd())
+        elif type(m) is nn.MaxPool2d:
+            _set_child(model, name, IntMaxPool2d(m.kernel_size, m.stride, m.padding,
+                                                 m.dilation, m.return_indices, m.ceil_mode))
 
 
 @torch.no_grad()

@@ -202,6 +202,29 @@ def test_imagenet_style_models_export(build, shape):
     assert _rel_err(want, got) < 0.1
 
 
+def test_max_pool_keeps_the_activation_grid():
+    """ResNet-18's stem activation reaches layer1 through the max-pool: the conv after it
+    takes that activation's grid (static, not re-quantized from its range per call), and in
+    fused mode the pool passes int8 on (IntMaxPool2d), with logits equal to the unfused
+    mode's, where the pool runs on the float grid values."""
+    from synq.deploy import IntMaxPool2d, _set_fusion
+    torch.manual_seed(4)
+    model = _randomize_bn(resnet18(num_classes=10))
+    x = torch.randn(2, 3, 40, 40)
+    im = export(_quantized(model, 8, x), example=x[:1])
+    assert im.plan["fused"] and im.model.layer1[0].conv1.static
+    assert type(im.model.maxpool) is IntMaxPool2d
+    seen = []
+    im.model.maxpool.register_forward_hook(lambda m, a, o: seen.append((a[0].dtype, o.dtype)))
+    im.replay = False
+    with torch.no_grad():
+        got = im(x)
+        _set_fusion(im.model, im.plan, False)
+        want = im(x)
+    assert seen == [(torch.int8, torch.int8), (torch.float32, torch.float32)]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def fmnist():
     from synq.assets import load_default_teacher
