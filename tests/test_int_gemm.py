@@ -363,7 +363,7 @@ for cc in (80, 90):
                "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "sam": "i32", "sbn": "i32",
                "scm": "i32"}
         consts = {"A_PACKED": ap, "A_SIGNED": True, "B_PACKED": bp, "BM": 128, "BN": 128,
-                  "BK": 128}
+                  "BK": 128, "GROUP_M": 8}
         ptx = build(fn, sig, consts, ["a_ptr", "b_ptr", "c_ptr", "sam", "sbn", "scm"],
                     num_warps=8, cc=cc)
         mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
@@ -684,3 +684,17 @@ def test_gpu_default_sends_large_int8_products_to_triton(monkeypatch):
     monkeypatch.delenv("SYNQ_BACKEND")
     monkeypatch.setattr(backends, "available_backends", lambda op, dev: ["cuda", "reference"])
     assert ops._resolve_gemm("int_mm", dev, None, 4096, False) == "cuda"
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_int_mm_grouped_program_order(backend, monkeypatch):
+    """The kernel's L2 grouping (GROUP_M row tiles sweep the columns together): every tile is
+    computed once, including a last group with fewer row tiles (4 row tiles, groups of 3)."""
+    from synq_kernels.triton import int_gemm as T
+    monkeypatch.setattr(T, "_mm_config", lambda m, n, k, interp: dict(
+        BM=16, BN=16, BK=32, GROUP_M=3))
+    a, b = rand_i8(50, 45), rand_i8(37, 45)
+    assert torch.equal(sk.int8_matmul(a, b, backend=backend), R.int8_matmul(a, b))
+    pb = sk.pack_int4(rand_i4(37, 45))
+    assert torch.equal(sk.int4_matmul(a, pb, k=45, backend=backend),
+                       R.int8_matmul(a, sk.unpack_int4(pb, True, 45)))

@@ -43,9 +43,18 @@ from . import conv_tap
 @triton.jit
 def _int_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sbn, scm,
                    A_PACKED: tl.constexpr, A_SIGNED: tl.constexpr, B_PACKED: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    # One grid axis; programs run in groups of GROUP_M row tiles that sweep the column
+    # tiles together, so that a group's A rows and B columns are reused from L2.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -93,16 +102,21 @@ def int_mm(a, b, k, a_packed, a_signed, b_packed):
     b = b.contiguous()
     m, n = a.shape[0], b.shape[0]
     c = torch.empty(m, n, dtype=torch.int32, device=a.device)
-    if a.device.type == "cpu":  # interpreter: few, large programs
-        bm, bn, bk = 64, 64, 64
-    else:
-        bm = 16 if m <= 16 else (64 if m <= 64 else 128)
-        bn, bk = 128, 128
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    cfg = _mm_config(m, n, k, a.device.type == "cpu")
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
     _int_mm_kernel[grid](a, b, c, m, n, k, a.stride(0), b.stride(0), c.stride(0),
-                         A_PACKED=a_packed, A_SIGNED=a_signed, B_PACKED=b_packed,
-                         BM=bm, BN=bn, BK=bk)
+                         A_PACKED=a_packed, A_SIGNED=a_signed, B_PACKED=b_packed, **cfg)
     return c
+
+
+def _mm_config(m: int, n: int, k: int, interp: bool) -> dict:
+    """Launch parameters of _int_mm_kernel (tiles, L2 group, warps, stages); the ones timed
+    in the first GPU runs (gpu_2026-11-27: 1.28x torch._int_mm at 4096^3 on an H100).
+    benchmarks/bench_gemm_tiles.py times alternatives on a GPU."""
+    if interp:  # interpreter: few, large programs
+        return dict(BM=64, BN=64, BK=64, GROUP_M=1)
+    bm = 16 if m <= 16 else (64 if m <= 64 else 128)
+    return dict(BM=bm, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=3)
 
 
 

@@ -1,0 +1,44 @@
+"""benchmarks/bench_conv_tiles.py and bench_gemm_tiles.py run end to end (tiny shapes,
+Triton's interpreter on the CPU): a GPU sweep must not be the first place its code runs."""
+import pytest
+
+import synq_kernels as sk
+from benchmarks import bench_conv_tiles as B
+
+
+@pytest.mark.skipif("triton" not in sk.available_backends("int_mm", "cpu"),
+                    reason="triton is not installed")
+def test_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch, tmp_path):
+    from synq_kernels.triton import conv_tap
+    default = conv_tap._tap_config
+    monkeypatch.setattr(B, "LAYERS", [("t", 32, 5, 4, 40, 3, 1, 1)])
+    monkeypatch.setattr(B, "CONFIGS", [(32, 32, 32, 4, 2), (16, 32, 32, 4, 2), (16, 64, 32, 4, 2)])
+    monkeypatch.setattr(B, "BATCHES_QUICK", (1,))
+    rows = B.run(True, "cpu", str(tmp_path), allow_cpu=True)
+    tap = [r for r in rows if r["impl"].startswith("synq")]
+    # the default first, then each forced config (BN = 64 > 40 output channels: skipped)
+    assert [r["config"] for r in tap][1:] == ["(32, 32, 32, 4, 2)", "(16, 32, 32, 4, 2)"]
+    assert all("MISMATCH" not in r["impl"] and isinstance(r["ms"], float) for r in tap), tap
+    assert conv_tap._tap_config is default
+    assert list(tmp_path.glob("conv_tiles_*.md"))
+    assert B.run(True, "cpu") == []         # without allow_cpu: skipped
+
+
+@pytest.mark.skipif("triton" not in sk.available_backends("int_mm", "cpu"),
+                    reason="triton is not installed")
+def test_gemm_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch, tmp_path):
+    from benchmarks import bench_gemm_tiles as G
+    from synq_kernels.triton import int_gemm
+    default = int_gemm._mm_config
+    monkeypatch.setattr(G, "SHAPES", [(20, 45, 37, False), (1, 45, 37, True)])
+    monkeypatch.setattr(G, "CONFIGS_LARGE", [(16, 16, 32, 2, 4, 2)])
+    monkeypatch.setattr(G, "CONFIGS_SMALL", [(16, 32, 64, 1, 4, 2)])
+    rows = G.run(True, "cpu", str(tmp_path), allow_cpu=True)
+    tap = [r for r in rows if r["impl"].startswith("synq")]
+    assert [r["config"] for r in tap] == [
+        str(tuple(default(20, 37, 45, False).values())), "(16, 16, 32, 2, 4, 2)",
+        str(tuple(default(1, 37, 45, False).values())), "(16, 32, 64, 1, 4, 2)"]
+    assert all("MISMATCH" not in r["impl"] and isinstance(r["ms"], float) for r in tap), tap
+    assert int_gemm._mm_config is default
+    assert list(tmp_path.glob("gemm_tiles_*.md"))
+    assert G.run(True, "cpu") == []
