@@ -337,15 +337,18 @@ base = {"x_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": f32, "xz_ptr": i32, "ws_ptr": 
         "osc_ptr": f32, "ozp_ptr": i32, "out_hi": "fp32", **{a: "i32" for a in ints}}
 aligned = ["x_ptr", "w_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy", "swx",
            "sob", "soh", "sow"]
-# the plain conv (float32 out), the fused one (offset term, int8 residual, int8 out), and
-# the flattened-K mode of a 3-channel 7x7 stem (fused, no residual)
-for bm, bn, bk, warps, fused, flat in [(128, 128, 128, 8, False, False),
-                                       (64, 128, 64, 4, True, False),
-                                       (128, 64, 32, 4, True, True)]:
-    sig = dict(base, out_ptr="*i8" if fused else f32, res_ptr="*i8" if fused else f32)
+# the plain conv (float32 out), the fused one (offset term, int8 residual, int8 out), the
+# flattened-K mode of a 3-channel 7x7 stem (fused, no residual), and packed int4 weights
+for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, False),
+                                               (64, 128, 64, 4, True, False, False),
+                                               (128, 64, 32, 4, True, True, False),
+                                               (128, 64, 64, 4, False, True, True)]:
+    sig = dict(base, out_ptr="*i8" if fused else f32, res_ptr="*i8" if fused else f32,
+               w_ptr="*u8" if packed else "*i8")
     consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused and not flat else 0,
               "RELU": True, "OUT_Q": fused, "ROUND_BF16": False, "FLAT": flat,
-              "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "BM": bm, "BN": bn, "BK": bk}
+              "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "W_PACKED": packed, "BM": bm,
+              "BN": bn, "BK": bk}
     ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)
     mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
     assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])

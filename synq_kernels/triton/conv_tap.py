@@ -53,6 +53,7 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
                      RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
                      FLAT: tl.constexpr, CG: tl.constexpr, KWC: tl.constexpr,
+                     W_PACKED: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -91,8 +92,21 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias
             a = tl.where(inside, a, xz8)
             if HAS_OFFSET:
                 asum += tl.sum(tl.where(k_ok[None, :], a.to(tl.int32) - xz, 0), axis=1)
-            b = tl.load(w_ptr + rn[:, None] * swn + (c * swc + ky * swy + kx * swx)[None, :],
-                        mask=j_ok[:, None] & k_ok[None, :], other=0)
+            if W_PACKED:  # (Cout, ceil(K / 2)) bytes, K in (ky, kx, c) order, 2 per byte
+                rh = kb * (BK // 2) + tl.arange(0, BK // 2)
+                q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
+                            mask=j_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
+                q = q.to(tl.int32)
+                lo = q & 0xF
+                hi = (q >> 4) & 0xF
+                lo = lo - ((lo & 8) << 1)
+                hi = hi - ((hi & 8) << 1)
+                b = tl.join(lo, hi).reshape(BN, BK)
+                b = tl.where(k_ok[None, :], b, 0).to(tl.int8)
+            else:
+                b = tl.load(w_ptr + rn[:, None] * swn
+                            + (c * swc + ky * swy + kx * swx)[None, :],
+                            mask=j_ok[:, None] & k_ok[None, :], other=0)
         else:
             t = kb // n_cb
             c0 = (kb % n_cb) * BK
@@ -181,21 +195,30 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
 
 def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
                groups, relu, out, offset=None, residual=None, res_scale=None, res_zero=None,
-               out_scale=None, out_zero=None, out_hi=127):
+               out_scale=None, out_zero=None, out_hi=127, w_packed=False, kernel_size=None):
     """Runs the kernel into `out` (B, Cout, OH, OW), float or int8 (then out_scale / out_zero
     one-element float32 / int32 tensors), and returns it. x: int8 (B, C, H, W), any strides;
     w: int8 (Cout, C / groups, kh, kw), read channels-last (copied once here otherwise);
     x_scale, w_scale, bias float32, x_zero, w_rowsum, offset int32; residual None or of out's
     shape, float32, or int8 with res_scale / res_zero. The caller checks shapes and dtypes
-    (ops.int_gemm for quantized_conv2d, synq.deploy for its fused layers)."""
+    (ops.int_gemm for quantized_conv2d, synq.deploy for its fused layers). w_packed: w is
+    packed int4, (Cout, ceil(K / 2)) uint8 with K = kh * kw * C / groups in (ky, kx, c)
+    order, kernel_size = (kh, kw); it runs the flattened-K mode."""
     bsz, c, h, wd = x.shape
-    cout, cg, kh, kw = w.shape
+    cout, cg = w.shape[0], c // groups
     og = cout // groups
-    if w.stride(1) != 1:  # (Cout, C/g, kh, kw) contiguous: read K = (ky, kx, c) in runs
-        w = w.contiguous(memory_format=torch.channels_last)
+    if w_packed:
+        kh, kw = kernel_size
+        w = w.contiguous()
+        w_strides = (w.stride(0), 0, 0, 0)
+    else:
+        kh, kw = w.shape[2], w.shape[3]
+        if w.stride(1) != 1:  # (Cout, C/g, kh, kw) contiguous: read K = (ky, kx, c) in runs
+            w = w.contiguous(memory_format=torch.channels_last)
+        w_strides = w.stride()
     oh, ow = out.shape[2], out.shape[3]
     p = bsz * oh * ow
-    flat = cg < TAP_MIN_CHANNELS
+    flat = cg < TAP_MIN_CHANNELS or w_packed
     k = kh * kw * cg
     cfg = _tap_config(p, cg, og, kh * kw, x.device.type == "cpu", k if flat else 0)
     bn, bk = cfg["BN"], cfg["BK"]
@@ -214,12 +237,12 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         out_scale if out_scale is not None else dummy,
         out_zero if out_zero is not None else x_zero, float(out_hi),
         p, oh * ow, ow, h, wd, cg, og, kw, k, n_cb, n_kb, n_tiles,
-        *x.stride(), *w.stride(), *out.stride(),
+        *x.stride(), *w_strides, *out.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         *stride, *padding, *dilation,
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
         RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
-        CG=cg if flat else 0, KWC=kw if flat else 0, **cfg)
+        CG=cg if flat else 0, KWC=kw if flat else 0, W_PACKED=bool(w_packed), **cfg)
     return out
 
 

@@ -14,16 +14,9 @@ out = float32(acc - x_zero * w_rowsum[n]) * (x_scale * w_scale[n]) + bias[n], Re
 x_zero is already in the int8 domain (uint8 activations are shifted by -128 in
 synq_kernels.ops.int_gemm before any backend runs).
 
-quantized_conv2d with an int8 weight and more than one input channel per group runs
-conv_tap.py's kernel (tap-blocked or flattened K, with the fused epilogue synq.deploy uses).
-The kernel here serves packed int4 conv weights: an implicit GEMM whose rows are output
-pixels (batch, oy, ox flattened), columns the output channels of one group, and K runs over
-the kernel window in (ky, kx, c) order, so a K block of a channels-last input is a
-contiguous run of channels. Each K block of the
-activation tile is gathered straight from the input through its four strides (NCHW,
-channels-last or any other layout), nothing like im2col is written to memory; window
-positions in the padding read the zero point, which the rowsum correction then cancels (zero
-padding in the real domain). Grouped convolutions put the group in the second grid axis.
+quantized_conv2d with more than one input channel per group runs conv_tap.py's implicit GEMM
+(tap-blocked or flattened K; packed int4 weights in the flattened mode), nothing like im2col
+written to memory, with the fused epilogue synq.deploy uses on a GPU.
 Depthwise-like convolutions (one input channel per group, any channel multiplier) have a
 K of only kh * kw, far below the MMA's K of 16 or more, so a direct kernel computes them
 instead: a tile of pixels x channels, integer multiply-adds per window tap.
@@ -174,79 +167,6 @@ def _quantized_linear_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_p
         y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], y.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _conv_gemm_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr,
-                      P, OHW, OW, H, W, Cg, Og, K, KW, n_tiles,
-                      sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
-                      sh, sw, ph, pw, dh, dw,
-                      W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-                      ROUND_BF16: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # Axis 0: tiles of output pixels (batch, oy, ox flattened); axis 1: (group, channel tile).
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = pid_n // n_tiles
-    rp = pid_m * BM + tl.arange(0, BM)
-    p_ok = rp < P
-    bi = rp // OHW
-    oy = (rp % OHW) // OW
-    ox = rp % OW
-    iy0 = oy * sh - ph
-    ix0 = ox * sw - pw
-    xrow = bi * sxb + (g * Cg) * sxc
-    rj = (pid_n % n_tiles) * BN + tl.arange(0, BN)
-    j_ok = rj < Og
-    rn = g * Og + rj
-    xz = tl.load(xz_ptr)
-    xz8 = xz.to(tl.int8)
-    acc = tl.zeros([BM, BN], dtype=tl.int32)
-    for k0 in range(0, K, BK):
-        # K index k -> window tap (ky, kx) and channel c of the group, channel fastest.
-        rk = k0 + tl.arange(0, BK)
-        k_ok = rk < K
-        c = rk % Cg
-        tap = rk // Cg
-        ky = tap // KW
-        kx = tap % KW
-        iy = iy0[:, None] + (ky * dh)[None, :]
-        ix = ix0[:, None] + (kx * dw)[None, :]
-        inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        a = tl.load(x_ptr + xrow[:, None] + (c * sxc)[None, :] + iy * sxh + ix * sxw,
-                    mask=inside & p_ok[:, None] & k_ok[None, :], other=0)
-        a = tl.where(inside, a, xz8)  # padding holds the zero point; w is 0 past K
-        if W_PACKED:
-            rh = k0 // 2 + tl.arange(0, BK // 2)
-            q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
-                        mask=j_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
-            q = q.to(tl.int32)
-            lo = q & 0xF
-            hi = (q >> 4) & 0xF
-            lo = lo - ((lo & 8) << 1)
-            hi = hi - ((hi & 8) << 1)
-            b = tl.join(lo, hi).reshape(BN, BK)
-            b = tl.where(k_ok[None, :], b, 0).to(tl.int8)
-        else:
-            woff = c * swc + ky * swy + kx * swx
-            b = tl.load(w_ptr + rn[:, None] * swn + woff[None, :],
-                        mask=j_ok[:, None] & k_ok[None, :], other=0)
-        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-    xs = tl.load(xs_ptr)
-    rs = tl.load(rs_ptr + rn, mask=j_ok, other=0)
-    ws = tl.load(ws_ptr + rn, mask=j_ok, other=0.0)
-    y = (acc - xz * rs[None, :]).to(tl.float32) * (xs * ws)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=j_ok, other=0.0)[None, :]
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)
-    if ROUND_BF16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
-    orow = bi * sob + oy * soh + ox * sow
-    tl.store(out_ptr + orow[:, None] + (rn * soc)[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=p_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -407,20 +327,10 @@ def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dila
             swy, swx, *out.stride(), *geom,
             BM=bm, BN=bn, num_warps=warps, **common)
         return out
-    if not w_packed:  # (cg > 1 here) the tap-blocked or flattened-K kernel of conv_tap
-        return conv_tap.conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride,
-                                   padding, dilation, groups, relu, out)
-    if interp:
-        bm, bn, bk, warps = _block(p, 16, 512), _block(og, 16, 256), _block(k, 16, 256), 4
-    else:
-        bm, bn, bk = 128, _block(og, 16, 128), 64
-        warps = 8 if bn == 128 else 4
-    n_tiles = triton.cdiv(og, bn)
-    grid = (triton.cdiv(p, bm), groups * n_tiles)
-    _conv_gemm_kernel[grid](
-        *ptrs, p, oh * ow, ow, h, wd, cg, og, k, kw, n_tiles, *x.stride(), swn, swc, swy, swx,
-        *out.stride(), *geom, BM=bm, BN=bn, BK=bk, num_warps=warps, **common)
-    return out
+    # (cg > 1 here) conv_tap's implicit GEMM: tap-blocked, or flattened K (packed int4 too)
+    return conv_tap.conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
+                               dilation, groups, relu, out, w_packed=bool(w_packed),
+                               kernel_size=(kh, kw))
 
 
 def quantized_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
