@@ -9,15 +9,13 @@ What it finds goes into `_tap_config`.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import synq_kernels as sk
 from synq_kernels.triton import conv_tap as T
 
-from .common import markdown_table, time_fn, write_results
+from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_results
 
 # (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input
 LAYERS = [
@@ -43,60 +41,34 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
         return []
     dev = device
     rows = []
-    default_cfg = T._tap_config
     batches = BATCHES_QUICK if quick else BATCHES
-    try:
-        for b in batches:
-            for name, c, h, w, cout, k, s, p in LAYERS:
-                x = torch.randint(-128, 128, (b, c, h, w), dtype=torch.int8, device=dev)
-                x = x.contiguous(memory_format=torch.channels_last)
-                wq = torch.randint(-128, 128, (cout, c, k, k), dtype=torch.int8, device=dev)
-                wq = wq.contiguous(memory_format=torch.channels_last)
-                oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-                ops = 2 * b * cout * oh * ow * c * k * k
-                fdt = torch.float16 if dev == "cuda" else torch.float32
-                xf, wf = x.to(fdt), wq.to(fdt)
-                base = time_fn(lambda: F.conv2d(xf, wf, None, s, p), dev, 0.2)
-                shape = f"{name} b{b} {c}x{h}x{w}->{cout} k{k}s{s}"
-                rows.append({"shape": shape, "impl": "F.conv2d fp16 channels-last",
-                             "config": "", "ms": base * 1e3, "TOP/s": ops / base / 1e12,
-                             "speedup_vs_fp16": 1.0})
-                ws, rs = torch.rand(cout, device=dev) + 0.1, sk.weight_row_sums(wq)
-                want = None
-                for cfg in [None] + CONFIGS:
-                    if cfg is not None:
-                        bm, bn, bk, nw, ns = cfg
-                        if bn > max(cout, 32) or bk > c:
-                            continue
-                        T._tap_config = (lambda *a, _c=cfg: dict(
-                            BM=_c[0], BN=_c[1], BK=_c[2], num_warps=_c[3], num_stages=_c[4]))
-                    else:
-                        T._tap_config = default_cfg
-                        cfg = tuple(default_cfg(b * oh * ow, c, cout, k * k, False).values())
+    for b in batches:
+        for name, c, h, w, cout, k, s, p in LAYERS:
+            x = torch.randint(-128, 128, (b, c, h, w), dtype=torch.int8, device=dev)
+            x = x.contiguous(memory_format=torch.channels_last)
+            wq = torch.randint(-128, 128, (cout, c, k, k), dtype=torch.int8, device=dev)
+            wq = wq.contiguous(memory_format=torch.channels_last)
+            oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            ops = 2 * b * cout * oh * ow * c * k * k
+            fdt = torch.float16 if dev == "cuda" else torch.float32
+            xf, wf = x.to(fdt), wq.to(fdt)
+            base = time_fn(lambda: F.conv2d(xf, wf, None, s, p), dev, 0.2)
+            shape = f"{name} b{b} {c}x{h}x{w}->{cout} k{k}s{s}"
+            rows.append({"shape": shape, "impl": "F.conv2d fp16 channels-last",
+                         "config": "", "ms": base * 1e3, "TOP/s": ops / base / 1e12,
+                         "speedup_vs_fp16": 1.0})
+            ws, rs = torch.rand(cout, device=dev) + 0.1, sk.weight_row_sums(wq)
 
-                    def fn():
-                        return sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
-                                                   w_rowsum=rs, backend="triton")
-                    with sk.value_checks(False):
-                        try:
-                            y = fn()
-                            if want is None:
-                                want = y
-                            ok = torch.equal(y, want)
-                            t = time_fn(fn, dev, 0.2)
-                        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                            rows.append({"shape": shape, "impl": "synq triton tap",
-                                         "config": str(cfg), "ms": f"failed: {e}"[:80],
-                                         "TOP/s": "", "speedup_vs_fp16": ""})
-                            continue
-                    label = "synq triton tap" + (" (default)" if T._tap_config is default_cfg
-                                                 else "") + ("" if ok else " MISMATCH")
-                    rows.append({"shape": shape, "impl": label, "config": str(cfg),
-                                 "ms": t * 1e3, "TOP/s": ops / t / 1e12,
-                                 "speedup_vs_fp16": base / t})
-                print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
-    finally:
-        T._tap_config = default_cfg
+            def fn():
+                with sk.value_checks(False):
+                    return sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
+                                               w_rowsum=rs, backend="triton")
+            configs = [cfg for cfg in CONFIGS if cfg[1] <= max(cout, 32) and cfg[2] <= c]
+            rows += tile_sweep(T, "_tap_config", lambda c_: dict(
+                BM=c_[0], BN=c_[1], BK=c_[2], num_warps=c_[3], num_stages=c_[4]),
+                configs, fn, shape, "synq triton tap", ops, base, dev,
+                (b * oh * ow, c, cout, k * k, False))
+            print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     if out_dir:
         write_results("conv_tiles", rows, dev, out_dir,
                       "config = (BM, BN, BK, num_warps, num_stages) of _conv_tap_kernel; "
@@ -106,15 +78,7 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_conv_tiles")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_conv_tiles needs a CUDA GPU")
-        return 0
-    run(a.quick, "cuda", a.out)
-    return 0
+    return sweep_main(run, "benchmarks.bench_conv_tiles", argv)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ kernel picks by itself. What it finds goes into `_mm_config`.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import synq_kernels as sk
 from synq_kernels.triton import int_gemm as T
 
-from .common import markdown_table, time_fn, write_results
+from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_results
 
 # (M, K, N, W4A8): int8 x int8 at 4096^3 and M = 256, W4A8 at batch 1 and 16
 SHAPES = [(4096, 4096, 4096, False), (256, 4096, 4096, False), (1, 4096, 4096, True),
@@ -40,54 +38,34 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
         print("bench_gemm_tiles times GPU tiles: skipped on", device)
         return []
     rows = []
-    default_cfg = T._mm_config
     fdt = torch.float16 if device == "cuda" else torch.float32
-    try:
-        for m, k, n, w4 in SHAPES:       # (--quick changes nothing: four shapes only)
-            a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
-            w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
-            if w4:
-                w = sk.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device))
-            ops = 2 * m * n * k
-            shape = f"{m}x{k}x{n}" + (" W4A8" if w4 else "")
-            af, wf = a.to(fdt), torch.randn(n, k, device=device).to(fdt)
-            base = time_fn(lambda: af @ wf.T, device, 0.2)
-            rows.append({"shape": shape, "impl": f"torch.matmul {str(fdt)[6:]}", "config": "",
-                         "ms": base * 1e3, "TOP/s": ops / base / 1e12, "speedup_vs_float": 1.0})
-            if not w4 and m > 16 and device == "cuda":
-                wt = w.T
-                t = time_fn(lambda: torch._int_mm(a, wt), device, 0.2)
-                rows.append({"shape": shape, "impl": "torch._int_mm", "config": "",
-                             "ms": t * 1e3, "TOP/s": ops / t / 1e12,
-                             "speedup_vs_float": base / t})
+    for m, k, n, w4 in SHAPES:       # (--quick changes nothing: four shapes only)
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+        if w4:
+            w = sk.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device))
+        ops = 2 * m * n * k
+        shape = f"{m}x{k}x{n}" + (" W4A8" if w4 else "")
+        af, wf = a.to(fdt), torch.randn(n, k, device=device).to(fdt)
+        base = time_fn(lambda: af @ wf.T, device, 0.2)
+        rows.append({"shape": shape, "impl": f"torch.matmul {str(fdt)[6:]}", "config": "",
+                     "ms": base * 1e3, "TOP/s": ops / base / 1e12, "speedup_vs_fp16": 1.0})
+        if not w4 and m > 16 and device == "cuda":
+            wt = w.T
+            t = time_fn(lambda: torch._int_mm(a, wt), device, 0.2)
+            rows.append({"shape": shape, "impl": "torch._int_mm", "config": "",
+                         "ms": t * 1e3, "TOP/s": ops / t / 1e12,
+                         "speedup_vs_fp16": base / t})
 
-            def fn():
-                if w4:
-                    return sk.int4_matmul(a, w, k=k, backend="triton")
-                return sk.int8_matmul(a, w, backend="triton")
-            want = None
-            for cfg in [None] + (CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE):
-                T._mm_config = default_cfg if cfg is None else _forced(cfg)
-                if cfg is None:
-                    cfg = tuple(default_cfg(m, n, k, False).values())
-                try:
-                    y = fn()
-                    want = y if want is None else want
-                    ok = torch.equal(y, want)
-                    t = time_fn(fn, device, 0.2)
-                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                    rows.append({"shape": shape, "impl": "synq triton", "config": str(cfg),
-                                 "ms": f"failed: {e}"[:80], "TOP/s": "",
-                                 "speedup_vs_float": ""})
-                    continue
-                label = ("synq triton" + (" (default)" if T._mm_config is default_cfg else "")
-                         + ("" if ok else " MISMATCH"))
-                rows.append({"shape": shape, "impl": label, "config": str(cfg),
-                             "ms": t * 1e3, "TOP/s": ops / t / 1e12,
-                             "speedup_vs_float": base / t})
-            print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
-    finally:
-        T._mm_config = default_cfg
+        def fn():
+            if w4:
+                return sk.int4_matmul(a, w, k=k, backend="triton")
+            return sk.int8_matmul(a, w, backend="triton")
+        rows += tile_sweep(T, "_mm_config", lambda c: dict(
+            BM=c[0], BN=c[1], BK=c[2], GROUP_M=c[3], num_warps=c[4], num_stages=c[5]),
+            CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape, "synq triton", ops,
+            base, device, (m, n, k, False))
+        print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     if out_dir:
         write_results("gemm_tiles", rows, device, out_dir,
                       "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of "
@@ -97,15 +75,7 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_gemm_tiles")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_gemm_tiles needs a CUDA GPU")
-        return 0
-    run(a.quick, "cuda", a.out)
-    return 0
+    return sweep_main(run, "benchmarks.bench_gemm_tiles", argv)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,49 @@ def bench_main(run, doc: str, argv=None):
         torch.set_num_threads(a.threads)
     print(f"device: {device_name(a.device)}")
     return run(a.quick, a.device, a.out)
+
+
+def tile_sweep(module, attr: str, params, configs, fn, shape: str, impl: str, ops: int,
+               base_t: float, device: str, default_args: tuple) -> list[dict]:
+    """Rows of one shape's tile sweep: `fn` timed with the module's own launch parameters
+    (`module.<attr>`, a function of `default_args` giving a dict; the "(default)" row) and
+    then with each configuration of `configs` forced (`params(cfg)` gives its dict). Results
+    are compared with the first; MISMATCH marks one that differs. The attribute is restored
+    afterwards."""
+    default = getattr(module, attr)
+    rows, want = [], None
+    try:
+        for cfg in [None] + list(configs):
+            setattr(module, attr, default if cfg is None
+                    else (lambda *a, _p=params(cfg): dict(_p)))
+            shown = str(tuple(default(*default_args).values()) if cfg is None else cfg)
+            row = {"shape": shape, "impl": impl + (" (default)" if cfg is None else ""),
+                   "config": shown}
+            try:
+                y = fn()
+                want = y if want is None else want
+                ok = torch.equal(y, want)
+                t = time_fn(fn, device, 0.2)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                rows.append({**row, "ms": f"failed: {e}"[:80], "TOP/s": "",
+                             "speedup_vs_fp16": ""})
+                continue
+            rows.append({**row, "impl": row["impl"] + ("" if ok else " MISMATCH"),
+                         "ms": t * 1e3, "TOP/s": ops / t / 1e12, "speedup_vs_fp16": base_t / t})
+    finally:
+        setattr(module, attr, default)
+    return rows
+
+
+def sweep_main(run, prog: str, argv=None) -> int:
+    """Command line of a GPU tile sweep: `python -m <prog> [--out DIR] [--quick]`."""
+    import argparse
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{prog} needs a CUDA GPU")
+        return 0
+    run(a.quick, "cuda", a.out)
+    return 0
