@@ -234,6 +234,22 @@ class IntConv2d(_IntLayer):
             return w
         return self._cached("int8_cl", lambda: w.contiguous(memory_format=torch.channels_last))
 
+    def _tap_weight(self, device):
+        """(weight, row sums, offsets or None) for the fused conv: conv_weight(device), and
+        for a packed int4 weight with offsets the offsets added back once (4-bit integers
+        plus their offset lie in [-15, 15], so they fit int8 exactly), so that the kernel
+        skips the offset term. Cached; no value-dependent step (CUDA-graph safe)."""
+        if not (self.packed and self.offset is not None):
+            return self.conv_weight(device), self.w_rowsum, self.offset
+
+        def fold():
+            w = (self.weight_int8().to(torch.int16)
+                 + self.offset.to(torch.int16).reshape(-1, 1, 1, 1)).to(torch.int8)
+            if device.type == "cuda":
+                w = w.contiguous(memory_format=torch.channels_last)
+            return w, sk.weight_row_sums(w), None
+        return self._cached(f"tap_folded_{device.type}", fold)
+
     def _use_tap(self, xq) -> bool:
         """The GPU's fused path: the triton backend's implicit-GEMM conv with the
         requantizing epilogue (synq_kernels.triton.conv_tap), for every conv with more than
@@ -249,10 +265,11 @@ class IntConv2d(_IntLayer):
         rq = getattr(res, "_synq_q", None) if res is not None else None
         if res is not None and rq is None and res.dtype != torch.float32:
             res = res.float()
+        w, rowsum, offset = self._tap_weight(xq.device)
         y = _conv_tap.fused_conv2d(
-            xq, xs, xz, self.conv_weight(xq.device), self.w_scale, self.w_rowsum, self.bias,
+            xq, xs, xz, w, self.w_scale, rowsum, self.bias,
             tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups, relu,
-            self.offset, res, None if rq is None else rq[0], None if rq is None else rq[1],
+            offset, res, None if rq is None else rq[0], None if rq is None else rq[1],
             None if out is None else out[0], None if out is None else out[1],
             127 if out is None else out[2])
         if out is not None:

@@ -106,6 +106,11 @@ def test_exported_model_on_the_fused_path(monkeypatch, bits):
     x = torch.randn(4, 1, 28, 28)
     im = D.export(calibrate(quantize_model(model, bits, bits), [x]), example=x[:1])
     im.replay = False
+    # both ways of the offset term are taken: in the kernel (int8 rows stored with an
+    # offset) and folded into the weight once (packed int4 rows, _tap_weight)
+    layers = [m for m in im.int_layers().values() if isinstance(m, D.IntConv2d)]
+    assert any(m.offset is not None for m in layers)
+    assert all(m.packed == (bits == 4) for m in layers)
     want = im(x)
     used = []
     real = D.IntConv2d._conv_tap
