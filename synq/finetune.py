@@ -78,6 +78,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
 CHECKPOINT_FORMAT = 1
 # Fine-tuning on a CPU runs channels-last copies of the teacher and student (see finetune).
 CPU_CHANNELS_LAST = True
+# Fine-tuning on a GPU keeps a training set of up to this size on the GPU (see finetune).
+DATA_ON_GPU_BYTES = 2 << 30
 
 
 @dataclass
@@ -300,10 +302,9 @@ def _easy_ce(logits, y, easy):
     divides out again), so the result equals the 1-process mean over the easy samples."""
     if not D.is_distributed():
         return easy_ce(logits, y, easy)
-    n_easy = int(D.all_reduce_sum(easy.sum()))
-    if n_easy == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[easy], y[easy], reduction="sum") * (D.world_size() / n_easy)
+    n_easy = D.all_reduce_sum(easy.sum()).clamp(min=1)
+    ce = torch.where(easy, F.cross_entropy(logits, y, reduction="none"), 0.0).sum()
+    return ce * D.world_size() / n_easy
 
 
 class _Step:
@@ -551,13 +552,23 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
 
+    # On a GPU a data set of up to DATA_ON_GPU_BYTES lives there for the run: a batch is then
+    # gathered on the GPU, instead of being copied from pageable host memory at every step
+    # (a copy the host waits for; two per step, found by benchmarks/gpu_profile.py).
+    src_x, src_y = x_all, y_all
+    if (torch.device(device).type == "cuda"
+            and x_all.numel() * x_all.element_size() <= DATA_ON_GPU_BYTES):
+        src_x, src_y = x_all.to(device), y_all.to(device)
+
     def batches(epoch):
         # Every rank draws the whole global batch (indices and augmentation) from the same
         # generator, then keeps its slice: the union over ranks is the 1-process batch.
         gen = seeded_generator(cfg.seed, 3, epoch)
         for idx in _epoch_indices(n, iters, cfg.batch_size, gen):
             idx = idx[local]
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            if src_x.device != idx.device:
+                idx = idx.to(src_x.device)
+            x, y = src_x[idx].to(device), src_y[idx].to(device)
             if cfg.augment:
                 theta = augmentation_params(cfg.batch_size, gen, cfg.crop_scale, cfg.flip)
                 x = apply_augmentation(x, theta[local])
