@@ -126,3 +126,18 @@ def test_exported_model_on_the_fused_path(monkeypatch, bits):
     scale = want.abs().max()
     assert (got - want).abs().max() <= 0.02 * scale, ((got - want).abs().max(), scale)
     assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_fast_row_division_is_exact_below_2_pow_22():
+    """The kernel's row split (FAST_DIV): floor(n / d) as int(float32(n + 0.5) * float32(1/d))
+    in float32 arithmetic, at both sides of every multiple of every divisor d <= 2000 for
+    n < FAST_DIV_ROWS (a one-off run checked every d <= 300000 the same way)."""
+    import numpy as np
+    from synq_kernels.triton.conv_tap import FAST_DIV_ROWS
+    for d in range(1, 2001):
+        r = np.float32(1.0 / d)
+        k = np.arange(0, FAST_DIV_ROWS // d + 2, dtype=np.int64)
+        n = np.concatenate([k * d - 1, k * d])
+        n = n[(n >= 0) & (n < FAST_DIV_ROWS)]
+        got = ((n.astype(np.float32) + np.float32(0.5)) * r).astype(np.int64)
+        assert np.array_equal(got, n // d), d

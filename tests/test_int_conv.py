@@ -298,12 +298,16 @@ def test_triton_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", TRITON)
-def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend):
+@pytest.mark.parametrize("fast_div", [True, False])
+def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend, fast_div, monkeypatch):
     """The tap-blocked implicit GEMM (channels per group >= TAP_MIN_CHANNELS): channel counts
     that no K block divides (a masked channel tail per tap), two groups, dilation, stride,
     padding past the kernel's reach, channels-last / NCHW / a strided view, against the exact
-    integer reference; then the epilogue on one case."""
+    integer reference; then the epilogue on one case. fast_div False: row indices split by
+    integer division (the kernel's path past FAST_DIV_ROWS output pixels)."""
     from synq_kernels.triton import conv_tap as T
+    if not fast_div:
+        monkeypatch.setattr(T, "FAST_DIV_ROWS", 0)
     for b, c, h, w, cout, k, s, p, d, g, fmt in [
             (2, 80, 9, 11, 24, 3, 1, 1, 1, 2, "cl"),      # Cg 40, Og 12
             (1, 33, 13, 6, 70, 3, 2, 2, 2, 1, "nchw"),    # Cg 33, ragged Og tile
@@ -334,7 +338,8 @@ ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "n_cb", "n_kb", "n_ti
 f32, i32 = "*fp32", "*i32"
 base = {"x_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": f32, "xz_ptr": i32, "ws_ptr": f32,
         "rs_ptr": i32, "bias_ptr": f32, "off_ptr": i32, "rsc_ptr": f32, "rzp_ptr": i32,
-        "osc_ptr": f32, "ozp_ptr": i32, "out_hi": "fp32", **{a: "i32" for a in ints}}
+        "osc_ptr": f32, "ozp_ptr": i32, "out_hi": "fp32", "inv_ohw": "fp32", "inv_ow": "fp32",
+        **{a: "i32" for a in ints}}
 aligned = ["x_ptr", "w_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy", "swx",
            "sob", "soh", "sow"]
 # the plain conv (float32 out), the fused one (offset term, int8 residual, int8 out), the
@@ -347,8 +352,8 @@ for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, 
                w_ptr="*u8" if packed else "*i8")
     consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused and not flat else 0,
               "RELU": True, "OUT_Q": fused, "ROUND_BF16": False, "FLAT": flat,
-              "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "W_PACKED": packed, "BM": bm,
-              "BN": bn, "BK": bk}
+              "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "W_PACKED": packed,
+              "FAST_DIV": not packed, "BM": bm, "BN": bn, "BK": bk}
     ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)
     mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
     assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])

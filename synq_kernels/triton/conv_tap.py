@@ -42,27 +42,41 @@ from ..reference.int_gemm import conv_memory_format
 # Channels per group from which int8 convs take this kernel; below it a K block of one tap
 # would be mostly padding, and int_gemm's (ky, kx, c)-flattened kernel packs K densely.
 TAP_MIN_CHANNELS = 32
+# Output pixels (rows, counting the last tile's padding) up to which the kernel splits a row
+# index into (batch, y, x) with float reciprocals (exact below 2^22: checked for every divisor
+# up to 300000 at both sides of each multiple).
+FAST_DIV_ROWS = 1 << 22
 
 
 @triton.jit
 def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr, off_ptr,
                      res_ptr, rsc_ptr, rzp_ptr, osc_ptr, ozp_ptr, out_hi,
-                     P, OHW, OW, H, W, Cg, Og, KW, K, n_cb, n_kb, n_tiles,
+                     P, OHW, OW, inv_ohw, inv_ow, H, W, Cg, Og, KW, K, n_cb, n_kb, n_tiles,
                      sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
                      srb, src, srh, srw, sh, sw, ph, pw, dh, dw,
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
                      RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
                      FLAT: tl.constexpr, CG: tl.constexpr, KWC: tl.constexpr,
-                     W_PACKED: tl.constexpr,
+                     W_PACKED: tl.constexpr, FAST_DIV: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = pid_n // n_tiles
     rp = pid_m * BM + tl.arange(0, BM)
     p_ok = rp < P
-    bi = rp // OHW
-    oy = (rp % OHW) // OW
-    ox = rp % OW
+    if FAST_DIV:
+        # rows < 2^22: floor(n / d) is int(float32(n + 0.5) * float32(1 / d)) exactly (the
+        # product's relative error, under 2^-23, stays below the 0.5 / d the quotient is
+        # from an integer), a multiply where an integer division costs dozens of
+        # instructions, repeated for every row in every register layout of the tile
+        bi = ((rp.to(tl.float32) + 0.5) * inv_ohw).to(tl.int32)
+        rem = rp - bi * OHW
+        oy = ((rem.to(tl.float32) + 0.5) * inv_ow).to(tl.int32)
+        ox = rem - oy * OW
+    else:
+        bi = rp // OHW
+        oy = (rp % OHW) // OW
+        ox = rp % OW
     iy0 = oy * sh - ph
     ix0 = ox * sw - pw
     xrow = bi * sxb + (g * Cg) * sxc
@@ -236,13 +250,14 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         res_zero if res_zero is not None else x_zero,
         out_scale if out_scale is not None else dummy,
         out_zero if out_zero is not None else x_zero, float(out_hi),
-        p, oh * ow, ow, h, wd, cg, og, kw, k, n_cb, n_kb, n_tiles,
+        p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cg, og, kw, k, n_cb, n_kb, n_tiles,
         *x.stride(), *w_strides, *out.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         *stride, *padding, *dilation,
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
         RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
-        CG=cg if flat else 0, KWC=kw if flat else 0, W_PACKED=bool(w_packed), **cfg)
+        CG=cg if flat else 0, KWC=kw if flat else 0, W_PACKED=bool(w_packed),
+        FAST_DIV=p + cfg["BM"] <= FAST_DIV_ROWS, **cfg)
     return out
 
 
