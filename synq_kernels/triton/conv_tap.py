@@ -39,8 +39,8 @@ import triton.language as tl
 
 from ..reference.int_gemm import conv_memory_format
 
-# Channels per group from which int8 convs take this kernel; below it a K block of one tap
-# would be mostly padding, and int_gemm's (ky, kx, c)-flattened kernel packs K densely.
+# Channels per group from which the kernel runs tap-blocked; below it a K block of one tap
+# would be mostly padding, and the flattened-K mode packs K densely instead.
 TAP_MIN_CHANNELS = 32
 # Output pixels (rows, counting the last tile's padding) up to which the kernel splits a row
 # index into (batch, y, x) with float reciprocals (exact below 2^22: checked for every divisor
@@ -177,6 +177,7 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias
 
 
 def _block(n: int, lo: int, hi: int) -> int:
+    """The power of two covering n, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 

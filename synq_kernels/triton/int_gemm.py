@@ -30,6 +30,7 @@ import triton.language as tl
 from .. import backends
 from ..reference.int_gemm import conv_memory_format
 from . import conv_tap
+from .conv_tap import _block
 
 
 # No @triton.jit helpers: they are slow under the interpreter (as in fake_quant.py).
@@ -110,8 +111,6 @@ def _mm_config(m: int, n: int, k: int, interp: bool) -> dict:
         return dict(BM=64, BN=64, BK=64, GROUP_M=1)
     bm = 16 if m <= 16 else (64 if m <= 64 else 128)
     return dict(BM=bm, BN=128, BK=128, GROUP_M=1, num_warps=4, num_stages=3)
-
-
 
 
 # The epilogue, written out in each kernel (no helpers, see above). bfloat16 stores: the
@@ -228,11 +227,6 @@ def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr
 
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"  # Triton takes CPU tensors only under its interpreter
-
-
-def _block(n: int, lo: int, hi: int) -> int:
-    """The power of two covering n, clamped to [lo, hi]."""
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
 def _check_epilogue_args(who, x_scale, x_zero, w_scale, w_rowsum, bias, m, n):
