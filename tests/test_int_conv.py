@@ -348,10 +348,11 @@ for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, 
                                                (64, 128, 64, 4, True, False, False),
                                                (128, 64, 32, 4, True, True, False),
                                                (128, 64, 64, 4, False, True, True)]:
-    sig = dict(base, out_ptr="*i8" if fused else f32, res_ptr="*i8" if fused else f32,
-               w_ptr="*u8" if packed else "*i8")
+    # (the packed case writes bfloat16, rounded in float32 bits first)
+    sig = dict(base, out_ptr="*i8" if fused else ("*bf16" if packed else f32),
+               res_ptr="*i8" if fused else f32, w_ptr="*u8" if packed else "*i8")
     consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused and not flat else 0,
-              "RELU": True, "OUT_Q": fused, "ROUND_BF16": False, "FLAT": flat,
+              "RELU": True, "OUT_Q": fused, "ROUND_BF16": packed, "FLAT": flat,
               "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "W_PACKED": packed,
               "FAST_DIV": not packed, "BM": bm, "BN": bn, "BK": bk}
     ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)

@@ -458,14 +458,6 @@ for wp, out, relu in [(False, "fp32", False), (True, "bf16", True)]:
     int8_mma(build_epi(m._quantized_linear_kernel, sig,
                    {"W_PACKED": wp, "HAS_BIAS": True, "RELU": relu, "ROUND_BF16": out == "bf16",
                     "BM": 128, "BN": 128, "BK": 128}, 8), ("linear", wp))
-for wp, out in [(False, "fp16"), (True, "fp32")]:
-    sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": f"*{out}", **EPI,
-           "Cg": "i32", "Og": "i32", "K": "i32", "KW": "i32", "n_tiles": "i32", "swc": "i32",
-           "swy": "i32", "swx": "i32", **CONV}
-    sig = {a: sig[a] for a in m._conv_gemm_kernel.arg_names if a in sig}
-    int8_mma(build_epi(m._conv_gemm_kernel, sig,
-                   {"W_PACKED": wp, "HAS_BIAS": False, "RELU": True, "ROUND_BF16": False,
-                    "BM": 128, "BN": 128, "BK": 64}, 8), ("conv", wp))
 for wp in (False, True):
     sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": "*bf16", **EPI,
            "Cout": "i32", "Og": "i32", "KH": "i32", "KW": "i32", "swy": "i32", "swx": "i32",
@@ -481,9 +473,9 @@ print("ok")
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
 def test_triton_linear_and_conv_compile_for_sm90():
-    """quantized_linear's and quantized_conv2d's kernels compiled ahead of time for sm_90 (the
-    interpreter hides GPU-only compile errors): the GEMMs must be int8 wgmma, int8 and packed
-    int4 weights, every output dtype somewhere."""
+    """quantized_linear's and the depthwise conv's kernels compiled ahead of time for sm_90
+    (the interpreter hides GPU-only compile errors): the GEMMs must be int8 wgmma, int8 and
+    packed int4 weights, every output dtype somewhere (conv_tap's kernel: test_int_conv)."""
     import triton_aot
     triton_aot.run(_AOT_EPILOGUE_SCRIPT)
 
