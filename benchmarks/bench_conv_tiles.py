@@ -15,15 +15,13 @@ import torch.nn.functional as F
 import synq_kernels as sk
 from synq_kernels.triton import conv_tap as T
 
+from .bench_int_gemm import RESNET18_CONVS
 from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_results
 
-# (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input
-LAYERS = [
-    ("layer1.conv", 64, 56, 56, 64, 3, 1, 1),
-    ("layer2.0.conv1", 64, 56, 56, 128, 3, 2, 1),
+# (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input: bench_int_gemm's ResNet-18
+# convs on the tap-blocked path (>= 32 channels), and two more shapes
+LAYERS = [layer for layer in RESNET18_CONVS if layer[1] >= 32] + [
     ("layer2.conv", 128, 28, 28, 128, 3, 1, 1),
-    ("layer3.conv", 256, 14, 14, 256, 3, 1, 1),
-    ("layer4.conv", 512, 7, 7, 512, 3, 1, 1),
     ("layer3.0.down", 128, 28, 28, 256, 1, 2, 0),
 ]
 BATCHES, BATCHES_QUICK = (32, 256), (256,)
@@ -64,10 +62,9 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                     return sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
                                                w_rowsum=rs, backend="triton")
             configs = [cfg for cfg in CONFIGS if cfg[1] <= max(cout, 32) and cfg[2] <= c]
-            rows += tile_sweep(T, "_tap_config", lambda c_: dict(
-                BM=c_[0], BN=c_[1], BK=c_[2], num_warps=c_[3], num_stages=c_[4]),
-                configs, fn, shape, "synq triton tap", ops, base, dev,
-                (b * oh * ow, c, cout, k * k, False))
+            rows += tile_sweep(T, "_tap_config", ("BM", "BN", "BK", "num_warps", "num_stages"),
+                               configs, fn, shape, "synq triton tap", ops, base, dev,
+                               (b * oh * ow, c, cout, k * k, False))
             print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     if out_dir:
         write_results("conv_tiles", rows, dev, out_dir,

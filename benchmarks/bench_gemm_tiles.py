@@ -61,10 +61,10 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
             if w4:
                 return sk.int4_matmul(a, w, k=k, backend="triton")
             return sk.int8_matmul(a, w, backend="triton")
-        rows += tile_sweep(T, "_mm_config", lambda c: dict(
-            BM=c[0], BN=c[1], BK=c[2], GROUP_M=c[3], num_warps=c[4], num_stages=c[5]),
-            CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape, "synq triton", ops,
-            base, device, (m, n, k, False))
+        rows += tile_sweep(T, "_mm_config",
+                           ("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"),
+                           CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape,
+                           "synq triton", ops, base, device, (m, n, k, False))
         print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     if out_dir:
         write_results("gemm_tiles", rows, device, out_dir,

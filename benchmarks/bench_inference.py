@@ -70,26 +70,24 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                 cands.append(((base_name + " graphs", "torch"), None,
                               lambda: fgraphs(fmodel, xf)))
             for bits, im in ints.items():
+                call = (lambda im: lambda: im(x))(im)
                 # --quick on a GPU: W4A4 (the same conv kernels as W8A8, within 1% in every
                 # row of the 2026-11-27 runs) only as the model runs by default
                 full = not (quick and device == "cuda" and bits == 4)
                 for be in backends if full else [None]:
                     if full:
                         cands.append(((f"int W{bits}A{bits}", be or "default"),
-                                      (im, be, True, False, True),
-                                      (lambda im: lambda: im(x))(im)))
+                                      (im, be, True, False, True), call))
                     if device == "cuda":    # the same with CUDA-graph replay (IntModel.cuda_graphs)
                         cands.append(((f"int W{bits}A{bits} graphs", be or "default"),
-                                      (im, be, True, True, True), (lambda im: lambda: im(x))(im)))
+                                      (im, be, True, True, True), call))
                     if device == "cuda" and be == "triton" and full:  # no fused conv epilogue
                         cands.append(((f"int W{bits}A{bits} graphs unfused", be),
-                                      (im, be, True, True, False),
-                                      (lambda im: lambda: im(x))(im)))
+                                      (im, be, True, True, False), call))
                 if b == 1 and device == "cpu":
                     # the same model without replay (IntModel.replay): its Python every call
                     cands.append(((f"int W{bits}A{bits} eager", "default"),
-                                  (im, None, False, False, True),
-                                  (lambda im: lambda: im(x))(im)))
+                                  (im, None, False, False, True), call))
             # rounds interleave the candidates, so that a slow phase of a shared machine
             # hits all of them; each row keeps its fastest round
             runs = [[] for _ in cands]

@@ -112,19 +112,19 @@ def bench_main(run, doc: str, argv=None):
     return run(a.quick, a.device, a.out)
 
 
-def tile_sweep(module, attr: str, params, configs, fn, shape: str, impl: str, ops: int,
+def tile_sweep(module, attr: str, names: tuple, configs, fn, shape: str, impl: str, ops: int,
                base_t: float, device: str, default_args: tuple) -> list[dict]:
     """Rows of one shape's tile sweep: `fn` timed with the module's own launch parameters
     (`module.<attr>`, a function of `default_args` giving a dict; the "(default)" row) and
-    then with each configuration of `configs` forced (`params(cfg)` gives its dict). Results
-    are compared with the first; MISMATCH marks one that differs. The attribute is restored
-    afterwards."""
+    then with each configuration of `configs` forced (a tuple of the values of `names`).
+    Results are compared with the first; MISMATCH marks one that differs. The attribute is
+    restored afterwards."""
     default = getattr(module, attr)
     rows, want = [], None
     try:
         for cfg in [None] + list(configs):
             setattr(module, attr, default if cfg is None
-                    else (lambda *a, _p=params(cfg): dict(_p)))
+                    else (lambda *a, _p=dict(zip(names, cfg)): dict(_p)))
             shown = str(tuple(default(*default_args).values()) if cfg is None else cfg)
             row = {"shape": shape, "impl": impl + (" (default)" if cfg is None else ""),
                    "config": shown}

@@ -66,7 +66,7 @@ import synq_kernels
 from . import distributed as D
 from . import filters
 from .evaluate import evaluate
-from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce,
+from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce, easy_ce_sum,
                      feature_attention_loss, gradcam_map, kd_loss)
 from .quant import act_quantizers, check_bits, quantize_model, set_calibration
 from .synth import (apply_augmentation, augmentation_params, load_synthetic, model_fingerprint,
@@ -303,8 +303,7 @@ def _easy_ce(logits, y, easy):
     if not D.is_distributed():
         return easy_ce(logits, y, easy)
     n_easy = D.all_reduce_sum(easy.sum()).clamp(min=1)
-    ce = torch.where(easy, F.cross_entropy(logits, y, reduction="none"), 0.0).sum()
-    return ce * D.world_size() / n_easy
+    return easy_ce_sum(logits, y, easy) * D.world_size() / n_easy
 
 
 class _Step:

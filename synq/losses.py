@@ -17,7 +17,7 @@ from torch import nn
 
 import synq_kernels
 
-__all__ = ["bns_loss", "focal_ce", "lbns_loss", "kd_loss", "difficulty", "easy_ce",
+__all__ = ["bns_loss", "focal_ce", "lbns_loss", "kd_loss", "difficulty", "easy_ce", "easy_ce_sum",
            "gradcam_map", "cam_loss", "attention_map", "feature_attention_loss", "BNStats",
            "ActivationCapture", "batch_stats", "check_tau"]
 
@@ -189,10 +189,13 @@ def easy_ce(logits: torch.Tensor, y: torch.Tensor, easy: torch.Tensor) -> torch.
     if easy.dtype != torch.bool or easy.shape != y.shape:
         raise ValueError(f"easy must be a bool mask of shape {tuple(y.shape)}, got "
                          f"{easy.dtype} {tuple(easy.shape)}")
-    # masked instead of indexed, with no branch on the count: no wait for the GPU (a bool
-    # index and int(n) each wait for it)
-    ce = F.cross_entropy(logits, y, reduction="none")
-    return torch.where(easy, ce, 0.0).sum() / easy.sum().clamp(min=1)
+    return easy_ce_sum(logits, y, easy) / easy.sum().clamp(min=1)
+
+
+def easy_ce_sum(logits: torch.Tensor, y: torch.Tensor, easy: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropies of the easy samples: masked instead of indexed, so that it
+    never waits for the GPU (a bool index, like a branch on the count, would)."""
+    return torch.where(easy, F.cross_entropy(logits, y, reduction="none"), 0.0).sum()
 
 
 def gradcam_map(activation: torch.Tensor, grad: torch.Tensor, size, eps: float = 1e-8):
