@@ -332,16 +332,18 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend, fast_div,
 _AOT_SCRIPT = r"""
 import synq_kernels.triton.conv_tap as m
 
-ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "n_cb", "n_kb", "n_tiles", "sxb", "sxc",
-        "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh", "sow", "srb", "src", "srh",
-        "srw", "sh", "sw", "ph", "pw", "dh", "dw"]
+ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "TAPS", "n_cb", "n_kb", "n_tiles",
+        "sxb", "sxc", "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh", "sow",
+        "srb", "src", "srh", "srw", "scb", "scg", "sch", "scw", "sh", "sw", "ph", "pw", "dh",
+        "dw"]
 f32, i32 = "*fp32", "*i32"
-base = {"x_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": f32, "xz_ptr": i32, "ws_ptr": f32,
-        "rs_ptr": i32, "bias_ptr": f32, "off_ptr": i32, "rsc_ptr": f32, "rzp_ptr": i32,
-        "osc_ptr": f32, "ozp_ptr": i32, "out_hi": "fp32", "inv_ohw": "fp32", "inv_ow": "fp32",
+base = {"x_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": f32, "xz_ptr": i32, "zp_ptr": "*i8",
+        "ws_ptr": f32, "rs_ptr": i32, "bias_ptr": f32, "off_ptr": i32, "cs_ptr": i32,
+        "rsc_ptr": f32, "rzp_ptr": i32, "osc_ptr": f32, "ozp_ptr": i32, "out_hi": "fp32",
+        "inv_ohw": "fp32", "inv_ow": "fp32",
         **{a: "i32" for a in ints}}
-aligned = ["x_ptr", "w_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy", "swx",
-           "sob", "soh", "sow"]
+aligned = ["x_ptr", "w_ptr", "zp_ptr", "out_ptr", "Cg", "Og", "sxb", "sxh", "sxw", "swn", "swy",
+           "swx", "sob", "soh", "sow"]
 # the plain conv (float32 out), the fused one (offset term, int8 residual, int8 out), the
 # flattened-K mode of a 3-channel 7x7 stem (fused, no residual), and packed int4 weights
 for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, False),
@@ -358,6 +360,10 @@ for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, 
     ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)
     mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
     assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])
+    # A from shared memory (a descriptor after the accumulators), not registers: a select on
+    # the A tile's values (the old padding) made Triton load it back into registers
+    a_src = re.findall(r"wgmma\.mma_async\S*\s*\{[^}]*\},\s*([{%])", ptx)
+    assert a_src and set(a_src) == {"%"}, (bm, bn, bk, fused, flat, a_src)
     assert ("div.rn.f32" in ptx) == fused and not re.search(r"div\.(full|approx)", ptx)
 print("ok")
 """
@@ -366,7 +372,8 @@ print("ok")
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
 def test_triton_tap_kernel_compiles_to_int8_mma_for_sm90():
     """The interpreter hides GPU-only compile errors: the tap-blocked conv kernel compiled
-    ahead of time for sm_90 (no GPU needed), its products int8 tensor-core MMAs."""
+    ahead of time for sm_90 (no GPU needed), its products int8 tensor-core MMAs that read
+    both operands from shared memory."""
     import triton_aot
     triton_aot.run(_AOT_SCRIPT)
 

@@ -11,11 +11,19 @@ per element made ResNet-18's stem take 6.8 ms at batch 256 on an H200).
 
 Tap-blocked: one program owns BM output pixels x BN output channels of one group and walks K
 in one flat loop over blocks (window tap t, channel block): t = kb // n_cb, so a block never
-straddles two taps. Its A tile is BM pixels x BK channels of one tap: a row mask (padding, ragged rows) and
+straddles two taps. Its A tile is BM pixels x BK channels of one tap: row offsets and
 channel offsets only, a contiguous run of bytes per pixel on a channels-last input; one loop
 (not taps x channel blocks) keeps Triton's software pipelining over all of K. Window positions
 in the padding read the zero point, which the row-sum correction cancels (zero padding in the
-real domain); channels past C / groups are masked to 0 in both operands.
+real domain): their pointers are switched to a page of zero-point bytes, so that no select
+touches the tile's values and it goes from cp.async to the MMA in shared memory (a value
+select, in the first version, sent it through registers and back: sm_90 TTGIR, Triton 3.8).
+Channels past C / groups are masked to 0 in both operands.
+
+On sm_90, Triton issues each int8 wgmma and waits for it before the next K block: its WGMMA
+pipeliner makes a dot asynchronous only with a float32 accumulator (triton-lang/triton,
+lib/Dialect/TritonGPU/Transforms/Pipeliner/WGMMAPipeline.cpp, "Rule 2.1"), so overlap comes
+from the other warps and programs on the SM, not from within a warp group.
 
 Epilogue, in this order (the order of synq.deploy's unfused GPU path, up to float rounding):
 
@@ -27,9 +35,11 @@ Epilogue, in this order (the order of synq.deploy's unfused GPU path, up to floa
           clamp(round_half_even(y / out_scale) + out_zero, -128, out_hi)
 
 The offset term is the one of exported asymmetric weights (synq.deploy: a row stored minus
-an offset o[n]): sum_k (x_k - x_zero)(w_k + o) = acc + o * sum_k (x_k - x_zero), the window
-sums taken from the A tiles in registers. y / out_scale is IEEE division (tl.math.div_rn) and
-the rounding the 2^23 trick of fake_quant.py, as torch.div and torch.round.
+an offset o[n]): sum_k (x_k - x_zero)(w_k + o) = acc + o * sum_k (x_k - x_zero). The window
+sums come from per-pixel channel sums (one PyTorch reduction over x before the call), read
+once per tap in the epilogue, so the main loop never reduces the A tile. y / out_scale is
+IEEE division (tl.math.div_rn) and the rounding the 2^23 trick of fake_quant.py, as
+torch.div and torch.round.
 """
 from __future__ import annotations
 
@@ -49,11 +59,11 @@ FAST_DIV_ROWS = 1 << 22
 
 
 @triton.jit
-def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr, off_ptr,
-                     res_ptr, rsc_ptr, rzp_ptr, osc_ptr, ozp_ptr, out_hi,
-                     P, OHW, OW, inv_ohw, inv_ow, H, W, Cg, Og, KW, K, n_cb, n_kb, n_tiles,
+def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_ptr, bias_ptr,
+                     off_ptr, cs_ptr, res_ptr, rsc_ptr, rzp_ptr, osc_ptr, ozp_ptr, out_hi,
+                     P, OHW, OW, inv_ohw, inv_ow, H, W, Cg, Og, KW, K, TAPS, n_cb, n_kb, n_tiles,
                      sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
-                     srb, src, srh, srw, sh, sw, ph, pw, dh, dw,
+                     srb, src, srh, srw, scb, scg, sch, scw, sh, sw, ph, pw, dh, dw,
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
                      RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
                      FLAT: tl.constexpr, CG: tl.constexpr, KWC: tl.constexpr,
@@ -83,11 +93,8 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias
     rj = (pid_n % n_tiles) * BN + tl.arange(0, BN)
     j_ok = rj < Og
     rn = g * Og + rj
-    xz = tl.load(xz_ptr)
-    xz8 = xz.to(tl.int8)
     rc0 = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], dtype=tl.int32)
-    asum = tl.zeros([BM], dtype=tl.int32)
     for kb in range(0, n_kb):
         if FLAT:
             # K flattened in (ky, kx, c) order, blocks across taps; CG and KWC are
@@ -101,11 +108,9 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias
             iy = iy0[:, None] + (ky * dh)[None, :]
             ix = ix0[:, None] + (kx * dw)[None, :]
             inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            a = tl.load(x_ptr + xrow[:, None] + (c * sxc)[None, :] + iy * sxh + ix * sxw,
-                        mask=inside & p_ok[:, None] & k_ok[None, :], other=0)
-            a = tl.where(inside, a, xz8)
-            if HAS_OFFSET:
-                asum += tl.sum(tl.where(k_ok[None, :], a.to(tl.int32) - xz, 0), axis=1)
+            a = tl.load(tl.where(inside, x_ptr + xrow[:, None] + (c * sxc)[None, :] + iy * sxh
+                                 + ix * sxw, zp_ptr), mask=p_ok[:, None] & k_ok[None, :],
+                        other=0)
             if W_PACKED:  # (Cout, ceil(K / 2)) bytes, K in (ky, kx, c) order, 2 per byte
                 rh = kb * (BK // 2) + tl.arange(0, BK // 2)
                 q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
@@ -131,19 +136,29 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias
             inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             rc = c0 + rc0
             c_ok = rc < Cg
-            a = tl.load(x_ptr + (xrow + iy * sxh + ix * sxw)[:, None] + (rc * sxc)[None, :],
-                        mask=(inside & p_ok)[:, None] & c_ok[None, :], other=0)
-            a = tl.where(inside[:, None], a, xz8)  # padding: the zero point; w is 0 past Cg
-            if HAS_OFFSET:
-                asum += tl.sum(tl.where(c_ok[None, :], a.to(tl.int32) - xz, 0), axis=1)
+            # padding rows read the zero-point page; w is 0 past Cg
+            a = tl.load(tl.where(inside[:, None], x_ptr + (xrow + iy * sxh + ix * sxw)[:, None]
+                                 + (rc * sxc)[None, :], zp_ptr + rc[None, :]),
+                        mask=p_ok[:, None] & c_ok[None, :], other=0)
             b = tl.load(w_ptr + (rn * swn + ky * swy + kx * swx)[:, None]
                         + (rc * swc)[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0)
         acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+    xz = tl.load(xz_ptr)
     xs = tl.load(xs_ptr)
     rs = tl.load(rs_ptr + rn, mask=j_ok, other=0)
     ws = tl.load(ws_ptr + rn, mask=j_ok, other=0.0)
     acc = acc - xz * rs[None, :]
     if HAS_OFFSET:
+        # sum over the window of (x - x_zero), from the per-pixel channel sums: padding
+        # taps add 0
+        asum = tl.zeros([BM], dtype=tl.int32)
+        crow = bi * scb + g * scg
+        for t in range(0, TAPS):
+            iy = iy0 + (t // KW) * dh
+            ix = ix0 + (t % KW) * dw
+            inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            v = tl.load(cs_ptr + crow + iy * sch + ix * scw, mask=inside & p_ok, other=0)
+            asum += tl.where(inside, v - Cg * xz, 0)
         acc += asum[:, None] * tl.load(off_ptr + rn, mask=j_ok, other=0)[None, :]
     y = acc.to(tl.float32) * (xs * ws)[None, :]
     if HAS_BIAS:
@@ -243,18 +258,24 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
     out_q = out.dtype == torch.int8
     res_mode = 0 if residual is None else (2 if residual.dtype == torch.int8 else 1)
     dummy = w_scale
+    # the zero-point page: window positions in the padding read it instead of x, so the A
+    # tile goes from memory to the MMA untouched (a select on its values kept it in registers)
+    zp = x_zero.reshape(1).to(torch.int8).expand(n_cb * bk).contiguous()
+    # per-pixel channel sums of each group, for the offset term's window sums
+    csum = x.unflatten(1, (groups, cg)).sum(2, dtype=torch.int32) if offset is not None \
+        else None
     _conv_tap_kernel[grid](
-        x, w, out, x_scale, x_zero, w_scale, w_rowsum, bias if bias is not None else dummy,
-        offset if offset is not None else w_rowsum,
+        x, w, out, x_scale, x_zero, zp, w_scale, w_rowsum, bias if bias is not None else dummy,
+        offset if offset is not None else w_rowsum, csum if csum is not None else w_rowsum,
         residual if residual is not None else dummy,
         res_scale if res_scale is not None else dummy,
         res_zero if res_zero is not None else x_zero,
         out_scale if out_scale is not None else dummy,
         out_zero if out_zero is not None else x_zero, float(out_hi),
-        p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cg, og, kw, k, n_cb, n_kb, n_tiles,
-        *x.stride(), *w_strides, *out.stride(),
+        p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cg, og, kw, k, kh * kw, n_cb, n_kb,
+        n_tiles, *x.stride(), *w_strides, *out.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
-        *stride, *padding, *dilation,
+        *(csum.stride() if csum is not None else (0, 0, 0, 0)), *stride, *padding, *dilation,
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
         RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
         CG=cg if flat else 0, KWC=kw if flat else 0, W_PACKED=bool(w_packed),
