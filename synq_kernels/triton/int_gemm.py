@@ -6,7 +6,8 @@ int8 operands and int32 accumulation (int8 tensor-core MMA on sm_80+). Packed in
 (two per byte, element 2i in the low nibble) are loaded as BK/2 bytes per row and unpacked to
 int8 in registers (nibble split, sign fix, interleave with tl.join), so they cost 4 bits of
 memory traffic; Hopper has no int4 MMA. Ragged M, N and K are handled by masked loads (zeros
-add nothing to the sums).
+add nothing to the sums). A packed weight at a few rows (M <= int_gemv.GEMV_MAX_M) goes to
+int_gemv.py's weight-streaming kernel instead.
 
 quantized_linear and quantized_conv2d apply the dequantizing epilogue to the int32 tile before
 it leaves the registers, with the same arithmetic as the C++ backends:
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from .. import backends
 from ..reference.int_gemm import conv_memory_format
-from . import conv_tap
+from . import conv_tap, int_gemv
 from .conv_tap import _block
 
 
@@ -92,6 +93,8 @@ def _int_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sbn, scm,
 
 
 def int_mm(a, b, k, a_packed, a_signed, b_packed):
+    if b_packed and a.shape[0] <= int_gemv.GEMV_MAX_M:  # batch-1 style: stream the weight
+        return int_gemv.int_gemv(a, b, k, a_packed, a_signed)
     a = a.contiguous()
     b = b.contiguous()
     m, n = a.shape[0], b.shape[0]
