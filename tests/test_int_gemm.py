@@ -360,14 +360,18 @@ fn = m._int_mm_kernel
 for cc in (80, 90):
     for ap, bp in [(False, False), (False, True), (True, True)]:
         sig = {"a_ptr": "*u8" if ap else "*i8", "b_ptr": "*u8" if bp else "*i8",
-               "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "sam": "i32", "sbn": "i32",
-               "scm": "i32"}
+               "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KH": "i32", "sam": "i32",
+               "sbn": "i32", "scm": "i32"}
         consts = {"A_PACKED": ap, "A_SIGNED": True, "B_PACKED": bp, "BM": 128, "BN": 128,
                   "BK": 128, "GROUP_M": 8}
-        ptx = build(fn, sig, consts, ["a_ptr", "b_ptr", "c_ptr", "sam", "sbn", "scm"],
-                    num_warps=8, cc=cc)
+        # K = 4096 as the launcher specializes it: sizes and strides multiples of 16
+        ptx = build(fn, sig, consts, ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "KH", "sam",
+                                      "sbn", "scm"], num_warps=8, cc=cc)
         mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
         assert mma and all("s8.s8" in x for x in mma), (cc, ap, bp, sorted(set(mma))[:3])
+        # every operand, packed ones included, streams through cp.async copies: no
+        # synchronous global load is left (the packed ones were, before KH)
+        assert "cp.async" in ptx and "ld.global" not in ptx, (cc, ap, bp)
 print("ok")
 """
 
@@ -454,7 +458,8 @@ def int8_mma(ptx, what):
 
 for wp, out, relu in [(False, "fp32", False), (True, "bf16", True)]:
     sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": f"*{out}", **EPI,
-           "M": "i32", "N": "i32", "K": "i32", "sxm": "i32", "swn": "i32", "som": "i32"}
+           "M": "i32", "N": "i32", "K": "i32", "KH": "i32", "sxm": "i32", "swn": "i32",
+           "som": "i32"}
     int8_mma(build_epi(m._quantized_linear_kernel, sig,
                    {"W_PACKED": wp, "HAS_BIAS": True, "RELU": relu, "ROUND_BF16": out == "bf16",
                     "BM": 128, "BN": 128, "BK": 128}, 8), ("linear", wp))

@@ -35,8 +35,11 @@ from .conv_tap import _block
 
 
 # No @triton.jit helpers: they are slow under the interpreter (as in fake_quant.py).
+# KH = ceil(K / 2), a packed row's bytes, is an argument of its own so that Triton can
+# specialize it as a multiple of 16: a mask against (K + 1) // 2 is not provably uniform over
+# a 16-byte vector, and that kept the packed loads out of cp.async, unpipelined (sm_90 TTGIR).
 @triton.jit
-def _int_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sbn, scm,
+def _int_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, KH, sam, sbn, scm,
                    A_PACKED: tl.constexpr, A_SIGNED: tl.constexpr, B_PACKED: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    GROUP_M: tl.constexpr):
@@ -59,7 +62,7 @@ def _int_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sbn, scm,
         if A_PACKED:
             rh = k0 // 2 + tl.arange(0, BK // 2)
             p = tl.load(a_ptr + rm[:, None] * sam + rh[None, :],
-                        mask=m_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
+                        mask=m_ok[:, None] & (rh[None, :] < KH), other=0)
             p = p.to(tl.int32)
             lo = p & 0xF
             hi = (p >> 4) & 0xF
@@ -75,7 +78,7 @@ def _int_mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sbn, scm,
         if B_PACKED:
             rh = k0 // 2 + tl.arange(0, BK // 2)
             q = tl.load(b_ptr + rn[:, None] * sbn + rh[None, :],
-                        mask=n_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
+                        mask=n_ok[:, None] & (rh[None, :] < KH), other=0)
             q = q.to(tl.int32)
             lo = q & 0xF
             hi = (q >> 4) & 0xF
@@ -101,7 +104,7 @@ def int_mm(a, b, k, a_packed, a_signed, b_packed):
     c = torch.empty(m, n, dtype=torch.int32, device=a.device)
     cfg = _mm_config(m, n, k, a.device.type == "cpu")
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-    _int_mm_kernel[grid](a, b, c, m, n, k, a.stride(0), b.stride(0), c.stride(0),
+    _int_mm_kernel[grid](a, b, c, m, n, k, (k + 1) // 2, a.stride(0), b.stride(0), c.stride(0),
                          A_PACKED=a_packed, A_SIGNED=a_signed, B_PACKED=b_packed, **cfg)
     return c
 
@@ -124,7 +127,7 @@ def _mm_config(m: int, n: int, k: int, interp: bool) -> dict:
 
 @triton.jit
 def _quantized_linear_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr,
-                             M, N, K, sxm, swn, som,
+                             M, N, K, KH, sxm, swn, som,
                              W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
                              RELU: tl.constexpr, ROUND_BF16: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -142,7 +145,7 @@ def _quantized_linear_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_p
         if W_PACKED:
             rh = k0 // 2 + tl.arange(0, BK // 2)
             q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
-                        mask=n_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
+                        mask=n_ok[:, None] & (rh[None, :] < KH), other=0)
             q = q.to(tl.int32)
             lo = q & 0xF
             hi = (q >> 4) & 0xF
@@ -266,7 +269,7 @@ def quantized_linear(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_d
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _quantized_linear_kernel[grid](
         x, w, out, x_scale, x_zero, w_scale, w_rowsum, bias if bias is not None else w_scale,
-        m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        m, n, k, (k + 1) // 2, x.stride(0), w.stride(0), out.stride(0),
         W_PACKED=bool(w_packed), HAS_BIAS=bias is not None, RELU=bool(relu),
         ROUND_BF16=out_dtype == torch.bfloat16, BM=bm, BN=bn, BK=bk, num_warps=warps)
     return out
