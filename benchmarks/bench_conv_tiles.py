@@ -26,9 +26,12 @@ LAYERS = [layer for layer in RESNET18_CONVS if layer[1] >= 32] + [
 ]
 BATCHES, BATCHES_QUICK = (32, 256), (256,)
 # (BM, BN, BK, num_warps, num_stages)
+# K blocks of 128: Triton waits for each int8 wgmma before the next K block (conv_tap.py's
+# docstring), so fewer, larger blocks may pay off now that A reaches the MMA from shared memory
 CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3),
            (128, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4),
-           (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
+           (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
+           (64, 128, 128, 4, 4), (128, 256, 128, 8, 3)]
 
 
 def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,

@@ -71,11 +71,13 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
                               lambda: fgraphs(fmodel, xf)))
             for bits, im in ints.items():
                 call = (lambda im: lambda: im(x))(im)
-                # --quick on a GPU: W4A4 (the same conv kernels as W8A8, within 1% in every
-                # row of the 2026-11-27 runs) only as the model runs by default
-                full = not (quick and device == "cuda" and bits == 4)
+                # --quick on a GPU (a short device budget): the model as it runs by default,
+                # and W8A8 without graphs; no per-backend or unfused rows (the cuda conv
+                # backend and the unfused path trailed in every row of the 2026-11-27 runs,
+                # and W4A4 ran within 1% of W8A8, the same conv kernels)
+                full = not (quick and device == "cuda")
                 for be in backends if full else [None]:
-                    if full:
+                    if full or bits == 8:
                         cands.append(((f"int W{bits}A{bits}", be or "default"),
                                       (im, be, True, False, True), call))
                     if device == "cuda":    # the same with CUDA-graph replay (IntModel.cuda_graphs)

@@ -521,6 +521,26 @@ def test_triton_cuda_quantized_linear(backend):
     triton_linear_cases("cuda", backend)
 
 
+@pytest.mark.parametrize("backend", TRITON_GPU)
+def test_triton_cuda_int_mm_exact(backend):
+    """The Triton GEMM compiled on a GPU (the interpreter runs the tests above): int8, W4A8
+    and W4A4 across the MMA kernel's M (M <= 4 with a packed weight: test_int_gemv), ragged
+    and 16-aligned K and N, exact against the reference."""
+    for m, k, n in [(5, 31, 257), (17, 257, 31), (300, 4096, 130), (1000, 130, 1000)]:
+        a, b = rand_i8(m, k), rand_i8(n, k)
+        got = sk.int8_matmul(a.cuda(), b.cuda(), backend=backend)
+        assert torch.equal(got.cpu(), R.int8_matmul(a, b)), ("int8", m, k, n)
+        b4 = rand_i4(n, k)
+        pb = sk.pack_int4(b4)
+        got = sk.int4_matmul(a.cuda(), pb.cuda(), backend=backend)
+        assert torch.equal(got.cpu().long(), exact(a, b4)), ("w4a8", m, k, n)
+        for signed in (True, False):
+            a4 = rand_i4(m, k, signed=signed)
+            got = sk.int4_matmul(sk.pack_int4(a4, signed).cuda(), pb.cuda(), k=k,
+                                 a_signed=signed, backend=backend)
+            assert torch.equal(got.cpu().long(), exact(a4, b4)), ("w4a4", signed, m, k, n)
+
+
 # -- CUDA backend (csrc/cuda/int_gemm.cu; skipped without a GPU) --------------------------------
 #
 # Inputs are made on the CPU and moved, so the ground truth is the CPU reference (and, for the

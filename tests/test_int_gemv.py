@@ -4,56 +4,74 @@ import pytest
 import torch
 
 import synq_kernels as sk
-from synq_kernels.reference import int_gemm as R
 
 from test_int_gemm import TRITON, exact, rand_i4, rand_i8
 
 
-@pytest.mark.parametrize("backend", TRITON)
-def test_triton_gemv_path_exact(backend, monkeypatch):
-    """M from 1 to GEMV_MAX_M, odd and even K, K over several blocks,
-    N off the 16-row tile, signed and unsigned packed activations, the extremes, a set pad
-    nibble, a strided activation view, empty shapes; and the int_mm dispatch sending these M
-    here."""
+TRITON_GPU = [pytest.param("triton", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or "triton" not in sk.available_backends("int_mm", "cuda"),
+    reason="needs a CUDA GPU and triton"))]
+
+
+def gemv_cases(backend, device, monkeypatch):
+    """M from 1 to GEMV_MAX_M, odd and even K, K over several blocks, N off the 16-row tile,
+    signed and unsigned packed activations, the extremes, a set pad nibble, a strided
+    activation view, empty shapes; and the int_mm dispatch sending these M here. Inputs made
+    on the CPU, results compared there."""
     from synq_kernels.triton import int_gemm, int_gemv
     calls = []
     real = int_gemv.int_gemv
     monkeypatch.setattr(int_gemv, "int_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+    d = torch.device(device)
+
+    def int4_matmul(a, b, **kw):
+        return sk.int4_matmul(a.to(d), b.to(d), backend=backend, **kw).cpu()
     for m, k, n in [(1, 1, 1), (1, 4097, 37), (2, 513, 16), (3, 30, 17), (4, 1100, 5)]:
         assert m <= int_gemv.GEMV_MAX_M
         b4 = rand_i4(n, k)
         pb = sk.pack_int4(b4)
         a = rand_i8(m, k)
-        assert torch.equal(sk.int4_matmul(a, pb, backend=backend).long(), exact(a, b4)), (m, k)
+        assert torch.equal(int4_matmul(a, pb).long(), exact(a, b4)), (m, k)
         for signed in (True, False):
             a4 = rand_i4(m, k, signed=signed)
-            got = sk.int4_matmul(sk.pack_int4(a4, signed), pb, k=k, a_signed=signed,
-                                 backend=backend)
+            got = int4_matmul(sk.pack_int4(a4, signed), pb, k=k, a_signed=signed)
             assert torch.equal(got.long(), exact(a4, b4)), (m, k, n, signed)
     assert len(calls) == 15
     lo = torch.full((2, 301), -128, dtype=torch.int8)
     b4 = torch.full((19, 301), -8, dtype=torch.int8)
-    got = sk.int4_matmul(lo, sk.pack_int4(b4), backend=backend)
+    got = int4_matmul(lo, sk.pack_int4(b4))
     assert torch.equal(got, torch.full((2, 19), 128 * 8 * 301, dtype=torch.int32))
     pb = sk.pack_int4(rand_i4(7, 301))  # odd K: a set pad nibble must add nothing
     pb_dirty = pb.clone()
     pb_dirty[:, -1] |= 0x70
     a = rand_i8(2, 301)
-    assert torch.equal(sk.int4_matmul(a, pb_dirty, backend=backend),
+    assert torch.equal(int4_matmul(a, pb_dirty),
                        sk.int4_matmul(a, pb, backend="reference"))
     pa = sk.pack_int4(rand_i4(2, 301))
     pa_dirty = pa.clone()
     pa_dirty[:, -1] |= 0x50
-    assert torch.equal(sk.int4_matmul(pa_dirty, pb_dirty, k=301, backend=backend),
+    assert torch.equal(int4_matmul(pa_dirty, pb_dirty, k=301),
                        sk.int4_matmul(pa, pb, k=301, backend="reference"))
     wide = rand_i8(3, 2 * 77)
     b4 = rand_i4(9, 77)
-    got = sk.int4_matmul(wide[:, ::2], sk.pack_int4(b4), backend=backend)
+    got = sk.int4_matmul(wide.to(d)[:, ::2], sk.pack_int4(b4).to(d), backend=backend).cpu()
     assert torch.equal(got.long(), exact(wide[:, ::2], b4))
-    assert int_gemm.int_mm(rand_i8(0, 8), sk.pack_int4(b4[:, :8]), 8, False, True,
+    assert int_gemm.int_mm(rand_i8(0, 8).to(d), sk.pack_int4(b4[:, :8]).to(d), 8, False, True,
                            True).shape == (0, 9)
-    assert torch.equal(int_gemm.int_mm(rand_i8(1, 0), torch.zeros(9, 0, dtype=torch.uint8),
-                                       0, False, True, True), torch.zeros(1, 9, dtype=torch.int32))
+    got = int_gemm.int_mm(rand_i8(1, 0).to(d), torch.zeros(9, 0, dtype=torch.uint8, device=d),
+                          0, False, True, True)
+    assert torch.equal(got.cpu(), torch.zeros(1, 9, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_gemv_path_exact(backend, monkeypatch):
+    gemv_cases(backend, "cpu", monkeypatch)
+
+
+@pytest.mark.parametrize("backend", TRITON_GPU)
+def test_triton_cuda_gemv_path_exact(backend, monkeypatch):
+    """The same on a GPU (compiled, not interpreted; skipped here)."""
+    gemv_cases(backend, "cuda", monkeypatch)
 
 
 _AOT_SCRIPT = r"""
