@@ -70,7 +70,7 @@ from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce
                      feature_attention_loss, gradcam_map, kd_loss)
 from .quant import act_quantizers, check_bits, quantize_model, set_calibration
 from .synth import (apply_augmentation, augmentation_params, load_synthetic, model_fingerprint,
-                    progress_interval, save_atomic, seeded_generator)
+                    progress_interval, save_atomic, seeded_generator, to_device_async)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
            "residual_add_layers"]
@@ -566,8 +566,8 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
         for idx in _epoch_indices(n, iters, cfg.batch_size, gen):
             idx = idx[local]
             if src_x.device != idx.device:
-                idx = idx.to(src_x.device)
-            x, y = src_x[idx].to(device), src_y[idx].to(device)
+                idx = to_device_async(idx, src_x.device)
+            x, y = to_device_async(src_x[idx], device), to_device_async(src_y[idx], device)
             if cfg.augment:
                 theta = augmentation_params(cfg.batch_size, gen, cfg.crop_scale, cfg.flip)
                 x = apply_augmentation(x, theta[local])

@@ -344,7 +344,9 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
             _set_child(qmodel, name, cls.from_float(m, bits, symmetric_weights, learnable,
                                                     backend))
         elif type(m) in (nn.ReLU, nn.ReLU6):
-            quantizer = ActQuantizer(abits, act_momentum, learnable, backend).to(device)
+            with torch.device(device):  # made there: .to() copied 3 buffers from the
+                # host per quantizer, each a synchronizing copy on a GPU (57 for ResNet-20)
+                quantizer = ActQuantizer(abits, act_momentum, learnable, backend)
             quantizer.name = name
             _set_child(qmodel, name, QuantAct(m, quantizer))
     qmodel.quant_config = {"wbits": wbits, "abits": abits, "first_last_bits": first_last_bits,

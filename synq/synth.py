@@ -41,7 +41,8 @@ from . import distributed as D
 from .losses import BNStats, batch_stats, bns_loss, focal_ce, lbns_loss
 
 __all__ = ["SynthConfig", "synthesize", "load_synthetic", "augment_batch", "augmentation_params",
-           "apply_augmentation", "seeded_generator", "model_fingerprint", "save_atomic"]
+           "apply_augmentation", "seeded_generator", "model_fingerprint", "save_atomic",
+           "to_device_async"]
 
 FORMAT_VERSION = 1
 
@@ -137,9 +138,19 @@ def augmentation_params(b: int, gen: torch.Generator, crop_scale=(0.5, 1.0),
     return theta
 
 
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`. A host tensor goes to a GPU through pinned memory without blocking:
+    a copy from pageable memory makes the host wait for the GPU (twice per fine-tuning step,
+    for the batch indices and the augmentation, in benchmarks/gpu_profile.py's report)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def apply_augmentation(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Resample each image of `x` through its affine map in `theta` (augmentation_params)."""
-    theta = theta.to(device=x.device, dtype=x.dtype)
+    theta = to_device_async(theta, x.device).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

@@ -174,3 +174,24 @@ def test_keep_best_stores_the_lowest_loss_iterate(tmp_path):
         ce = float(focal_ce(logits, got[True]["labels"], 0.5))
     assert bns == pytest.approx(reported[True]["bns"], rel=1e-4)
     assert ce == pytest.approx(reported[True]["ce"], rel=1e-3, abs=1e-6)
+
+
+def test_to_device_async_keeps_values():
+    from synq.synth import to_device_async
+    t = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(to_device_async(t, "cpu"), t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_device_async_cuda_does_not_synchronize():
+    """A host tensor reaches the GPU without the host waiting (CUDA's sync debug mode raises
+    on a synchronizing call), with its values."""
+    from synq.synth import to_device_async
+    t = torch.randn(64, 2, 3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        d = to_device_async(t, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert d.is_cuda and torch.equal(d.cpu(), t)
