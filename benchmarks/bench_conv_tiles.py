@@ -1,9 +1,10 @@
-"""Tile sweep of the Triton tap-blocked int8 conv (synq_kernels/triton/int_gemm.py,
+"""Tile sweep of the Triton tap-blocked int8 conv (synq_kernels/triton/conv_tap.py,
 _conv_tap_kernel) on the ResNet-18 layers at batch 32 and 256, against cuDNN's fp16
-channels-last F.conv2d in the same run. GPU only. Each row times quantized_conv2d (triton
-backend, channels-last int8 input and weight, float32 output) with one launch configuration
-forced through `_tap_config`; "default" is the configuration the kernel picks by itself.
-What it finds goes into `_tap_config`.
+channels-last F.conv2d in the same run. GPU only. Each row times one launch configuration
+forced through `_tap_config` ("default": the one the kernel picks by itself) on two calls:
+quantized_conv2d (triton backend, channels-last int8 input and weight, float32 output) and
+the fused W8A8 conv of an exported model (int8 out, offset term, int8 residual where the
+shapes allow). What it finds goes into `_tap_config`.
 
     python -m benchmarks.bench_conv_tiles [--out DIR] [--quick]
 """
@@ -32,6 +33,29 @@ CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3),
            (128, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4),
            (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
            (64, 128, 128, 4, 4), (128, 256, 128, 8, 3)]
+
+
+def _fused_call(x, wq, ws, rs, cout, s, p, oh, ow):
+    """The conv as an exported W8A8 model runs it on a GPU (synq.deploy, fused): offset term,
+    bias, int8 residual where the output matches the input's shape (a block's second conv),
+    ReLU and int8 requantization, in one kernel. The epilogue raises the kernel's registers
+    (216 against 130 for the plain conv at the 64 x 128 x 64 tile, cuobjdump of the sm_90
+    cubin), so its best tile may differ."""
+    dev = x.device
+    one = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt, device=dev)  # noqa: E731
+    off = torch.randint(-40, 40, (cout,), dtype=torch.int32, device=dev)
+    bias = torch.randn(cout, device=dev)
+    res = None
+    if s == 1 and x.shape[1] == cout and (oh, ow) == tuple(x.shape[2:]):
+        res = torch.randint(-128, 128, (x.shape[0], cout, oh, ow), dtype=torch.int8,
+                            device=dev).contiguous(memory_format=torch.channels_last)
+
+    def fn():
+        return T.fused_conv2d(x, one(0.02), one(3, torch.int32), wq, ws, rs, bias, (s, s),
+                              (p, p), (1, 1), 1, True, offset=off, residual=res,
+                              res_scale=one(0.03), res_zero=one(-128, torch.int32),
+                              out_scale=one(0.05), out_zero=one(-128, torch.int32))
+    return fn
 
 
 def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
@@ -65,9 +89,13 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                     return sk.quantized_conv2d(x, 0.02, 3, wq, ws, stride=s, padding=p,
                                                w_rowsum=rs, backend="triton")
             configs = [cfg for cfg in CONFIGS if cfg[1] <= max(cout, 32) and cfg[2] <= c]
-            rows += tile_sweep(T, "_tap_config", ("BM", "BN", "BK", "num_warps", "num_stages"),
-                               configs, fn, shape, "synq triton tap", ops, base, dev,
-                               (b * oh * ow, c, cout, k * k, False))
+            names = ("BM", "BN", "BK", "num_warps", "num_stages")
+            args = (b * oh * ow, c, cout, k * k, False)
+            rows += tile_sweep(T, "_tap_config", names, configs, fn, shape, "synq triton tap",
+                               ops, base, dev, args)
+            rows += tile_sweep(T, "_tap_config", names, configs,
+                               _fused_call(x, wq, ws, rs, cout, s, p, oh, ow), shape,
+                               "synq triton tap fused W8A8", ops, base, dev, args)
             print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     if out_dir:
         write_results("conv_tiles", rows, dev, out_dir,

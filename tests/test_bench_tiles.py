@@ -11,14 +11,21 @@ from benchmarks import bench_conv_tiles as B
 def test_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch, tmp_path):
     from synq_kernels.triton import conv_tap
     default = conv_tap._tap_config
-    monkeypatch.setattr(B, "LAYERS", [("t", 32, 5, 4, 40, 3, 1, 1)])
+    # a block's first conv (no residual) and second (int8 residual in the fused call)
+    monkeypatch.setattr(B, "LAYERS", [("t", 32, 5, 4, 40, 3, 1, 1), ("r", 32, 5, 4, 32, 3, 1, 1)])
     monkeypatch.setattr(B, "CONFIGS", [(32, 32, 32, 4, 2), (16, 32, 32, 4, 2), (16, 64, 32, 4, 2)])
     monkeypatch.setattr(B, "BATCHES_QUICK", (1,))
     rows = B.run(True, "cpu", str(tmp_path), allow_cpu=True)
-    tap = [r for r in rows if r["impl"].startswith("synq")]
-    # the default first, then each forced config (BN = 64 > 40 output channels: skipped)
-    assert [r["config"] for r in tap][1:] == ["(32, 32, 32, 4, 2)", "(16, 32, 32, 4, 2)"]
-    assert all("MISMATCH" not in r["impl"] and isinstance(r["ms"], float) for r in tap), tap
+    for layer in ("t ", "r "):
+        for impl in ("synq triton tap", "synq triton tap fused W8A8"):
+            tap = [r for r in rows if r["shape"].startswith(layer)
+                   and r["impl"].removesuffix(" (default)") == impl]
+            # the default first, then each forced config (BN = 64 > 40 output channels:
+            # skipped)
+            assert [r["config"] for r in tap][1:] == ["(32, 32, 32, 4, 2)",
+                                                      "(16, 32, 32, 4, 2)"], (layer, impl, tap)
+            assert all(isinstance(r["ms"], float) for r in tap), tap
+    assert not [r for r in rows if "MISMATCH" in r["impl"]]
     assert conv_tap._tap_config is default
     assert list(tmp_path.glob("conv_tiles_*.md"))
     assert B.run(True, "cpu") == []         # without allow_cpu: skipped
