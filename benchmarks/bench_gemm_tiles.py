@@ -1,8 +1,9 @@
 """Tile sweep of the Triton integer GEMM (synq_kernels/triton/int_gemm.py, _int_mm_kernel) on
 the shapes of issue 4's GPU targets, against fp16 torch.matmul and torch._int_mm in the same
 run. GPU only. Each row times int8_matmul (or int4_matmul W4A8) on the triton backend with
-one launch configuration forced through `_mm_config`; "default" is the configuration the
-kernel picks by itself. What it finds goes into `_mm_config`.
+one launch configuration forced through `_mm_config` (or int_gemv's `_gemv_config` for W4A8
+at batch 1); "default" is the configuration the kernel picks by itself. What it finds goes
+into those functions.
 
     python -m benchmarks.bench_gemm_tiles [--out DIR] [--quick]
 """
@@ -12,6 +13,7 @@ import torch
 
 import synq_kernels as sk
 from synq_kernels.triton import int_gemm as T
+from synq_kernels.triton import int_gemv as V
 
 from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_results
 
@@ -24,6 +26,10 @@ CONFIGS_LARGE = [(128, 128, 128, 8, 4, 3), (128, 128, 128, 8, 8, 3), (128, 256, 
                  (64, 256, 128, 8, 4, 3)]
 CONFIGS_SMALL = [(16, 64, 128, 1, 4, 3), (16, 32, 256, 1, 4, 4), (16, 64, 256, 1, 4, 3),
                  (16, 128, 256, 1, 8, 3), (16, 32, 128, 1, 2, 4)]
+# packed weights at M <= int_gemv.GEMV_MAX_M run the weight-streaming kernel:
+# (BN, BKH, STAGES, num_warps)
+CONFIGS_GEMV = [(16, 256, 4, 4), (32, 256, 3, 4), (16, 1024, 3, 8), (32, 512, 3, 8),
+                (64, 256, 3, 8), (16, 512, 2, 4)]
 
 
 def _forced(cfg):
@@ -61,15 +67,21 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
             if w4:
                 return sk.int4_matmul(a, w, k=k, backend="triton")
             return sk.int8_matmul(a, w, backend="triton")
-        rows += tile_sweep(T, "_mm_config",
-                           ("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"),
-                           CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape,
-                           "synq triton", ops, base, device, (m, n, k, False))
+        if w4 and m <= V.GEMV_MAX_M:
+            rows += tile_sweep(V, "_gemv_config", ("BN", "BKH", "STAGES", "num_warps"),
+                               CONFIGS_GEMV, fn, shape, "synq triton gemv", ops, base, device,
+                               (n, (k + 1) // 2, False))
+        else:
+            rows += tile_sweep(T, "_mm_config",
+                               ("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"),
+                               CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape,
+                               "synq triton", ops, base, device, (m, n, k, False))
         print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     if out_dir:
         write_results("gemm_tiles", rows, device, out_dir,
                       "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of "
-                      "_int_mm_kernel; speedup against fp16 torch.matmul, same run; "
+                      "_int_mm_kernel, or (BN, BKH, STAGES, num_warps) of int_gemv's kernel "
+                      "(the 'gemv' rows); speedup against fp16 torch.matmul, same run; "
                       "MISMATCH marks a result that differs from the first configuration's.")
     return rows
 

@@ -35,17 +35,21 @@ def test_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch, tmp
                     reason="triton is not installed")
 def test_gemm_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch, tmp_path):
     from benchmarks import bench_gemm_tiles as G
-    from synq_kernels.triton import int_gemm
-    default = int_gemm._mm_config
-    monkeypatch.setattr(G, "SHAPES", [(20, 45, 37, False), (1, 45, 37, True)])
+    from synq_kernels.triton import int_gemm, int_gemv
+    default, default_gemv = int_gemm._mm_config, int_gemv._gemv_config
+    monkeypatch.setattr(G, "SHAPES", [(20, 45, 37, False), (1, 45, 37, True),
+                                      (9, 45, 37, True)])
     monkeypatch.setattr(G, "CONFIGS_LARGE", [(16, 16, 32, 2, 4, 2)])
     monkeypatch.setattr(G, "CONFIGS_SMALL", [(16, 32, 64, 1, 4, 2)])
+    monkeypatch.setattr(G, "CONFIGS_GEMV", [(16, 32, 1, 4)])
     rows = G.run(True, "cpu", str(tmp_path), allow_cpu=True)
     tap = [r for r in rows if r["impl"].startswith("synq")]
     assert [r["config"] for r in tap] == [
         str(tuple(default(20, 37, 45, False).values())), "(16, 16, 32, 2, 4, 2)",
-        str(tuple(default(1, 37, 45, False).values())), "(16, 32, 64, 1, 4, 2)"]
+        str(tuple(default_gemv(37, 23, False).values())), "(16, 32, 1, 4)",
+        str(tuple(default(9, 37, 45, False).values())), "(16, 32, 64, 1, 4, 2)"]
+    assert [r["impl"] for r in tap][2:4] == ["synq triton gemv (default)", "synq triton gemv"]
     assert all("MISMATCH" not in r["impl"] and isinstance(r["ms"], float) for r in tap), tap
-    assert int_gemm._mm_config is default
+    assert int_gemm._mm_config is default and int_gemv._gemv_config is default_gemv
     assert list(tmp_path.glob("gemm_tiles_*.md"))
     assert G.run(True, "cpu") == []

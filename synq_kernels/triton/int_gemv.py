@@ -28,13 +28,13 @@ GEMV_MAX_M = 4
 @triton.jit
 def _int_gemv_kernel(a_ptr, b_ptr, c_ptr, N, K, KH, sam, sbn, scm,
                      A_PACKED: tl.constexpr, A_SIGNED: tl.constexpr,
-                     BN: tl.constexpr, BKH: tl.constexpr):
+                     BN: tl.constexpr, BKH: tl.constexpr, STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     arow = a_ptr + tl.program_id(1) * sam  # one activation row per program
     rn = pid_n * BN + tl.arange(0, BN)
     n_ok = rn < N
     acc = tl.zeros([BN, BKH], dtype=tl.int32)
-    for h0 in tl.range(0, KH, BKH, num_stages=3):
+    for h0 in tl.range(0, KH, BKH, num_stages=STAGES):
         rh = h0 + tl.arange(0, BKH)  # byte h holds k = 2h (low nibble) and 2h + 1 (high)
         h_ok = rh < KH
         odd_ok = 2 * rh + 1 < K  # the high nibble of an odd K's last byte is padding
@@ -60,10 +60,11 @@ def _int_gemv_kernel(a_ptr, b_ptr, c_ptr, N, K, KH, sam, sbn, scm,
 
 def _gemv_config(n: int, kh: int, interp: bool) -> dict:
     """BN = 16 weight rows x BKH bytes of K per step (a 64-register accumulator per thread at
-    4 warps). Not yet timed on a GPU."""
+    4 warps), STAGES copies in flight. Not yet timed on a GPU: benchmarks/bench_gemm_tiles.py
+    sweeps alternatives."""
     if interp:  # few, large programs under the interpreter
-        return dict(BN=_block(n, 16, 64), BKH=_block(kh, 16, 256), num_warps=4)
-    return dict(BN=16, BKH=512, num_warps=4)
+        return dict(BN=_block(n, 16, 64), BKH=_block(kh, 16, 256), STAGES=1, num_warps=4)
+    return dict(BN=16, BKH=512, STAGES=3, num_warps=4)
 
 
 def int_gemv(a, b, k, a_packed, a_signed):
