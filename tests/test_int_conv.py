@@ -332,10 +332,10 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend, fast_div,
 _AOT_SCRIPT = r"""
 import synq_kernels.triton.conv_tap as m
 
-ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "TAPS", "n_cb", "n_kb", "n_tiles",
-        "sxb", "sxc", "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh", "sow",
-        "srb", "src", "srh", "srw", "scb", "scg", "sch", "scw", "sh", "sw", "ph", "pw", "dh",
-        "dw"]
+ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "KP", "TAPS", "n_cb", "n_kb",
+        "n_tiles", "sxb", "sxc", "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh",
+        "sow", "srb", "src", "srh", "srw", "scb", "scg", "sch", "scw", "sh", "sw", "ph", "pw",
+        "dh", "dw"]
 f32, i32 = "*fp32", "*i32"
 base = {"x_ptr": "*i8", "w_ptr": "*i8", "xs_ptr": f32, "xz_ptr": i32, "zp_ptr": "*i8",
         "ws_ptr": f32, "rs_ptr": i32, "bias_ptr": f32, "off_ptr": i32, "cs_ptr": i32,

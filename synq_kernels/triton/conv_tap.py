@@ -61,8 +61,8 @@ FAST_DIV_ROWS = 1 << 22
 @triton.jit
 def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_ptr, bias_ptr,
                      off_ptr, cs_ptr, res_ptr, rsc_ptr, rzp_ptr, osc_ptr, ozp_ptr, out_hi,
-                     P, OHW, OW, inv_ohw, inv_ow, H, W, Cg, Og, KW, K, TAPS, n_cb, n_kb, n_tiles,
-                     sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
+                     P, OHW, OW, inv_ohw, inv_ow, H, W, Cg, Og, KW, K, KP, TAPS, n_cb, n_kb,
+                     n_tiles, sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
                      srb, src, srh, srw, scb, scg, sch, scw, sh, sw, ph, pw, dh, dw,
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
                      RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -111,10 +111,11 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
             a = tl.load(tl.where(inside, x_ptr + xrow[:, None] + (c * sxc)[None, :] + iy * sxh
                                  + ix * sxw, zp_ptr), mask=p_ok[:, None] & k_ok[None, :],
                         other=0)
-            if W_PACKED:  # (Cout, ceil(K / 2)) bytes, K in (ky, kx, c) order, 2 per byte
+            if W_PACKED:  # (Cout, KP = ceil(K / 2)) bytes, K in (ky, kx, c) order, 2 per
+                # byte; KP is an argument so that Triton can specialize it (see int_gemm.py)
                 rh = kb * (BK // 2) + tl.arange(0, BK // 2)
                 q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
-                            mask=j_ok[:, None] & (rh[None, :] < (K + 1) // 2), other=0)
+                            mask=j_ok[:, None] & (rh[None, :] < KP), other=0)
                 q = q.to(tl.int32)
                 lo = q & 0xF
                 hi = (q >> 4) & 0xF
@@ -272,8 +273,8 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         res_zero if res_zero is not None else x_zero,
         out_scale if out_scale is not None else dummy,
         out_zero if out_zero is not None else x_zero, float(out_hi),
-        p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cg, og, kw, k, kh * kw, n_cb, n_kb,
-        n_tiles, *x.stride(), *w_strides, *out.stride(),
+        p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cg, og, kw, k, (k + 1) // 2, kh * kw,
+        n_cb, n_kb, n_tiles, *x.stride(), *w_strides, *out.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         *(csum.stride() if csum is not None else (0, 0, 0, 0)), *stride, *padding, *dilation,
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
