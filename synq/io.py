@@ -81,6 +81,8 @@ def read_saved(path, stem: str, fmt: str, writer: str, device="cpu") -> tuple[di
     from safetensors.torch import load_file
 
     p = Path(path)
+    if not p.exists():  # (its parent would be searched otherwise, and named in the error)
+        raise FileNotFoundError(f"{p} does not exist: expected a folder written by {writer}")
     folder = p if p.is_dir() else p.parent
     meta_path, weights = folder / f"{stem}.json", folder / f"{stem}.safetensors"
     for f in (meta_path, weights):

@@ -411,8 +411,14 @@ def load_synthetic(path, require_complete: bool = True) -> TensorDataset:
     # Memory-mapped (torch.save's zip format only): the ranks of one machine then share one
     # copy of the images in the page cache.
     path = Path(path)
-    saved = torch.load(path, map_location="cpu", weights_only=False,
-                       mmap=zipfile.is_zipfile(path))
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False,
+                           mmap=zipfile.is_zipfile(path))
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file: say what was expected
+        raise ValueError(f"{path} is not a synthetic-data file written by `synq synthesize` "
+                         f"(torch.load failed: {type(e).__name__}: {e})") from e
     if not isinstance(saved, dict) or "images" not in saved or "labels" not in saved:
         raise ValueError(f"{path} is not a synthetic-data file (expected a dict with images, "
                          f"labels and meta)")

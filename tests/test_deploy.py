@@ -307,6 +307,8 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(im(x), back(x))
     with pytest.raises(FileNotFoundError, match="int_model.json"):
         load_int(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        load_int(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="model spec"):
         save_int(export(q), tmp_path / "nospec")
 

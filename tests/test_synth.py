@@ -195,3 +195,16 @@ def test_to_device_async_cuda_does_not_synchronize():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert d.is_cuda and torch.equal(d.cpu(), t)
+
+
+def test_load_synthetic_names_what_it_expected(tmp_path):
+    """A file that is not a saved synthetic set gets an error saying so, not the unpickler's."""
+    bad = tmp_path / "garbage.pt"
+    bad.write_text("garbage\n")
+    with pytest.raises(ValueError, match="not a synthetic-data file written by `synq synthesize`"):
+        load_synthetic(bad)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a synthetic-data file"):
+        load_synthetic(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        load_synthetic(tmp_path / "missing.pt")
