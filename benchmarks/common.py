@@ -144,6 +144,30 @@ def tile_sweep(module, attr: str, names: tuple, configs, fn, shape: str, impl: s
     return rows
 
 
+def sweep_summary(rows: list[dict]) -> str:
+    """One line per (shape, kernel) of a tile sweep: the default configuration's time, the
+    fastest forced configuration and its time relative to the default (the line to read
+    before changing a config function)."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        if not r["config"] or not isinstance(r["ms"], float) or "MISMATCH" in r["impl"]:
+            continue
+        impl = r["impl"].removesuffix(" (default)")
+        g = groups.setdefault((r["shape"], impl), {})
+        if r["impl"].endswith("(default)"):
+            g["default"] = r
+        elif "best" not in g or r["ms"] < g["best"]["ms"]:
+            g["best"] = r
+    lines = []
+    for (shape, impl), g in groups.items():
+        if "default" in g and "best" in g:
+            d, b = g["default"], g["best"]
+            lines.append(f"- {shape}, {impl}: default {d['config']} {d['ms']:.4g} ms; best "
+                         f"{b['config']} {b['ms']:.4g} ms ({b['ms'] / d['ms']:.2f}x the "
+                         f"default's time)")
+    return "\n".join(lines)
+
+
 def sweep_main(run, prog: str, argv=None) -> int:
     """Command line of a GPU tile sweep: `python -m <prog> [--out DIR] [--quick]`."""
     import argparse

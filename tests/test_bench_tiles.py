@@ -27,7 +27,9 @@ def test_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch, tmp
             assert all(isinstance(r["ms"], float) for r in tap), tap
     assert not [r for r in rows if "MISMATCH" in r["impl"]]
     assert conv_tap._tap_config is default
-    assert list(tmp_path.glob("conv_tiles_*.md"))
+    md = next(tmp_path.glob("conv_tiles_*.md")).read_text()
+    # the summary: per shape and kernel, the default and the fastest forced configuration
+    assert md.count("; best (") == 4 and "x the default's time)" in md, md[-800:]
     assert B.run(True, "cpu") == []         # without allow_cpu: skipped
 
 
@@ -51,5 +53,6 @@ def test_gemm_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch
     assert [r["impl"] for r in tap][2:4] == ["synq triton gemv (default)", "synq triton gemv"]
     assert all("MISMATCH" not in r["impl"] and isinstance(r["ms"], float) for r in tap), tap
     assert int_gemm._mm_config is default and int_gemv._gemv_config is default_gemv
-    assert list(tmp_path.glob("gemm_tiles_*.md"))
+    md = next(tmp_path.glob("gemm_tiles_*.md")).read_text()
+    assert md.count("; best (") == 3, md[-800:]
     assert G.run(True, "cpu") == []
