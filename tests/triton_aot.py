@@ -41,11 +41,23 @@ def build(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
 
 def run(script: str, timeout: int = 300) -> str:
     """Runs PRELUDE + script in a fresh Python without TRITON_INTERPRET; the script must
-    print "ok" last. Skips where this Triton lacks the ahead-of-time API."""
+    print "ok" last. Skips where this Triton lacks the ahead-of-time API.
+
+    SYNQ_AOT_EXTRA_TRITON, a list of folders separated by ':' that each hold another Triton
+    package (`pip install --target DIR triton==X`), runs the script again with each of them
+    first on the path: .ci/run sets it to the GPU machine's Triton, whose compiler can differ
+    from the installed one (a kernel that compiles here may not compile there)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", PRELUDE + script], env=env,
                          capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0 and "ImportError" in res.stderr and "triton" in res.stderr:
         pytest.skip("this triton version lacks the ahead-of-time compile API used here")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    for extra in filter(None, os.environ.get("SYNQ_AOT_EXTRA_TRITON", "").split(":")):
+        env2 = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [extra,
+                                                                   env.get("PYTHONPATH")])))
+        res2 = subprocess.run([sys.executable, "-c", PRELUDE + script], env=env2,
+                              capture_output=True, text=True, timeout=timeout)
+        assert res2.returncode == 0 and res2.stdout.strip().endswith("ok"), \
+            f"with the Triton in {extra}:\n" + res2.stderr[-3000:]
     return res.stdout
