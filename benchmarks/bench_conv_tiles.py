@@ -17,8 +17,7 @@ import synq_kernels as sk
 from synq_kernels.triton import conv_tap as T
 
 from .bench_int_gemm import RESNET18_CONVS
-from .common import (markdown_table, sweep_main, sweep_summary, tile_sweep, time_fn,
-                     write_results)
+from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_sweep
 
 # (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input: bench_int_gemm's ResNet-18
 # convs on the tap-blocked path (>= 32 channels), and two more shapes
@@ -98,13 +97,9 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                                _fused_call(x, wq, ws, rs, cout, s, p, oh, ow), shape,
                                "synq triton tap fused W8A8", ops, base, dev, args)
             print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
-    summary = sweep_summary(rows)
-    print(summary)
-    if out_dir:
-        write_results("conv_tiles", rows, dev, out_dir,
-                      "config = (BM, BN, BK, num_warps, num_stages) of _conv_tap_kernel; "
-                      "speedup against cuDNN fp16 channels-last, same run; MISMATCH marks a "
-                      "result that differs from the first configuration's.\n\n" + summary)
+    write_sweep("conv_tiles", rows, dev, out_dir,
+                "config = (BM, BN, BK, num_warps, num_stages) of _conv_tap_kernel; speedup "
+                "against cuDNN fp16 channels-last, same run")
     return rows
 
 

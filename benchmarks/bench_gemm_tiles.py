@@ -15,8 +15,7 @@ import synq_kernels as sk
 from synq_kernels.triton import int_gemm as T
 from synq_kernels.triton import int_gemv as V
 
-from .common import (markdown_table, sweep_main, sweep_summary, tile_sweep, time_fn,
-                     write_results)
+from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_sweep
 
 # (M, K, N, W4A8): int8 x int8 at 4096^3 and M = 256, W4A8 at batch 1 and 16
 SHAPES = [(4096, 4096, 4096, False), (256, 4096, 4096, False), (1, 4096, 4096, True),
@@ -78,15 +77,10 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                                CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape,
                                "synq triton", ops, base, device, (m, n, k, False))
         print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
-    summary = sweep_summary(rows)
-    print(summary)
-    if out_dir:
-        write_results("gemm_tiles", rows, device, out_dir,
-                      "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of "
-                      "_int_mm_kernel, or (BN, BKH, STAGES, num_warps) of int_gemv's kernel "
-                      "(the 'gemv' rows); speedup against fp16 torch.matmul, same run; "
-                      "MISMATCH marks a result that differs from the first configuration's."
-                      "\n\n" + summary)
+    write_sweep("gemm_tiles", rows, device, out_dir,
+                "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of _int_mm_kernel, or "
+                "(BN, BKH, STAGES, num_warps) of int_gemv's kernel (the 'gemv' rows); speedup "
+                "against fp16 torch.matmul, same run")
     return rows
 
 

@@ -168,6 +168,18 @@ def sweep_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_sweep(name: str, rows: list[dict], device: str, out_dir: str | None,
+                configs: str) -> None:
+    """The end of a tile sweep: its summary printed, and with `out_dir` its rows written with
+    `configs` (what a config tuple holds) and the summary as notes."""
+    summary = sweep_summary(rows)
+    print(summary)
+    if out_dir:
+        write_results(name, rows, device, out_dir,
+                      f"{configs}; MISMATCH marks a result that differs from the first "
+                      f"configuration's.\n\n{summary}")
+
+
 def sweep_main(run, prog: str, argv=None) -> int:
     """Command line of a GPU tile sweep: `python -m <prog> [--out DIR] [--quick]`."""
     import argparse

@@ -5,12 +5,7 @@ import torch
 
 import synq_kernels as sk
 
-from test_int_gemm import TRITON, exact, rand_i4, rand_i8
-
-
-TRITON_GPU = [pytest.param("triton", marks=pytest.mark.skipif(
-    not torch.cuda.is_available() or "triton" not in sk.available_backends("int_mm", "cuda"),
-    reason="needs a CUDA GPU and triton"))]
+from test_int_gemm import TRITON, TRITON_GPU, exact, rand_i4, rand_i8
 
 
 def gemv_cases(backend, device, monkeypatch):

@@ -48,16 +48,18 @@ def run(script: str, timeout: int = 300) -> str:
     first on the path: .ci/run sets it to the GPU machine's Triton, whose compiler can differ
     from the installed one (a kernel that compiles here may not compile there)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", PRELUDE + script], env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0 and "ImportError" in res.stderr and "triton" in res.stderr:
-        pytest.skip("this triton version lacks the ahead-of-time compile API used here")
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
-    for extra in filter(None, os.environ.get("SYNQ_AOT_EXTRA_TRITON", "").split(":")):
-        env2 = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [extra,
-                                                                   env.get("PYTHONPATH")])))
-        res2 = subprocess.run([sys.executable, "-c", PRELUDE + script], env=env2,
-                              capture_output=True, text=True, timeout=timeout)
-        assert res2.returncode == 0 and res2.stdout.strip().endswith("ok"), \
-            f"with the Triton in {extra}:\n" + res2.stderr[-3000:]
-    return res.stdout
+    extras = [e for e in os.environ.get("SYNQ_AOT_EXTRA_TRITON", "").split(":") if e]
+    for i, extra in enumerate([None] + extras):
+        if extra:
+            env = dict(env, PYTHONPATH=os.pathsep.join(
+                filter(None, [extra, os.environ.get("PYTHONPATH")])))
+        res = subprocess.run([sys.executable, "-c", PRELUDE + script], env=env,
+                             capture_output=True, text=True, timeout=timeout)
+        if (i == 0 and res.returncode != 0 and "ImportError" in res.stderr
+                and "triton" in res.stderr):
+            pytest.skip("this triton version lacks the ahead-of-time compile API used here")
+        assert res.returncode == 0 and res.stdout.strip().endswith("ok"), \
+            (f"with the Triton in {extra}:\n" if extra else "") + res.stderr[-3000:]
+        if i == 0:
+            out = res.stdout
+    return out
