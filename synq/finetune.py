@@ -25,9 +25,12 @@ inside it (the scales are clamped ranges) and the epoch's loss and accuracy sums
 device, read once per progress-bar refresh and at the end of the epoch. There a non-finite
 loss or logit, or a learned scale that left (0, inf), raises FloatingPointError before the
 epoch's checkpoint is written, so the last good checkpoint survives a divergence.
-On a CPU the teacher and the student run as channels-last copies (`CPU_CHANNELS_LAST`;
-oneDNN's convolutions are faster there, and fake_quant keeps the layout); the returned student
-is contiguous.
+The teacher and the student run as channels-last copies (`CPU_CHANNELS_LAST`,
+`GPU_CHANNELS_LAST`; fake_quant keeps the layout); the returned student is contiguous. On a
+CPU oneDNN's convolutions are faster so. On a GPU cuDNN's TF32 convolutions are NHWC kernels
+(an NCHW model pays a layout conversion around each), and BatchNorm's backward with trained
+affine parameters, which the student's BN layers have, runs one thread block per channel on
+NCHW tensors but a grid-wide reduction on NHWC ones.
 
 Under torchrun (several processes, see synq.distributed) the student is wrapped in
 DistributedDataParallel and the teacher replicated. Every rank draws the same global batch of
@@ -76,8 +79,9 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
            "residual_add_layers"]
 
 CHECKPOINT_FORMAT = 1
-# Fine-tuning on a CPU runs channels-last copies of the teacher and student (see finetune).
+# Fine-tuning runs channels-last copies of the teacher and student (see the module's notes).
 CPU_CHANNELS_LAST = True
+GPU_CHANNELS_LAST = True
 # Fine-tuning on a GPU keeps a training set of up to this size on the GPU (see finetune).
 DATA_ON_GPU_BYTES = 2 << 30
 
@@ -492,9 +496,10 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
     device = torch.device(device)
 
     teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
-    if device.type == "cpu" and CPU_CHANNELS_LAST:
-        # oneDNN's convolutions run faster on channels-last tensors on the CPU; the student
-        # (a quantized copy) inherits the layout and is returned contiguous
+    channels_last = CPU_CHANNELS_LAST if device.type == "cpu" else GPU_CHANNELS_LAST
+    if channels_last:
+        # faster convolutions on both (and BN's backward on a GPU, see the module's notes);
+        # the student (a quantized copy) inherits the layout and is returned contiguous
         teacher = teacher.to(memory_format=torch.channels_last)
     student = quantize_model(teacher, cfg.wbits, cfg.abits, first_last_bits=cfg.first_last_bits,
                              symmetric_weights=cfg.symmetric_weights, learnable=cfg.learnable,

@@ -181,8 +181,10 @@ def test_a_learned_scale_that_leaves_the_positive_range_is_named():
         _check_finite(totals, 1, cfg, False, student)
 
 
-def test_cpu_run_is_channels_last_and_returns_a_contiguous_student(digits, synthetic,
-                                                                 monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_run_is_channels_last_and_returns_a_contiguous_student(digits, synthetic, monkeypatch,
+                                                               device):
     import synq_kernels
     teacher = digits[0]
     layouts = []
@@ -193,7 +195,8 @@ def test_cpu_run_is_channels_last_and_returns_a_contiguous_student(digits, synth
             layouts.append(x.is_contiguous(memory_format=torch.channels_last))
         return real(x, *a, **k)
     monkeypatch.setattr(synq_kernels, "fake_quant", spy)
-    res = finetune(teacher, synthetic, progress=False, **dict(SMALL, epochs=2, iters_per_epoch=2))
+    res = finetune(teacher, synthetic, progress=False, device=device,
+                   **dict(SMALL, epochs=2, iters_per_epoch=2))
     assert layouts and all(layouts)  # activations and conv weights ran channels-last
     assert all(p.is_contiguous() for p in res.student.parameters())
     assert all(p.is_contiguous() for p in teacher.parameters())  # the caller's model as it was
