@@ -644,6 +644,26 @@ def test_cuda_quantized_linear_unit_scales_are_exact(backend):
         assert torch.equal(y.cpu().to(torch.int64), exact(x_q.long() + 5, w))
 
 
+@pytest.mark.parametrize("backend", CUDA + TRITON_GPU)
+def test_cuda_python_number_params_do_not_synchronize(backend):
+    """Scales and zero points given as Python numbers become device tensors without the host
+    waiting for the GPU (CUDA's sync debug mode raises on a synchronizing call); the value
+    checks, which read values back, are off. The result is still right."""
+    x_q, w = rand_i8(33, 257).cuda(), rand_i8(31, 257).cuda()
+    rs = sk.weight_row_sums(w)
+    with sk.value_checks(False):
+        sk.quantized_linear(x_q, 1.0, -5, w, 1.0, w_rowsum=rs, backend=backend)  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = sk.quantized_linear(x_q, 1.0, -5, w, 1.0, w_rowsum=rs, backend=backend)
+            f = sk.fake_quant(y, 0.5, 3.0, 8)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(y.cpu().to(torch.int64), exact(x_q.cpu().long() + 5, w.cpu()))
+    assert torch.equal(f.cpu(), sk.fake_quant(y.cpu(), 0.5, 3.0, 8, backend="reference"))
+
+
 @pytest.mark.parametrize("backend", CUDA)
 def test_cuda_opcheck(backend):
     a, b = rand_i8(5, 19).cuda(), rand_i8(7, 19).cuda()

@@ -92,7 +92,9 @@ def _as_param(name: str, p, x: Tensor) -> Tensor:
     if not isinstance(p, torch.Tensor):
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TypeError(f"{name} must be a tensor or a number, got {type(p).__name__}")
-        return torch.tensor(float(p), device=x.device)
+        # filled on the device: torch.tensor would copy from host memory and, on a GPU, wait
+        # for its queue at every call
+        return torch.full((), float(p), dtype=torch.float32, device=x.device)
     if not p.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor (float32), got dtype {p.dtype}")
     return p

@@ -300,7 +300,9 @@ def _int_param(name, v, device):
         return v.to(device=device, dtype=torch.int32)
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int or an integer tensor, got {v!r}")
-    return torch.tensor(v, dtype=torch.int32, device=device)
+    # torch.full fills on the device; torch.tensor would copy from pageable host memory and
+    # make the host wait for the GPU's queue at every call (a CUDA sync)
+    return torch.full((), v, dtype=torch.int32, device=device)
 
 
 def _float_param(name, v, device):
@@ -309,8 +311,8 @@ def _float_param(name, v, device):
                                              torch.bfloat16))
         v = v.to(device=device, dtype=torch.float32)
     else:
-        v = torch.tensor(_checks.check_finite_float(name, v), dtype=torch.float32,
-                         device=device)
+        v = torch.full((), _checks.check_finite_float(name, v), dtype=torch.float32,
+                       device=device)  # no host-device copy (see _int_param)
     return v
 
 
