@@ -1,5 +1,6 @@
-"""Tile sweep of the Triton integer GEMM (synq_kernels/triton/int_gemm.py, _int_mm_kernel) on
-the shapes of issue 4's GPU targets, against fp16 torch.matmul and torch._int_mm in the same
+"""Tile sweep of the Triton integer GEMM (synq_kernels/triton/int_gemm.py, _int_mm_kernel, and
+at 4096^3 also quantized_linear's kernel, which takes the same tiles) on the shapes of issue
+4's GPU targets, against fp16 torch.matmul and torch._int_mm in the same
 run. GPU only. Each row times int8_matmul (or int4_matmul W4A8) on the triton backend with
 one launch configuration forced through `_mm_config` (or int_gemv's `_gemv_config` for W4A8
 at batch 1); "default" is the configuration the kernel picks by itself. What it finds goes
@@ -26,6 +27,11 @@ CONFIGS_LARGE = [(128, 128, 128, 8, 4, 3), (128, 128, 128, 8, 8, 3), (128, 256, 
                  (64, 256, 128, 8, 4, 3)]
 CONFIGS_SMALL = [(16, 64, 128, 1, 4, 3), (16, 32, 256, 1, 4, 4), (16, 64, 256, 1, 4, 3),
                  (16, 128, 256, 1, 8, 3), (16, 32, 128, 1, 2, 4)]
+# quantized_linear (the same GEMM with the float epilogue, tiles from _mm_config too) at
+# 4096^3: 4 warps as the GEMM's default, the 8 it ran before (gpu_2026-11-27b: 0.62x fp16
+# against the GEMM's 1.52x), and a narrower tile with fewer registers
+CONFIGS_LINEAR = [(128, 128, 128, 8, 4, 3), (128, 128, 128, 1, 8, 3), (64, 128, 128, 8, 4, 3)]
+LINEAR_SHAPE = (4096, 4096, 4096)  # (M, K, N)
 # packed weights at M <= int_gemv.GEMV_MAX_M run the weight-streaming kernel:
 # (BN, BKH, STAGES, num_warps)
 CONFIGS_GEMV = [(16, 256, 4, 4), (32, 256, 3, 4), (16, 1024, 3, 8), (32, 512, 3, 8),
@@ -76,9 +82,21 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                                ("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"),
                                CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape,
                                "synq triton", ops, base, device, (m, n, k, False))
+        if (m, k, n) == LINEAR_SHAPE and not w4:
+            xs, xz = torch.tensor(0.02, device=device), torch.tensor(3, device=device)
+            ws, rs = torch.rand(n, device=device) + 0.1, sk.weight_row_sums(w)
+
+            def linear():
+                with sk.value_checks(False):
+                    return sk.quantized_linear(a, xs, xz, w, ws, w_rowsum=rs, backend="triton")
+            rows += tile_sweep(T, "_mm_config",
+                               ("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"),
+                               CONFIGS_LINEAR, linear, shape, "synq triton quantized_linear",
+                               ops, base, device, (m, n, k, False))
         print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     write_sweep("gemm_tiles", rows, device, out_dir,
-                "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of _int_mm_kernel, or "
+                "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of _int_mm_kernel "
+                "(and of _quantized_linear_kernel, float32 out), or "
                 "(BN, BKH, STAGES, num_warps) of int_gemv's kernel (the 'gemv' rows); speedup "
                 "against fp16 torch.matmul, same run")
     return rows

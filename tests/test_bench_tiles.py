@@ -44,15 +44,20 @@ def test_gemm_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch
     monkeypatch.setattr(G, "CONFIGS_LARGE", [(16, 16, 32, 2, 4, 2)])
     monkeypatch.setattr(G, "CONFIGS_SMALL", [(16, 32, 64, 1, 4, 2)])
     monkeypatch.setattr(G, "CONFIGS_GEMV", [(16, 32, 1, 4)])
+    monkeypatch.setattr(G, "CONFIGS_LINEAR", [(16, 16, 64, 1, 4, 2)])
+    monkeypatch.setattr(G, "LINEAR_SHAPE", (20, 45, 37))
     rows = G.run(True, "cpu", str(tmp_path), allow_cpu=True)
     tap = [r for r in rows if r["impl"].startswith("synq")]
     assert [r["config"] for r in tap] == [
         str(tuple(default(20, 37, 45, False).values())), "(16, 16, 32, 2, 4, 2)",
+        str(tuple(default(20, 37, 45, False).values())), "(16, 16, 64, 1, 4, 2)",
         str(tuple(default_gemv(37, 23, False).values())), "(16, 32, 1, 4)",
         str(tuple(default(9, 37, 45, False).values())), "(16, 32, 64, 1, 4, 2)"]
-    assert [r["impl"] for r in tap][2:4] == ["synq triton gemv (default)", "synq triton gemv"]
+    assert [r["impl"] for r in tap][2:6] == [
+        "synq triton quantized_linear (default)", "synq triton quantized_linear",
+        "synq triton gemv (default)", "synq triton gemv"]
     assert all("MISMATCH" not in r["impl"] and isinstance(r["ms"], float) for r in tap), tap
     assert int_gemm._mm_config is default and int_gemv._gemv_config is default_gemv
     md = next(tmp_path.glob("gemm_tiles_*.md")).read_text()
-    assert md.count("; best (") == 3, md[-800:]
+    assert md.count("; best (") == 4, md[-800:]
     assert G.run(True, "cpu") == []

@@ -462,7 +462,7 @@ for wp, out, relu in [(False, "fp32", False), (True, "bf16", True)]:
            "som": "i32"}
     int8_mma(build_epi(m._quantized_linear_kernel, sig,
                    {"W_PACKED": wp, "HAS_BIAS": True, "RELU": relu, "ROUND_BF16": out == "bf16",
-                    "BM": 128, "BN": 128, "BK": 128}, 8), ("linear", wp))
+                    "BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, 4), ("linear", wp))
 for wp in (False, True):
     sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": "*bf16", **EPI,
            "Cout": "i32", "Og": "i32", "KH": "i32", "KW": "i32", "swy": "i32", "swx": "i32",

@@ -112,7 +112,8 @@ def int_mm(a, b, k, a_packed, a_signed, b_packed):
 def _mm_config(m: int, n: int, k: int, interp: bool) -> dict:
     """Launch parameters of _int_mm_kernel (tiles, L2 group, warps, stages); the ones timed
     in the first GPU runs (gpu_2026-11-27: 1.28x torch._int_mm at 4096^3 on an H100).
-    benchmarks/bench_gemm_tiles.py times alternatives on a GPU."""
+    _quantized_linear_kernel takes the same ones. benchmarks/bench_gemm_tiles.py times
+    alternatives on a GPU, for both kernels."""
     if interp:  # interpreter: few, large programs
         return dict(BM=64, BN=64, BK=64, GROUP_M=1)
     bm = 16 if m <= 16 else (64 if m <= 64 else 128)
@@ -130,9 +131,17 @@ def _quantized_linear_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_p
                              M, N, K, KH, sxm, swn, som,
                              W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
                              RELU: tl.constexpr, ROUND_BF16: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+    # the int8 GEMM's program order (L2 groups of GROUP_M row tiles, see _int_mm_kernel)
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
@@ -261,17 +270,18 @@ def quantized_linear(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_d
     _check_epilogue_args("quantized_linear", x_scale, x_zero, w_scale, w_rowsum, bias, m, n)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if _interpreting(x):  # few, large programs
-        bm, bn, bk, warps = _block(m, 16, 256), _block(n, 16, 256), _block(k, 16, 256), 4
+        cfg = dict(BM=_block(m, 16, 256), BN=_block(n, 16, 256), BK=_block(k, 16, 256),
+                   GROUP_M=1)
     else:
-        bm = 16 if m <= 16 else (64 if m <= 64 else 128)
-        bn, bk = 128, 128
-        warps = 8 if bm == 128 else 4
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        # the int8 GEMM's tiles: its sweep sets them (8 warps here before, at 148 registers
+        # a thread: one program per SM; 4 warps fit two, as _int_mm_kernel's do)
+        cfg = _mm_config(m, n, k, False)
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
     _quantized_linear_kernel[grid](
         x, w, out, x_scale, x_zero, w_scale, w_rowsum, bias if bias is not None else w_scale,
         m, n, k, (k + 1) // 2, x.stride(0), w.stride(0), out.stride(0),
         W_PACKED=bool(w_packed), HAS_BIAS=bias is not None, RELU=bool(relu),
-        ROUND_BF16=out_dtype == torch.bfloat16, BM=bm, BN=bn, BK=bk, num_warps=warps)
+        ROUND_BF16=out_dtype == torch.bfloat16, **cfg)
     return out
 
 
