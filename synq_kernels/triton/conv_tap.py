@@ -206,7 +206,9 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
     the guess's time; 1x1 to >= 256 channels (128, 256, 64, 8, 3), 0.70x; 64 channels
     (128, 64, 64, 4, 3), 0.92x. Small convs (p < 4096) were not swept. flat_k: K of a conv
     with fewer than TAP_MIN_CHANNELS channels per group (the flattened-K mode, not swept
-    either): BK 32 up to K = 160 (ResNet-18's stem: 147 in 5 blocks), else 64."""
+    either): BK 32 up to K = 160 (ResNet-18's stem: 147 in 5 blocks), else 64. A "maxnreg"
+    key, if given (benchmarks/bench_conv_tiles.py sweeps some), caps the registers a thread
+    at launch."""
     if interp:  # few, large programs under the interpreter
         return dict(BM=_block(p, 16, 256), BN=_block(og, 16, 128),
                     BK=_block(flat_k or cg, 32, 128), num_warps=4)
