@@ -33,6 +33,10 @@ CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 3),
            (128, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4),
            (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
            (64, 128, 128, 4, 4), (128, 256, 128, 8, 3)]
+# --quick (gpu_check's short budget, where two calls per configuration and compiles add up):
+# the best of the ninth session's sweep for each layer, the old default and the BK = 128 ones
+CONFIGS_QUICK = [(128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+                 (128, 128, 64, 8, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3)]
 # + maxnreg, a register cap per thread, for the fused call where it adds an int8 residual:
 # there the 4-warp tiles take 216-223 registers (sm_90 cubin), 2 programs per SM; 168 fits 3,
 # and the spills it costs (72 bytes a thread) all sit after the main loop in the SASS
@@ -94,7 +98,7 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                                                w_rowsum=rs, backend="triton")
             fits = lambda cfgs: [cfg for cfg in cfgs  # noqa: E731
                                  if cfg[1] <= max(cout, 32) and cfg[2] <= c]
-            configs = fits(CONFIGS)
+            configs = fits(CONFIGS_QUICK if quick else CONFIGS)
             names = ("BM", "BN", "BK", "num_warps", "num_stages", "maxnreg")
             args = (b * oh * ow, c, cout, k * k, False)
             rows += tile_sweep(T, "_tap_config", names, configs, fn, shape, "synq triton tap",

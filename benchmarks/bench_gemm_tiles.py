@@ -25,6 +25,7 @@ SHAPES = [(4096, 4096, 4096, False), (256, 4096, 4096, False), (1, 4096, 4096, T
 CONFIGS_LARGE = [(128, 128, 128, 8, 4, 3), (128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3),
                  (128, 256, 64, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
                  (64, 256, 128, 8, 4, 3)]
+CONFIGS_LARGE_QUICK = [CONFIGS_LARGE[i] for i in (0, 1, 2, 5)]  # --quick (gpu_check's budget)
 CONFIGS_SMALL = [(16, 64, 128, 1, 4, 3), (16, 32, 256, 1, 4, 4), (16, 64, 256, 1, 4, 3),
                  (16, 128, 256, 1, 8, 3), (16, 32, 128, 1, 2, 4)]
 # quantized_linear (the same GEMM with the float epilogue, tiles from _mm_config too) at
@@ -51,7 +52,7 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
         return []
     rows = []
     fdt = torch.float16 if device == "cuda" else torch.float32
-    for m, k, n, w4 in SHAPES:       # (--quick changes nothing: four shapes only)
+    for m, k, n, w4 in SHAPES:       # --quick: fewer configurations for the large M
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
         w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
         if w4:
@@ -80,7 +81,8 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
         else:
             rows += tile_sweep(T, "_mm_config",
                                ("BM", "BN", "BK", "GROUP_M", "num_warps", "num_stages"),
-                               CONFIGS_SMALL if m <= 16 else CONFIGS_LARGE, fn, shape,
+                               CONFIGS_SMALL if m <= 16 else
+                               (CONFIGS_LARGE_QUICK if quick else CONFIGS_LARGE), fn, shape,
                                "synq triton", ops, base, device, (m, n, k, False))
         if (m, k, n) == LINEAR_SHAPE and not w4:
             xs, xz = torch.tensor(0.02, device=device), torch.tensor(3, device=device)

@@ -5,7 +5,9 @@
 # (step limits 75 + 90 + 70 + 190 + 45 s; measured on an H100 / H200: build 41-53 s, tests
 # about 80 s and 50 s, benchmarks 81 s in the ninth session's first run, before more
 # inference rows (that family alone then took 125 s) and the two tile sweeps (conv about
-# 40 s) joined; profile about 20 s).
+# 40 s) joined; profile about 20 s). The sweeps' --quick lists are short so that the
+# benchmark step fits: per family, run 4 took int_gemm 18 s, inference 36 s, train 3 s (one
+# round, three now), fake_quant 15 s, lowpass 1 s, channel_stats 8 s).
 # Exit status 0 only when every step passed; a failed step does not stop the later ones.
 #
 #   bash benchmarks/gpu_check.sh "$OUT"

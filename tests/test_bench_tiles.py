@@ -13,7 +13,7 @@ def test_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch, tmp
     default = conv_tap._tap_config
     # a block's first conv (no residual) and second (int8 residual in the fused call)
     monkeypatch.setattr(B, "LAYERS", [("t", 32, 5, 4, 40, 3, 1, 1), ("r", 32, 5, 4, 32, 3, 1, 1)])
-    monkeypatch.setattr(B, "CONFIGS", [(32, 32, 32, 4, 2), (16, 32, 32, 4, 2), (16, 64, 32, 4, 2)])
+    monkeypatch.setattr(B, "CONFIGS_QUICK", [(32, 32, 32, 4, 2), (16, 32, 32, 4, 2), (16, 64, 32, 4, 2)])
     monkeypatch.setattr(B, "CONFIGS_MAXNREG", [(16, 32, 32, 4, 2, 128), (16, 64, 32, 4, 2, 128)])
     monkeypatch.setattr(B, "BATCHES_QUICK", (1,))
     rows = B.run(True, "cpu", str(tmp_path), allow_cpu=True)
@@ -44,7 +44,7 @@ def test_gemm_sweep_runs_forces_each_config_and_restores_the_default(monkeypatch
     default, default_gemv = int_gemm._mm_config, int_gemv._gemv_config
     monkeypatch.setattr(G, "SHAPES", [(20, 45, 37, False), (1, 45, 37, True),
                                       (9, 45, 37, True)])
-    monkeypatch.setattr(G, "CONFIGS_LARGE", [(16, 16, 32, 2, 4, 2)])
+    monkeypatch.setattr(G, "CONFIGS_LARGE_QUICK", [(16, 16, 32, 2, 4, 2)])
     monkeypatch.setattr(G, "CONFIGS_SMALL", [(16, 32, 64, 1, 4, 2)])
     monkeypatch.setattr(G, "CONFIGS_GEMV", [(16, 32, 1, 4)])
     monkeypatch.setattr(G, "CONFIGS_LINEAR", [(16, 16, 64, 1, 4, 2)])
