@@ -236,6 +236,27 @@ def test_triton_layer_accumulators_exact(backend, layer):
 
 
 @pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("fast_div", [True, False])
+def test_triton_depthwise_row_split(backend, fast_div, monkeypatch):
+    """The depthwise kernel's output rows split into (batch, y, x) by float reciprocals
+    (fast_div) or integer division (past FAST_DIV_ROWS rows): odd sizes, stride, dilation,
+    padding, two output channels per group, NCHW and channels-last, exact."""
+    from synq_kernels.triton import conv_tap as T
+    if not fast_div:
+        monkeypatch.setattr(T, "FAST_DIV_ROWS", 0)
+    for b, c, h, w, mult, k, s, p, d, cl in [(3, 5, 11, 7, 1, 3, 2, 1, 1, False),
+                                             (2, 6, 9, 13, 2, 3, 1, 2, 2, True),
+                                             (1, 4, 5, 3, 1, 5, 3, 2, 1, True)]:
+        x_q, w_q = rand_i8(b, c, h, w), rand_i8(c * mult, 1, k, k)
+        if cl:
+            x_q = x_q.contiguous(memory_format=torch.channels_last)
+        geom = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=c)
+        want = R.quantized_conv2d_int(x_q, -5, w_q, **geom)
+        y = sk.quantized_conv2d(x_q, 1.0, -5, w_q, 1.0, backend=backend, **geom)
+        assert torch.equal(y.to(torch.int32), want), (b, c, h, w, mult, k, s, p, d, cl)
+
+
+@pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_float_epilogue(backend, out_dtype):
     test_float_epilogue(backend, out_dtype)

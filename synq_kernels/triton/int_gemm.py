@@ -185,19 +185,26 @@ def _quantized_linear_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_p
 
 @triton.jit
 def _conv_depthwise_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, ws_ptr, rs_ptr, bias_ptr,
-                           P, OHW, OW, H, W, Cout, Og, KH, KW,
+                           P, OHW, OW, inv_ohw, inv_ow, H, W, Cout, Og, KH, KW,
                            sxb, sxc, sxh, sxw, swn, swy, swx, sob, soc, soh, sow,
                            sh, sw, ph, pw, dh, dw,
                            W_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-                           ROUND_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                           ROUND_BF16: tl.constexpr, FAST_DIV: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
     # One input channel per group: output channel n reads input channel n // Og only.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rp = pid_m * BM + tl.arange(0, BM)
     p_ok = rp < P
-    bi = rp // OHW
-    oy = (rp % OHW) // OW
-    ox = rp % OW
+    if FAST_DIV:  # the row split by float reciprocals, exact below 2^22 rows (conv_tap.py)
+        bi = ((rp.to(tl.float32) + 0.5) * inv_ohw).to(tl.int32)
+        rem = rp - bi * OHW
+        oy = ((rem.to(tl.float32) + 0.5) * inv_ow).to(tl.int32)
+        ox = rem - oy * OW
+    else:
+        bi = rp // OHW
+        oy = (rp % OHW) // OW
+        ox = rp % OW
     iy0 = oy * sh - ph
     ix0 = ox * sw - pw
     rn = pid_n * BN + tl.arange(0, BN)
@@ -333,9 +340,10 @@ def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dila
             bm, bn, warps = 64, _block(cout, 16, 64), 4
         grid = (triton.cdiv(p, bm), triton.cdiv(cout, bn))
         _conv_depthwise_kernel[grid](
-            *ptrs, p, oh * ow, ow, h, wd, cout, og, kh, kw, *x.stride(), swn,
-            swy, swx, *out.stride(), *geom,
-            BM=bm, BN=bn, num_warps=warps, **common)
+            *ptrs, p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cout, og, kh, kw,
+            *x.stride(), swn, swy, swx, *out.stride(), *geom,
+            FAST_DIV=p + bm <= conv_tap.FAST_DIV_ROWS, BM=bm, BN=bn, num_warps=warps,
+            **common)
         return out
     # (cg > 1 here) conv_tap's implicit GEMM: tap-blocked, or flattened K (packed int4 too)
     return conv_tap.conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
