@@ -621,6 +621,32 @@ def test_cuda_int_mm_strides_and_padding_nibbles(backend):
 
 
 @pytest.mark.parametrize("backend", CUDA)
+def test_cuda_gemv_w4a8_exact(backend, monkeypatch):
+    """The dp4a GEMV (int8 activations, packed int4 weights, M <= 4; opt-in by SYNQ_CUDA_GEMV
+    until it has run on a GPU): every M, K around its 32-value chunks and 4096-value warp
+    sweeps, ragged N, garbage in the pad nibble of odd K, activation rows that are not
+    16-byte aligned, and the extreme values."""
+    monkeypatch.setenv("SYNQ_CUDA_GEMV", "1")
+    for m, k, n in itertools.product((1, 2, 3, 4), (1, 31, 32, 33, 257, 4096, 4100, 8224),
+                                     (1, 17, 300)):
+        a, b4 = rand_i8(m, k), rand_i4(n, k)
+        pb = sk.pack_int4(b4)
+        if k % 2:
+            pb[:, -1] |= 0x90
+        got = sk.int4_matmul(a.cuda(), pb.cuda(), backend=backend)
+        assert torch.equal(got.cpu().long(), exact(a, b4)), (m, k, n)
+    for m in (1, 3):
+        a = rand_i8(2 * m, 4100)[::2, 3:4099]            # row stride 8200, odd offset
+        b4 = rand_i4(40, 4096)
+        got = sk.int4_matmul(a.cuda(), sk.pack_int4(b4).cuda(), backend=backend)
+        assert torch.equal(got.cpu().long(), exact(a, b4)), m
+        a = torch.full((m, 65536), -128, dtype=torch.int8)
+        b4 = torch.full((3, 65536), -8, dtype=torch.int8)
+        got = sk.int4_matmul(a.cuda(), sk.pack_int4(b4).cuda(), backend=backend)
+        assert torch.equal(got.cpu().long(), exact(a, b4)), ("extremes", m)
+
+
+@pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("w_int4", [False, True])
 def test_cuda_quantized_linear(backend, w_int4):
     cases = [((1, 257), 31, torch.float32), ((2, 3, 31), 257, torch.float16),

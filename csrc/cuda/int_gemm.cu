@@ -14,7 +14,10 @@
 //    to int8 as the fragments are loaded into registers. Ragged M / N / K edges are
 //    zero-filled by the loads (cp.async src-size < 16); rows whose base or stride is not
 //    16-byte aligned take a byte-wise load into shared memory instead.
-//  - gemm_small_m (M <= 16): the weights stream once from global memory straight into MMA
+//  - gemv_w4a8 (M <= 4, int8 activations, packed int4 weights; with SYNQ_CUDA_GEMV=1 until
+//    it has run on a GPU): a dp4a GEMV, one warp per two weight rows, 16-byte weight loads
+//    four deep per row and lane.
+//  - gemm_small_m (M <= 16, and the other operand kinds at M <= 4): the weights stream once from global memory straight into MMA
 //    fragments (16-byte loads, several in flight per warp), the activations' 16 rows are the
 //    A operand (rows >= M are zero); warps split K and add their partial tiles in shared
 //    memory. Weight-bandwidth bound, which is what batch-1 inference is.
@@ -611,6 +614,101 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------
+// W4A8 GEMV: packed int4 weights, M <= kGemvM rows of int8 activations (batch-1 inference,
+// bound by the weight bytes). gemm_small_m's 16-row MMA wasted 15/16 of each product at
+// M = 1 and ran at 0.5 TB/s of weight (H200, 1 x 4096 x 4096: 16.8 us). Here one warp owns
+// kGemvRows weight rows; lane l takes 16-byte chunks l, l + 32, .. of each (32 K values a
+// chunk: the warp reads 512 contiguous bytes of a row at a time), kGemvU chunks per row in
+// flight, and multiplies them by the same 32 K values of each activation row with dp4a
+// (four int8 products per instruction, exact int32 sums). The lanes' sums meet by shuffles.
+constexpr int kGemvM = 4;     // activation rows up to which the GEMV runs
+constexpr int kGemvRows = 2;  // weight rows per warp
+constexpr int kGemvU = 4;     // chunks per row and lane in flight
+
+// K values k .. k+31 of activation row m as 8 words of 4 int8 (word i: k + 4i .. k + 4i + 3),
+// zero past K. vec: the row's bytes k .. k+31 may be read as two 16-byte loads.
+__device__ __forceinline__ void load_x32(const Operand& a, int m, int k, int K, bool vec,
+                                         uint32_t (&x)[8]) {
+  const uint8_t* src = a.p + static_cast<int64_t>(m) * a.ld + k;
+  if (vec) {
+    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(src));
+    const uint4 hi = __ldg(reinterpret_cast<const uint4*>(src) + 1);
+    x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w;
+    x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    uint32_t v = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (k + 4 * i + q < K) v |= static_cast<uint32_t>(src[4 * i + q]) << (8 * q);
+    x[i] = v;
+  }
+}
+
+template <int M>
+__global__ void __launch_bounds__(kThreads)
+    gemv_w4a8(Operand a, Operand b, int N, int K, Epilogue epi) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n0 =
+      (static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5)) * kGemvRows;
+  if (n0 >= N) return;  // the whole warp: nothing below synchronizes the block
+  const int nchunks = (K + 31) / 32;
+  int acc[kGemvRows][M];
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0;
+  for (int c0 = 0; c0 < nchunks; c0 += 32 * kGemvU) {
+    uint4 w[kGemvU][kGemvRows];
+#pragma unroll
+    for (int u = 0; u < kGemvU; ++u) {
+      const int c = c0 + 32 * u + lane;
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)  // zero past the rows, K and for c >= nchunks
+        w[u][r] = c < nchunks ? load_b_chunk<true>(b, n0 + r, 32 * c, K)
+                              : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvU; ++u) {
+      const int k = 32 * (c0 + 32 * u + lane);
+      if (k >= K) break;  // per lane (no warp-wide operation in this loop)
+      const bool vec = a.vec16 && k + 32 <= K;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        uint32_t x[8];
+        load_x32(a, m, k, K, vec, x);
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) {
+          // word j of the chunk: K values k + 8j .. k + 8j + 7, two per byte, low nibble first
+          const uint32_t words[4] = {w[u][r].x, w[u][r].y, w[u][r].z, w[u][r].w};
+          int s = acc[r][m];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            s = __dp4a(static_cast<int>(unpack_int4x4(words[j] & 0xFFFFu, true)),
+                       static_cast<int>(x[2 * j]), s);
+            s = __dp4a(static_cast<int>(unpack_int4x4(words[j] >> 16, true)),
+                       static_cast<int>(x[2 * j + 1]), s);
+          }
+          acc[r][m] = s;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1)
+        acc[r][m] += __shfl_xor_sync(0xFFFFFFFFu, acc[r][m], off);
+      // every lane holds every sum now; lane r * M + m writes this one
+      if (lane == r * M + m && n0 + r < N) epi(m, n0 + r, acc[r][m]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Depthwise-style convolution (C / groups == 1): one output element per thread, in the
 // output's memory order (coalesced stores).
 __global__ void __launch_bounds__(kThreads)
@@ -719,9 +817,33 @@ void launch_tiled(const ALoader& aload, const Operand& b, int64_t M, int N, int 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void launch_gemv(const Operand& a, const Operand& b, int64_t M, int N, int K,
+                 const Epilogue& epi, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kThreads / 32 * kGemvRows;
+  const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  switch (M) {
+    case 1: gemv_w4a8<1><<<blocks, kThreads, 0, stream>>>(a, b, N, K, epi); break;
+    case 2: gemv_w4a8<2><<<blocks, kThreads, 0, stream>>>(a, b, N, K, epi); break;
+    case 3: gemv_w4a8<3><<<blocks, kThreads, 0, stream>>>(a, b, N, K, epi); break;
+    default: gemv_w4a8<4><<<blocks, kThreads, 0, stream>>>(a, b, N, K, epi); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// gemv_w4a8 has compiled (sm_80, sm_90) but not yet run on a GPU: it stays behind
+// SYNQ_CUDA_GEMV=1 (read at every call) until the GPU tests and benchmark have run it;
+// without it, M <= 4 takes gemm_small_m as before.
+bool gemv_enabled() {
+  const char* v = std::getenv("SYNQ_CUDA_GEMV");
+  return v != nullptr && v[0] == '1';
+}
+
 template <bool AP, bool BP>
 void launch_gemm(const Operand& a, const Operand& b, int64_t M, int N, int K, bool a_signed,
                  const Epilogue& epi, cudaStream_t stream) {
+  if constexpr (!AP && BP) {
+    if (M <= kGemvM && gemv_enabled()) return launch_gemv(a, b, M, N, K, epi, stream);
+  }
   if (M <= kSmallM) {
     const int64_t blocks = (N + 8 * kSmallNG - 1) / (8 * kSmallNG);
     gemm_small_m<AP, BP><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
