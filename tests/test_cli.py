@@ -182,6 +182,24 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantize_and_export_run_on_cuda(tmp_path, digits_module, capsys):
+    """The README's main job (W4A4 synthesis and fine-tuning) and the export, on a GPU with a
+    tiny budget: every stage runs there, and the exported model agrees with the
+    fake-quantized one."""
+    out = tmp_path / "run"
+    tiny = [a if a != "cpu" else "cuda" for a in TINY]
+    argv = ["quantize", "--model", f"{digits_module}:model", "--test-set",
+            f"{digits_module}:test_set", "--out", str(out)] + tiny
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quantized"]["top1"] > 20, summary["quantized"]  # chance is 10%
+    assert cli.main(["export", "--quantized", str(out), "--test-set",
+                     f"{digits_module}:test_set", "--no-progress", "--device", "cuda"]) == 0
+    report = json.loads((out / "int" / "export.json").read_text())
+    assert abs(report["integer"]["top1"] - report["fake_quantized"]["top1"]) < 2.0, report
+
+
 def test_export_of_bundled_model_fixes_the_input_range():
     """The bundled model's inputs are normalized [0, 1] pixels: its export quantizes the first
     layer on that fixed grid (results do not depend on the batch); other models keep the
