@@ -390,6 +390,35 @@ print("ok")
 """
 
 
+_AOT_FLAT_SCRIPT = _AOT_SCRIPT.split("# the plain conv")[0] + r"""
+# the flattened-K mode with the tiles _tap_config gives it, fused as an exported model runs it
+# (offset term, int8 out; an int8 residual for a block's second conv): ResNet-18's 3-channel
+# 7x7 stem at batch 256, ResNet-20's 1-channel stem and a 16-channel block conv at batch 256
+for cg, og, kh, p, res in [(3, 64, 7, 256 * 112 * 112, False), (1, 16, 3, 256 * 28 * 28, False),
+                           (16, 16, 3, 256 * 28 * 28, True)]:
+    cfg = m._tap_config(p, cg, og, kh * kh, False, kh * kh * cg)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    sig = dict(base, out_ptr="*i8", res_ptr="*i8")
+    consts = {"HAS_BIAS": True, "HAS_OFFSET": True, "RES_MODE": 2 if res else 0, "RELU": True,
+              "OUT_Q": True, "ROUND_BF16": False, "FLAT": True, "CG": cg, "KWC": kh,
+              "W_PACKED": False, "FAST_DIV": True, **cfg}
+    regs, stack = resources(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps,
+                            num_stages=stages)
+    # a spill here is local-memory traffic in the main loop (the stem's kernel at 4 warps:
+    # 416 bytes, 101 local loads per K block)
+    assert stack == 0, (cg, og, kh, res, cfg, warps, regs, stack)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_flat_mode_default_tiles_do_not_spill():
+    """The flattened-K mode computes a window position and mask per A element, which costs
+    registers: the tiles _tap_config picks for it must compile for sm_90 without spilling."""
+    import triton_aot
+    triton_aot.run(_AOT_FLAT_SCRIPT)
+
+
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
 def test_triton_tap_kernel_compiles_to_int8_mma_for_sm90():
     """The interpreter hides GPU-only compile errors: the tap-blocked conv kernel compiled

@@ -36,6 +36,29 @@ def build(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
     if num_stages is not None:
         options["num_stages"] = num_stages
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options).asm["ptx"]
+
+
+def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
+    """(registers, stack bytes) a thread of `fn`'s cubin takes (arguments as build's), read
+    by the cuobjdump that Triton ships with its NVIDIA backend; stack bytes are spills."""
+    import os, subprocess, tempfile
+    full = dict(sig)
+    full.update({k: "constexpr" for k in consts})
+    attrs = {(fn.arg_names.index(a),): ALIGN for a in aligned}
+    src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    cubin = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options).asm["cubin"]
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
+    return int(regs), int(stack)
 '''
 
 

@@ -206,16 +206,19 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
     the guess's time; 1x1 to >= 256 channels (128, 256, 64, 8, 3), 0.70x; 64 channels
     (128, 64, 64, 4, 3), 0.92x. Small convs (p < 4096) were not swept. flat_k: K of a conv
     with fewer than TAP_MIN_CHANNELS channels per group (the flattened-K mode, not swept
-    either): BK 32 up to K = 160 (ResNet-18's stem: 147 in 5 blocks), else 64. A "maxnreg"
-    key, if given (benchmarks/bench_conv_tiles.py sweeps some), caps the registers a thread
-    at launch."""
+    either): BK 32 up to K = 160 (ResNet-18's stem: 147 in 5 blocks), else 64, 8 warps.
+    A "maxnreg" key, if given (benchmarks/bench_conv_tiles.py sweeps some), caps the
+    registers a thread at launch."""
     if interp:  # few, large programs under the interpreter
         return dict(BM=_block(p, 16, 256), BN=_block(og, 16, 128),
                     BK=_block(flat_k or cg, 32, 128), num_warps=4)
     if flat_k:
-        bn = _block(og, 32, 128)
-        return dict(BM=128, BN=bn, BK=32 if flat_k <= 160 else 64,
-                    num_warps=8 if bn == 128 else 4, num_stages=3)
+        # 8 warps: each A element has its own window position and mask, and at 4 warps
+        # (BN <= 64) the stem's kernel took 255 registers a thread and spilled (416 bytes;
+        # 101 local loads per K block); at 8 none, 16% fewer instructions per row
+        # (sm_90 SASS), and ResNet-20's 1-channel stem 101 registers instead of 236
+        return dict(BM=128, BN=_block(og, 32, 128), BK=32 if flat_k <= 160 else 64,
+                    num_warps=8, num_stages=3)
     bk = 64 if cg >= 64 else 32
     if p < 4096:
         return dict(BM=64, BN=_block(og, 32, 128), BK=bk, num_warps=4, num_stages=3)
