@@ -39,8 +39,10 @@ def build(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
 
 
 def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
-    """(registers, stack bytes) a thread of `fn`'s cubin takes (arguments as build's), read
-    by the cuobjdump that Triton ships with its NVIDIA backend; stack bytes are spills."""
+    """(registers, stack bytes, local loads / stores in the main loop) a thread of `fn`'s
+    cubin takes (arguments as build's), read by the cuobjdump that Triton ships with its
+    NVIDIA backend. Stack bytes are spills; the main loop is the one around the last
+    tensor-core MMA (from its backward branch to that branch's target)."""
     import os, subprocess, tempfile
     full = dict(sig)
     full.update({k: "constexpr" for k in consts})
@@ -55,10 +57,22 @@ def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
-    return int(regs), int(stack)
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    last_mma = max(i for i, (_, op) in enumerate(code) if re.search(r"\b[IH]GMMA|[IH]MMA", op))
+    loop_spills = 0
+    for addr, op in code[last_mma:]:
+        back = re.search(r"BRA (?:\S+, )?0x([0-9a-f]+)", op)
+        if back and int(back.group(1), 16) < addr:
+            start = int(back.group(1), 16)
+            loop_spills = sum(1 for a, o in code if start <= a <= addr
+                              and re.search(r"\b(LDL|STL)\b", o))
+            break
+    return int(regs), int(stack), loop_spills
 '''
 
 
