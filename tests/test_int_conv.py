@@ -353,7 +353,7 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend, fast_div,
 _AOT_SCRIPT = r"""
 import synq_kernels.triton.conv_tap as m
 
-ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "KP", "TAPS", "n_cb", "n_kb",
+ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "TAPS", "n_cb", "n_kb",
         "n_tiles", "sxb", "sxc", "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh",
         "sow", "srb", "src", "srh", "srw", "scb", "scg", "sch", "scw", "sh", "sw", "ph", "pw",
         "dh", "dw"]
@@ -451,12 +451,17 @@ for args, kwargs in calls:
                 aligned.append(name)
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     consts.update(kwargs)
-    regs, stack, loop_spills = resources(kernel, sig, consts, aligned, **opts)
+    r = resources(kernel, sig, consts, aligned, **opts)
+    what = (args[22:27], consts["FLAT"], consts["RES_MODE"],
+            {k: consts[k] for k in ("BM", "BN", "BK")}, opts, r)
     # a spill in the main loop is local-memory traffic at every K block (the stem at 4 warps:
     # 101 local loads per block); a few in the epilogue are cheap
-    tiles = {k: consts[k] for k in ("BM", "BN", "BK")}
-    what = (args[22:27], consts["FLAT"], consts["RES_MODE"], tiles, opts, regs, stack)
-    assert loop_spills == 0 and stack <= 64, what + (loop_spills,)
+    assert r["loop_spills"] == 0 and r["stack"] <= 64, what
+    # operands in asynchronous 16-byte copies: both of them tap-blocked (a 1x1 conv's weight
+    # was 64 one-byte loads a thread and K block), the weight in the flattened-K mode, whose A
+    # elements each have their own window position
+    assert r["loop_copies"] is None or (  # None: one K block, no loop
+        r["loop_copies"] > 0 and (consts["FLAT"] or r["loop_loads"] == 0)), what
     print(*what)
 print("ok")
 """
@@ -467,7 +472,8 @@ def test_triton_conv_default_tiles_do_not_spill():
     """The tiles _tap_config picks, with the fused epilogue of an exported model, compile for
     sm_90 without spilling in the main loop, and at most 64 bytes a thread elsewhere (the
     flattened-K mode computes a window position and mask per A element, the fused epilogue
-    holds an int8 residual: both cost registers)."""
+    holds an int8 residual: both cost registers); the operands reach shared memory in
+    asynchronous copies."""
     import triton_aot
     print(triton_aot.run(_AOT_SPILL_SCRIPT))
 

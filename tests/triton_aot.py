@@ -39,10 +39,12 @@ def build(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
 
 
 def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
-    """(registers, stack bytes, local loads / stores in the main loop) a thread of `fn`'s
-    cubin takes (arguments as build's), read by the cuobjdump that Triton ships with its
-    NVIDIA backend. Stack bytes are spills; the main loop is the one around the last
-    tensor-core MMA (from its backward branch to that branch's target)."""
+    """What a thread of `fn`'s cubin takes (arguments as build's), read by the cuobjdump that
+    Triton ships with its NVIDIA backend: a dict of registers, stack bytes (spills), and, in
+    the main loop (the one around the last tensor-core MMA, from its backward branch to that
+    branch's target), local loads / stores, global loads into registers and asynchronous
+    global-to-shared copies (SASS instructions; None for the last two where no loop surrounds
+    the MMA)."""
     import os, subprocess, tempfile
     full = dict(sig)
     full.update({k: "constexpr" for k in consts})
@@ -64,15 +66,18 @@ def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
     code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     last_mma = max(i for i, (_, op) in enumerate(code) if re.search(r"\b[IH]GMMA|[IH]MMA", op))
-    loop_spills = 0
+    mma_addr, loop = code[last_mma][0], None
     for addr, op in code[last_mma:]:
         back = re.search(r"BRA (?:\S+, )?0x([0-9a-f]+)", op)
-        if back and int(back.group(1), 16) < addr:
-            start = int(back.group(1), 16)
-            loop_spills = sum(1 for a, o in code if start <= a <= addr
-                              and re.search(r"\b(LDL|STL)\b", o))
+        if back and int(back.group(1), 16) <= mma_addr:
+            loop = [o for a, o in code if int(back.group(1), 16) <= a <= addr]
             break
-    return int(regs), int(stack), loop_spills
+    if loop is None:  # no loop around the MMA (a single K block, peeled)
+        return {"regs": int(regs), "stack": int(stack), "loop_spills": 0, "loop_loads": None,
+                "loop_copies": None}
+    count = lambda pattern: sum(1 for o in loop if re.search(pattern, o))  # noqa: E731
+    return {"regs": int(regs), "stack": int(stack), "loop_spills": count(r"\b(LDL|STL)\b"),
+            "loop_loads": count(r"\bLDG\.|\bLDG\b"), "loop_copies": count(r"\bLDGSTS\b")}
 '''
 
 

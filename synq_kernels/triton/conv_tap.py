@@ -44,6 +44,7 @@ torch.div and torch.round.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -61,7 +62,7 @@ FAST_DIV_ROWS = 1 << 22
 @triton.jit
 def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_ptr, bias_ptr,
                      off_ptr, cs_ptr, res_ptr, rsc_ptr, rzp_ptr, osc_ptr, ozp_ptr, out_hi,
-                     P, OHW, OW, inv_ohw, inv_ow, H, W, Cg, Og, KW, K, KP, TAPS, n_cb, n_kb,
+                     P, OHW, OW, inv_ohw, inv_ow, H, W, Cg, Og, KW, K, TAPS, n_cb, n_kb,
                      n_tiles, sxb, sxc, sxh, sxw, swn, swc, swy, swx, sob, soc, soh, sow,
                      srb, src, srh, srw, scb, scg, sch, scw, sh, sw, ph, pw, dh, dw,
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
@@ -111,22 +112,24 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
             a = tl.load(tl.where(inside, x_ptr + xrow[:, None] + (c * sxc)[None, :] + iy * sxh
                                  + ix * sxw, zp_ptr), mask=p_ok[:, None] & k_ok[None, :],
                         other=0)
-            if W_PACKED:  # (Cout, KP = ceil(K / 2)) bytes, K in (ky, kx, c) order, 2 per
-                # byte; KP is an argument so that Triton can specialize it (see int_gemm.py)
+            # w: (Cout, n_kb * BK) bytes, or half that packed (2 per byte), K in (ky, kx, c)
+            # order, zero-padded by conv2d_tap to whole K blocks: rows 16-byte aligned and no
+            # K mask, so B comes in 16-byte copies (a mask against K or K / 2, or the
+            # (c, ky, kx) strides, kept it to one byte per load: 8 a thread and K block)
+            if W_PACKED:
                 rh = kb * (BK // 2) + tl.arange(0, BK // 2)
-                q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :],
-                            mask=j_ok[:, None] & (rh[None, :] < KP), other=0)
+                q = tl.load(w_ptr + rn[:, None] * swn + rh[None, :], mask=j_ok[:, None],
+                            other=0)
                 q = q.to(tl.int32)
                 lo = q & 0xF
                 hi = (q >> 4) & 0xF
                 lo = lo - ((lo & 8) << 1)
                 hi = hi - ((hi & 8) << 1)
                 b = tl.join(lo, hi).reshape(BN, BK)
-                b = tl.where(k_ok[None, :], b, 0).to(tl.int8)
+                b = tl.where(k_ok[None, :], b, 0).to(tl.int8)  # an odd K's pad nibble
             else:
-                b = tl.load(w_ptr + rn[:, None] * swn
-                            + (c * swc + ky * swy + kx * swx)[None, :],
-                            mask=j_ok[:, None] & k_ok[None, :], other=0)
+                b = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=j_ok[:, None],
+                            other=0)
         else:
             t = kb // n_cb
             c0 = (kb % n_cb) * BK
@@ -192,6 +195,15 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
                  y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _strides(t: torch.Tensor) -> tuple:
+    """t's strides with 0 for its size-1 dims. torch gives those dims stride 1 in a
+    channels-last tensor (a 1x1 conv's weight: (C, 1, 1, 1)), which Triton's launcher turns
+    into the constant 1: the kernel's ky * swy then has no known alignment, and every weight
+    byte of a 1x1 conv was a load of its own (sm_90 TTGIR: the B tile a synchronous tt.load of
+    single bytes, 64 a thread and K block, where 3x3 convs have 16-byte copies)."""
+    return tuple(st if n > 1 else 0 for st, n in zip(t.stride(), t.shape))
+
+
 def _block(n: int, lo: int, hi: int) -> int:
     """The power of two covering n, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
@@ -243,15 +255,7 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
     bsz, c, h, wd = x.shape
     cout, cg = w.shape[0], c // groups
     og = cout // groups
-    if w_packed:
-        kh, kw = kernel_size
-        w = w.contiguous()
-        w_strides = (w.stride(0), 0, 0, 0)
-    else:
-        kh, kw = w.shape[2], w.shape[3]
-        if w.stride(1) != 1:  # (Cout, C/g, kh, kw) contiguous: read K = (ky, kx, c) in runs
-            w = w.contiguous(memory_format=torch.channels_last)
-        w_strides = w.stride()
+    kh, kw = kernel_size if w_packed else (w.shape[2], w.shape[3])
     oh, ow = out.shape[2], out.shape[3]
     p = bsz * oh * ow
     flat = cg < TAP_MIN_CHANNELS or w_packed
@@ -260,6 +264,15 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
     bn, bk = cfg["BN"], cfg["BK"]
     n_tiles, n_cb = triton.cdiv(og, bn), triton.cdiv(cg, bk)
     n_kb = triton.cdiv(k, bk) if flat else kh * kw * n_cb
+    if flat:
+        # (Cout, K) rows in (ky, kx, c) order, zero-padded to whole K blocks (see the kernel)
+        w2 = w.contiguous() if w_packed else w.permute(0, 2, 3, 1).reshape(cout, k)
+        w = F.pad(w2, (0, (n_kb * bk // 2 if w_packed else n_kb * bk) - w2.shape[1]))
+        w_strides = (w.stride(0), 0, 0, 0)
+    else:
+        if w.stride(1) != 1:  # (Cout, C/g, kh, kw) contiguous: read K = (ky, kx, c) in runs
+            w = w.contiguous(memory_format=torch.channels_last)
+        w_strides = _strides(w)
     grid = (triton.cdiv(p, cfg["BM"]), groups * n_tiles)
     out_q = out.dtype == torch.int8
     res_mode = 0 if residual is None else (2 if residual.dtype == torch.int8 else 1)
@@ -278,10 +291,10 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         res_zero if res_zero is not None else x_zero,
         out_scale if out_scale is not None else dummy,
         out_zero if out_zero is not None else x_zero, float(out_hi),
-        p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cg, og, kw, k, (k + 1) // 2, kh * kw,
-        n_cb, n_kb, n_tiles, *x.stride(), *w_strides, *out.stride(),
-        *(residual.stride() if residual is not None else (0, 0, 0, 0)),
-        *(csum.stride() if csum is not None else (0, 0, 0, 0)), *stride, *padding, *dilation,
+        p, oh * ow, ow, 1.0 / (oh * ow), 1.0 / ow, h, wd, cg, og, kw, k, kh * kw,
+        n_cb, n_kb, n_tiles, *_strides(x), *w_strides, *_strides(out),
+        *(_strides(residual) if residual is not None else (0, 0, 0, 0)),
+        *(_strides(csum) if csum is not None else (0, 0, 0, 0)), *stride, *padding, *dilation,
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
         RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
         CG=cg if flat else 0, KWC=kw if flat else 0, W_PACKED=bool(w_packed),
