@@ -353,7 +353,7 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend, fast_div,
 _AOT_SCRIPT = r"""
 import synq_kernels.triton.conv_tap as m
 
-ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "TAPS", "n_cb", "n_kb",
+ints = ["P", "OHW", "OW", "H", "W", "Cg", "Og", "KW", "K", "TAPS", "n_kb",
         "n_tiles", "sxb", "sxc", "sxh", "sxw", "swn", "swc", "swy", "swx", "sob", "soc", "soh",
         "sow", "srb", "src", "srh", "srw", "scb", "scg", "sch", "scw", "sh", "sw", "ph", "pw",
         "dh", "dw"]

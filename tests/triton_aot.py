@@ -43,8 +43,8 @@ def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
     Triton ships with its NVIDIA backend: a dict of registers, stack bytes (spills), and, in
     the main loop (the one around the last tensor-core MMA, from its backward branch to that
     branch's target), local loads / stores, global loads into registers and asynchronous
-    global-to-shared copies (SASS instructions; None for the last two where no loop surrounds
-    the MMA)."""
+    global-to-shared copies, and its length (SASS instructions; None for the last three where
+    no loop surrounds the MMA)."""
     import os, subprocess, tempfile
     full = dict(sig)
     full.update({k: "constexpr" for k in consts})
@@ -74,10 +74,11 @@ def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
             break
     if loop is None:  # no loop around the MMA (a single K block, peeled)
         return {"regs": int(regs), "stack": int(stack), "loop_spills": 0, "loop_loads": None,
-                "loop_copies": None}
+                "loop_copies": None, "loop_instructions": None}
     count = lambda pattern: sum(1 for o in loop if re.search(pattern, o))  # noqa: E731
     return {"regs": int(regs), "stack": int(stack), "loop_spills": count(r"\b(LDL|STL)\b"),
-            "loop_loads": count(r"\bLDG\.|\bLDG\b"), "loop_copies": count(r"\bLDGSTS\b")}
+            "loop_loads": count(r"\bLDG\.|\bLDG\b"), "loop_copies": count(r"\bLDGSTS\b"),
+            "loop_instructions": len(loop)}
 '''
 
 
