@@ -1,5 +1,6 @@
 """synq_kernels.triton.conv_tap: the fused (requantizing) conv that an exported model runs on
-a GPU, in its tap-blocked and flattened-K modes. Under the Triton interpreter (CPU) its epilogue must equal, bit for bit,
+a GPU, in its tap-blocked, window-row and flattened-K modes. Under the Triton interpreter (CPU)
+its epilogue must equal, bit for bit,
 the same float32 steps in PyTorch on the exact integer accumulator; on a GPU (fused
 multiply-adds) the int8 outputs may differ by one step at rounding ties."""
 import pytest
@@ -18,10 +19,13 @@ CASES = [(2, 32, 8, 7, 24, 3, 1, 1, 1, 1, True),
          (1, 80, 9, 9, 30, 3, 2, 1, 1, 2, False),
          (2, 40, 6, 6, 16, 1, 1, 0, 1, 1, True),
          (1, 64, 7, 5, 48, 3, 1, 2, 2, 1, True),
-         # fewer than 32 channels per group: the flattened-K mode (a 7x7 stride-2 stem, and
-         # a grouped, dilated one with 8 channels per group)
+         # fewer than 32 channels per group: the window-row mode or the flattened-K one (a
+         # 7x7 stride-2 stem, a grouped, dilated conv with 8 channels per group, a 16-channel
+         # NCHW one whose window row (48) leaves a ragged block of 64, a 1-channel 3x3)
          (2, 3, 15, 13, 20, 7, 2, 3, 1, 1, True),
-         (1, 16, 9, 9, 24, 3, 1, 2, 2, 2, False)]
+         (1, 16, 9, 9, 24, 3, 1, 2, 2, 2, False),
+         (1, 16, 10, 11, 20, 3, 2, 1, 1, 1, False),
+         (2, 1, 9, 8, 16, 3, 1, 1, 1, 1, True)]
 
 
 def _expected(x, xs, xz, w, ws, bias, offset, relu, res, rscale, rzero, oscale, ozero, hi, geom):
@@ -42,8 +46,14 @@ def _expected(x, xs, xz, w, ws, bias, offset, relu, res, rscale, rzero, oscale, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_epilogue(device):
+@pytest.mark.parametrize("small_mode", ["auto", "flat", "run"])
+def test_fused_epilogue(device, small_mode, monkeypatch):
+    """Every epilogue variant on each case; convs with fewer than 32 channels per group in the
+    mode conv2d_tap picks (auto), or all in the flattened-K mode, or all whose window row
+    fits a block (<= 64) in the window-row mode."""
     from synq_kernels.triton import conv_tap
+    monkeypatch.setattr(conv_tap, "RUN_K_RANGE", {"auto": conv_tap.RUN_K_RANGE,
+                                                  "flat": (0, 0), "run": (1, 64)}[small_mode])
     g = torch.Generator().manual_seed(0)
     variants = [(o, r, q) for o in (False, True) for r in (None, "float", "int8")
                 for q in (False, True)]

@@ -375,7 +375,7 @@ for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, 
     sig = dict(base, out_ptr="*i8" if fused else ("*bf16" if packed else f32),
                res_ptr="*i8" if fused else f32, w_ptr="*u8" if packed else "*i8")
     consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused and not flat else 0,
-              "RELU": True, "OUT_Q": fused, "ROUND_BF16": packed, "FLAT": flat,
+              "RELU": True, "OUT_Q": fused, "ROUND_BF16": packed, "FLAT": flat, "RUN": False,
               "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "W_PACKED": packed,
               "FAST_DIV": not packed, "BM": bm, "BN": bn, "BK": bk}
     ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)
@@ -414,8 +414,8 @@ def i8(*shape):
 one = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)  # noqa: E731
 m._conv_tap_kernel = Recorder()
 gpu_config = m._tap_config  # the GPU's tiles for these CPU tensors, not the interpreter's
-m._tap_config = lambda p, cg, og, taps, interp, flat_k=0: gpu_config(p, cg, og, taps, False,
-                                                                     flat_k)
+m._tap_config = lambda p, cg, og, taps, interp, *modes: gpu_config(p, cg, og, taps, False,
+                                                                    *modes)
 # exported-model convs, fused (offset term, bias, ReLU, int8 out, int8 residual for a block's
 # second conv), at batch sizes that give the large-P tiles: ResNet-18's stem, layer1 / layer3 /
 # layer4 block convs and a downsample; ResNet-20's 1-channel stem and a 16-channel block conv
@@ -452,16 +452,16 @@ for args, kwargs in calls:
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     consts.update(kwargs)
     r = resources(kernel, sig, consts, aligned, **opts)
-    what = (args[22:27], consts["FLAT"], consts["RES_MODE"],
+    what = (args[22:27], consts["FLAT"], consts["RUN"], consts["RES_MODE"],
             {k: consts[k] for k in ("BM", "BN", "BK")}, opts, r)
     # a spill in the main loop is local-memory traffic at every K block (the stem at 4 warps:
     # 101 local loads per block); a few in the epilogue are cheap
     assert r["loop_spills"] == 0 and r["stack"] <= 64, what
     # operands in asynchronous 16-byte copies: both of them tap-blocked (a 1x1 conv's weight
-    # was 64 one-byte loads a thread and K block), the weight in the flattened-K mode, whose A
-    # elements each have their own window position
+    # was 64 one-byte loads a thread and K block), the weight in the flattened-K and
+    # window-row modes, whose A elements each have their own window position
     assert r["loop_copies"] is None or (  # None: one K block, no loop
-        r["loop_copies"] > 0 and (consts["FLAT"] or r["loop_loads"] == 0)), what
+        r["loop_copies"] > 0 and (consts["FLAT"] or consts["RUN"] or r["loop_loads"] == 0)), what
     print(*what)
 print("ok")
 """

@@ -2,12 +2,19 @@
 triton quantized_conv2d for int8 weights and more than one input channel per group, and the
 fused conv of an exported model on a GPU (synq.deploy).
 
-Two modes of one kernel. With at least TAP_MIN_CHANNELS channels per group, tap-blocked
-(below). With fewer (a 3-channel stem, 16-channel ResNet-20 stages), flattened K: K runs over
-(ky, kx, c) in blocks that cross taps, each A element gets its own window position and
-padding mask, and the channel count and kernel width are compile-time constants, so the
-index split is a multiply, not a division (the previous kernel's three run-time divisions
-per element made ResNet-18's stem take 6.8 ms at batch 256 on an H200).
+Three modes of one kernel. With at least TAP_MIN_CHANNELS channels per group, tap-blocked
+(below). With fewer (a 3-channel stem, 16-channel ResNet-20 stages), K runs over (ky, kx, c),
+the channel count and kernel width compile-time constants, so that splitting an index is a
+multiply, not a division (the first kernel's three run-time divisions per element made
+ResNet-18's stem take 6.8 ms at batch 256 on an H200):
+- window-row mode, where one row of the window (kw * C / groups values) fits a block of
+  at most 64 (RUN_K_RANGE): block ky holds window row ky, so each column's tap, channel
+  offset and mask of x's width are fixed for the whole loop, and only the row changes
+  (sm_90 SASS: 92 instructions a block for a 16-channel 3x3 conv with 16-byte copies of
+  both operands, against 341 and byte loads flattened; ResNet-18's stem 347 against 521,
+  at 120 registers against 166);
+- flattened K otherwise: blocks cross taps, each A element gets its own window position
+  and padding mask.
 
 Tap-blocked: one program owns BM output pixels x BN output channels of one group and walks K
 in one flat loop over blocks (window tap, channel block), advanced by counters, so a block
@@ -57,6 +64,9 @@ TAP_MIN_CHANNELS = 32
 # index into (batch, y, x) with float reciprocals (exact below 2^22: checked for every divisor
 # up to 300000 at both sides of each multiple).
 FAST_DIV_ROWS = 1 << 22
+# kw * C / groups (one window row's K) for which a conv with fewer than TAP_MIN_CHANNELS
+# channels per group runs the window-row mode rather than the flattened-K one (see above)
+RUN_K_RANGE = (16, 64)
 
 
 @triton.jit
@@ -67,7 +77,8 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
                      srb, src, srh, srw, scb, scg, sch, scw, sh, sw, ph, pw, dh, dw,
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
                      RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
-                     FLAT: tl.constexpr, CG: tl.constexpr, KWC: tl.constexpr,
+                     FLAT: tl.constexpr, RUN: tl.constexpr, CG: tl.constexpr,
+                     KWC: tl.constexpr,
                      W_PACKED: tl.constexpr, FAST_DIV: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -102,8 +113,25 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
     tc = tl.full([], 0, tl.int32)
     tx = tl.full([], 0, tl.int32)
     ty = tl.full([], 0, tl.int32)
+    if RUN:
+        # window-row mode: block kb is window row ky = kb, its column j the tap kx = j // CG,
+        # channel j % CG; the column offsets and the masks of x's width do not depend on kb
+        jx = rc0 // CG
+        jv = rc0 < KWC * CG
+        joff = jx * (dw * sxw) + (rc0 % CG) * sxc
+        ixj = ix0[:, None] + (jx * dw)[None, :]
+        xin = (ixj >= 0) & (ixj < W) & jv[None, :]
     for kb in range(0, n_kb):
-        if FLAT:
+        if RUN:
+            iy = iy0 + kb * dh
+            inside = xin & ((iy >= 0) & (iy < H))[:, None]
+            a = tl.load(tl.where(inside, x_ptr + (xrow + iy * sxh + ix0 * sxw)[:, None]
+                                 + joff[None, :], zp_ptr + rc0[None, :]),
+                        mask=p_ok[:, None] & jv[None, :], other=0)
+            # w: (Cout, KH * BK) bytes, window row ky at ky * BK, zero past KWC * CG
+            b = tl.load(w_ptr + rn[:, None] * swn + (kb * BK + rc0)[None, :],
+                        mask=j_ok[:, None], other=0)
+        elif FLAT:
             # K flattened in (ky, kx, c) order, blocks across taps; CG and KWC are
             # compile-time constants, so the index split costs multiplies, not divisions
             rk = kb * BK + rc0
@@ -149,7 +177,7 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
             b = tl.load(w_ptr + (rn * swn + ty * swy + tx * swx)[:, None]
                         + (rc * swc)[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0)
         acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-        if not FLAT:  # next block: the next channels of this tap (ty, tx), or the next tap
+        if not FLAT and not RUN:  # next: this tap's next channels (ty, tx), or the next tap
             tc += BK
             wrap = tc >= Cg
             tc = tl.where(wrap, 0, tc)
@@ -219,7 +247,8 @@ def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int = 0) -> dict:
+def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int = 0,
+                run_k: int = 0) -> dict:
     """Launch parameters for p output pixels, cg / og channels per group in / out and taps =
     kh * kw: tile BM pixels x BN output channels x BK input channels, warps and pipeline
     stages. Large convs take the fastest tiles of the H200 sweep
@@ -228,12 +257,17 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
     the guess's time; 1x1 to >= 256 channels (128, 256, 64, 8, 3), 0.70x; 64 channels
     (128, 64, 64, 4, 3), 0.92x. Small convs (p < 4096) were not swept. flat_k: K of a conv
     with fewer than TAP_MIN_CHANNELS channels per group (the flattened-K mode, not swept
-    either): BK 32 up to K = 160 (ResNet-18's stem: 147 in 5 blocks), else 64, 8 warps.
+    either): BK 32 up to K = 160, else 64, 8 warps. run_k: kw * C / groups of a conv in the
+    window-row mode (RUN_K_RANGE): BK covers it, 8 warps.
     A "maxnreg" key, if given (benchmarks/bench_conv_tiles.py sweeps some), caps the
     registers a thread at launch."""
     if interp:  # few, large programs under the interpreter
         return dict(BM=_block(p, 16, 256), BN=_block(og, 16, 128),
-                    BK=_block(flat_k or cg, 32, 128), num_warps=4)
+                    BK=_block(run_k, 32, 64) if run_k else _block(flat_k or cg, 32, 128),
+                    num_warps=4)
+    if run_k:  # the window-row mode: a block is one row of the window, 8 warps as flat_k's
+        return dict(BM=128, BN=_block(og, 32, 128), BK=_block(run_k, 32, 64), num_warps=8,
+                    num_stages=3)
     if flat_k:
         # 8 warps: each A element has its own window position and mask, and at 4 warps
         # (BN <= 64) the stem's kernel took 255 registers a thread and spilled (416 bytes;
@@ -268,13 +302,21 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
     kh, kw = kernel_size if w_packed else (w.shape[2], w.shape[3])
     oh, ow = out.shape[2], out.shape[3]
     p = bsz * oh * ow
-    flat = cg < TAP_MIN_CHANNELS or w_packed
+    small = cg < TAP_MIN_CHANNELS or w_packed
+    run = small and not w_packed and RUN_K_RANGE[0] <= kw * cg <= RUN_K_RANGE[1]
+    flat = small and not run
     k = kh * kw * cg
-    cfg = _tap_config(p, cg, og, kh * kw, x.device.type == "cpu", k if flat else 0)
+    cfg = _tap_config(p, cg, og, kh * kw, x.device.type == "cpu", k if flat else 0,
+                      kw * cg if run else 0)
     bn, bk = cfg["BN"], cfg["BK"]
     n_tiles, n_cb = triton.cdiv(og, bn), triton.cdiv(cg, bk)
-    n_kb = triton.cdiv(k, bk) if flat else kh * kw * n_cb
-    if flat:
+    n_kb = kh if run else (triton.cdiv(k, bk) if flat else kh * kw * n_cb)
+    if run:
+        # (Cout, kh * BK): window row ky at ky * BK, in (kx, c) order, zero past kw * Cg
+        w3 = w.permute(0, 2, 3, 1).reshape(cout, kh, kw * cg)
+        w = F.pad(w3, (0, bk - kw * cg)).reshape(cout, kh * bk)
+        w_strides = (w.stride(0), 0, 0, 0)
+    elif flat:
         # (Cout, K) rows in (ky, kx, c) order, zero-padded to whole K blocks (see the kernel)
         w2 = w.contiguous() if w_packed else w.permute(0, 2, 3, 1).reshape(cout, k)
         w = F.pad(w2, (0, (n_kb * bk // 2 if w_packed else n_kb * bk) - w2.shape[1]))
@@ -307,7 +349,7 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         *(_strides(csum) if csum is not None else (0, 0, 0, 0)), *stride, *padding, *dilation,
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
         RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
-        CG=cg if flat else 0, KWC=kw if flat else 0, W_PACKED=bool(w_packed),
+        RUN=run, CG=cg if small else 0, KWC=kw if small else 0, W_PACKED=bool(w_packed),
         FAST_DIV=p + cfg["BM"] <= FAST_DIV_ROWS, **cfg)
     return out
 
