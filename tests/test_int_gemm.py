@@ -362,16 +362,22 @@ for cc in (80, 90):
         sig = {"a_ptr": "*u8" if ap else "*i8", "b_ptr": "*u8" if bp else "*i8",
                "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KH": "i32", "sam": "i32",
                "sbn": "i32", "scm": "i32"}
-        consts = {"A_PACKED": ap, "A_SIGNED": True, "B_PACKED": bp, "BM": 128, "BN": 128,
-                  "BK": 128, "GROUP_M": 8}
+        consts = {"A_PACKED": ap, "A_SIGNED": True, "B_PACKED": bp, "ASM": True,
+                  "K_ODD": False, "BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}
         # K = 4096 as the launcher specializes it: sizes and strides multiples of 16
-        ptx = build(fn, sig, consts, ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "KH", "sam",
-                                      "sbn", "scm"], num_warps=8, cc=cc)
+        aligned = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "KH", "sam", "sbn", "scm"]
+        ptx = build(fn, sig, consts, aligned, num_warps=8, cc=cc)
         mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
         assert mma and all("s8.s8" in x for x in mma), (cc, ap, bp, sorted(set(mma))[:3])
         # every operand, packed ones included, streams through cp.async copies: no
         # synchronous global load is left (the packed ones were, before KH)
         assert "cp.async" in ptx and "ld.global" not in ptx, (cc, ap, bp)
+        if bp and cc == 90:
+            # the nibbles unpacked four bytes a register (inline PTX): elementwise int32 code
+            # took 1698 instructions per K block of this tile's W4A8 main loop, int8 174
+            assert "0x78787878" in ptx, (ap, bp)
+            r = resources(fn, sig, consts, aligned, num_warps=4, num_stages=3)
+            assert r["loop_instructions"] < 3 * 174 * (2 if ap else 1), (ap, bp, r)
 print("ok")
 """
 
@@ -462,7 +468,8 @@ for wp, out, relu in [(False, "fp32", False), (True, "bf16", True)]:
            "som": "i32"}
     int8_mma(build_epi(m._quantized_linear_kernel, sig,
                    {"W_PACKED": wp, "HAS_BIAS": True, "RELU": relu, "ROUND_BF16": out == "bf16",
-                    "BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, 4), ("linear", wp))
+                    "ASM": True, "BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, 4),
+             ("linear", wp))
 for wp in (False, True):
     sig = {"x_ptr": "*i8", "w_ptr": "*u8" if wp else "*i8", "out_ptr": "*bf16", **EPI,
            "Cout": "i32", "Og": "i32", "KH": "i32", "KW": "i32", "swy": "i32", "swx": "i32",
