@@ -100,7 +100,8 @@ class WeightQuantizer(nn.Module):
             amax = flat.abs().amax(dim=1)
             scale = torch.clamp(amax / float(self.qmax), min=_EPS).float()
             return scale, torch.zeros_like(scale)
-        return _asym_params(flat.amin(dim=1), flat.amax(dim=1), self.qmin, self.qmax)
+        lo, hi = torch.aminmax(flat, dim=1)  # one pass (and one launch) for both
+        return _asym_params(lo, hi, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.learnable is None:
