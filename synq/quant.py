@@ -205,10 +205,25 @@ class ActQuantizer(nn.Module):
             return synq_kernels.fake_quant(x, self.scale, self.zero_point, self.bits,
                                            grad_factor=1.0 / math.sqrt(x[0].numel() * self.qmax),
                                            backend=self.backend)
-        with torch.no_grad():
-            scale, zero_point = _asym_params(self.running_min, self.running_max,
-                                             self.qmin, self.qmax)
+        scale, zero_point = self._frozen_params()
         return synq_kernels.fake_quant(x, scale, zero_point, self.bits, backend=self.backend)
+
+    def _frozen_params(self):
+        """Scale and zero point of the running range, kept while its buffers are the same
+        tensors at the same versions (a fine-tuning step would otherwise recompute them, eight
+        small device ops per quantizer, from a range that no longer changes)."""
+        lo, hi = self.running_min, self.running_max
+        key = (lo, lo._version, hi, hi._version)
+        cached = getattr(self, "_params_cache", None)
+        if (cached is None or torch.compiler.is_compiling() or self.calibrating
+                or any(a is not b if isinstance(a, torch.Tensor) else a != b
+                       for a, b in zip(cached[0], key))):
+            with torch.no_grad():
+                params = _asym_params(lo, hi, self.qmin, self.qmax)
+            if torch.compiler.is_compiling() or self.calibrating:
+                return params
+            cached = self._params_cache = (key, params)
+        return cached[1]
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, per-tensor asymmetric, momentum={self.momentum}, "
