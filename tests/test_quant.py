@@ -157,6 +157,35 @@ def test_calibrated_flag_follows_load_state_dict_after_a_forward():
         q(torch.rand(4))
 
 
+def test_frozen_range_params_follow_every_change_of_the_range():
+    """The scale / zero point of a frozen range are kept between forwards, never stale: an
+    in-place change of the range, load_state_dict and a new calibration all show."""
+    q = ActQuantizer(bits=4)
+    q.calibrating = True
+    q(torch.tensor([0.0, 1.5]))
+    q.calibrating = False
+    x = torch.linspace(-1.0, 5.0, 61)
+
+    def want(lo, hi):
+        scale = (hi - lo) / 15
+        return torch.clamp(torch.round(x / scale) + round(-lo / scale), 0, 15) * scale \
+            - round(-lo / scale) * scale
+
+    torch.testing.assert_close(q(x), want(0.0, 1.5))
+    torch.testing.assert_close(q(x), want(0.0, 1.5))  # from the kept parameters
+    q.running_max.fill_(3.0)
+    torch.testing.assert_close(q(x), want(0.0, 3.0))
+    other = ActQuantizer(bits=4)
+    other.calibrating = True
+    other(torch.tensor([-1.0, 4.0]))
+    q.load_state_dict(other.state_dict())
+    torch.testing.assert_close(q(x), want(-1.0, 4.0))
+    q.calibrating = True
+    q(torch.tensor([-1.0, 14.0]))  # EMA: max 0.9 * 4 + 0.1 * 14 = 5
+    q.calibrating = False
+    torch.testing.assert_close(q(x), want(-1.0, 5.0))
+
+
 @pytest.mark.parametrize("mode", ["lsq", "lsq+"])
 def test_learnable_step_sizes(mode):
     torch.manual_seed(0)
