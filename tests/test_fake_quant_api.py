@@ -177,16 +177,7 @@ def test_eager_calls_skip_the_op_layer_with_the_same_gradients(backend, axis, ch
     """An eager call runs the op's forward and backward through a plain autograd Function
     (the custom-op layer cost most of a small call's host time); under a dispatch mode the
     custom op runs. Outputs and the gradients of x, scale and zero point agree bit for bit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Spy(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from op_spy import OpSpy
 
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(3, 6, 5, 4, generator=g) * 3
@@ -204,7 +195,7 @@ def test_eager_calls_skip_the_op_layer_with_the_same_gradients(backend, axis, ch
 
     direct = run()
     assert type(direct[0].grad_fn).__name__ == "_DirectBackward"
-    with Spy() as spy:
+    with OpSpy() as spy:
         seen = run()
     assert "synq.fake_quant.default" in spy.ops and "synq.fake_quant_backward.default" in spy.ops
     for a, b in zip(direct, seen):

@@ -169,16 +169,7 @@ def test_opcheck(backend):
 def test_eager_calls_skip_the_op_layer_modes_see_it(backend):
     """Plain eager calls run the op's body directly; under a dispatch mode (fake tensors,
     tracing, synq.replay's recorder) the custom op is what runs, with the same result."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Spy(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from op_spy import OpSpy
 
     g = torch.Generator().manual_seed(4)
     x = torch.randint(-128, 128, (2, 6, 9, 9), dtype=torch.int8, generator=g)
@@ -186,7 +177,7 @@ def test_eager_calls_skip_the_op_layer_modes_see_it(backend):
     args = (x, 0.02, -3, w, torch.rand(4, generator=g) + 0.1, torch.randn(4, generator=g))
     kw = dict(padding=1, groups=2, relu=True, backend=backend)
     direct = sk.quantized_conv2d(*args, **kw)
-    with Spy() as spy:
+    with OpSpy() as spy:
         seen = sk.quantized_conv2d(*args, **kw)
     assert "synq.quantized_conv2d.default" in spy.ops
     assert torch.equal(direct, seen)
