@@ -77,7 +77,7 @@ sig = {"a_ptr": "*i8", "b_ptr": "*u8", "c_ptr": "*i32", "N": "i32", "K": "i32", 
 for a_packed in (False, True):
     cfg = m._gemv_config(4096, 2048, False)
     warps = cfg.pop("num_warps")
-    consts = dict(A_PACKED=a_packed, A_SIGNED=True, **cfg)
+    consts = dict(A_PACKED=a_packed, A_SIGNED=True, ASM=True, **cfg)
     ptx = build(m._int_gemv_kernel, dict(sig, a_ptr="*u8" if a_packed else "*i8"), consts,
                 ["a_ptr", "b_ptr", "c_ptr", "K", "KH", "sam", "sbn", "scm"], num_warps=warps,
                 cc=90)
@@ -85,6 +85,8 @@ for a_packed in (False, True):
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (16|0x10)\b",
                      ptx), a_packed
     assert "cp.async.wait_group" in ptx, a_packed
+    # int8 activations: the nibbles unpacked and multiplied four bytes at a time (dp4a)
+    assert ("dp4a.s32.s32" in ptx) == (not a_packed), a_packed
 print("ok")
 """
 
@@ -93,6 +95,6 @@ print("ok")
 def test_triton_gemv_compiles_for_sm90():
     """The interpreter hides GPU-only compile errors: the kernel compiled ahead of time for
     sm_90 (no GPU needed), its weight loads 16-byte cp.async copies
-    in a software pipeline."""
+    in a software pipeline, and with int8 activations the products dp4a."""
     import triton_aot
     triton_aot.run(_AOT_SCRIPT)
