@@ -43,10 +43,10 @@ CONFIGS_QUICK = [(128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3),
 CONFIGS_MAXNREG = [(64, 128, 64, 4, 3, 168), (128, 64, 64, 4, 3, 168)]
 
 
-def _fused_call(x, wq, ws, rs, cout, s, p, oh, ow):
+def _fused_call(x, wq, ws, rs, cout, s, p, oh, ow, residual):
     """The conv as an exported W8A8 model runs it on a GPU (synq.deploy, fused): offset term,
-    bias, int8 residual where the output matches the input's shape (a block's second conv),
-    ReLU and int8 requantization, in one kernel. The epilogue raises the kernel's registers
+    bias, an int8 residual if `residual` (a block's second conv), ReLU and int8
+    requantization, in one kernel. The epilogue raises the kernel's registers
     (216 against 130 for the plain conv at the 64 x 128 x 64 tile, cuobjdump of the sm_90
     cubin), so its best tile may differ."""
     dev = x.device
@@ -54,7 +54,7 @@ def _fused_call(x, wq, ws, rs, cout, s, p, oh, ow):
     off = torch.randint(-40, 40, (cout,), dtype=torch.int32, device=dev)
     bias = torch.randn(cout, device=dev)
     res = None
-    if s == 1 and x.shape[1] == cout and (oh, ow) == tuple(x.shape[2:]):
+    if residual:
         res = torch.randint(-128, 128, (x.shape[0], cout, oh, ow), dtype=torch.int8,
                             device=dev).contiguous(memory_format=torch.channels_last)
 
@@ -103,16 +103,16 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
             args = (b * oh * ow, c, cout, k * k, False)
             rows += tile_sweep(T, "_tap_config", names, configs, fn, shape, "synq triton tap",
                                ops, base, dev, args)
-            residual = s == 1 and c == cout and (oh, ow) == (h, w)  # as _fused_call's
+            # an int8 residual where the output has the input's shape (a block's second conv)
+            residual = s == 1 and c == cout and (oh, ow) == (h, w)
             rows += tile_sweep(T, "_tap_config", names,
                                configs + (fits(CONFIGS_MAXNREG) if residual else []),
-                               _fused_call(x, wq, ws, rs, cout, s, p, oh, ow), shape,
+                               _fused_call(x, wq, ws, rs, cout, s, p, oh, ow, residual), shape,
                                "synq triton tap fused W8A8", ops, base, dev, args)
             print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     write_sweep("conv_tiles", rows, dev, out_dir,
                 "config = (BM, BN, BK, num_warps, num_stages[, maxnreg]) of _conv_tap_kernel; "
-                "speedup "
-                "against cuDNN fp16 channels-last, same run")
+                "speedup against cuDNN fp16 channels-last, same run")
     return rows
 
 

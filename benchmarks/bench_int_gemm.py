@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -65,18 +66,6 @@ def _backends(op, device):
             if b != "reference" and not (device == "cpu" and b == "triton")]
 
 
-def _with_env(name, value, fn):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def _row(kind, shape, impl, t, ops, base_t):
     return {"kind": kind, "shape": shape, "impl": impl, "ms": t * 1e3,
             "GOP/s": ops / t / 1e9, "speedup_vs_float": base_t / t if base_t else ""}
@@ -113,8 +102,8 @@ def _gemm_rows(m, k, n, device, quick):
         t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
         rows.append(_row("gemm", shape, f"synq int4_matmul W4A8 [{b}]", t, ops, base_t))
         if b == "cuda" and m <= 4:  # the dp4a GEMV, opt-in until it has run on a GPU
-            t = _with_env("SYNQ_CUDA_GEMV", "1",
-                          lambda: time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt))
+            with mock.patch.dict(os.environ, {"SYNQ_CUDA_GEMV": "1"}):
+                t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
             rows.append(_row("gemm", shape, "synq int4_matmul W4A8 [cuda, SYNQ_CUDA_GEMV=1]",
                              t, ops, base_t))
         with sk.value_checks(False):

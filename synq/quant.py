@@ -213,17 +213,16 @@ class ActQuantizer(nn.Module):
         tensors at the same versions (a fine-tuning step would otherwise recompute them, eight
         small device ops per quantizer, from a range that no longer changes)."""
         lo, hi = self.running_min, self.running_max
-        key = (lo, lo._version, hi, hi._version)
-        cached = getattr(self, "_params_cache", None)
-        if (cached is None or torch.compiler.is_compiling() or self.calibrating
-                or any(a is not b if isinstance(a, torch.Tensor) else a != b
-                       for a, b in zip(cached[0], key))):
+        if torch.compiler.is_compiling() or self.calibrating:
             with torch.no_grad():
-                params = _asym_params(lo, hi, self.qmin, self.qmax)
-            if torch.compiler.is_compiling() or self.calibrating:
-                return params
-            cached = self._params_cache = (key, params)
-        return cached[1]
+                return _asym_params(lo, hi, self.qmin, self.qmax)
+        c = getattr(self, "_params_cache", None)  # (lo, its version, hi, its version, params)
+        if c is None or not (c[0] is lo and c[1] == lo._version and c[2] is hi
+                             and c[3] == hi._version):
+            with torch.no_grad():
+                c = self._params_cache = (lo, lo._version, hi, hi._version,
+                                          _asym_params(lo, hi, self.qmin, self.qmax))
+        return c[4]
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, per-tensor asymmetric, momentum={self.momentum}, "

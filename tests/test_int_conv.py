@@ -466,7 +466,7 @@ def test_triton_conv_default_tiles_do_not_spill():
     holds an int8 residual: both cost registers); the operands reach shared memory in
     asynchronous copies."""
     import triton_aot
-    print(triton_aot.run(_AOT_SPILL_SCRIPT))
+    triton_aot.run(_AOT_SPILL_SCRIPT)
 
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")

@@ -22,10 +22,10 @@ from triton.compiler import ASTSource
 ALIGN = [["tt.divisibility", 16]]
 
 
-def build(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
-    """PTX of `fn` for sm_<cc>: sig maps every runtime argument to its Triton type, consts the
-    constexpr arguments to their values, `aligned` names arguments known to be multiples of
-    16 (pointers and strides), as Triton's launcher would specialize them."""
+def compile_for(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
+    """`fn` compiled for sm_<cc>: sig maps every runtime argument to its Triton type, consts
+    the constexpr arguments to their values, `aligned` names arguments known to be multiples
+    of 16 (pointers and strides), as Triton's launcher would specialize them."""
     full = dict(sig)
     full.update({k: "constexpr" for k in consts})
     missing = [a for a in fn.arg_names if a not in full]
@@ -35,25 +35,23 @@ def build(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
     options = {"num_warps": num_warps}
     if num_stages is not None:
         options["num_stages"] = num_stages
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+
+
+def build(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
+    """PTX of `fn` for sm_<cc> (arguments as compile_for's)."""
+    return compile_for(fn, sig, consts, aligned, num_warps, cc, num_stages).asm["ptx"]
 
 
 def resources(fn, sig, consts, aligned=(), num_warps=4, cc=90, num_stages=None):
-    """What a thread of `fn`'s cubin takes (arguments as build's), read by the cuobjdump that
+    """What a thread of `fn`'s cubin takes (arguments as compile_for's), read by the cuobjdump that
     Triton ships with its NVIDIA backend: a dict of registers, stack bytes (spills), and, in
     the main loop (the one around the last tensor-core MMA, from its backward branch to that
     branch's target), local loads / stores, global loads into registers and asynchronous
     global-to-shared copies, and its length (SASS instructions; None for the last three where
     no loop surrounds the MMA)."""
     import os, subprocess, tempfile
-    full = dict(sig)
-    full.update({k: "constexpr" for k in consts})
-    attrs = {(fn.arg_names.index(a),): ALIGN for a in aligned}
-    src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
-    options = {"num_warps": num_warps}
-    if num_stages is not None:
-        options["num_stages"] = num_stages
-    cubin = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options).asm["cubin"]
+    cubin = compile_for(fn, sig, consts, aligned, num_warps, cc, num_stages).asm["cubin"]
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -31,28 +31,15 @@ import triton.language as tl
 from .. import backends
 from ..reference.int_gemm import conv_memory_format
 from . import conv_tap, int_gemv
+from .int4_ptx import unpack_signed
 from .conv_tap import _block
 
 
 # No @triton.jit helpers: they are slow under the interpreter (as in fake_quant.py).
 
-# Packed int4 to int8 on a GPU, four bytes (eight nibbles) per 32-bit register: $0 the low
-# nibbles, $1 the high ones, each byte b sign-extended as ((b ^ 8) + 0x78) ^ 0x80 = b - 16 *
-# (b >= 8) (no carry leaves a byte: b ^ 8 + 0x78 <= 0x87). Elementwise int32 code took 1831
-# instructions per K block of a W4A8 128 x 128 x 128 tile (sm_90 SASS), against 174 for int8.
-# Triton's interpreter has no inline assembly: there the kernels take the elementwise path.
-UNPACK_SIGNED = tl.constexpr("""{
-.reg .b32 t;
-and.b32 t, $2, 0x0F0F0F0F;
-xor.b32 t, t, 0x08080808;
-add.u32 t, t, 0x78787878;
-xor.b32 $0, t, 0x80808080;
-shr.u32 t, $2, 4;
-and.b32 t, t, 0x0F0F0F0F;
-xor.b32 t, t, 0x08080808;
-add.u32 t, t, 0x78787878;
-xor.b32 $1, t, 0x80808080;
-}""")
+# Packed int4 to int8 on a GPU, four bytes per register ($2 in; $0 the low nibbles, $1 the
+# high ones): see int4_ptx.py.
+UNPACK_SIGNED = tl.constexpr("{\n.reg .b32 t;\n" + unpack_signed("$2", "$0", "$1", "t") + "}")
 UNPACK_UNSIGNED = tl.constexpr("""{
 and.b32 $0, $2, 0x0F0F0F0F;
 shr.u32 $1, $2, 4;

@@ -21,32 +21,19 @@ import triton
 import triton.language as tl
 
 from .conv_tap import _block
+from .int4_ptx import unpack_signed
 
 # Rows of activations up to which int_mm with a packed weight takes this kernel.
 GEMV_MAX_M = 4
 
-# On a GPU, int8 activations: four weight bytes (eight nibbles, $4) unpacked as in
-# int_gemm.UNPACK_SIGNED and multiplied by the four activations at the even k ($5) and the
-# four at the odd k ($6) in two dp4a, added to the first of the four accumulators ($7; the
-# other three pass through). The elementwise int32 code took 1080 instructions per step of
-# BKH = 512 (8.4 per k; sm_90 SASS), about the time the weight takes to arrive at batch 1.
-DOT8_ASM = tl.constexpr("""{
-.reg .b32 lo, hi;
-and.b32 lo, $4, 0x0F0F0F0F;
-xor.b32 lo, lo, 0x08080808;
-add.u32 lo, lo, 0x78787878;
-xor.b32 lo, lo, 0x80808080;
-shr.u32 hi, $4, 4;
-and.b32 hi, hi, 0x0F0F0F0F;
-xor.b32 hi, hi, 0x08080808;
-add.u32 hi, hi, 0x78787878;
-xor.b32 hi, hi, 0x80808080;
-dp4a.s32.s32 $0, lo, $5, $7;
-dp4a.s32.s32 $0, hi, $6, $0;
-mov.b32 $1, $8;
-mov.b32 $2, $9;
-mov.b32 $3, $10;
-}""")
+# On a GPU, int8 activations: four weight bytes ($4) unpacked (int4_ptx.py) and multiplied by
+# the four activations at the even k ($5) and the four at the odd k ($6) in two dp4a, added to
+# the first of the four accumulators ($7; the other three pass through). The elementwise
+# int32 code took 1080 instructions per step of BKH = 512 (8.4 per k; sm_90 SASS), about the
+# time the weight takes to arrive at batch 1.
+DOT8_ASM = tl.constexpr("{\n.reg .b32 t, lo, hi;\n" + unpack_signed("$4", "lo", "hi", "t")
+                        + "dp4a.s32.s32 $0, lo, $5, $7;\ndp4a.s32.s32 $0, hi, $6, $0;\n"
+                        "mov.b32 $1, $8;\nmov.b32 $2, $9;\nmov.b32 $3, $10;\n}")
 
 
 @triton.jit
