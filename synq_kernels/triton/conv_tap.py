@@ -45,8 +45,12 @@ The offset term is the one of exported asymmetric weights (synq.deploy: a row st
 an offset o[n]): sum_k (x_k - x_zero)(w_k + o) = acc + o * sum_k (x_k - x_zero). The window
 sums come from per-pixel channel sums (one PyTorch reduction over x before the call), read
 once per tap in the epilogue, so the main loop never reduces the A tile. y / out_scale is
-IEEE division (tl.math.div_rn) and the rounding the 2^23 trick of fake_quant.py, as
-torch.div and torch.round.
+the IEEE quotient, as torch.div: on a GPU a reciprocal and two fused multiply-adds (exact by
+Markstein's theorem), under the interpreter tl.math.div_rn; rounding is half to even, as
+torch.round. With few K blocks the epilogue's per-value work is most of a tile's: with
+div_rn (about ten instructions a value and a slow-path branch) and compare-and-select
+rounding and clamping it was 3119 SASS instructions a thread in ResNet-18's layer1 conv,
+whose 9 K blocks take 166 each; now 1786 (sm_90, Triton 3.6).
 """
 from __future__ import annotations
 
@@ -78,8 +82,8 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
                      HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, RES_MODE: tl.constexpr,
                      RELU: tl.constexpr, OUT_Q: tl.constexpr, ROUND_BF16: tl.constexpr,
                      FLAT: tl.constexpr, RUN: tl.constexpr, CG: tl.constexpr,
-                     KWC: tl.constexpr,
-                     W_PACKED: tl.constexpr, FAST_DIV: tl.constexpr,
+                     KWC: tl.constexpr, W_PACKED: tl.constexpr, FAST_DIV: tl.constexpr,
+                     HW_FMA: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -212,17 +216,27 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
         if RES_MODE == 2:  # int8 residual on its grid: dequantized as (r - zero) * scale
             r = (r - tl.load(rzp_ptr).to(tl.float32)) * tl.load(rsc_ptr)
         y = y + r
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)
+    if RELU:  # one max (NaN kept, as torch's clamp_min), not a compare and a select
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     orow = bi * sob + oy * soh + ox * sow
     if OUT_Q:
         osc = tl.load(osc_ptr)
-        q = tl.math.div_rn(y, tl.broadcast_to(osc, [BM, BN]))
-        qa = tl.abs(q)
-        qr = (qa + 8388608.0) - 8388608.0
-        q = tl.where(qa < 8388608.0, tl.where(q < 0, -qr, qr), q)
-        q = q + tl.load(ozp_ptr).to(tl.float32)
-        q = tl.where(q < -128.0, -128.0, tl.where(q > out_hi, out_hi, q))
+        if HW_FMA:
+            # y / osc correctly rounded in three operations (Markstein's theorem: with inv
+            # the rounded 1 / osc and q within an ulp of y / osc, the residual e is exact
+            # and q + e * inv rounds to the IEEE quotient), where div_rn's general path took
+            # about ten a value, a range check and a slow-path branch (sm_90 SASS)
+            inv = tl.math.div_rn(1.0, osc)
+            q = y * inv
+            e = tl.math.fma(-q, osc, y)
+            q = tl.math.fma(e, inv, q)
+        else:  # the interpreter's fma rounds twice; NumPy's division is IEEE
+            q = tl.math.div_rn(y, tl.broadcast_to(osc, [BM, BN]))
+        # round half to even, plus the zero point: adding 1.5 * 2^23 leaves no fraction bits
+        # for |q| < 2^22 and keeps q's parity (the constant is even), and subtracting the
+        # integer 1.5 * 2^23 - zero is exact; larger |q| clamp below to the same ends
+        q = (q + 12582912.0) - (12582912.0 - tl.load(ozp_ptr).to(tl.float32))
+        q = tl.minimum(tl.maximum(q, -128.0), out_hi)
         tl.store(out_ptr + orow[:, None] + (rn * soc)[None, :], q.to(tl.int8), mask=mask)
     else:
         if ROUND_BF16:
@@ -231,6 +245,13 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
             y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
         tl.store(out_ptr + orow[:, None] + (rn * soc)[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _has_fma(device: torch.device) -> bool:
+    """Whether the kernel runs compiled (a GPU's fused multiply-add, rounded once) rather
+    than under the interpreter (NumPy: a multiply and an add), which picks the epilogue's
+    division: two fused multiply-adds on a reciprocal, or div_rn."""
+    return device.type != "cpu"
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -254,10 +275,13 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
     stages. Large convs take the fastest tiles of the H200 sweep
     (benchmarks/results/gpu_2026-11-27b/, ResNet-18 layers at batch 256, against the first
     guess (128, 128, 128, 8, 3)): 3x3 with >= 128 channels (64, 128, 64, 4, 3), 0.76-0.99x
-    the guess's time; 1x1 to >= 256 channels (128, 256, 64, 8, 3), 0.70x; 64 channels
-    (128, 64, 64, 4, 3), 0.92x. Small convs (p < 4096) were not swept. flat_k: K of a conv
-    with fewer than TAP_MIN_CHANNELS channels per group (the flattened-K mode, not swept
-    either): BK 32 up to K = 160, else 64, 8 warps. run_k: kw * C / groups of a conv in the
+    the guess's time; 1x1 to >= 256 channels (256, 128, 64, 8, 3), 0.75x (the best,
+    (128, 256, 64, 8, 3) at 0.70x, is within that run's noise of it, and its 64 output
+    channels a thread made the fused epilogue spill 48-224 bytes: every column's scale, row
+    sum, offset and bias in registers); 64 channels (128, 64, 64, 4, 3), 0.92x. Small
+    convs (p < 4096) were not swept. flat_k: K of a conv with fewer than TAP_MIN_CHANNELS
+    channels per group (the flattened-K mode, not swept either): BK 32 up to K = 160, else
+    64, 8 warps. run_k: kw * C / groups of a conv in the
     window-row mode (RUN_K_RANGE): BK covers it, 8 warps.
     A "maxnreg" key, if given (benchmarks/bench_conv_tiles.py sweeps some), caps the
     registers a thread at launch."""
@@ -279,7 +303,7 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
     if p < 4096:
         return dict(BM=64, BN=_block(og, 32, 128), BK=bk, num_warps=4, num_stages=3)
     if taps == 1 and og >= 256:
-        return dict(BM=128, BN=256, BK=bk, num_warps=8, num_stages=3)
+        return dict(BM=256, BN=128, BK=bk, num_warps=8, num_stages=3)
     if cg >= 128:
         return dict(BM=64, BN=_block(og, 32, 128), BK=bk, num_warps=4, num_stages=3)
     return dict(BM=128, BN=_block(og, 32, 64), BK=bk, num_warps=4, num_stages=3)
@@ -350,7 +374,7 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
         RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
         RUN=run, CG=cg if small else 0, KWC=kw if small else 0, W_PACKED=bool(w_packed),
-        FAST_DIV=p + cfg["BM"] <= FAST_DIV_ROWS, **cfg)
+        FAST_DIV=p + cfg["BM"] <= FAST_DIV_ROWS, HW_FMA=_has_fma(x.device), **cfg)
     return out
 
 
