@@ -105,7 +105,11 @@ def _weight_ints(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int,
                      hi: int) -> torch.Tensor:
-    """int8 of x on the grid (scale, zero) (zero in the int8 domain), clamped to [lo, hi]."""
+    """int8 of x on the grid (scale, zero) (zero in the int8 domain), clamped to [lo, hi].
+    On a GPU one Triton pass (synq_kernels.triton.quantize, the same values) where the
+    PyTorch ops below make four over the float tensor."""
+    if _triton_act(x) and _tri_quant.usable(x, scale, zero):
+        return _tri_quant.quantize_static(x, scale, zero, lo, hi)
     t = torch.div(x, scale)
     t.round_().add_(zero).clamp_(lo, hi)
     return t.to(torch.int8)
@@ -429,8 +433,17 @@ def _as_float(t):
 GPU_FUSED = True
 try:
     from synq_kernels.triton import conv_tap as _conv_tap
+    from synq_kernels.triton import pool as _tri_pool
+    from synq_kernels.triton import quantize as _tri_quant
 except ImportError:         # no Triton
-    _conv_tap = None
+    _conv_tap = _tri_pool = _tri_quant = None
+
+
+def _triton_act(x: torch.Tensor) -> bool:
+    """Whether the int8 activation steps on x (static quantization, the int8 max-pool) run
+    synq's Triton kernels: on a GPU with Triton, outside torch.compile (which fuses the
+    PyTorch ops itself)."""
+    return x.is_cuda and _tri_quant is not None and not torch.compiler.is_compiling()
 
 _PACKED_CONV = (torch.ops.synq._quantized_conv2d_packed.default
                 if hasattr(torch.ops.synq, "_quantized_conv2d_packed") else None)
@@ -540,16 +553,21 @@ class IntMaxPool2d(nn.MaxPool2d):
     monotone grid, so an int8 tensor tagged with its grid comes out int8 with the same tag,
     and the conv after it takes it as is (its static input grid is that activation's). A
     float input is pooled as by nn.MaxPool2d. PyTorch's max-pool has no usable int8 kernel
-    (none on CUDA; the CPU's checks the spatial size against int8's range), so the pool runs
-    on float16 on a GPU and float32 on a CPU, both exact for int8 values."""
+    (none on CUDA; the CPU's checks the spatial size against int8's range), so on a GPU the
+    pool is synq's Triton kernel (synq_kernels.triton.pool; float16 through PyTorch without
+    Triton), on a CPU float32, all exact for int8 values."""
 
     def forward(self, x):
         q = getattr(x, "_synq_q", None)
         if q is None or self.return_indices:
             return super().forward(_as_float(x))
-        y = F.max_pool2d(x.half() if x.is_cuda else x.float(), self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.ceil_mode)
-        y = y.to(torch.int8)
+        if _triton_act(x):
+            y = _tri_pool.max_pool2d_int8(x, self.kernel_size, self.stride, self.padding,
+                                          self.dilation, self.ceil_mode)
+        else:
+            y = F.max_pool2d(x.half() if x.is_cuda else x.float(), self.kernel_size,
+                             self.stride, self.padding, self.dilation, self.ceil_mode)
+            y = y.to(torch.int8)
         y._synq_q = q
         return y
 

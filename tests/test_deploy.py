@@ -245,6 +245,33 @@ def test_max_pool_keeps_the_activation_grid():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif("triton" not in sk.available_backends("int_mm", "cpu"),
+                    reason="no triton")
+def test_triton_activation_kernels_give_the_same_logits(monkeypatch):
+    """The GPU's int8 activation kernels (static quantization, the int8 max-pool), forced on
+    the CPU under the interpreter: a fused-mode ResNet-18 gives bit-identical logits, and
+    both kernels ran (the image's quantization at the stem, the pool after it)."""
+    import synq.deploy as D
+    torch.manual_seed(5)
+    model = _randomize_bn(resnet18(num_classes=10))
+    x = torch.randn(2, 3, 40, 40)
+    im = export(_quantized(model, 8, x), example=x[:1])
+    im.replay = False
+    assert im.plan["fused"]
+    with torch.no_grad():
+        want = im(x)
+    used = []
+    for mod, name in [(D._tri_quant, "quantize_static"), (D._tri_pool, "max_pool2d_int8")]:
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **k: (
+            used.append(name), real(*a, **k))[1])
+    monkeypatch.setattr(D, "_triton_act", lambda x: True)
+    with torch.no_grad():
+        got = im(x)
+    assert "quantize_static" in used and "max_pool2d_int8" in used, used
+    assert torch.equal(got, want)
+
+
 @pytest.fixture(scope="module")
 def fmnist():
     from synq.assets import load_default_teacher

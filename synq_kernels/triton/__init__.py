@@ -5,6 +5,14 @@ from __future__ import annotations
 _INTERPRETER_PROBLEM: list = []     # [None or the reason], filled on first use
 
 
+def has_fma(device) -> bool:
+    """Whether kernels on `device` run compiled, with a fused multiply-add rounded once (a
+    GPU), rather than under the interpreter (NumPy: a multiply and an add, rounded twice).
+    The requantizing kernels (conv_tap, quantize) pick their division by it: two fused
+    multiply-adds on a reciprocal, or tl.math.div_rn."""
+    return device.type != "cpu"
+
+
 def interpreter_problem() -> str | None:
     """None if the Triton interpreter runs the loop form synq's kernels use (a `range` over a
     run-time bound), else why not. Triton 3.6's interpreter fails on it under NumPy 2.4

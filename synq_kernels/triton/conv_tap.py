@@ -59,6 +59,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+import synq_kernels.triton as _st
+
 from ..reference.int_gemm import conv_memory_format
 
 # Channels per group from which the kernel runs tap-blocked; below it a K block of one tap
@@ -247,13 +249,6 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
                  y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _has_fma(device: torch.device) -> bool:
-    """Whether the kernel runs compiled (a GPU's fused multiply-add, rounded once) rather
-    than under the interpreter (NumPy: a multiply and an add), which picks the epilogue's
-    division: two fused multiply-adds on a reciprocal, or div_rn."""
-    return device.type != "cpu"
-
-
 def _strides(t: torch.Tensor) -> tuple:
     """t's strides with 0 for its size-1 dims. torch gives those dims stride 1 in a
     channels-last tensor (a 1x1 conv's weight: (C, 1, 1, 1)), which Triton's launcher turns
@@ -374,7 +369,7 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
         HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, RES_MODE=res_mode,
         RELU=bool(relu), OUT_Q=out_q, ROUND_BF16=out.dtype == torch.bfloat16, FLAT=flat,
         RUN=run, CG=cg if small else 0, KWC=kw if small else 0, W_PACKED=bool(w_packed),
-        FAST_DIV=p + cfg["BM"] <= FAST_DIV_ROWS, HW_FMA=_has_fma(x.device), **cfg)
+        FAST_DIV=p + cfg["BM"] <= FAST_DIV_ROWS, HW_FMA=_st.has_fma(x.device), **cfg)
     return out
 
 

@@ -1,0 +1,149 @@
+"""The Triton kernels synq.deploy runs on int8 activations on a GPU: static quantization of a
+float32 tensor (synq_kernels.triton.quantize) and max pooling of int8
+(synq_kernels.triton.pool), against the PyTorch ops they replace, bit for bit, under the
+interpreter (CPU) and on a GPU where there is one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import synq_kernels as sk
+
+TRITON_CPU = "triton" in sk.available_backends("int_mm", "cpu")
+GPU = torch.cuda.is_available() and "triton" in sk.available_backends("int_mm", "cuda")
+DEVICES = ([pytest.param("cpu", marks=pytest.mark.skipif(not TRITON_CPU, reason="no triton"))]
+           + [pytest.param("cuda", marks=pytest.mark.skipif(not GPU, reason="needs a GPU"))])
+
+
+def _torch_quantize(x, scale, zero, lo, hi):
+    """synq.deploy's PyTorch steps."""
+    t = torch.div(x, scale)
+    t.round_().add_(zero).clamp_(lo, hi)
+    return t.to(torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_static_matches_the_torch_ops(device):
+    """Random values and values next to rounding ties (k + 0.5 steps, one float32 ulp to
+    either side), huge and infinite ones, NCHW and channels-last and a transposed 2-D
+    tensor, zero points across int8's range, a ReLU grid's (lo, hi) and a capped one."""
+    from synq_kernels.triton.quantize import quantize_static
+    g = torch.Generator().manual_seed(0)
+    for shape, fmt, scale, zero, lo, hi in [
+            ((2, 3, 17, 13), torch.contiguous_format, 0.0213, -128, -128, 127),
+            ((3, 5, 9, 7), torch.channels_last, 0.37, 5, -128, 127),
+            ((1, 1, 1, 1), torch.contiguous_format, 1.0, 0, -128, 127),
+            ((33, 31), None, 3e-3, -20, -128, 100)]:
+        x = torch.randn(shape, generator=g) * 4
+        ties = (torch.randint(-300, 300, shape, generator=g).float() + 0.5) * scale
+        pick = torch.randint(0, 4, shape, generator=g)
+        x = torch.where(pick == 1, ties, x)
+        x = torch.where(pick == 2, torch.nextafter(ties, torch.full_like(ties, 1e9)), x)
+        x = torch.where(pick == 3, torch.nextafter(ties, torch.full_like(ties, -1e9)), x)
+        x.view(-1)[:4] = torch.tensor([1e30, -1e30, float("inf"), -float("inf")])[:x.numel()]
+        x = x.t() if fmt is None else x.contiguous(memory_format=fmt)
+        s = torch.tensor(scale, dtype=torch.float32)
+        z = torch.tensor(zero, dtype=torch.int32)
+        want = _torch_quantize(x, s, z, lo, hi)
+        got = quantize_static(x.to(device), s.to(device), z.to(device), lo, hi)
+        assert got.dtype == torch.int8 and got.stride() == x.stride(), (shape, got.stride())
+        assert torch.equal(got.cpu(), want), (shape, (got.cpu() != want).sum())
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+def test_quantize_static_gpu_division_under_the_interpreter(monkeypatch):
+    """The GPU's division (reciprocal and two fused multiply-adds) under the interpreter,
+    whose fma rounds twice: a step off at a rare tie at most; a wrong formula is off by many."""
+    import synq_kernels.triton as st
+    from synq_kernels.triton.quantize import quantize_static
+    monkeypatch.setattr(st, "has_fma", lambda device: True)
+    x = torch.randn(4, 8, 33, 35, generator=torch.Generator().manual_seed(1)) * 3
+    s, z = torch.tensor(0.0173), torch.tensor(-7, dtype=torch.int32)
+    diff = (quantize_static(x, s, z, -128, 127).int() - _torch_quantize(x, s, z, -128, 127).int())
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 1e-3
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+def test_quantize_static_refuses_what_it_does_not_take():
+    from synq_kernels.triton.quantize import quantize_static, usable
+    s, z = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    assert usable(torch.zeros(4, 4), s, z)
+    assert not usable(torch.zeros(4, 4, dtype=torch.float16), s, z)
+    assert not usable(torch.zeros(4, 8)[:, ::2], s, z)            # not dense
+    assert not usable(torch.zeros(4, 4), torch.ones(4), z)        # per-channel scale
+    with pytest.raises(ValueError, match="dense float32"):
+        quantize_static(torch.zeros(4, 8)[:, ::2], s, z, -128, 127)
+
+
+# (B, C, H, W, kernel, stride, padding, dilation, ceil_mode, channels_last)
+POOL_CASES = [(2, 64, 17, 15, 3, 2, 1, 1, False, True),    # ResNet-18's, odd sizes
+              (1, 5, 12, 12, 3, 2, 1, 1, True, True),
+              (2, 3, 9, 11, (2, 3), (1, 2), (1, 1), (1, 1), True, False),
+              (1, 130, 7, 8, 2, None, 0, 1, False, True),
+              (1, 4, 13, 10, 3, 2, 1, 2, True, False),    # dilated
+              (1, 7, 5, 5, 5, 3, 2, 1, True, True),
+              (1, 3, 5, 6, 2, 2, 1, 1, True, True)]    # ceil_mode's last window dropped
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_pool2d_int8_matches_torch(device):
+    """F.max_pool2d on the values as float32 (exact), cast back: values, shape and memory
+    format, on awkward shapes, ceil_mode, dilation and padding up to half the kernel."""
+    from synq_kernels.triton.pool import max_pool2d_int8
+    g = torch.Generator().manual_seed(2)
+    for b, c, h, w, k, s, p, d, ceil, cl in POOL_CASES:
+        x = torch.randint(-128, 128, (b, c, h, w), dtype=torch.int8, generator=g)
+        x[..., 0, 0] = -128          # a window whose maximum is int8's least
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = F.max_pool2d(x.float(), k, s, p, d, ceil_mode=ceil).to(torch.int8)
+        got = max_pool2d_int8(x.to(device), k, s, p, d, ceil)
+        assert got.shape == want.shape, (b, c, h, w, k, s, p, d, ceil, got.shape, want.shape)
+        assert got.is_contiguous(memory_format=torch.channels_last if cl and c > 1
+                                 else torch.contiguous_format)
+        assert torch.equal(got.cpu(), want), (b, c, h, w, k, s, p, d, ceil)
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+def test_max_pool2d_int8_bad_input():
+    from synq_kernels.triton.pool import max_pool2d_int8
+    with pytest.raises(ValueError, match="int8"):
+        max_pool2d_int8(torch.zeros(1, 2, 4, 4), 2)
+    with pytest.raises(ValueError, match="half the kernel"):
+        max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 3, 1, 2)
+    with pytest.raises(ValueError, match="positive"):
+        max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 3, 0)
+    with pytest.raises(ValueError, match="output size"):
+        max_pool2d_int8(torch.zeros(1, 2, 2, 2, dtype=torch.int8), 3)
+
+
+_AOT_SCRIPT = r"""
+import synq_kernels.triton.pool as P
+import synq_kernels.triton.quantize as Q
+
+# quantize: 16-byte loads of float32 and one division a thread (the reciprocal), two fused
+# multiply-adds a value
+ptx = build(Q._quantize_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "s_ptr": "*fp32",
+                                 "z_ptr": "*i32", "n": "i32", "lo": "fp32", "hi": "fp32"},
+            {"HW_FMA": True, "BLOCK": Q.BLOCK}, aligned=["x_ptr", "out_ptr", "n"], num_warps=4)
+assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "float32 loads not vectorized"
+assert ptx.count("div.rn.f32") == 1 and len(re.findall(r"fma\.rn\.f32", ptx)) >= 2 * 16
+# max-pool on a channels-last int8 tensor (channel stride 1, a constant at launch): each
+# window position's channels in 16-byte loads
+ints = ["P", "C", "OHW", "OW", "H", "W", "sxb", "sxh", "sxw", "sob", "soh", "sow", "sh",
+        "sw", "ph", "pw", "dh", "dw"]
+ptx = build(P._max_pool_kernel, {"x_ptr": "*i8", "out_ptr": "*i8", **{a: "i32" for a in ints}},
+            {"sxc": 1, "soc": 1, "KH": 3, "KW": 3, "BP": 32, "BC": 64},
+            aligned=["x_ptr", "out_ptr", "C", "sxb", "sxh", "sxw", "sob", "soh", "sow"],
+            num_warps=4)
+loads = re.findall(r"ld\.global(?:\.\w+)*\.(v4\.b32|b8|u8|s8)", ptx)
+assert loads and set(loads) == {"v4.b32"}, sorted(set(loads))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+def test_int8_act_kernels_compile_for_sm90():
+    """The interpreter hides GPU-only compile errors: both kernels compiled ahead of time for
+    sm_90 (no GPU needed), with the memory accesses that make them one pass."""
+    import triton_aot
+    triton_aot.run(_AOT_SCRIPT)
