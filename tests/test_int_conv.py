@@ -368,7 +368,8 @@ for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, 
     consts = {"HAS_BIAS": True, "HAS_OFFSET": fused, "RES_MODE": 2 if fused and not flat else 0,
               "RELU": True, "OUT_Q": fused, "ROUND_BF16": packed, "FLAT": flat, "RUN": False,
               "CG": 3 if flat else 0, "KWC": 7 if flat else 0, "W_PACKED": packed,
-              "FAST_DIV": not packed, "HW_FMA": True, "BM": bm, "BN": bn, "BK": bk}
+              "FAST_DIV": not packed, "HW_FMA": True, "EVEN_K": fused and not flat,
+              "BM": bm, "BN": bn, "BK": bk}
     ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=90, num_stages=3)
     mma = re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx)
     assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])
@@ -458,6 +459,11 @@ for args, kwargs in calls:
     # window-row modes, whose A elements each have their own window position
     assert r["loop_copies"] is None or (  # None: one K block, no loop
         r["loop_copies"] > 0 and (consts["FLAT"] or consts["RUN"] or r["loop_loads"] == 0)), what
+    # tap-blocked with BK dividing the channels: unmasked copies and unsigned window checks,
+    # 111-148 instructions a K block (Triton 3.6 / 3.8), against 137-184 with a mask on every
+    # copy and four signed compares a row
+    assert (consts["FLAT"] or consts["RUN"] or not consts["EVEN_K"]
+            or r["loop_instructions"] is None or r["loop_instructions"] <= 160), what
     print(*what)
 print("ok")
 """
