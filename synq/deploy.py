@@ -275,7 +275,7 @@ class IntConv2d(_IntLayer):
             tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups, relu,
             offset, res, None if rq is None else rq[0], None if rq is None else rq[1],
             None if out is None else out[0], None if out is None else out[1],
-            127 if out is None else out[2])
+            127 if out is None else out[2], cache=self._cached("tap_kept", dict))
         if out is not None:
             y._synq_q = (out[0], out[1])
         return y

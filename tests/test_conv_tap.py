@@ -197,3 +197,36 @@ def test_fast_row_division_is_exact_below_2_pow_22():
         n = n[(n >= 0) & (n < FAST_DIV_ROWS)]
         got = ((n.astype(np.float32) + np.float32(0.5)) * r).astype(np.int64)
         assert np.array_equal(got, n // d), d
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+@pytest.mark.parametrize("c", [16, 64])   # window-row mode, tap-blocked
+def test_cache_keeps_the_weight_and_zero_page_while_unchanged(c):
+    """With a cache dict (what an exported layer passes), a second call derives nothing from
+    w or x_zero again (no reorder, pad, cast or copy of them), and an in-place change of
+    either is seen: the results equal an uncached call's each time."""
+    from op_spy import OpSpy
+
+    from synq_kernels.triton import conv_tap
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-128, 128, (1, c, 9, 9), dtype=torch.int8, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (8, c, 3, 3), dtype=torch.int8, generator=g)
+    xs, xz = torch.tensor([0.03]), torch.tensor([-5], dtype=torch.int32)
+    ws = torch.rand(8, generator=g) * 1e-3
+
+    def conv(cache):
+        return conv_tap.fused_conv2d(x, xs, xz, w, ws, sk.weight_row_sums(w), None, (1, 1),
+                                     (1, 1), (1, 1), 1, True, cache=cache)
+
+    cache = {}
+    assert torch.equal(conv(cache), conv(None))
+    derive = {"aten.permute.default", "aten.constant_pad_nd.default", "aten._to_copy.default",
+              "aten.expand.default", "aten.clone.default"}
+    for kept, want in [(None, True), (cache, False)]:
+        with OpSpy() as spy:
+            conv(kept)
+        assert bool(derive & set(spy.ops)) == want, (kept is None, sorted(set(spy.ops)))
+    for change in (lambda: xz.fill_(17), lambda: w[0].neg_()):
+        change()
+        assert torch.equal(conv(cache), conv(None))

@@ -325,9 +325,26 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
     return dict(BM=128, BN=_block(og, 32, 64), BK=bk, num_warps=4, num_stages=3)
 
 
+def _kept(cache, key, sources, make):
+    """make() through `cache` (a dict the caller keeps, or None): the entry under `key` is
+    reused while `sources` are the same tensor objects at the same versions (held here, so
+    that no other tensor can take their place), else made again."""
+    if cache is None:
+        return make()
+    stamp = [(t, t._version) for t in sources]
+    hit = cache.get(key)
+    if hit is not None and len(hit[0]) == len(stamp) and all(
+            a is b and va == vb for (a, va), (b, vb) in zip(hit[0], stamp)):
+        return hit[1]
+    value = make()
+    cache[key] = (stamp, value)
+    return value
+
+
 def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
                groups, relu, out, offset=None, residual=None, res_scale=None, res_zero=None,
-               out_scale=None, out_zero=None, out_hi=127, w_packed=False, kernel_size=None):
+               out_scale=None, out_zero=None, out_hi=127, w_packed=False, kernel_size=None,
+               cache=None):
     """Runs the kernel into `out` (B, Cout, OH, OW), float or int8 (then out_scale / out_zero
     one-element float32 / int32 tensors), and returns it. x: int8 (B, C, H, W), any strides;
     w: int8 (Cout, C / groups, kh, kw), read channels-last (copied once here otherwise);
@@ -335,7 +352,10 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
     shape, float32, or int8 with res_scale / res_zero. The caller checks shapes and dtypes
     (ops.int_gemm for quantized_conv2d, synq.deploy for its fused layers). w_packed: w is
     packed int4, (Cout, ceil(K / 2)) uint8 with K = kh * kw * C / groups in (ky, kx, c)
-    order, kernel_size = (kh, kw); it runs the flattened-K mode."""
+    order, kernel_size = (kh, kw); it runs the flattened-K mode. cache: None, or a dict
+    that one caller (an exported layer) passes at every call, to keep what the call derives
+    from w and x_zero alone (the zero-point page, a reordered weight) while they are the same
+    tensors, unchanged: three or four small kernel launches a call otherwise."""
     bsz, c, h, wd = x.shape
     cout, cg = w.shape[0], c // groups
     og = cout // groups
@@ -353,17 +373,21 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
     n_kb = kh if run else (triton.cdiv(k, bk) if flat else kh * kw * n_cb)
     if run:
         # (Cout, kh * BK): window row ky at ky * BK, in (kx, c) order, zero past kw * Cg
-        w3 = w.permute(0, 2, 3, 1).reshape(cout, kh, kw * cg)
-        w = F.pad(w3, (0, bk - kw * cg)).reshape(cout, kh * bk)
+        w = _kept(cache, ("w_run", bk), [w], lambda: F.pad(
+            w.permute(0, 2, 3, 1).reshape(cout, kh, kw * cg),
+            (0, bk - kw * cg)).reshape(cout, kh * bk))
         w_strides = (w.stride(0), 0, 0, 0)
     elif flat:
         # (Cout, K) rows in (ky, kx, c) order, zero-padded to whole K blocks (see the kernel)
-        w2 = w.contiguous() if w_packed else w.permute(0, 2, 3, 1).reshape(cout, k)
-        w = F.pad(w2, (0, (n_kb * bk // 2 if w_packed else n_kb * bk) - w2.shape[1]))
+        def rows():
+            w2 = w.contiguous() if w_packed else w.permute(0, 2, 3, 1).reshape(cout, k)
+            return F.pad(w2, (0, (n_kb * bk // 2 if w_packed else n_kb * bk) - w2.shape[1]))
+        w = _kept(cache, ("w_flat", bk), [w], rows)
         w_strides = (w.stride(0), 0, 0, 0)
     else:
         if w.stride(1) != 1:  # (Cout, C/g, kh, kw) contiguous: read K = (ky, kx, c) in runs
-            w = w.contiguous(memory_format=torch.channels_last)
+            w = _kept(cache, ("w_cl",), [w],
+                      lambda: w.contiguous(memory_format=torch.channels_last))
         w_strides = _strides(w)
     grid = (triton.cdiv(p, cfg["BM"]), groups * n_tiles)
     out_q = out.dtype == torch.int8
@@ -371,7 +395,8 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
     dummy = w_scale
     # the zero-point page: window positions in the padding read it instead of x, so the A
     # tile goes from memory to the MMA untouched (a select on its values kept it in registers)
-    zp = x_zero.reshape(1).to(torch.int8).expand(n_cb * bk).contiguous()
+    zp = _kept(cache, ("zp", n_cb * bk), [x_zero],
+               lambda: x_zero.reshape(1).to(torch.int8).expand(n_cb * bk).contiguous())
     # per-pixel channel sums of each group, for the offset term's window sums
     csum = x.unflatten(1, (groups, cg)).sum(2, dtype=torch.int32) if offset is not None \
         else None
@@ -397,7 +422,7 @@ def conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, 
 
 def fused_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dilation,
                  groups, relu, offset=None, residual=None, res_scale=None, res_zero=None,
-                 out_scale=None, out_zero=None, out_hi=127):
+                 out_scale=None, out_zero=None, out_hi=127, cache=None):
     """synq.deploy's fused conv on a GPU: a new output (int8 when out_scale is given, else
     float32) in x's memory format; the arguments as conv2d_tap's (x_scale, x_zero, scales
     and zero points one-element tensors on x's device)."""
@@ -413,4 +438,4 @@ def fused_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding
                          f"conv output {tuple(out.shape)}")
     return conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
                       dilation, groups, relu, out, offset, residual, res_scale, res_zero,
-                      out_scale, out_zero, out_hi)
+                      out_scale, out_zero, out_hi, cache=cache)
