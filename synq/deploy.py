@@ -119,11 +119,20 @@ def _quantize_dynamic(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor
     """8-bit asymmetric quantization of x over `dims` (range widened to hold 0): int8 values
     (shifted by -128), float32 scale and int32 zero point (int8 domain), both keepdim-reduced
     over `dims`."""
-    lo = torch.amin(x, dim=dims, keepdim=True).float().clamp_(max=0.0)
-    hi = torch.amax(x, dim=dims, keepdim=True).float().clamp_(min=0.0)
+    scale, zero = _dynamic_grid(x, dims)
+    return _quantize_static(x.float(), scale, zero, -128, 127), scale, zero.to(torch.int32)
+
+
+def _dynamic_grid(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """_quantize_dynamic's grid: float32 scale and float zero point (int8 domain)."""
+    if len(dims) == x.dim():    # the whole tensor: both ends in one pass
+        lo, hi = (t.reshape((1,) * x.dim()) for t in torch.aminmax(x))
+    else:
+        lo, hi = torch.amin(x, dim=dims, keepdim=True), torch.amax(x, dim=dims, keepdim=True)
+    lo, hi = lo.float().clamp_(max=0.0), hi.float().clamp_(min=0.0)
     scale = ((hi - lo) / 255.0).clamp_(min=quant._EPS)
     zero = torch.round(-lo / scale).clamp_(0, 255) - 128.0
-    return _quantize_static(x.float(), scale, zero, -128, 127), scale, zero.to(torch.int32)
+    return scale, zero
 
 
 class _IntLayer(nn.Module):
@@ -208,6 +217,14 @@ class IntConv2d(_IntLayer):
         q = getattr(x, "_synq_q", None)
         if q is not None:                         # int8 from the layer before (fused mode)
             xq, (xs, xz) = x, q
+        elif self._use_s2d(x):                    # a stem on a GPU: see _use_s2d
+            if self.static:
+                xs, xz, hi = self.in_scale, self.in_zero, self.in_hi
+            else:
+                xs, zero = _dynamic_grid(x, (0, 1, 2, 3))
+                xs, xz, hi = xs.reshape(()), zero.to(torch.int32).reshape(()), 127
+            xq = _tri_quant.quantize_s2d(x, xs, xz, -128, hi, tuple(self.padding))
+            xq._synq_s2d = True
         elif self.static:
             xq = _quantize_static(x, self.in_scale, self.in_zero, -128, self.in_hi)
             xs, xz = self.in_scale, self.in_zero
@@ -254,6 +271,29 @@ class IntConv2d(_IntLayer):
             return w, sk.weight_row_sums(w), None
         return self._cached(f"tap_folded_{device.type}", fold)
 
+    def _use_s2d(self, x) -> bool:
+        """Whether this conv takes its float input space-to-depth (quantize_s2d) and runs as
+        a stride-1 conv of 16 channels: a stride-2 conv of at most 4 channels with odd
+        kernels (ResNet-18's 7x7 stem) on the fused GPU path. Its window rows become 64-byte
+        runs of 16-byte pixels, copied 16 bytes at a time, where 3-byte pixels went a byte at
+        a time through registers (180 SASS instructions a K block of 32 for the stem,
+        against 64 cycles of tensor-core work; sm_90); the results are the same."""
+        kh, kw = self.kernel_size
+        return (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 4
+                and self.groups == 1 and self.in_channels <= 4
+                and tuple(self.stride) == (2, 2) and tuple(self.dilation) == (1, 1)
+                and kh % 2 == 1 and kw % 2 == 1 and _triton_act(x) and self._use_tap(x)
+                and self._s2d_weight(x.device) is not None)
+
+    def _s2d_weight(self, device):
+        """(weight, row sums, offsets) of the space-to-depth form on `device`, or None where
+        a stored value would leave int8. Cached."""
+        def build():
+            w, _, offset = self._tap_weight(device)
+            w2 = _conv_tap.s2d_weight(w, offset, _tri_quant.S2D_CHANNELS)
+            return None if w2 is None else (w2, sk.weight_row_sums(w2), offset)
+        return self._cached(f"s2d_{device}", build)
+
     def _use_tap(self, xq) -> bool:
         """The GPU's fused path: the triton backend's implicit-GEMM conv with the
         requantizing epilogue (synq_kernels.triton.conv_tap), for every conv with more than
@@ -269,10 +309,13 @@ class IntConv2d(_IntLayer):
         rq = getattr(res, "_synq_q", None) if res is not None else None
         if res is not None and rq is None and res.dtype != torch.float32:
             res = res.float()
-        w, rowsum, offset = self._tap_weight(xq.device)
+        if getattr(xq, "_synq_s2d", False):       # space-to-depth input (_use_s2d)
+            (w, rowsum, offset), geom = self._s2d_weight(xq.device), ((1, 1), (0, 0), (1, 1))
+        else:
+            w, rowsum, offset = self._tap_weight(xq.device)
+            geom = (tuple(self.stride), tuple(self.padding), tuple(self.dilation))
         y = _conv_tap.fused_conv2d(
-            xq, xs, xz, w, self.w_scale, rowsum, self.bias,
-            tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups, relu,
+            xq, xs, xz, w, self.w_scale, rowsum, self.bias, *geom, self.groups, relu,
             offset, res, None if rq is None else rq[0], None if rq is None else rq[1],
             None if out is None else out[0], None if out is None else out[1],
             127 if out is None else out[2], cache=self._cached("tap_kept", dict))
@@ -473,7 +516,7 @@ class _Pending:
         L, res = self.layer, self.residual
         if isinstance(res, _Pending):
             res = res.run(False, None)
-        if L._use_tap(self.xq):
+        if L._use_tap(self.xq) or getattr(self.xq, "_synq_s2d", False):
             return L._conv_tap(self.xq, self.xs, self.xz, relu, res, out)
         if not L._use_packed(self.xq.device):
             y = L._conv_float(self.xq, self.xs, self.xz, relu and res is None)

@@ -230,3 +230,39 @@ def test_cache_keeps_the_weight_and_zero_page_while_unchanged(c):
     for change in (lambda: xz.fill_(17), lambda: w[0].neg_()):
         change()
         assert torch.equal(conv(cache), conv(None))
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+def test_space_to_depth_stem_gives_the_same_conv():
+    """A stride-2 conv of <= 4 channels, run as its space-to-depth form (quantize_s2d's input,
+    s2d_weight's weight, stride 1, no padding) equals the conv on the int8 input, bit for bit:
+    with and without the offset term (extra window positions stored as -offset), fused
+    requantization, odd sizes, kernels 3, 5 and 7."""
+    from synq_kernels.triton import conv_tap
+    from synq_kernels.triton.quantize import S2D_CHANNELS, quantize_s2d
+    g = torch.Generator().manual_seed(7)
+    for b, c, h, w_, cout, k, p, use_off in [(2, 3, 15, 13, 24, 7, 3, True),
+                                             (1, 1, 9, 8, 16, 3, 1, False),
+                                             (1, 4, 11, 11, 8, 5, 2, True),
+                                             (1, 2, 10, 7, 12, 7, 3, False)]:
+        x = torch.randn(b, c, h, w_, generator=g)
+        s, z = torch.tensor(0.013), torch.tensor(-20, dtype=torch.int32)
+        t = torch.div(x, s)
+        xq = t.round_().add_(z).clamp_(-128, 127).to(torch.int8)
+        w = torch.randint(-128, 128, (cout, c, k, k), dtype=torch.int8, generator=g)
+        offset = (torch.randint(-60, 60, (cout,), dtype=torch.int32, generator=g)
+                  if use_off else None)
+        ws, bias = torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g)
+        osc, ozp = torch.tensor([0.04]), torch.tensor([-128], dtype=torch.int32)
+        want = conv_tap.fused_conv2d(xq, s.reshape(1), z.reshape(1), w, ws,
+                                     sk.weight_row_sums(w), bias, (2, 2), (p, p), (1, 1), 1,
+                                     True, offset, out_scale=osc, out_zero=ozp)
+        w2 = conv_tap.s2d_weight(w, offset, S2D_CHANNELS)
+        x2 = quantize_s2d(x, s, z, -128, 127, (p, p))
+        got = conv_tap.fused_conv2d(x2, s.reshape(1), z.reshape(1), w2, ws,
+                                    sk.weight_row_sums(w2), bias, (1, 1), (0, 0), (1, 1), 1,
+                                    True, offset, out_scale=osc, out_zero=ozp)
+        assert got.shape == want.shape and torch.equal(got, want), (c, h, w_, k, p, use_off)
+    # a stored value that would leave int8: no space-to-depth weight
+    assert conv_tap.s2d_weight(w, torch.full((cout,), -128, dtype=torch.int32),
+                               S2D_CHANNELS) is None

@@ -272,6 +272,33 @@ def test_triton_activation_kernels_give_the_same_logits(monkeypatch):
     assert torch.equal(got, want)
 
 
+@pytest.mark.skipif("triton" not in sk.available_backends("int_mm", "cpu"),
+                    reason="no triton")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_space_to_depth_stem_gives_the_same_logits(monkeypatch, bits):
+    """ResNet-18 exported, on the GPU's fused path (forced on the CPU, under the
+    interpreter): its 7x7 stride-2 stem runs space-to-depth (quantize_s2d, a 4x4 stride-1
+    conv of 16 channels), with logits bit-identical to the stem's own conv."""
+    import synq.deploy as D
+    torch.manual_seed(6)
+    model = _randomize_bn(resnet18(num_classes=10))
+    x = torch.randn(2, 3, 30, 27)
+    im = export(_quantized(model, bits, x), example=x[:1])
+    im.replay = False
+    monkeypatch.setattr(D, "_triton_act", lambda x: True)
+    monkeypatch.setattr(D.IntConv2d, "_use_tap", lambda self, xq: (
+        self.in_channels // self.groups > 1))
+    used = []
+    real = D._tri_quant.quantize_s2d
+    monkeypatch.setattr(D._tri_quant, "quantize_s2d", lambda *a: used.append(1) or real(*a))
+    with torch.no_grad():
+        got = im(x)
+        assert len(used) == 1
+        monkeypatch.setattr(D.IntConv2d, "_use_s2d", lambda self, x: False)
+        want = im(x)
+    assert len(used) == 1 and torch.equal(got, want)
+
+
 @pytest.fixture(scope="module")
 def fmnist():
     from synq.assets import load_default_teacher

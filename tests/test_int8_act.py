@@ -74,6 +74,40 @@ def test_quantize_static_refuses_what_it_does_not_take():
         quantize_static(torch.zeros(4, 8)[:, ::2], s, z, -128, 127)
 
 
+def _s2d_reference(q, zero, ph, pw, channels):
+    """The space-to-depth layout in PyTorch: q padded with the zero point (to even sizes),
+    channel (2 dy + dx) * C + c of pixel (y, x) from padded pixel (2 y + dy, 2 x + dx), the
+    zero point in the channels past 4 C."""
+    b, c, h, w = q.shape
+    h2, w2 = (h + 2 * ph + 1) // 2, (w + 2 * pw + 1) // 2
+    pad = F.pad(q.float(), (pw, 2 * w2 - w - pw, ph, 2 * h2 - h - ph), value=float(zero))
+    s2d = pad.reshape(b, c, h2, 2, w2, 2).permute(0, 3, 5, 1, 2, 4).reshape(b, 4 * c, h2, w2)
+    rest = torch.full((b, channels - 4 * c, h2, w2), float(zero))
+    return torch.cat([s2d, rest], 1).to(torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_s2d_matches_quantize_then_rearrange(device):
+    """quantize_s2d = the PyTorch quantization, padding with the zero point and the
+    space-to-depth rearrangement, for 1-4 channels, odd and even padded sizes, any input
+    strides; channels-last output."""
+    from synq_kernels.triton.quantize import S2D_CHANNELS, quantize_s2d
+    g = torch.Generator().manual_seed(3)
+    for b, c, h, w, ph, pw, cl in [(2, 3, 15, 13, 3, 3, False), (1, 1, 8, 9, 1, 0, True),
+                                   (1, 4, 7, 10, 2, 1, False), (3, 2, 5, 5, 0, 2, True)]:
+        x = torch.randn(b, c, h, w, generator=g) * 2
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        s, z = torch.tensor(0.021), torch.tensor(-9, dtype=torch.int32)
+        want = _s2d_reference(_torch_quantize(x, s, z, -128, 127), -9, ph, pw, S2D_CHANNELS)
+        got = quantize_s2d(x.to(device), s.to(device), z.to(device), -128, 127, (ph, pw))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert got.shape == want.shape and torch.equal(got.cpu(), want), (b, c, h, w, ph, pw)
+    with pytest.raises(ValueError, match="C <= 4"):
+        quantize_s2d(torch.zeros(1, 5, 4, 4, device=device), s.to(device), z.to(device), -128,
+                     127, (1, 1))
+
+
 # (B, C, H, W, kernel, stride, padding, dilation, ceil_mode, channels_last)
 POOL_CASES = [(2, 64, 17, 15, 3, 2, 1, 1, False, True),    # ResNet-18's, odd sizes
               (1, 5, 12, 12, 3, 2, 1, 1, True, True),
@@ -127,6 +161,15 @@ ptx = build(Q._quantize_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "s_ptr": "*
             {"HW_FMA": True, "BLOCK": Q.BLOCK}, aligned=["x_ptr", "out_ptr", "n"], num_warps=4)
 assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "float32 loads not vectorized"
 assert ptx.count("div.rn.f32") == 1 and len(re.findall(r"fma\.rn\.f32", ptx)) >= 2 * 16
+# space-to-depth: each pixel's 16 int8 channels in one 16-byte store
+ints = ["H", "W", "H2", "W2", "sxb", "sxc", "sxh", "sxw", "soh", "pad_h", "pad_w"]
+ptx = build(Q._quantize_s2d_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "s_ptr": "*fp32",
+                                     "z_ptr": "*i32", "lo": "fp32", "hi": "fp32",
+                                     **{a: "i32" for a in ints}},
+            {"C": 3, "CO": Q.S2D_CHANNELS, "HW_FMA": True, "BLOCK": 2048},
+            aligned=["x_ptr", "out_ptr", "sxb", "sxc", "sxh", "soh"], num_warps=4)
+stores = re.findall(r"st\.global(\.v[24])?\.b(8|16|32)\b", ptx)
+assert stores and set(stores) == {(".v4", "32")}, sorted(set(stores))
 # max-pool on a channels-last int8 tensor (channel stride 1, a constant at launch): each
 # window position's channels in 16-byte loads
 ints = ["P", "C", "OHW", "OW", "H", "W", "sxb", "sxh", "sxw", "sob", "soh", "sow", "sh",

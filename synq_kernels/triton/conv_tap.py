@@ -439,3 +439,25 @@ def fused_conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding
     return conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
                       dilation, groups, relu, out, offset, residual, res_scale, res_zero,
                       out_scale, out_zero, out_hi, cache=cache)
+
+
+def s2d_weight(w: torch.Tensor, offset: torch.Tensor | None, channels: int):
+    """The weight of a stride-2 conv, int8 (Cout, C, kh, kw) (each row stored minus offset[n]
+    where offset is given), for its space-to-depth form (quantize.quantize_s2d: a stride-1
+    conv, no padding, on `channels` channels): (Cout, channels, ceil(kh / 2), ceil(kw / 2))
+    int8, channels-last, whose channel (2 dy + dx) * C + c at tap (ky, kx) is w's channel c
+    at (2 ky + dy, 2 kx + dx). Every other position has real weight 0, stored as -offset[n]
+    (so the offset term, which adds offset[n] over the whole window, still cancels there).
+    None where a stored value would leave int8 (an offset of -128)."""
+    cout, c, kh, kw = w.shape
+    o = 0 if offset is None else offset.to(torch.int16).reshape(-1, 1, 1, 1)
+    k2h, k2w = (kh + 1) // 2, (kw + 1) // 2
+    real = torch.zeros(cout, c, 2 * k2h, 2 * k2w, dtype=torch.int16, device=w.device)
+    real[:, :, :kh, :kw] = w.to(torch.int16) + o
+    moved = real.reshape(cout, c, k2h, 2, k2w, 2).permute(0, 3, 5, 1, 2, 4)
+    full = torch.zeros(cout, channels, k2h, k2w, dtype=torch.int16, device=w.device)
+    full[:, :4 * c] = moved.reshape(cout, 4 * c, k2h, k2w)
+    stored = full - o
+    if int(stored.min()) < -128 or int(stored.max()) > 127:
+        return None
+    return stored.to(torch.int8).contiguous(memory_format=torch.channels_last)

@@ -60,8 +60,11 @@ def _dense(x: torch.Tensor) -> bool:
 def usable(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> bool:
     """Whether quantize_static takes these arguments: x float32 and dense, scale and zero
     one-element tensors on x's device (the PyTorch ops serve every other case)."""
-    return (x.dtype == torch.float32 and x.numel() > 0 and _dense(x)
-            and isinstance(scale, torch.Tensor) and isinstance(zero, torch.Tensor)
+    return x.dtype == torch.float32 and x.numel() > 0 and _dense(x) and _grid_ok(x, scale, zero)
+
+
+def _grid_ok(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    return (isinstance(scale, torch.Tensor) and isinstance(zero, torch.Tensor)
             and scale.numel() == 1 and zero.numel() == 1 and scale.dtype == torch.float32
             and scale.device == x.device and zero.device == x.device)
 
@@ -78,4 +81,80 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo
     _quantize_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, scale, zero, n, float(lo), float(hi), HW_FMA=_st.has_fma(x.device),
         BLOCK=BLOCK)
+    return out
+
+
+# Space-to-depth: a stride-2 conv of C <= 4 channels as a stride-1 conv of S2D_CHANNELS
+# (synq.deploy runs ResNet-18's 7x7 stem so). Its window rows are then 16-byte runs: 4 pixels
+# of 16 bytes for a 7x7 kernel (4x4 after the transform), one 64-byte K block each, copied
+# 16 bytes at a time; 3-byte pixels were loaded a byte at a time into registers and stored
+# to shared memory a byte at a time (sm_90 SASS: 180 instructions a K block of 32, against
+# 64 cycles of tensor-core work).
+S2D_CHANNELS = 16
+
+
+@triton.jit
+def _quantize_s2d_kernel(x_ptr, out_ptr, s_ptr, z_ptr, H, W, H2, W2, sxb, sxc, sxh, sxw,
+                         soh, pad_h, pad_w, lo, hi, C: tl.constexpr, CO: tl.constexpr,
+                         HW_FMA: tl.constexpr, BLOCK: tl.constexpr):
+    # one program: BLOCK bytes of one output row (b, y2), pixel-major, CO channels a pixel
+    row = tl.program_id(0)
+    b = row // H2
+    y2 = row % H2
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x2 = offs // CO
+    co = offs % CO
+    d = co // C          # which of the 2 x 2 pixels: (dy, dx) = (d // 2, d % 2)
+    c = co % C
+    iy = 2 * y2 + d // 2 - pad_h
+    ix = 2 * x2 + d % 2 - pad_w
+    ok = x2 < W2
+    real = ok & (d < 4) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    v = tl.load(x_ptr + b.to(tl.int64) * sxb + c * sxc + iy * sxh + ix * sxw, mask=real,
+                other=0.0)
+    s = tl.load(s_ptr)
+    if HW_FMA:  # see conv_tap.py's epilogue
+        inv = tl.math.div_rn(1.0, s)
+        q = v * inv
+        e = tl.math.fma(-q, s, v)
+        q = tl.math.fma(e, inv, q)
+    else:
+        q = tl.math.div_rn(v, tl.broadcast_to(s, [BLOCK]))
+    zf = tl.load(z_ptr).to(tl.float32)
+    q = (q + 12582912.0) - (12582912.0 - zf)
+    q = tl.minimum(tl.maximum(q, lo), hi)
+    # padding and the channels past 4 C hold the zero point (the real zero)
+    q = tl.where(real, q, zf)
+    # a channels-last row is W2 * CO contiguous bytes: byte offs of row (b, y2)
+    tl.store(out_ptr + b.to(tl.int64) * (H2 * soh) + y2 * soh + offs, q.to(tl.int8), mask=ok)
+
+
+def s2d_size(n: int, pad: int) -> int:
+    """The space-to-depth size of an input dimension n padded by `pad` on both sides."""
+    return (n + 2 * pad + 1) // 2
+
+
+def quantize_s2d(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int,
+                 padding: tuple) -> torch.Tensor:
+    """x (B, C, H, W) float32, C <= 4, quantized as quantize_static, padded by `padding`
+    = (ph, pw) with the zero point and rearranged space-to-depth: int8 (B, S2D_CHANNELS,
+    ceil((H + 2 ph) / 2), ceil((W + 2 pw) / 2)), channels-last, where channel
+    (2 dy + dx) * C + c of pixel (y, x) is channel c of padded pixel (2 y + dy, 2 x + dx)
+    (the zero point past the padded input and for channels past 4 C)."""
+    if (x.dtype != torch.float32 or x.dim() != 4 or not 1 <= x.shape[1] <= 4
+            or x.numel() == 0 or not _grid_ok(x, scale, zero)):
+        raise ValueError("quantize_s2d: x must be a float32 (B, C <= 4, H, W) tensor and "
+                         "scale / zero one-element tensors (scale float32) on its device")
+    bsz, c, h, w = x.shape
+    ph, pw = padding
+    h2, w2 = s2d_size(h, ph), s2d_size(w, pw)
+    out = torch.empty((bsz, S2D_CHANNELS, h2, w2), dtype=torch.int8, device=x.device,
+                      memory_format=torch.channels_last)
+    # 16 bytes a thread (4 warps) at 2048: one 16-byte store per thread (8 at 1024)
+    block = min(2048, triton.next_power_of_2(w2 * S2D_CHANNELS))
+    grid = (bsz * h2, triton.cdiv(w2 * S2D_CHANNELS, block))
+    _quantize_s2d_kernel[grid](
+        x, out, scale, zero, h, w, h2, w2, *x.stride(), out.stride(2), ph, pw,
+        float(lo), float(hi), C=c, CO=S2D_CHANNELS, HW_FMA=_st.has_fma(x.device),
+        BLOCK=block)
     return out
