@@ -26,11 +26,12 @@ real domain): their pointers are switched to a page of zero-point bytes, so that
 touches the tile's values and it goes from cp.async to the MMA in shared memory (a value
 select, in the first version, sent it through registers and back: sm_90 TTGIR, Triton 3.8).
 Channels past C / groups are masked to 0 in both operands. When BK divides C / groups (every
-ResNet / MobileNet conv with >= 32 channels) no copy has a mask (EVEN_K): rows past the last
-pixel read the zero-point page too, and weight rows past the group's last output channel
-re-read that channel. With the window checks as unsigned compares (0 <= i < n in one), this
-took the main loop from 137 to 111 SASS instructions a K block for ResNet-18's 3x3 convs of
-128-512 channels and from 172 to 144 for 64 (sm_90, Triton 3.6).
+ResNet conv with >= 32 channels, not MobileNetV2's 96 / 144) no copy has a mask (EVEN_K):
+rows past the last pixel read the zero-point page too, and weight rows past the group's
+last output channel re-read that channel. With the window checks as unsigned compares
+(0 <= i < n in one), this took the main loop from 137 to 111 SASS instructions a K block
+for ResNet-18's 3x3 convs of 128-512 channels and from 172 to 144 for 64 (sm_90, Triton
+3.6).
 
 On sm_90, Triton issues each int8 wgmma and waits for it before the next K block: its WGMMA
 pipeliner makes a dot asynchronous only with a float32 accumulator (triton-lang/triton,
