@@ -51,11 +51,11 @@ The offset term is the one of exported asymmetric weights (synq.deploy: a row st
 an offset o[n]): sum_k (x_k - x_zero)(w_k + o) = acc + o * sum_k (x_k - x_zero). The window
 sums come from per-pixel channel sums (one PyTorch reduction over x before the call), read
 once per tap in the epilogue, so the main loop never reduces the A tile. y / out_scale is
-the IEEE quotient, as torch.div: on a GPU a reciprocal and two fused multiply-adds (exact by
-Markstein's theorem), under the interpreter tl.math.div_rn; rounding is half to even, as
-torch.round. With few K blocks the epilogue's per-value work is most of a tile's: with
-div_rn (about ten instructions a value and a slow-path branch) and compare-and-select
-rounding and clamping it was 3119 SASS instructions a thread in ResNet-18's layer1 conv,
+the IEEE quotient, as torch.div: on a GPU a reciprocal and two fused multiply-adds
+(Markstein's correction step, below), under the interpreter tl.math.div_rn; rounding is
+half to even, as torch.round. With few K blocks the epilogue's per-value work is most of a
+tile's: with div_rn (about ten instructions a value and a slow-path branch) and
+compare-and-select rounding and clamping it was 3119 SASS instructions a thread in ResNet-18's layer1 conv,
 whose 9 K blocks take 166 each; now 1786 (sm_90, Triton 3.6).
 """
 from __future__ import annotations
@@ -246,10 +246,13 @@ def _conv_tap_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, xz_ptr, zp_ptr, ws_ptr, rs_p
     if OUT_Q:
         osc = tl.load(osc_ptr)
         if HW_FMA:
-            # y / osc correctly rounded in three operations (Markstein's theorem: with inv
-            # the rounded 1 / osc and q within an ulp of y / osc, the residual e is exact
-            # and q + e * inv rounds to the IEEE quotient), where div_rn's general path took
-            # about ten a value, a range check and a slow-path branch (sm_90 SASS)
+            # y / osc correctly rounded in three operations: q = y * inv with inv the
+            # rounded 1 / osc, the exact residual e = y - q * osc, then q + e * inv
+            # (Markstein's correction step). Equal to the IEEE quotient on every float32
+            # mantissa of y for 12 divisors (201M quotients, checked once with exact
+            # arithmetic where the check itself could round twice) and in
+            # tests/test_conv_tap.py near rounding ties; div_rn's general path took about
+            # ten instructions a value, a range check and a slow-path branch (sm_90 SASS)
             inv = tl.math.div_rn(1.0, osc)
             q = y * inv
             e = tl.math.fma(-q, osc, y)

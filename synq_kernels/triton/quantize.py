@@ -10,8 +10,8 @@ storage in order, so reads and writes are contiguous whatever the layout.
 The same steps as PyTorch ops (torch.div, round_, add_, clamp_, .to(torch.int8)) made four
 passes over the float32 tensor plus the cast: about 1.4 GB of traffic for ResNet-18's input
 at batch 256 (256 x 3 x 224 x 224), against 0.19 GB here. Values are the ops' exactly:
-x / scale is the IEEE quotient (on a GPU a reciprocal and two fused multiply-adds, exact by
-Markstein's theorem as in conv_tap.py's epilogue; under the interpreter tl.math.div_rn), and
+x / scale is the IEEE quotient (on a GPU a reciprocal and two fused multiply-adds, as in
+conv_tap.py's epilogue; under the interpreter tl.math.div_rn), and
 round-half-even plus the zero point is one add pair. A NaN in x becomes lo (PyTorch's cast
 of NaN to int8 is undefined)."""
 from __future__ import annotations
