@@ -55,8 +55,8 @@ the IEEE quotient, as torch.div: on a GPU a reciprocal and two fused multiply-ad
 (Markstein's correction step, below), under the interpreter tl.math.div_rn; rounding is
 half to even, as torch.round. With few K blocks the epilogue's per-value work is most of a
 tile's: with div_rn (about ten instructions a value and a slow-path branch) and
-compare-and-select rounding and clamping it was 3119 SASS instructions a thread in ResNet-18's layer1 conv,
-whose 9 K blocks take 166 each; now 1786 (sm_90, Triton 3.6).
+compare-and-select rounding and clamping it was 3119 SASS instructions a thread in
+ResNet-18's layer1 conv, whose 9 K blocks take 166 each; now 1786 (sm_90, Triton 3.6).
 """
 from __future__ import annotations
 
