@@ -154,39 +154,42 @@ _AOT_SCRIPT = r"""
 import synq_kernels.triton.pool as P
 import synq_kernels.triton.quantize as Q
 
-# quantize: 16-byte loads of float32 and one division a thread (the reciprocal), two fused
-# multiply-adds a value
-ptx = build(Q._quantize_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "s_ptr": "*fp32",
-                                 "z_ptr": "*i32", "n": "i32", "lo": "fp32", "hi": "fp32"},
-            {"HW_FMA": True, "BLOCK": Q.BLOCK}, aligned=["x_ptr", "out_ptr", "n"], num_warps=4)
-assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "float32 loads not vectorized"
-assert ptx.count("div.rn.f32") == 1 and len(re.findall(r"fma\.rn\.f32", ptx)) >= 2 * 16
-# space-to-depth: each pixel's 16 int8 channels in one 16-byte store
-ints = ["H", "W", "H2", "W2", "sxb", "sxc", "sxh", "sxw", "soh", "pad_h", "pad_w"]
-ptx = build(Q._quantize_s2d_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "s_ptr": "*fp32",
-                                     "z_ptr": "*i32", "lo": "fp32", "hi": "fp32",
-                                     **{a: "i32" for a in ints}},
-            {"C": 3, "CO": Q.S2D_CHANNELS, "HW_FMA": True, "BLOCK": 2048},
-            aligned=["x_ptr", "out_ptr", "sxb", "sxc", "sxh", "soh"], num_warps=4)
-stores = re.findall(r"st\.global(\.v[24])?\.b(8|16|32)\b", ptx)
-assert stores and set(stores) == {(".v4", "32")}, sorted(set(stores))
-# max-pool on a channels-last int8 tensor (channel stride 1, a constant at launch): each
-# window position's channels in 16-byte loads
-ints = ["P", "C", "OHW", "OW", "H", "W", "sxb", "sxh", "sxw", "sob", "soh", "sow", "sh",
-        "sw", "ph", "pw", "dh", "dw"]
-ptx = build(P._max_pool_kernel, {"x_ptr": "*i8", "out_ptr": "*i8", **{a: "i32" for a in ints}},
-            {"sxc": 1, "soc": 1, "KH": 3, "KW": 3, "BP": 32, "BC": 64},
-            aligned=["x_ptr", "out_ptr", "C", "sxb", "sxh", "sxw", "sob", "soh", "sow"],
-            num_warps=4)
-loads = re.findall(r"ld\.global(?:\.\w+)*\.(v4\.b32|b8|u8|s8)", ptx)
-assert loads and set(loads) == {"v4.b32"}, sorted(set(loads))
+for cc in (80, 90):  # an A100 and an H100
+    # quantize: 16-byte loads of float32 and one division a thread (the reciprocal), two fused
+    # multiply-adds a value
+    ptx = build(Q._quantize_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "s_ptr": "*fp32",
+                                     "z_ptr": "*i32", "n": "i32", "lo": "fp32", "hi": "fp32"},
+                {"HW_FMA": True, "BLOCK": Q.BLOCK}, aligned=["x_ptr", "out_ptr", "n"],
+                num_warps=4, cc=cc)
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "float32 loads not vectorized"
+    assert ptx.count("div.rn.f32") == 1 and len(re.findall(r"fma\.rn\.f32", ptx)) >= 2 * 16
+    # space-to-depth: each pixel's 16 int8 channels in one 16-byte store
+    ints = ["H", "W", "H2", "W2", "sxb", "sxc", "sxh", "sxw", "soh", "pad_h", "pad_w"]
+    ptx = build(Q._quantize_s2d_kernel, {"x_ptr": "*fp32", "out_ptr": "*i8", "s_ptr": "*fp32",
+                                         "z_ptr": "*i32", "lo": "fp32", "hi": "fp32",
+                                         **{a: "i32" for a in ints}},
+                {"C": 3, "CO": Q.S2D_CHANNELS, "HW_FMA": True, "BLOCK": 2048},
+                aligned=["x_ptr", "out_ptr", "sxb", "sxc", "sxh", "soh"], num_warps=4, cc=cc)
+    stores = re.findall(r"st\.global(\.v[24])?\.b(8|16|32)\b", ptx)
+    assert stores and set(stores) == {(".v4", "32")}, sorted(set(stores))
+    # max-pool on a channels-last int8 tensor (channel stride 1, a constant at launch): each
+    # window position's channels in 16-byte loads
+    ints = ["P", "C", "OHW", "OW", "H", "W", "sxb", "sxh", "sxw", "sob", "soh", "sow", "sh",
+            "sw", "ph", "pw", "dh", "dw"]
+    ptx = build(P._max_pool_kernel,
+                {"x_ptr": "*i8", "out_ptr": "*i8", **{a: "i32" for a in ints}},
+                {"sxc": 1, "soc": 1, "KH": 3, "KW": 3, "BP": 32, "BC": 64},
+                aligned=["x_ptr", "out_ptr", "C", "sxb", "sxh", "sxw", "sob", "soh", "sow"],
+                num_warps=4, cc=cc)
+    loads = re.findall(r"ld\.global(?:\.\w+)*\.(v4\.b32|b8|u8|s8)", ptx)
+    assert loads and set(loads) == {"v4.b32"}, sorted(set(loads))
 print("ok")
 """
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="no triton")
-def test_int8_act_kernels_compile_for_sm90():
-    """The interpreter hides GPU-only compile errors: both kernels compiled ahead of time for
-    sm_90 (no GPU needed), with the memory accesses that make them one pass."""
+def test_int8_act_kernels_compile_for_sm80_and_sm90():
+    """The interpreter hides GPU-only compile errors: the kernels compiled ahead of time for
+    sm_80 and sm_90 (no GPU needed), with the memory accesses that make them one pass."""
     import triton_aot
     triton_aot.run(_AOT_SCRIPT)

@@ -382,6 +382,10 @@ for bm, bn, bk, warps, fused, flat, packed in [(128, 128, 128, 8, False, False, 
     # check and a slow-path call site each: 64 a thread at this tile)
     assert ptx.count("div.rn.f32") == int(fused) and not re.search(r"div\.(full|approx)", ptx)
     assert not fused or len(re.findall(r"fma\.rn\.f32", ptx)) >= 2 * bm * bn // (32 * warps)
+    # an A100 (sm_80, no wgmma) compiles the same kernel to mma.sync s8
+    ptx = build(m._conv_tap_kernel, sig, consts, aligned, num_warps=warps, cc=80, num_stages=3)
+    mma = re.findall(r"mma\.sync\S*", ptx)
+    assert mma and all("s8.s8" in x for x in mma), (bm, bn, bk, sorted(set(mma))[:3])
 print("ok")
 """
 
