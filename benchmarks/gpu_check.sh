@@ -78,6 +78,9 @@ timeout 45 "$PY" -m benchmarks.gpu_profile --device cuda --out "$OUT/gpu_profile
 step summary
 grep -A12 "synchronizing calls" "$OUT/gpu_profile.txt" 2>/dev/null
 for f in "$OUT"/*.md; do echo "--- $(basename "$f")"; cat "$f"; done
+# last, so that it ends the log: issues 4 and 7's targets from the tables above
+echo "--- targets"
+"$PY" -m benchmarks.targets "$OUT" --out "$OUT/targets.md" || STATUS=1
 ls -la "$OUT"
 echo "gpu_check status $STATUS"
 exit $STATUS
