@@ -1,6 +1,10 @@
 """quantized_conv2d_packed (prepacked weights, float or requantized int8 / uint8 output, fused
 residual) against its reference, bit-exact: the reference follows the kernel's float32
 operation order, so every output dtype, the int8 ones included, must match exactly."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -213,3 +217,17 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 4, 9, 9)
     torch.testing.assert_close(compiled(x), block(x))
+
+
+@needs_cpu
+@pytest.mark.skipif(os.environ.get("SYNQ_CPU_NO_AVX512") == "1",
+                    reason="already the AVX2 micro-kernel")
+def test_avx2_micro_kernel_where_avx512_vnni_is_present():
+    """On a CPU with AVX-512 VNNI the conv's micro-kernel is vpdpwssd; the AVX2 one
+    (SYNQ_CPU_NO_AVX512=1, read once per process) must stay exact too: this file's exactness
+    tests again in a process that keeps it (on an AVX2-only CPU both runs take AVX2)."""
+    env = dict(os.environ, SYNQ_CPU_NO_AVX512="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        __file__, "-k", "exact or requantize or out_max or thread_splits"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -10,7 +10,9 @@
 // (weights pre-widened and interleaved as [pair][16 channels][2], see _conv2d_prepack), so
 // there is no horizontal sum, short K (9 for a 1-channel stem, 144 for 16 channels) costs
 // nothing extra, and the epilogue works on whole vectors of 8 channels. The micro-kernel
-// holds a 6 pixel x 16 channel tile in 12 accumulators.
+// holds a 6 pixel x 16 channel tile in 12 accumulators; with AVX-512 VNNI, in 6 (the 16
+// channels' weight pairs are one 512-bit vector and vpdpwssd multiplies and adds in one
+// instruction: ResNet-20's integer model 1.4-1.5x faster on an AVX-512 EPYC, 1 thread).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -54,6 +56,21 @@ bool conv_use_avx2() {
 #if SYNQ_INT_CONV_X86
   static const bool ok = __builtin_cpu_supports("avx2");
   return ok && !conv_force_portable();
+#else
+  return false;
+#endif
+}
+
+// AVX-512 VNNI (vpdpwssd: a 16-lane int16 pair multiply-add into int32 in one instruction)
+// for the micro-kernel; SYNQ_CPU_NO_AVX512=1 keeps the AVX2 one (tests compare the two).
+bool conv_use_vnni() {
+#if SYNQ_INT_CONV_X86
+  static const bool ok = [] {
+    const char* v = std::getenv("SYNQ_CPU_NO_AVX512");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni") && !(v != nullptr && v[0] == '1');
+  }();
+  return ok && conv_use_avx2();
 #else
   return false;
 #endif
@@ -164,9 +181,49 @@ __attribute__((target("avx2"))) void micro_avx2(const int16_t* const* px, const 
 }
 #endif
 
+#if SYNQ_INT_CONV_X86
+// The same tile with AVX-512 VNNI: the 16 channels' weight pairs are one 512-bit vector, and
+// each pixel's pair is a broadcast operand of one vpdpwssd (5 instructions a pixel and k in
+// the AVX2 kernel, 1 here).
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_vnni(
+    const int16_t* const* px, const int32_t* off, int64_t np, const int16_t* w,
+    int32_t* out) {
+  __m512i c[MR];
+  const int16_t* p[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c[r] = _mm512_setzero_si512();
+    p[r] = px[r];
+  }
+  for (int64_t k = 0; k < np; ++k) {
+    const __m512i wk = _mm512_loadu_si512(w + k * 32);
+    const int64_t o = off[k];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, p[r] + o, sizeof(pair));
+      c[r] = _mm512_dpwssd_epi32(c[r], _mm512_set1_epi32(pair), wk);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(out + r * kCB, c[r]);
+}
+#endif
+
 void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t np,
                const int16_t* w, int32_t* out) {
 #if SYNQ_INT_CONV_X86
+  if (conv_use_vnni()) {
+    switch (mr) {
+      case 6: return micro_vnni<6>(px, off, np, w, out);
+      case 5: return micro_vnni<5>(px, off, np, w, out);
+      case 4: return micro_vnni<4>(px, off, np, w, out);
+      case 3: return micro_vnni<3>(px, off, np, w, out);
+      case 2: return micro_vnni<2>(px, off, np, w, out);
+      default: return micro_vnni<1>(px, off, np, w, out);
+    }
+  }
   if (conv_use_avx2()) {
     switch (mr) {
       case 6: return micro_avx2<6>(px, off, np, w, out);
