@@ -4,6 +4,8 @@ torch._int_mm where that applies); float epilogues against a float64 evaluation;
 opcheck; torch.compile."""
 import itertools
 
+import os
+
 import pytest
 import torch
 
@@ -322,6 +324,23 @@ def test_portable_kernels_exact():
     r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="synq_kernels._C not built")
+@pytest.mark.skipif(os.environ.get("SYNQ_CPU_NO_AVX512") == "1",
+                    reason="already the AVX2 kernels")
+def test_avx2_kernels_where_avx512_vnni_is_present():
+    """On a CPU with AVX-512 VNNI the GEMM micro-kernels are vpdpwssd ones; the AVX2 ones
+    (SYNQ_CPU_NO_AVX512=1, read once per process) must stay exact too: the cpu backend's
+    GEMM tests again in a process that keeps them (on an AVX2-only CPU both runs take AVX2)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, SYNQ_CPU_NO_AVX512="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        __file__, "-k", "(matmul or quantized_linear) and cpu and not triton"
+                        " and not cuda and not opcheck and not compile"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 # -- Triton -----------------------------------------------------------------------------------
