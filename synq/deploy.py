@@ -49,6 +49,7 @@ above; see tests/test_deploy.py for the measured bound.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -963,6 +964,19 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _normal_tensors(fn):
+    """`fn` run with torch.inference_mode off, so that the model it builds holds normal
+    tensors even when called inside inference mode: the integer model's caches (derived
+    weights, grids, recordings, CUDA graphs) key on version counters, which inference
+    tensors do not have (reading one raises)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_normal_tensors
 def export(qmodel: nn.Module, example: torch.Tensor | None = None,
            weight_format: str = "auto", input_range: tuple[float, float] | None = None,
            fuse: bool = True) -> IntModel:
@@ -1098,6 +1112,7 @@ def save_int(model: IntModel, out_dir, model_spec: dict | None = None) -> Path:
                        {**model.meta, "model": spec, "plan": model.plan})
 
 
+@_normal_tensors
 def load_int(path, device="cpu") -> IntModel:
     """Reload a model written by `save_int` (a folder or its int_model.json)."""
     meta, state = read_saved(path, "int_model", FORMAT,

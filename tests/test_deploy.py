@@ -294,9 +294,12 @@ def test_space_to_depth_stem_gives_the_same_logits(monkeypatch, bits):
     with torch.no_grad():
         got = im(x)
         assert len(used) == 1
+    with torch.inference_mode():  # the stem's zero point is then an inference tensor
+        assert torch.equal(im(x), got) and len(used) == 2
+    with torch.no_grad():
         monkeypatch.setattr(D.IntConv2d, "_use_s2d", lambda self, x: False)
         want = im(x)
-    assert len(used) == 1 and torch.equal(got, want)
+    assert len(used) == 2 and torch.equal(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +368,11 @@ def test_save_load_round_trip(tmp_path):
         load_int(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="model spec"):
         save_int(export(q), tmp_path / "nospec")
+    # loaded and run inside torch.inference_mode: the model's caches read version counters,
+    # which inference tensors lack ("Inference tensors do not track version counter")
+    with torch.inference_mode():
+        inside = load_int(tmp_path / "int")
+        assert torch.equal(inside(x), im(x)) and torch.equal(inside(x), im(x))
 
 
 def test_errors_name_the_problem():

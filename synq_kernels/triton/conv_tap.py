@@ -332,8 +332,10 @@ def _tap_config(p: int, cg: int, og: int, taps: int, interp: bool, flat_k: int =
 def _kept(cache, key, sources, make):
     """make() through `cache` (a dict the caller keeps, or None): the entry under `key` is
     reused while `sources` are the same tensor objects at the same versions (held here, so
-    that no other tensor can take their place), else made again."""
-    if cache is None:
+    that no other tensor can take their place), else made again. Inference tensors (made
+    under torch.inference_mode, such as a zero point computed at each call there) have no
+    version counter: with one among the sources nothing is kept."""
+    if cache is None or any(t.is_inference() for t in sources):
         return make()
     stamp = [(t, t._version) for t in sources]
     hit = cache.get(key)
