@@ -11,12 +11,31 @@ import argparse
 import csv
 import glob
 import os
+import re
 import sys
 
 
-def _rows(folder: str, prefix: str) -> list[dict]:
+PREFIXES = ("int_gemm", "inference_latency", "train_throughput", "conv_tiles")
+_NAME = re.compile(r"^(%s)_(.+?)_(\d{4}-\d{2}-\d{2})" % "|".join(PREFIXES))
+
+
+def devices(folder: str) -> list[str]:
+    """The device tags in the folder's file names (`int_gemm_nvidia-h200_2026-11-27.csv`:
+    nvidia-h200), in order: a folder may hold the runs of several GPUs."""
+    tags = set()
+    for path in glob.glob(os.path.join(folder, "*.csv")):
+        m = _NAME.match(os.path.basename(path))
+        if m:
+            tags.add(m.group(2))
+    return sorted(tags)
+
+
+def _rows(folder: str, prefix: str, device: str | None = None) -> list[dict]:
     out = []
     for path in sorted(glob.glob(os.path.join(folder, f"{prefix}_*.csv"))):
+        m = _NAME.match(os.path.basename(path))
+        if device is not None and (m is None or m.group(2) != device):
+            continue
         with open(path, newline="") as f:
             out += list(csv.DictReader(f))
     return out
@@ -35,11 +54,12 @@ def _best(rows: list[dict], key: str) -> dict | None:
     return max(rows, key=lambda r: _num(r[key])) if rows else None
 
 
-def targets(folder: str) -> list[tuple[str, str, float | None, float, bool | None]]:
-    """(target, what was measured, ratio, wanted ratio, met) per target; ratio None where the
-    folder has no row for it."""
+def targets(folder: str, device: str | None = None
+            ) -> list[tuple[str, str, float | None, float, bool | None]]:
+    """(target, what was measured, ratio, wanted ratio, met) per target, from the files of
+    `device` (None: all files); ratio None where there is no row for it."""
     out = []
-    gemm = _rows(folder, "int_gemm")
+    gemm = _rows(folder, "int_gemm", device)
 
     def gemm_rows(shape, impl_part, kind="gemm"):
         return [r for r in gemm if r["kind"] == kind and r["shape"] == shape
@@ -61,7 +81,7 @@ def targets(folder: str) -> list[tuple[str, str, float | None, float, bool | Non
     for r in gemm:
         if r["kind"] == "conv" and " b256 " in f" {r['shape']} " and r["impl"].startswith("synq"):
             layers.setdefault(r["shape"], []).append(r)
-    for r in _rows(folder, "conv_tiles"):
+    for r in _rows(folder, "conv_tiles", device):
         if "b256" in r["shape"] and r["impl"].startswith("synq") and "(default)" in r["impl"]:
             layers.setdefault(r["shape"], []).append(
                 dict(r, speedup_vs_float=r.get("speedup_vs_fp16")))
@@ -69,7 +89,7 @@ def targets(folder: str) -> list[tuple[str, str, float | None, float, bool | Non
         b = _best(rs, "speedup_vs_float")
         out.append((f"issue 4: ResNet-18 conv {shape} faster than cuDNN fp16", b and b["impl"],
                     _num(b["speedup_vs_float"]) if b else None, 1.0))
-    inf = [r for r in _rows(folder, "inference_latency")
+    inf = [r for r in _rows(folder, "inference_latency", device)
            if r["model"] == "resnet18" and r["batch"] == "256"]
     b = _best([r for r in inf if r["impl"].startswith("int W8A8")], "speedup_vs_float")
     out.append(("issue 7: W8A8 ResNet-18 at batch 256 >= 1.3x fp16",
@@ -80,7 +100,7 @@ def targets(folder: str) -> list[tuple[str, str, float | None, float, bool | Non
     if b and fg and _num(fg[0]["ms"]):
         out.append(("issue 7: the same against the fp16 model under CUDA graphs",
                     f"{b['impl']} [{b['backend']}]", _num(fg[0]["ms"]) / _num(b["ms"]), 1.3))
-    for r in _rows(folder, "train_throughput"):
+    for r in _rows(folder, "train_throughput", device):
         out.append((f"issue 7: fine-tuning {r['model']} batch {r['batch']} >= 1.5x reference",
                     f"{_num(r['synq img/s']):.0f} vs {_num(r['reference img/s']):.0f} img/s",
                     _num(r["speedup"]), 1.5))
@@ -104,7 +124,11 @@ def main(argv=None) -> int:
     if not os.path.isdir(a.folder):
         print(f"targets: no folder {a.folder}", file=sys.stderr)
         return 2
-    text = table(targets(a.folder))
+    tags = devices(a.folder)
+    if len(tags) > 1:  # one table per device: a ratio is only good against its own run
+        text = "".join(f"\n## {t}\n\n" + table(targets(a.folder, t)) for t in tags)
+    else:
+        text = table(targets(a.folder))
     print(text, end="")
     if a.out:
         with open(a.out, "w") as f:

@@ -42,3 +42,15 @@ def test_targets_without_rows_and_the_command(tmp_path, capsys):
     assert "| issue 4: int8 GEMM 4096^3 >= 1.6x fp16 | no row | - | no row |" in out.read_text()
     assert "layer3.0.down" in capsys.readouterr().out
     assert targets.main([str(tmp_path / "missing")]) == 2
+
+
+def test_a_folder_of_two_gpus_gets_a_table_each(capsys):
+    """The first GPU session's folder holds an H100's and an H200's runs: each target is read
+    from one device's files (a ratio is only good against its own run's baseline)."""
+    first = RUNS.parent / "gpu_2026-11-27"
+    assert targets.devices(str(first)) == ["nvidia-h100-80gb-hbm3", "nvidia-h200"]
+    h100 = {t: v for t, _, v, _, _ in targets.targets(str(first), "nvidia-h100-80gb-hbm3")}
+    assert round(h100["issue 4: int8 GEMM 4096^3 >= 1.6x fp16"], 2) == 1.39
+    assert targets.main([str(first)]) == 0
+    out = capsys.readouterr().out
+    assert "## nvidia-h100-80gb-hbm3" in out and "## nvidia-h200" in out
