@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import replay
+from .versions import version
 
 
 class GraphCache:
@@ -35,7 +36,7 @@ class GraphCache:
             return model(x)
         got = self.graphs.get(key)
         if got is not None and got != "warm":
-            if all(t._version == v for t, v in zip(got[3], got[4])):
+            if all(version(t) == v for t, v in zip(got[3], got[4])):
                 return self._replay(got, x)
             got = None                          # a weight changed in place: capture again
         if got is None:
@@ -76,4 +77,4 @@ class GraphCache:
         if not isinstance(static_out, torch.Tensor):
             raise TypeError(f"the forward returned {type(static_out).__name__}, not a tensor")
         tensors = [*model.parameters(), *model.buffers()]
-        return graph, static_in, static_out, tensors, [t._version for t in tensors]
+        return graph, static_in, static_out, tensors, [version(t) for t in tensors]

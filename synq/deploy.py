@@ -49,7 +49,6 @@ above; see tests/test_deploy.py for the measured bound.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -60,6 +59,7 @@ import synq_kernels as sk
 from . import cuda_graphs, quant, replay
 from .io import build_float_model, read_saved, write_saved
 from .models.common import Add
+from .versions import normal_tensors, version
 
 __all__ = ["export", "IntModel", "IntConv2d", "IntLinear", "IntAct", "save_int", "load_int",
            "FORMAT"]
@@ -171,10 +171,10 @@ class _IntLayer(nn.Module):
         version counter. Not saved."""
         w, o = self._buffers["weight"], self._buffers["offset"]
         key, cache = self._derived
-        if (key is None or key[0] is not w or key[1] != w._version or key[2] is not o
-                or (o is not None and key[3] != o._version)):
+        if (key is None or key[0] is not w or key[1] != version(w) or key[2] is not o
+                or (o is not None and key[3] != version(o))):
             cache = {}
-            self._derived = ((w, w._version, o, None if o is None else o._version), cache)
+            self._derived = ((w, version(w), o, None if o is None else version(o)), cache)
         if name not in cache:
             cache[name] = build()
         return cache[name]
@@ -567,11 +567,11 @@ class IntAct(nn.Module):
         one-element tensors (cached; rebuilt when the buffers change or move)."""
         scale, zero = self._buffers["scale"], self._buffers["zero"]
         key = getattr(self, "_grid_key", None)
-        if (key is None or key[0] is not scale or key[1] != scale._version
-                or key[2] is not zero or key[3] != zero._version):
+        if (key is None or key[0] is not scale or key[1] != version(scale)
+                or key[2] is not zero or key[3] != version(zero)):
             self._grid_cache = (scale.reshape(1), (zero - 128).to(torch.int32).reshape(1),
                                 (1 << self.bits) - 1 - 128)
-            self._grid_key = (scale, scale._version, zero, zero._version)
+            self._grid_key = (scale, version(scale), zero, version(zero))
         return self._grid_cache
 
     def forward(self, x):
@@ -673,7 +673,7 @@ class IntModel(nn.Module):
             got = self._recordings.get(key)
             if got is not None and got[0] is not None:
                 rec, tensors, versions = got
-                if all(t._version == v for t, v in zip(tensors, versions)):
+                if all(version(t) == v for t, v in zip(tensors, versions)):
                     return rec(x)
                 got = None                  # a weight changed in place: record again
             if got is None:                 # first call of this shape: warm the caches
@@ -684,7 +684,7 @@ class IntModel(nn.Module):
             if got[1] != "warm":            # refused before: eager from now on
                 return self.model(x)
             tensors = [*self.model.parameters(), *self.model.buffers()]
-            versions = [t._version for t in tensors]
+            versions = [version(t) for t in tensors]
             out, rec, why = replay.record(self.model, x)
             self._recordings[key] = ((rec, tensors, versions) if rec is not None
                                      else (None, why))
@@ -700,6 +700,7 @@ class IntModel(nn.Module):
         """input key -> why its CUDA-graph capture failed (those shapes run eagerly)."""
         return dict(self._graphs.refused)
 
+    @normal_tensors  # .to() inside inference mode would otherwise make inference tensors
     def _apply(self, fn, *args, **kwargs):
         self.reset_replay()
         return super()._apply(fn, *args, **kwargs)
@@ -964,19 +965,7 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _normal_tensors(fn):
-    """`fn` run with torch.inference_mode off, so that the model it builds holds normal
-    tensors even when called inside inference mode: the integer model's caches (derived
-    weights, grids, recordings, CUDA graphs) key on version counters, which inference
-    tensors do not have (reading one raises)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-@_normal_tensors
+@normal_tensors
 def export(qmodel: nn.Module, example: torch.Tensor | None = None,
            weight_format: str = "auto", input_range: tuple[float, float] | None = None,
            fuse: bool = True) -> IntModel:
@@ -1112,7 +1101,7 @@ def save_int(model: IntModel, out_dir, model_spec: dict | None = None) -> Path:
                        {**model.meta, "model": spec, "plan": model.plan})
 
 
-@_normal_tensors
+@normal_tensors
 def load_int(path, device="cpu") -> IntModel:
     """Reload a model written by `save_int` (a folder or its int_model.json)."""
     meta, state = read_saved(path, "int_model", FORMAT,

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from . import quant
+from .versions import normal_tensors
 
 FORMAT = "synq-quantized-v1"
 
@@ -94,6 +95,7 @@ def read_saved(path, stem: str, fmt: str, writer: str, device="cpu") -> tuple[di
     return meta, load_file(str(weights), device=str(device))
 
 
+@normal_tensors
 def load_quantized(path, device="cpu") -> nn.Module:
     """Reload a model saved by `save_quantized` (a folder, or its model.json), in eval mode with
     frozen activation ranges: its outputs equal the saved model's."""

@@ -28,6 +28,7 @@ from torch import nn
 import synq_kernels
 
 from . import distributed
+from .versions import normal_tensors, version
 
 __all__ = ["WeightQuantizer", "ActQuantizer", "QuantAct", "QuantConv2d", "QuantLinear",
            "quantize_model", "quant_layers", "act_quantizers", "set_calibration",
@@ -165,8 +166,8 @@ class ActQuantizer(nn.Module):
         if torch.compiler.is_compiling():
             return bool(buf)
         seen = self._init_seen
-        if seen is None or seen[0] is not buf or seen[1] != buf._version:
-            seen = self._init_seen = (buf, buf._version, bool(buf))
+        if seen is None or seen[0] is not buf or seen[1] != version(buf):
+            seen = self._init_seen = (buf, version(buf), bool(buf))
         return seen[2]
 
     @torch.no_grad()
@@ -217,10 +218,10 @@ class ActQuantizer(nn.Module):
             with torch.no_grad():
                 return _asym_params(lo, hi, self.qmin, self.qmax)
         c = getattr(self, "_params_cache", None)  # (lo, its version, hi, its version, params)
-        if c is None or not (c[0] is lo and c[1] == lo._version and c[2] is hi
-                             and c[3] == hi._version):
+        if c is None or not (c[0] is lo and c[1] == version(lo) and c[2] is hi
+                             and c[3] == version(hi)):
             with torch.no_grad():
-                c = self._params_cache = (lo, lo._version, hi, hi._version,
+                c = self._params_cache = (lo, version(lo), hi, version(hi),
                                           _asym_params(lo, hi, self.qmin, self.qmax))
         return c[4]
 
@@ -312,6 +313,7 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+@normal_tensors
 def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
                    first_last_bits: int | None = None, symmetric_weights: bool = False,
                    learnable: str | None = None, act_momentum: float = 0.9,

@@ -373,6 +373,9 @@ def test_save_load_round_trip(tmp_path):
     with torch.inference_mode():
         inside = load_int(tmp_path / "int")
         assert torch.equal(inside(x), im(x)) and torch.equal(inside(x), im(x))
+        moved = back.to(torch.float64).to(torch.float32)  # .to() there too
+        assert not any(t.is_inference() for t in moved.state_dict().values())
+        assert torch.equal(moved(x), im(x))
 
 
 def test_errors_name_the_problem():

@@ -157,6 +157,32 @@ def test_calibrated_flag_follows_load_state_dict_after_a_forward():
         q(torch.rand(4))
 
 
+def test_inference_mode():
+    """Inside torch.inference_mode: a model quantized, calibrated and run there holds
+    normal tensors (the caches read version counters, which inference tensors lack), and a
+    quantizer built there anyway (inference-tensor buffers) rebuilds what it caches instead
+    of keeping a stale flag or range."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 1, 28, 28)
+    want = calibrate(quantize_model(resnet20(num_classes=10, in_channels=1), 4, 4), [x])(x)
+    with torch.inference_mode():
+        torch.manual_seed(2)
+        _ = torch.randn(2, 1, 28, 28)
+        q = calibrate(quantize_model(resnet20(num_classes=10, in_channels=1), 4, 4), [x])
+        assert not any(t.is_inference() for t in q.state_dict().values())
+        assert torch.equal(q(x), want) and torch.equal(q(x), want)
+        a = ActQuantizer(bits=4)
+        assert a.initialized.is_inference()
+        with pytest.raises(RuntimeError, match="no range"):
+            a(torch.rand(4))
+        a.calibrating = True
+        a(torch.tensor([0.0, 3.0]))
+        a.calibrating = False
+        first = a(torch.tensor([1.0]))
+        a.running_max.fill_(6.0)         # in place, inside inference mode: no version bump
+        assert not torch.equal(a(torch.tensor([1.0])), first)
+
+
 def test_frozen_range_params_follow_every_change_of_the_range():
     """The scale / zero point of a frozen range are kept between forwards, never stale: an
     in-place change of the range, load_state_dict and a new calibration all show."""
