@@ -29,6 +29,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_INT_CONV_X86 1
 #include <immintrin.h>
@@ -43,38 +45,6 @@ constexpr int kCB = 16;  // output channels per packed weight block (two 8-lane 
 constexpr int kPT = 6;   // output pixels per micro-kernel tile
 
 const char* kWho = "synq quantized_conv2d (cpu backend): ";
-
-bool conv_force_portable() {
-  static const bool on = [] {
-    const char* v = std::getenv("SYNQ_CPU_PORTABLE");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
-bool conv_use_avx2() {
-#if SYNQ_INT_CONV_X86
-  static const bool ok = __builtin_cpu_supports("avx2");
-  return ok && !conv_force_portable();
-#else
-  return false;
-#endif
-}
-
-// AVX-512 VNNI (vpdpwssd: a 16-lane int16 pair multiply-add into int32 in one instruction)
-// for the micro-kernel; SYNQ_CPU_NO_AVX512=1 keeps the AVX2 one (tests compare the two).
-bool conv_use_vnni() {
-#if SYNQ_INT_CONV_X86
-  static const bool ok = [] {
-    const char* v = std::getenv("SYNQ_CPU_NO_AVX512");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni") && !(v != nullptr && v[0] == '1');
-  }();
-  return ok && conv_use_avx2();
-#else
-  return false;
-#endif
-}
 
 struct PackedShape {
   int64_t groups, NB, kh, kw, Cp2;
@@ -214,7 +184,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_vnni(
 void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t np,
                const int16_t* w, int32_t* out) {
 #if SYNQ_INT_CONV_X86
-  if (conv_use_vnni()) {
+  if (cpu_use_vnni()) {
     switch (mr) {
       case 6: return micro_vnni<6>(px, off, np, w, out);
       case 5: return micro_vnni<5>(px, off, np, w, out);
@@ -224,7 +194,7 @@ void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t np,
       default: return micro_vnni<1>(px, off, np, w, out);
     }
   }
-  if (conv_use_avx2()) {
+  if (cpu_use_avx2()) {
     switch (mr) {
       case 6: return micro_avx2<6>(px, off, np, w, out);
       case 5: return micro_avx2<5>(px, off, np, w, out);
@@ -299,7 +269,7 @@ void widen_image(const ConvArgs& a, int64_t bi, int16_t* buf) {
     std::memset(row + (a.pw + a.W) * Cp, 0, sizeof(int16_t) * (Wp - a.pw - a.W) * Cp);
     const uint8_t* xr = xb + iy * a.sxh;
     int16_t* d0 = row + a.pw * Cp;
-    if (a.sxc == 1 && Cp == a.C && a.C % 16 == 0 && conv_use_avx2()) {
+    if (a.sxc == 1 && Cp == a.C && a.C % 16 == 0 && cpu_use_avx2()) {
       widen_row_cl_avx2(xr, a.sxw, a.W, a.C, a.x_u8, xz, d0);
     } else if (a.sxc == 1 && Cp == a.C) {
       // channels-last with an even C: one contiguous run per pixel
@@ -524,7 +494,7 @@ void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64
 
 // Whether epilogue_avx2 handles this output (and residual) for full 16-channel blocks.
 bool vector_epilogue_ok(const ConvArgs& a) {
-  return conv_use_avx2() && (!a.res || a.src == 1) &&
+  return cpu_use_avx2() && (!a.res || a.src == 1) &&
          (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
 }
 
@@ -658,7 +628,7 @@ void dw_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t
   const int16_t* px[kDwPT];
   int64_t poff[kDwPT], roff[kDwPT];
   PixelWalker walk(a, img, px0);
-  const bool avx2 = conv_use_avx2();
+  const bool avx2 = cpu_use_avx2();
   for (int64_t p0 = px0; p0 < px1; p0 += kDwPT) {
     const int mr = static_cast<int>(std::min<int64_t>(kDwPT, px1 - p0));
     walk.next(mr, pb, poff, roff);

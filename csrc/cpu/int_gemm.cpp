@@ -29,6 +29,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_INT_GEMM_X86 1
 #include <immintrin.h>
@@ -199,25 +201,10 @@ __attribute__((target("avx2"))) void micro_avx2_row(const Tile& t, int32_t out[k
   out[0][2] = hsum(_mm256_add_epi32(c2, d2));
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2");
-  return ok;
-}
-
 // ---- AVX-512 VNNI: two chunks (32 K values) a step, vpdpwssd multiplying and adding int16
 // pairs into 16 int32 lanes in one instruction (the AVX2 step: two vpmaddwd and two adds per
-// tile element and chunk). SYNQ_CPU_NO_AVX512=1 keeps the AVX2 kernels (tests run both).
+// tile element and chunk). Chosen by cpu_use_vnni() (cpu_features.h).
 #define SYNQ_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-bool cpu_has_vnni() {
-  static const bool ok = [] {
-    const char* v = std::getenv("SYNQ_CPU_NO_AVX512");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-           !(v != nullptr && v[0] == '1');
-  }();
-  return ok;
-}
 
 // 32 weights (two chunks) as int16: 32 int8 bytes, or 16 bytes of int4 nibbles.
 template <bool B4>
@@ -328,21 +315,12 @@ struct Micro {
   MicroFn full, row;
 };
 
-// SYNQ_CPU_PORTABLE=1 forces the portable kernels (to test them on an AVX2 machine).
-bool force_portable() {
-  static const bool on = [] {
-    const char* v = std::getenv("SYNQ_CPU_PORTABLE");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
 Micro pick_micro(bool b_int4) {
 #if SYNQ_INT_GEMM_X86
-  if (cpu_has_avx2() && cpu_has_vnni() && !force_portable())
+  if (cpu_use_vnni())
     return b_int4 ? Micro{micro_vnni<true>, micro_vnni_row<true>}
                   : Micro{micro_vnni<false>, micro_vnni_row<false>};
-  if (cpu_has_avx2() && !force_portable())
+  if (cpu_use_avx2())
     return b_int4 ? Micro{micro_avx2<true>, micro_avx2_row<true>}
                   : Micro{micro_avx2<false>, micro_avx2_row<false>};
 #endif

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.int_gemm import _pair
 from ..reference.int_gemm import conv_memory_format
 
 
@@ -56,10 +57,6 @@ def _out_size(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
     return out
 
 
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def max_pool2d_int8(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                     ceil_mode: bool = False) -> torch.Tensor:
     """F.max_pool2d of an int8 (B, C, H, W) tensor (no indices), as int8, in x's memory
@@ -67,8 +64,9 @@ def max_pool2d_int8(x: torch.Tensor, kernel_size, stride=None, padding=0, dilati
     if x.dtype != torch.int8 or x.dim() != 4:
         raise ValueError(f"max_pool2d_int8 takes an int8 (B, C, H, W) tensor, got "
                          f"{x.dtype} of shape {tuple(x.shape)}")
-    (kh, kw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(padding), _pair(dilation)
-    sh, sw = _pair(stride) if stride not in (None, (), []) else (kh, kw)
+    (kh, kw), (ph, pw), (dh, dw) = (_pair("kernel_size", kernel_size),
+                                    _pair("padding", padding), _pair("dilation", dilation))
+    sh, sw = _pair("stride", stride) if stride not in (None, (), []) else (kh, kw)
     if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
         raise ValueError("max_pool2d_int8: kernel size, stride and dilation must be positive, "
                          "padding non-negative")
