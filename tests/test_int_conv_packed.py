@@ -222,12 +222,14 @@ def test_torch_compile_fullgraph():
 @needs_cpu
 @pytest.mark.skipif(os.environ.get("SYNQ_CPU_NO_AVX512") == "1",
                     reason="already the AVX2 micro-kernel")
-def test_avx2_micro_kernel_where_avx512_vnni_is_present():
+def test_avx2_micro_kernel_where_avx512_vnni_is_present(tmp_path):
     """On a CPU with AVX-512 VNNI the conv's micro-kernel is vpdpwssd; the AVX2 one
     (SYNQ_CPU_NO_AVX512=1, read once per process) must stay exact too: this file's exactness
     tests again in a process that keeps it (on an AVX2-only CPU both runs take AVX2)."""
     env = dict(os.environ, SYNQ_CPU_NO_AVX512="1")
+    # its own basetemp, apart from the numbered run folders that pytest rotates in the shared one
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"--basetemp={tmp_path / 'child'}",
                         __file__, "-k", "exact or requantize or out_max or thread_splits"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

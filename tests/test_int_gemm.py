@@ -329,14 +329,16 @@ def test_portable_kernels_exact():
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="synq_kernels._C not built")
 @pytest.mark.skipif(os.environ.get("SYNQ_CPU_NO_AVX512") == "1",
                     reason="already the AVX2 kernels")
-def test_avx2_kernels_where_avx512_vnni_is_present():
+def test_avx2_kernels_where_avx512_vnni_is_present(tmp_path):
     """On a CPU with AVX-512 VNNI the GEMM micro-kernels are vpdpwssd ones; the AVX2 ones
     (SYNQ_CPU_NO_AVX512=1, read once per process) must stay exact too: the cpu backend's
     GEMM tests again in a process that keeps them (on an AVX2-only CPU both runs take AVX2)."""
     import subprocess
     import sys
     env = dict(os.environ, SYNQ_CPU_NO_AVX512="1")
+    # its own basetemp, apart from the numbered run folders that pytest rotates in the shared one
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"--basetemp={tmp_path / 'child'}",
                         __file__, "-k", "(matmul or quantized_linear) and cpu and not triton"
                         " and not cuda and not opcheck and not compile"],
                        env=env, capture_output=True, text=True, timeout=300)
