@@ -100,7 +100,7 @@ def test_int8_matmul_extremes_large_k_and_torch_int_mm(backend):
     # the last two have left blocks too large for L2, so K is split into blocks whose partial
     # sums are added (the other shapes run K in one block)
     for m, k, n in [(17, 2056, 24), (33, 1040, 7), (20, 4096, 64), (1000, 1100, 5),
-                    (600, 2100, 3)]:
+                    (600, 2100, 3), (300, 4160, 9), (70, 2049, 6)]:
         a = torch.full((m, k), -128, dtype=torch.int8)
         b = torch.full((n, k), -128, dtype=torch.int8)
         b[1::2] = 127
@@ -111,6 +111,23 @@ def test_int8_matmul_extremes_large_k_and_torch_int_mm(backend):
         assert torch.equal(got, R.int8_matmul(a, b))
         if k % 8 == 0 and n % 8 == 0:
             assert torch.equal(got, torch._int_mm(a, b.T))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int8_matmul_exact_at_the_largest_k(backend):
+    # With AVX-512 VNNI the cpu backend multiplies a + 128 (or b + 128) and subtracts 128 times
+    # a row sum: at the largest K (65536) with a = 127 and b = 127 / -128 those raw sums are
+    # 255 * 127 * K = 2.12e9 and 255 * -128 * K = -2.14e9, within 1% of the int32 range.
+    # M = 1 (one-row kernel), 4 (tiles that sum the weights themselves), 64 (weight sums
+    # taken first).
+    k = 65536
+    for m in (1, 4, 64):
+        a = torch.full((m, k), 127, dtype=torch.int8)
+        b = torch.full((3, k), 127, dtype=torch.int8)
+        b[1] = -128
+        got = sk.int8_matmul(a, b, backend=backend)
+        assert torch.equal(got, R.int8_matmul(a, b))
+        assert got[0, 0].item() == 127 * 127 * k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,8 +12,9 @@
 // weights is needed. The micro-kernel computes a 3 x 3 tile (9 accumulators); K is blocked
 // so that the left block stays in L2 and three weight rows in L1. A portable scalar kernel
 // serves CPUs without AVX2. With AVX-512 VNNI the same layout takes two chunks a step in
-// 512-bit vectors and vpdpwssd (multiply and add in one instruction): 1.6-1.7x at M = 16 and
-// 256 on an AVX-512 EPYC (benchmarks/results/cpu_2026-11-27b/). Convolution: int_conv.cpp.
+// 512-bit vectors and vpdpwssd (multiply and add in one instruction) for int4 weights, and
+// int8 weights skip the widening: vpdpbusd on bytes, 64 K values a step, a 4 x 4 tile
+// (int_gemm_quads.h). Convolution: int_conv.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -27,9 +28,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
+#include "int_gemm_quads.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_INT_GEMM_X86 1
@@ -335,77 +338,112 @@ struct BMat {
   int64_t K;
   bool int4;
   int64_t row_bytes() const { return int4 ? (K + 1) / 2 : K; }
-  int64_t chunk_bytes() const { return int4 ? 8 : 16; }
+};
+
+// The two kernel families: int16 pairs (AVX2 vpmaddwd, AVX-512 vpdpwssd, scalar) for int4
+// weights or CPUs without AVX-512 VNNI, and unsigned x signed byte quads (vpdpbusd,
+// int_gemm_quads.h) for int8 weights with AVX-512 VNNI. Left rows are stored as int16 or as
+// bytes of a + 128; `kc` is the K block when the left block does not fit in L2.
+struct Pairs {
+  using A = int16_t;
+  using Tile = synq::Tile;
+  static constexpr int MR = kMR, NR = kNR;
+  static constexpr int64_t step = kChunk, kc = kKC;
+};
+#if SYNQ_INT_GEMM_X86
+struct Quads {
+  using A = uint8_t;
+  using Tile = quads::Tile;
+  static constexpr int MR = quads::kMR, NR = quads::kNR;
+  static constexpr int64_t step = quads::kStep, kc = 2048;
+};
+#endif
+
+template <class KT>
+struct MicroT {
+  void (*full)(const typename KT::Tile&, int32_t (*)[KT::NR]);
+  void (*row)(const typename KT::Tile&, int32_t (*)[KT::NR]);
 };
 
 // C[m, n] = sum_k A[m, k] B[n, k] for m in [m0, m1), n in [n0, n1); each finished element
-// goes to store(m, n, value). A: int16 rows with stride lda (>= round_up(K, 16), zero padded
-// past K). K is blocked by kKC; partial sums of all but the last block wait in `acc`.
-template <class Store>
-void gemm_region(const Micro& micro, const int16_t* A, int64_t lda, int64_t m0, int64_t m1,
-                 const BMat& B, int64_t n0, int64_t n1, Store&& store) {
+// goes to store(m, n, value). A: rows with stride lda (>= round_up(K, KT::step), padded past
+// K). K is blocked by KT::kc; partial sums of all but the last block wait in `acc`. With
+// `bsum` (Quads only), the full tiles' sums are raw, sum (a + 128) b, and are corrected here
+// by 128 bsum[n]; the row kernel corrects its own. Sums wrap in uint32 (see int_gemm_quads.h).
+template <class KT, class Store>
+void gemm_region(const MicroT<KT>& micro, const typename KT::A* A, int64_t lda, int64_t m0,
+                 int64_t m1, const BMat& B, int64_t n0, int64_t n1, const int32_t* bsum,
+                 Store&& store) {
+  constexpr int MR = KT::MR, NR = KT::NR;
+  constexpr int64_t step = KT::step, abytes = sizeof(typename KT::A);
   const int64_t K = B.K;
-  const int64_t kp = round_up(K, kChunk);
+  const int64_t kp = round_up(K, step);
   const int64_t rows = m1 - m0, cols = n1 - n0;
+  const int64_t bstep = B.int4 ? step / 2 : step;  // weight bytes a step
   // No K blocking when the whole left block fits in L2 (small M): the weight rows then
   // stream start to end, which the hardware prefetchers follow far better than 1 KB pieces.
-  const int64_t kc = rows * kp * 2 <= kL2 ? std::max<int64_t>(kp, kChunk) : kKC;
+  const int64_t kc = rows * kp * abytes <= kL2 ? std::max<int64_t>(kp, step) : KT::kc;
   const int64_t nkb = (kp + kc - 1) / kc;
   if (nkb == 0) {  // K = 0: empty sums
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t n = n0; n < n1; ++n) store(m, n, 0);
     return;
   }
-  std::vector<int32_t> acc(nkb > 1 ? rows * cols : 0, 0);
+  std::vector<uint32_t> acc(nkb > 1 ? rows * cols : 0, 0);
   const int64_t kc_eff = std::min(kc, kp);
-  const int64_t mc = std::max<int64_t>(kMR, (kL2 / (2 * kc_eff)) / kMR * kMR);
-  alignas(16) uint8_t tailbuf[kNR][16];
-  int32_t out[kMR][kNR];
+  const int64_t mc = std::max<int64_t>(MR, (kL2 / (abytes * kc_eff)) / MR * MR);
+  alignas(64) uint8_t tailbuf[NR][64];
+  alignas(16) int32_t out[MR][NR];
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t k0 = kb * kc;
     const int64_t k1 = std::min(kp, k0 + kc);  // in padded K
     const bool last = kb == nkb - 1;
-    // Whole chunks read straight from B; a ragged last chunk comes from a padded copy.
+    // Whole steps read straight from B; a ragged last step comes from a padded copy.
     const int64_t kvalid = std::min(K, k1) - k0;
-    const int64_t nfull = kvalid / kChunk;
-    const bool tail = kvalid % kChunk != 0;
-    const int64_t boff = k0 / kChunk * B.chunk_bytes();
+    const int64_t nfull = kvalid / step;
+    const bool tail = kvalid % step != 0;
+    const int64_t boff = k0 / step * bstep;
     for (int64_t mb = m0; mb < m1; mb += mc) {
       const int64_t me = std::min(m1, mb + mc);
-      for (int64_t n = n0; n < n1; n += kNR) {
-        Tile t;
+      for (int64_t n = n0; n < n1; n += NR) {
+        typename KT::Tile t;
         t.nfull = nfull;
         t.tail = tail;
-        for (int j = 0; j < kNR; ++j) {
+        for (int j = 0; j < NR; ++j) {
           const int64_t nn = std::min(n + j, n1 - 1);
           t.b[j] = B.p + nn * B.ld + boff;
           t.bt[j] = tailbuf[j];
           if (tail) {
-            std::memset(tailbuf[j], 0, sizeof(tailbuf[j]));
-            const int64_t done = boff + nfull * B.chunk_bytes();
+            std::memset(tailbuf[j], 0, bstep);
+            const int64_t done = boff + nfull * bstep;
             std::memcpy(tailbuf[j], B.p + nn * B.ld + done, B.row_bytes() - done);
           }
         }
-        const int nn_valid = static_cast<int>(std::min<int64_t>(kNR, n1 - n));
-        for (int64_t m = mb; m < me; m += kMR) {
-          const int mm_valid = static_cast<int>(std::min<int64_t>(kMR, me - m));
-          for (int r = 0; r < kMR; ++r) t.a[r] = A + std::min(m + r, me - 1) * lda + k0;
-          if (mm_valid == kMR) {
+        const int nn_valid = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+        for (int64_t m = mb; m < me; m += MR) {
+          const int mm_valid = static_cast<int>(std::min<int64_t>(MR, me - m));
+          for (int r = 0; r < MR; ++r) t.a[r] = A + std::min(m + r, me - 1) * lda + k0;
+          const bool fix = bsum != nullptr && mm_valid == MR;
+          if (mm_valid == MR) {
             micro.full(t, out);
           } else {
             for (int r = mm_valid - 1; r >= 0; --r) {  // row r's result lands in out[r]
               t.a[0] = A + (m + r) * lda + k0;
               micro.row(t, out);
-              for (int j = 0; j < kNR; ++j) out[r][j] = out[0][j];
+              for (int j = 0; j < NR; ++j) out[r][j] = out[0][j];
             }
           }
           for (int r = 0; r < mm_valid; ++r)
             for (int j = 0; j < nn_valid; ++j) {
               const int64_t idx = (m + r - m0) * cols + (n + j - n0);
-              if (last)
-                store(m + r, n + j, out[r][j] + (nkb > 1 ? acc[idx] : 0));
-              else
-                acc[idx] += out[r][j];
+              uint32_t v = static_cast<uint32_t>(out[r][j]);
+              if (!last) {
+                acc[idx] += v;
+                continue;
+              }
+              if (nkb > 1) v += acc[idx];
+              if (fix) v -= static_cast<uint32_t>(bsum[n + j]) << 7;
+              store(m + r, n + j, static_cast<int32_t>(v));
             }
         }
       }
@@ -413,22 +451,25 @@ void gemm_region(const Micro& micro, const int16_t* A, int64_t lda, int64_t m0, 
   }
 }
 
-// Rows [m0, m1) of a (int8, or packed int4 of `a_signed`ness) into zero-padded int16 rows.
+// Rows [m0, m1) of a (int8, or packed int4 of `a_signed`ness) into rows of kp values: int16
+// (Pairs) or bytes of a + 128 (Quads); zero past K (128 for Quads, the image of 0).
+template <typename AT>
 void widen_rows(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K, bool packed,
-                bool a_signed, int16_t* out, int64_t kp) {
+                bool a_signed, AT* out, int64_t kp) {
+  constexpr int bias = std::is_same_v<AT, uint8_t> ? 128 : 0;
   for (int64_t m = m0; m < m1; ++m) {
     const uint8_t* src = a + m * lda;
-    int16_t* dst = out + m * kp;
+    AT* dst = out + m * kp;
     if (!packed) {
       const int8_t* s = reinterpret_cast<const int8_t*>(src);
-      for (int64_t k = 0; k < K; ++k) dst[k] = s[k];
+      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<AT>(s[k] + bias);
     } else {
       for (int64_t k = 0; k < K; ++k) {
         const int v = (src[k >> 1] >> ((k & 1) * 4)) & 0xF;
-        dst[k] = static_cast<int16_t>(a_signed ? v - ((v & 8) << 1) : v);
+        dst[k] = static_cast<AT>((a_signed ? v - ((v & 8) << 1) : v) + bias);
       }
     }
-    std::fill(dst + K, dst + kp, int16_t{0});
+    std::fill(dst + K, dst + kp, static_cast<AT>(bias));
   }
 }
 
@@ -438,12 +479,12 @@ struct Split {
   int64_t mchunks, nchunks;
 };
 
-Split split_work(int64_t M, int64_t N, int64_t kp) {
+Split split_work(int64_t M, int64_t N, int64_t kp, int MR, int NR) {
   const int64_t nth = at::get_num_threads();
   if (nth <= 1 || M * N * kp < (int64_t{1} << 18)) return {1, 1};
-  const int64_t ntiles = (N + kNR - 1) / kNR;
+  const int64_t ntiles = (N + NR - 1) / NR;
   const int64_t nch = std::min(ntiles, 4 * nth);
-  const int64_t mtiles = (M + kMR - 1) / kMR;
+  const int64_t mtiles = (M + MR - 1) / MR;
   const int64_t mch = std::max<int64_t>(1, std::min(mtiles, (4 * nth + nch - 1) / nch));
   return {mch, nch};
 }
@@ -454,31 +495,62 @@ inline std::pair<int64_t, int64_t> chunk_range(int64_t i, int64_t chunks, int64_
   return {std::min(total, t0 * tile), std::min(total, t1 * tile)};
 }
 
-template <class Store>
-void gemm_parallel(const int16_t* A, int64_t lda, int64_t M, const BMat& B, int64_t N,
-                   Store store) {
-  const Micro micro = pick_micro(B.int4);
-  const Split s = split_work(M, N, lda);
-  const int64_t mtiles = (M + kMR - 1) / kMR, ntiles = (N + kNR - 1) / kNR;
+template <class KT, class Store>
+void gemm_parallel(const MicroT<KT>& micro, const typename KT::A* A, int64_t lda, int64_t M,
+                   const BMat& B, int64_t N, const int32_t* bsum, Store store) {
+  const Split s = split_work(M, N, lda, KT::MR, KT::NR);
+  const int64_t mtiles = (M + KT::MR - 1) / KT::MR, ntiles = (N + KT::NR - 1) / KT::NR;
   at::parallel_for(0, s.mchunks * s.nchunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const auto [m0, m1] = chunk_range(t / s.nchunks, s.mchunks, mtiles, kMR, M);
-      const auto [n0, n1] = chunk_range(t % s.nchunks, s.nchunks, ntiles, kNR, N);
-      if (m0 < m1 && n0 < n1) gemm_region(micro, A, lda, m0, m1, B, n0, n1, store);
+      const auto [m0, m1] = chunk_range(t / s.nchunks, s.mchunks, mtiles, KT::MR, M);
+      const auto [n0, n1] = chunk_range(t % s.nchunks, s.nchunks, ntiles, KT::NR, N);
+      if (m0 < m1 && n0 < n1) gemm_region(micro, A, lda, m0, m1, B, n0, n1, bsum, store);
     }
   });
 }
 
-std::vector<int16_t> widen_parallel(const at::Tensor& a, int64_t K, bool packed, bool a_signed,
-                                    int64_t kp) {
+template <typename AT>
+std::vector<AT> widen_parallel(const at::Tensor& a, int64_t K, bool packed, bool a_signed,
+                               int64_t kp) {
   const int64_t M = a.size(0);
-  std::vector<int16_t> out(M * kp);
+  std::vector<AT> out(M * kp);
   const uint8_t* ap = static_cast<const uint8_t*>(a.const_data_ptr());
   const int64_t lda = a.stride(0);
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / kp), [&](int64_t b, int64_t e) {
     widen_rows(ap, lda, b, e, K, packed, a_signed, out.data(), kp);
   });
   return out;
+}
+
+// Rows from which the Quads path sums the weights in one pass first (their correction term)
+// rather than in every full tile (one more vpdpbusd per weight vector, 4 per 16).
+constexpr int64_t kPresumRows = 64;
+
+// store(m, n, sum_k a[m, k] b[n, k]) for every m < M (a's rows) and n < N, on the fastest
+// kernel family for this CPU and weight type.
+template <class Store>
+void run_gemm(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, const BMat& B,
+              int64_t N, Store store) {
+  const int64_t M = a.size(0);
+#if SYNQ_INT_GEMM_X86
+  if (cpu_use_vnni() && !B.int4) {
+    const int64_t kp = round_up(std::max<int64_t>(K, 1), Quads::step);
+    const auto A8 = widen_parallel<uint8_t>(a, K, a_packed, a_signed, kp);
+    std::vector<int32_t> bsum(M >= kPresumRows ? N : 0);
+    if (!bsum.empty())
+      at::parallel_for(0, N, std::max<int64_t>(1, 65536 / kp), [&](int64_t b, int64_t e) {
+        quads::row_sums(B.p, B.ld, K, b, e, bsum.data());
+      });
+    const MicroT<Quads> micro{bsum.empty() ? quads::micro<true> : quads::micro<false>,
+                              quads::micro_row};
+    gemm_parallel(micro, A8.data(), kp, M, B, N, bsum.empty() ? nullptr : bsum.data(), store);
+    return;
+  }
+#endif
+  const int64_t kp = round_up(std::max<int64_t>(K, 1), kChunk);
+  const auto A16 = widen_parallel<int16_t>(a, K, a_packed, a_signed, kp);
+  const Micro m = pick_micro(B.int4);
+  gemm_parallel(MicroT<Pairs>{m.full, m.row}, A16.data(), kp, M, B, N, nullptr, store);
 }
 
 void check_operand(const at::Tensor& t, const char* name, bool packed, int64_t K) {
@@ -500,12 +572,10 @@ at::Tensor int_mm_cpu(const at::Tensor& a_, const at::Tensor& b_, int64_t K, boo
   auto out = at::empty({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
-  const int64_t kp = round_up(K, kChunk);
-  const auto A16 = widen_parallel(a, K, a_packed, a_signed, kp);
   const BMat B{static_cast<const uint8_t*>(b.const_data_ptr()), b.stride(0), K, b_packed};
   int32_t* o = out.mutable_data_ptr<int32_t>();
-  gemm_parallel(A16.data(), kp, M, B, N,
-                [o, N](int64_t m, int64_t n, int32_t v) { o[m * N + n] = v; });
+  run_gemm(a, K, a_packed, a_signed, B, N,
+           [o, N](int64_t m, int64_t n, int32_t v) { o[m * N + n] = v; });
   return out;
 }
 
@@ -546,8 +616,6 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_, const at::Tensor& x_scale,
               "bfloat16, got ", out_dtype);
   auto out = at::empty({M, N}, x.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
-  const int64_t kp = round_up(std::max<int64_t>(K, 1), kChunk);
-  const auto A16 = widen_parallel(x, K, false, true, kp);
   const BMat B{static_cast<const uint8_t*>(w.const_data_ptr()), w.stride(0), K, w_packed};
   const float* xs = x_scale.const_data_ptr<float>();
   const int32_t* xz = x_zero.const_data_ptr<int32_t>();
@@ -557,7 +625,7 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_, const at::Tensor& x_scale,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quantized_linear_cpu",
                                   [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    gemm_parallel(A16.data(), kp, M, B, N, [=](int64_t m, int64_t n, int32_t v) {
+    run_gemm(x, K, false, true, B, N, [=](int64_t m, int64_t n, int32_t v) {
       o[m * N + n] = dequant<scalar_t>(v, xz[m], xs[m], rs[n], ws[n], bp, n, relu);
     });
   });
