@@ -33,6 +33,7 @@
 
 #include "cpu_features.h"
 #include "int_gemm_quads.h"
+#include "vnni_asm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_INT_GEMM_X86 1
@@ -258,7 +259,7 @@ SYNQ_VNNI void micro_vnni(const Tile& t, int32_t out[kMR][kNR]) {
     for (int j = 0; j < kNR; ++j) w[j] = widen_pair<B4>(t.b[j] + ch * step);
     for (int r = 0; r < kMR; ++r) {
       const __m512i x = _mm512_loadu_si512(t.a[r] + ch * kChunk);
-      for (int j = 0; j < kNR; ++j) c[r][j] = _mm512_dpwssd_epi32(c[r][j], x, w[j]);
+      for (int j = 0; j < kNR; ++j) c[r][j] = dpwssd(c[r][j], x, w[j]);
     }
   }
   for (int last = 0; last < 2; ++last) {  // an odd chunk left, then the zero-padded tail
@@ -268,7 +269,7 @@ SYNQ_VNNI void micro_vnni(const Tile& t, int32_t out[kMR][kNR]) {
       w[j] = widen_one<B4>(last == 0 ? t.b[j] + ch * step : t.bt[j]);
     for (int r = 0; r < kMR; ++r) {
       const __m512i x = load_a_one(t.a[r] + (last == 0 ? ch : n) * kChunk);
-      for (int j = 0; j < kNR; ++j) c[r][j] = _mm512_dpwssd_epi32(c[r][j], x, w[j]);
+      for (int j = 0; j < kNR; ++j) c[r][j] = dpwssd(c[r][j], x, w[j]);
     }
   }
   for (int r = 0; r < kMR; ++r)
@@ -289,24 +290,24 @@ SYNQ_VNNI void micro_vnni_row(const Tile& t, int32_t out[kMR][kNR]) {
     const __m512i x = _mm512_loadu_si512(a0 + ch * kChunk);
     const __m512i y = _mm512_loadu_si512(a0 + (ch + 2) * kChunk);
     for (int j = 0; j < kNR; ++j) {
-      c[j] = _mm512_dpwssd_epi32(c[j], x, widen_pair<B4>(t.b[j] + ch * step));
-      d[j] = _mm512_dpwssd_epi32(d[j], y, widen_pair<B4>(t.b[j] + (ch + 2) * step));
+      c[j] = dpwssd(c[j], x, widen_pair<B4>(t.b[j] + ch * step));
+      d[j] = dpwssd(d[j], y, widen_pair<B4>(t.b[j] + (ch + 2) * step));
     }
   }
   for (; ch + 2 <= n; ch += 2) {
     const __m512i x = _mm512_loadu_si512(a0 + ch * kChunk);
     for (int j = 0; j < kNR; ++j)
-      c[j] = _mm512_dpwssd_epi32(c[j], x, widen_pair<B4>(t.b[j] + ch * step));
+      c[j] = dpwssd(c[j], x, widen_pair<B4>(t.b[j] + ch * step));
   }
   if (ch < n) {
     const __m512i x = load_a_one(a0 + ch * kChunk);
     for (int j = 0; j < kNR; ++j)
-      c[j] = _mm512_dpwssd_epi32(c[j], x, widen_one<B4>(t.b[j] + ch * step));
+      c[j] = dpwssd(c[j], x, widen_one<B4>(t.b[j] + ch * step));
   }
   if (t.tail) {
     const __m512i x = load_a_one(a0 + n * kChunk);
     for (int j = 0; j < kNR; ++j)
-      c[j] = _mm512_dpwssd_epi32(c[j], x, widen_one<B4>(t.bt[j]));
+      c[j] = dpwssd(c[j], x, widen_one<B4>(t.bt[j]));
   }
   for (int j = 0; j < kNR; ++j) out[0][j] = _mm512_reduce_add_epi32(_mm512_add_epi32(c[j], d[j]));
 }

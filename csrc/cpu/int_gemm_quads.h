@@ -14,6 +14,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
+#include "vnni_asm.h"
+
 namespace synq {
 namespace quads {
 
@@ -32,15 +34,6 @@ struct Tile {
 };
 
 #define SYNQ_QUADS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-// acc += x (unsigned bytes) . w (signed bytes), in place. Written in asm because GCC 12 keeps
-// a copy of every accumulator of _mm512_dpbusd_epi32 and moves it back each step (32 moves a
-// step of the 4 x 4 tile, and a spill).
-SYNQ_QUADS __attribute__((always_inline)) inline __m512i dpbusd(__m512i acc, __m512i x,
-                                                                 __m512i w) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "vm"(w));
-  return acc;
-}
 
 // The lane sums of four vectors, in lanes 0..3 (13 instructions where four
 // _mm512_reduce_add_epi32 take about 36).
