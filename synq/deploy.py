@@ -39,9 +39,9 @@ What `export` does to each part of the model:
   requantizes to the quantizer's grid; the int8 result goes to the next conv as is (through
   a max-pool too: IntMaxPool2d). On a GPU the same epilogue is Triton's
   (synq_kernels/triton/conv_tap.py) for convs with more than one input channel per group;
-  elsewhere the steps run as the float path plus PyTorch ops. On the CPU path the
-  packed weight is int16, so rows stored with an offset are packed exactly (9-bit) and skip
-  the offset term.
+  elsewhere the steps run as the float path plus PyTorch ops. On the CPU path rows
+  stored with an offset are packed with the offset added back (it fits int8, as below) and
+  skip the offset term.
 
 Logits of the exported model agree with the fake-quantized model's up to float rounding
 (the BN fold, the int32 accumulation order) and the 8-bit quantization of the inputs named
@@ -334,18 +334,20 @@ class IntConv2d(_IntLayer):
         return self._packed_on[1]
 
     def _packed(self):
-        """The weight in the CPU kernel's layout, packed on first use (not saved). That
-        layout holds int16, so rows stored with an offset get it back here, exactly (at most
-        9-bit weights: every product and pair sum of the kernel's int16 multiply-add stays
-        far inside int32), and need no offset term."""
+        """(weight in the CPU kernel's layout, offsets or None), packed on first use (not
+        saved). Rows stored with an offset get it back where every row then fits int8 (4-bit
+        integers plus their offset lie in [-15, 15]); otherwise (asymmetric 8-bit weights)
+        the kernel adds the offset term itself."""
         return self._cached("cpu_packed", self._prepack)
 
     def _prepack(self):
         w = self.weight_int8()
-        if self.offset is not None:
-            w = w.to(torch.int16) + self.offset.to(torch.int16).reshape(-1, 1, 1, 1)
-            return sk.reference.int_gemm.conv2d_prepack(w, self.groups)
-        return sk.prepack_conv2d_weight(w, self.groups)
+        if self.offset is None:
+            return sk.prepack_conv2d_weight(w, self.groups), None
+        w16 = w.to(torch.int16) + self.offset.to(torch.int16).reshape(-1, 1, 1, 1)
+        if int(w16.min()) >= -128 and int(w16.max()) <= 127:
+            return sk.prepack_conv2d_weight(w16.to(torch.int8), self.groups), None
+        return sk.prepack_conv2d_weight(w, self.groups), self.offset
 
     def _conv_float(self, xq, xs, xz, relu):
         """The unfused path: float32 output of any backend (offset term included)."""
@@ -534,13 +536,14 @@ class _Pending:
             if res is not None and rq is None:
                 res = res.float()
             b = L._buffers
+            wp, wo = L._packed()
             q = _PACKED_CONV(
-                self.xq, _one(self.xs), _one(self.xz), L._packed(), b["w_scale"],
+                self.xq, _one(self.xs), _one(self.xz), wp, b["w_scale"],
                 b["bias"], L.stride, L.padding, L.dilation, L.groups, relu,
                 torch.int8 if out is not None else torch.float32,
                 None if out is None else out[0], None if out is None else out[1], res, rs, rz,
                 # activation grids below 8 bits end under int8's top
-                None if out is None or out[2] >= 127 else out[2])
+                None if out is None or out[2] >= 127 else out[2], wo)
             if out is None:
                 return q
         q._synq_q = (out[0], out[1])

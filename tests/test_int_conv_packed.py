@@ -25,6 +25,8 @@ CASES = [
     ("odd", 2, 3, 11, 9, 24, 5, 2, 2, 1, 1),
     ("dilated", 1, 6, 13, 10, 20, 3, (2, 1), (2, 3), (2, 3), 1),
     ("grouped", 2, 8, 9, 9, 12, 3, 1, 1, 1, 2),
+    ("grouped.8", 1, 16, 7, 8, 20, 3, 1, 1, 1, 2),     # 8 channels a group: shared image
+    ("grouped.6", 1, 12, 7, 7, 8, 3, 2, 1, 1, 2),      # 6: not quads, one group at a time
     ("depthwise", 1, 5, 8, 8, 5, 3, 1, 1, 1, 5),
     ("depthwise.32.s2", 2, 32, 9, 9, 32, 3, 2, 1, 1, 32),
     ("depthwise.40.dilated", 1, 40, 10, 11, 40, 5, 1, (2, 3), (2, 1), 40),
@@ -113,6 +115,45 @@ def test_exact_vs_reference(case, out_dtype):
         assert torch.equal(got, ref), f"variant {i}"
 
 
+OFFSET_CASES = [c for c in CASES if c[0] in ("r20.stem", "r20.block1", "r20.shortcut2", "odd",
+                                            "dilated", "grouped.8", "grouped.6", "depthwise",
+                                            "depthwise.x2")]
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=[c[0] for c in OFFSET_CASES])
+def test_w_offset_exact(case):
+    """Asymmetric 8-bit weights: rows of 256 levels anywhere in [-255, 255], packed as int8
+    minus a per-row offset that the kernel adds back as offset x window sum. Against the
+    reference and, through the integer accumulator, a float64 conv with the full weights."""
+    _, b, c, h, w, cout, k, s, p, d, g = case
+    for x_dtype, out_dtype, cl in [(torch.int8, torch.float32, True),
+                                   (torch.uint8, torch.int8, False)]:
+        x, xz, _, ws, bias, kw = _args(case, x_dtype, out_dtype, None, cl, seed=3)
+        gen = torch.Generator().manual_seed(4)
+        lo = torch.randint(-255, 1, (cout, 1, 1, 1), generator=gen)
+        full = lo + torch.randint(0, 256, (cout, c // g, k, k), generator=gen)
+        full[0] = lo[0] + 255  # a row of one value, at the top of its range
+        off = torch.where((full.amin((1, 2, 3)) >= -128) & (full.amax((1, 2, 3)) <= 127),
+                          0, full.amin((1, 2, 3)) + 128).to(torch.int32)
+        stored = (full - off.reshape(-1, 1, 1, 1)).to(torch.int8)
+        assert bool(off.ne(0).any())
+        ref = sk.quantized_conv2d_packed(x, 0.02, xz, R.conv2d_prepack(stored, g), ws, bias,
+                                         w_offset=off, backend="reference", **kw)
+        got = sk.quantized_conv2d_packed(x, 0.02, xz, sk.prepack_conv2d_weight(stored, g), ws,
+                                         bias, w_offset=off, backend="cpu", **kw)
+        assert torch.equal(got, ref), (x_dtype, out_dtype)
+        if out_dtype == torch.float32:  # the accumulator itself, unit scales
+            one = torch.ones(cout)
+            acc = sk.quantized_conv2d_packed(x, 1.0, xz, sk.prepack_conv2d_weight(stored, g),
+                                             one, w_offset=off, backend="cpu",
+                                             stride=kw["stride"], padding=kw["padding"],
+                                             dilation=kw["dilation"], groups=g)
+            want = torch.nn.functional.conv2d(x.double() - xz, full.double(), None, kw["stride"],
+                                              kw["padding"], kw["dilation"], g)
+            assert torch.equal(acc.double(), want)
+
+
 @needs_cpu
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 def test_half_outputs_exact(out_dtype):
@@ -199,8 +240,10 @@ def test_errors():
     with pytest.raises(ValueError, match="out_max must be from -128 to 127, got 200"):
         sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), out_dtype=torch.int8,
                                    out_scale=0.1, out_zero=0, out_max=200)
-    with pytest.raises(TypeError, match="w_packed must have dtype int16"):
-        sk.quantized_conv2d_packed(x, 0.1, 0, wp.to(torch.int8), torch.ones(4))
+    with pytest.raises(TypeError, match="w_packed must have dtype int8"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp.to(torch.int16), torch.ones(4))
+    with pytest.raises(TypeError, match="conv2d_prepack takes int8 weights"):
+        sk.reference.int_gemm.conv2d_prepack(torch.zeros(4, 4, 3, 3, dtype=torch.int16))
 
 
 def test_torch_compile_fullgraph():

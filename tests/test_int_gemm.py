@@ -327,6 +327,14 @@ for c, s in [(20, 2), (32, 1)]:  # depthwise kernel: a partial and a full channe
     y = sk.quantized_conv2d(x, 1.0, -3, w, 1.0, stride=s, padding=1, groups=c, backend="cpu")
     want = R.quantized_conv2d_int(x, -3, w, (s, s), (1, 1), (1, 1), c)
     assert torch.equal(y.to(torch.int32), want), c
+# the packed conv with weight offsets (rows of asymmetric 8-bit weights)
+x = torch.randint(0, 256, (2, 5, 8, 9), dtype=torch.uint8)
+w = torch.randint(-128, 128, (6, 5, 3, 3), dtype=torch.int8)
+off = torch.tensor([0, 100, -90, 3, 0, -128], dtype=torch.int32)
+args = (x, 0.5, 77, R.conv2d_prepack(w), torch.ones(6))
+kw = dict(padding=1, stride=(1, 2), w_offset=off)
+assert torch.equal(sk.quantized_conv2d_packed(*args, backend="cpu", **kw),
+                   sk.quantized_conv2d_packed(*args, backend="reference", **kw))
 print("portable ok")
 """
 

@@ -1,18 +1,20 @@
-// Integer convolution on the CPU: direct (implicit-GEMM) convolution on a channels-last int16
-// copy of each input image, exact int32 accumulation, and a vectorized epilogue (scale, bias,
+// Integer convolution on the CPU: direct (implicit-GEMM) convolution on a channels-last copy
+// of each input image, exact int32 accumulation, and a vectorized epilogue (scale, bias,
 // optional residual, ReLU, then a float cast or requantization to int8 / uint8).
 //
-// Why this layout: without VNNI the exact multiply-add is vpmaddwd (int16 pairs -> int32).
-// The input is widened once per image to int16 *with the zero point subtracted* (padding is
-// then plain 0, no zero-point correction term, values -255..255 so uint8 input works too),
-// channels-last and padded, so each step of the K loop (ky, kx, channel pair) is one 32-bit
-// broadcast of two adjacent channels of one pixel. Output channels live in the vector lanes
-// (weights pre-widened and interleaved as [pair][16 channels][2], see _conv2d_prepack), so
-// there is no horizontal sum, short K (9 for a 1-channel stem, 144 for 16 channels) costs
-// nothing extra, and the epilogue works on whole vectors of 8 channels. The micro-kernel
-// holds a 6 pixel x 16 channel tile in 12 accumulators; with AVX-512 VNNI, in 6 (the 16
-// channels' weight pairs are one 512-bit vector and vpdpwssd multiplies and adds in one
-// instruction: ResNet-20's integer model 1.4-1.5x faster on an AVX-512 EPYC, 1 thread).
+// Weights are prepacked as int8 in blocks of 16 output channels by quads of input channels
+// ([tap][channel quad][16 channels][4], see _conv2d_prepack), and one step of the K loop is one
+// tap and four adjacent channels of one pixel, broadcast against that 64-byte row. Output
+// channels live in the vector lanes, so there is no horizontal sum, short K (9 for a
+// 1-channel stem) costs nothing extra, and the epilogue works on whole vectors of channels.
+// - With AVX-512 VNNI: the image copy is bytes, x itself for uint8 input and x + 128 for int8,
+//   padded with the zero point (in that domain), and each step is one vpdpbusd (four unsigned
+//   bytes times four signed weights, 16 channels) per pixel of a 6-pixel tile. The zero point
+//   comes off at the end: sum (x' - z') w = sum x' w - z' sum w, with the weight sums of each
+//   block taken once per call. Twice the K values per instruction of vpdpwssd on int16 pairs.
+// - Otherwise the exact multiply-add is vpmaddwd on int16 (vpmaddubsw would saturate): the
+//   image copy is int16 with the zero point subtracted (padding is then plain 0, values
+//   -255..255 so uint8 input works too), and the weights are widened in registers.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +32,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "vnni_asm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_INT_CONV_X86 1
@@ -41,14 +44,15 @@
 namespace synq {
 namespace {
 
-constexpr int kCB = 16;  // output channels per packed weight block (two 8-lane vectors)
+constexpr int kCB = 16;  // output channels per packed weight block
+constexpr int kQ = 4;    // input channels per packed quad
 constexpr int kPT = 6;   // output pixels per micro-kernel tile
 
 const char* kWho = "synq quantized_conv2d (cpu backend): ";
 
 struct PackedShape {
-  int64_t groups, NB, kh, kw, Cp2;
-  int64_t numel() const { return groups * NB * kh * kw * Cp2 * 2 * kCB; }
+  int64_t groups, NB, kh, kw, Cq;  // Cq: channel quads, ceil(C / groups / 4)
+  int64_t numel() const { return groups * NB * kh * kw * Cq * kQ * kCB; }
 };
 
 PackedShape packed_shape(const at::Tensor& w, int64_t groups) {
@@ -58,12 +62,12 @@ PackedShape packed_shape(const at::Tensor& w, int64_t groups) {
   TORCH_CHECK(groups >= 1 && w.size(0) % groups == 0, "synq conv2d_prepack: groups = ",
               groups, " must divide Cout = ", w.size(0));
   const int64_t Og = w.size(0) / groups;
-  return {groups, (Og + kCB - 1) / kCB, w.size(2), w.size(3), (w.size(1) + 1) / 2};
+  return {groups, (Og + kCB - 1) / kCB, w.size(2), w.size(3), (w.size(1) + kQ - 1) / kQ};
 }
 
 // Packs w (contiguous) into dst (ps.numel() elements, every one written).
-void prepack_into(const at::Tensor& w, const PackedShape& ps, int16_t* dst) {
-  const int64_t groups = ps.groups, NB = ps.NB, kh = ps.kh, kw = ps.kw, Cp2 = ps.Cp2;
+void prepack_into(const at::Tensor& w, const PackedShape& ps, int8_t* dst) {
+  const int64_t groups = ps.groups, NB = ps.NB, kh = ps.kh, kw = ps.kw, Cq = ps.Cq;
   const int64_t Og = w.size(0) / groups, Cg = w.size(1);
   const int8_t* src = w.const_data_ptr<int8_t>();
   // Destination offset of each source element of one output channel (the (c, ky, kx) run).
@@ -73,140 +77,151 @@ void prepack_into(const at::Tensor& w, const PackedShape& ps, int16_t* dst) {
     for (int64_t ky = 0; ky < kh; ++ky)
       for (int64_t kx = 0; kx < kw; ++kx)
         tab[(c * kh + ky) * kw + kx] =
-            static_cast<int32_t>(((ky * kw + kx) * Cp2 + c / 2) * 2 * kCB + (c & 1));
-  const int64_t block = kh * kw * Cp2 * 2 * kCB;
+            static_cast<int32_t>(((ky * kw + kx) * Cq + c / kQ) * kQ * kCB + c % kQ);
+  const int64_t block = kh * kw * Cq * kQ * kCB;
   // One 16-channel block at a time, k outer: the writes fill whole cache lines in order and
   // the reads are 16 sequential streams.
   at::parallel_for(0, groups * NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t gb = b0; gb < b1; ++gb) {
       const int64_t g = gb / NB, o0 = (gb % NB) * kCB;
       const int64_t nv = std::min<int64_t>(kCB, Og - o0);
-      int16_t* d = dst + gb * block;
-      if (nv < kCB || (Cg & 1)) std::memset(d, 0, sizeof(int16_t) * block);
+      int8_t* d = dst + gb * block;
+      if (nv < kCB || Cg % kQ) std::memset(d, 0, block);
       const int8_t* s = src + (g * Og + o0) * K;
       for (int64_t k = 0; k < K; ++k) {
-        int16_t* dk = d + tab[k];
-        for (int64_t n = 0; n < nv; ++n) dk[2 * n] = s[n * K + k];
+        int8_t* dk = d + tab[k];
+        for (int64_t n = 0; n < nv; ++n) dk[kQ * n] = s[n * K + k];
       }
     }
   });
 }
 
-// Packed weight: int16 (groups, NB, kh, kw, ceil(Cg / 2), 32); element [g, b, ky, kx, j, 2n+e]
-// = w[g Og + 16 b + n, 2 j + e, ky, kx], 0 past Og or Cg.
+// Packed weight: int8 (groups, NB, kh, kw, ceil(Cg / 4), 64); element [g, b, ky, kx, j, 4n+e]
+// = w[g Og + 16 b + n, 4 j + e, ky, kx], 0 past Og or Cg.
 at::Tensor conv2d_prepack_cpu(const at::Tensor& w_, int64_t groups) {
   const PackedShape ps = packed_shape(w_, groups);
   const auto w = w_.contiguous();
-  auto out = at::empty({ps.groups, ps.NB, ps.kh, ps.kw, ps.Cp2, 2 * kCB},
-                       w.options().dtype(at::kShort));
-  prepack_into(w, ps, out.mutable_data_ptr<int16_t>());
+  auto out = at::empty({ps.groups, ps.NB, ps.kh, ps.kw, ps.Cq, kQ * kCB},
+                       w.options().dtype(at::kChar));
+  prepack_into(w, ps, out.mutable_data_ptr<int8_t>());
   return out;
 }
 
-// ---- micro-kernels: out[r * 16 + n] = sum_k dot(pair at px[r] + off[k], w[k][n]) ----------
+// ---- micro-kernels: out[r * 16 + n] = sum_k dot(quad at px[r] + off[k], w[k][n]) ----------
 
-void micro_portable(const int16_t* const* px, int mr, const int32_t* off, int64_t np,
-                    const int16_t* w, int32_t* out) {
+// int16 image (x - z), portable.
+void micro_portable(const int16_t* const* px, int mr, const int32_t* off, int64_t nq,
+                    const int8_t* w, int32_t* out) {
   for (int r = 0; r < mr; ++r)
     for (int n = 0; n < kCB; ++n) {
       int32_t s = 0;
-      for (int64_t k = 0; k < np; ++k) {
+      for (int64_t k = 0; k < nq; ++k) {
         const int16_t* a = px[r] + off[k];
-        const int16_t* b = w + k * 2 * kCB + 2 * n;
-        s += static_cast<int32_t>(a[0]) * b[0] + static_cast<int32_t>(a[1]) * b[1];
+        const int8_t* b = w + k * kQ * kCB + kQ * n;
+        for (int e = 0; e < kQ; ++e) s += static_cast<int32_t>(a[e]) * b[e];
       }
       out[r * kCB + n] = s;
     }
 }
 
 #if SYNQ_INT_CONV_X86
+// int16 image, AVX2: the quad of a pixel broadcast (4 int16) against 4 channels x 4 weights
+// widened to int16; vpmaddwd leaves two partial sums per channel, added at the end. MR <= 2:
+// 8 accumulators and 4 weight vectors.
 template <int MR>
 __attribute__((target("avx2"))) void micro_avx2(const int16_t* const* px, const int32_t* off,
-                                                int64_t np, const int16_t* w, int32_t* out) {
-  __m256i c0[MR], c1[MR];
-  const int16_t* p[MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    c0[r] = _mm256_setzero_si256();
-    c1[r] = _mm256_setzero_si256();
-    p[r] = px[r];
-  }
-  for (int64_t k = 0; k < np; ++k) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32 + 16));
+                                                int64_t nq, const int8_t* w, int32_t* out) {
+  __m256i c[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v) c[r][v] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < nq; ++k) {
+    __m256i wv[4];
+    for (int v = 0; v < 4; ++v)
+      wv[v] = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kQ * kCB + 16 * v)));
     const int64_t o = off[k];
-#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m256i a = _mm256_castps_si256(
-          _mm256_broadcast_ss(reinterpret_cast<const float*>(p[r] + o)));
-      c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(a, w0));
-      c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(a, w1));
+      int64_t quad;
+      std::memcpy(&quad, px[r] + o, sizeof(quad));
+      const __m256i a = _mm256_set1_epi64x(quad);
+      for (int v = 0; v < 4; ++v) c[r][v] = _mm256_add_epi32(c[r][v], _mm256_madd_epi16(a, wv[v]));
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB), c0[r]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB + 8), c1[r]);
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < 2; ++h)  // hadd: channels (0, 1, 4, 5 | 2, 3, 6, 7) of the pair
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB + 8 * h),
+                          _mm256_permute4x64_epi64(
+                              _mm256_hadd_epi32(c[r][2 * h], c[r][2 * h + 1]), 0xD8));
 }
-#endif
 
-#if SYNQ_INT_CONV_X86
-// The same tile with AVX-512 VNNI: the 16 channels' weight pairs are one 512-bit vector, and
-// each pixel's pair is a broadcast operand of one vpdpwssd (5 instructions a pixel and k in
-// the AVX2 kernel, 1 here).
+// Byte image (x', padded with z'), AVX-512 VNNI: one vpdpbusd per pixel and step; out gets
+// the sums minus fix[n] = z' sum_k w[k][n].
 template <int MR>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_vnni(
-    const int16_t* const* px, const int32_t* off, int64_t np, const int16_t* w,
-    int32_t* out) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void micro_vnni(
+    const uint8_t* const* px, const int32_t* off, int64_t nq, const int8_t* w,
+    const int32_t* fix, int32_t* out) {
   __m512i c[MR];
-  const int16_t* p[MR];
+  const uint8_t* p[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     c[r] = _mm512_setzero_si512();
     p[r] = px[r];
   }
-  for (int64_t k = 0; k < np; ++k) {
-    const __m512i wk = _mm512_loadu_si512(w + k * 32);
+  for (int64_t k = 0; k < nq; ++k) {
+    const __m512i wk = _mm512_loadu_si512(w + k * kQ * kCB);
     const int64_t o = off[k];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, p[r] + o, sizeof(pair));
-      c[r] = _mm512_dpwssd_epi32(c[r], _mm512_set1_epi32(pair), wk);
+      int32_t quad;
+      std::memcpy(&quad, p[r] + o, sizeof(quad));
+      c[r] = dpbusd(c[r], _mm512_set1_epi32(quad), wk);
     }
   }
+  const __m512i f = _mm512_loadu_si512(fix);
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(out + r * kCB, c[r]);
+  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(out + r * kCB, _mm512_sub_epi32(c[r], f));
+}
+
+// fix[n] = z' * sum of block w's column n (nq rows of 64 bytes).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_fix(const int8_t* w,
+                                                                       int64_t nq, int32_t z,
+                                                                       int32_t* fix) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i s = _mm512_setzero_si512();
+  for (int64_t k = 0; k < nq; ++k) s = dpbusd(s, ones, _mm512_loadu_si512(w + k * kQ * kCB));
+  _mm512_storeu_si512(fix, _mm512_mullo_epi32(s, _mm512_set1_epi32(z)));
 }
 #endif
 
-void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t np,
-               const int16_t* w, int32_t* out) {
+void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t nq,
+               const int8_t* w, const int32_t*, int32_t* out) {
 #if SYNQ_INT_CONV_X86
-  if (cpu_use_vnni()) {
-    switch (mr) {
-      case 6: return micro_vnni<6>(px, off, np, w, out);
-      case 5: return micro_vnni<5>(px, off, np, w, out);
-      case 4: return micro_vnni<4>(px, off, np, w, out);
-      case 3: return micro_vnni<3>(px, off, np, w, out);
-      case 2: return micro_vnni<2>(px, off, np, w, out);
-      default: return micro_vnni<1>(px, off, np, w, out);
-    }
-  }
   if (cpu_use_avx2()) {
-    switch (mr) {
-      case 6: return micro_avx2<6>(px, off, np, w, out);
-      case 5: return micro_avx2<5>(px, off, np, w, out);
-      case 4: return micro_avx2<4>(px, off, np, w, out);
-      case 3: return micro_avx2<3>(px, off, np, w, out);
-      case 2: return micro_avx2<2>(px, off, np, w, out);
-      default: return micro_avx2<1>(px, off, np, w, out);
+    for (int r = 0; r < mr; r += 2) {
+      if (mr - r >= 2)
+        micro_avx2<2>(px + r, off, nq, w, out + r * kCB);
+      else
+        micro_avx2<1>(px + r, off, nq, w, out + r * kCB);
     }
+    return;
   }
 #endif
-  micro_portable(px, mr, off, np, w, out);
+  micro_portable(px, mr, off, nq, w, out);
 }
+
+#if SYNQ_INT_CONV_X86
+void run_micro(const uint8_t* const* px, int mr, const int32_t* off, int64_t nq,
+               const int8_t* w, const int32_t* fix, int32_t* out) {
+  switch (mr) {
+    case 6: return micro_vnni<6>(px, off, nq, w, fix, out);
+    case 5: return micro_vnni<5>(px, off, nq, w, fix, out);
+    case 4: return micro_vnni<4>(px, off, nq, w, fix, out);
+    case 3: return micro_vnni<3>(px, off, nq, w, fix, out);
+    case 2: return micro_vnni<2>(px, off, nq, w, fix, out);
+    default: return micro_vnni<1>(px, off, nq, w, fix, out);
+  }
+}
+#endif
 
 // ---- the convolution ----------------------------------------------------------------------
 
@@ -218,11 +233,13 @@ struct ConvArgs {
   int32_t xz;
   // geometry
   int64_t groups, Cg, Og, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
-  int64_t Cp, Hp, Wp, NB, np;
-  const int16_t* wp;  // packed weights
+  int64_t Cp, Hp, Wp, NB, nq;  // nq: K steps (taps x channel quads)
+  const int8_t* wp;  // packed weights
   // epilogue: per group, NB * 16 scales and biases (0 past Og)
   const float* scale;
   const float* bias;
+  const int32_t* woff;  // per group, NB * 16 weight-row offsets (0 past Og), or null
+  int32_t zb;           // the image copy's zero: 0 (int16, x - z) or z' (bytes)
   bool relu;
   // residual (optional): float32, or int8 / uint8 with scale and zero
   const void* res;
@@ -300,6 +317,44 @@ void widen_image(const ConvArgs& a, int64_t bi, int16_t* buf) {
     }
   }
 }
+
+// One image into buf as bytes for the VNNI kernel: (Hp, Wp, Cp) of x' = x (uint8) or x + 128
+// (int8), and z' (the zero point in that domain) in the padding and past C, so that padded
+// taps cancel against the z' sum w correction.
+void widen_image_u8(const ConvArgs& a, int64_t bi, uint8_t* buf) {
+  const int64_t Cp = a.Cp, Wp = a.Wp, rowlen = Wp * Cp;
+  const uint8_t flip = a.x_u8 ? 0 : 0x80;
+  const uint8_t zq = static_cast<uint8_t>(a.xz) ^ flip;
+  std::memset(buf, zq, a.ph * rowlen);
+  std::memset(buf + (a.ph + a.H) * rowlen, zq, (a.Hp - a.ph - a.H) * rowlen);
+  const uint8_t* xb = a.x + bi * a.sxb;
+  for (int64_t iy = 0; iy < a.H; ++iy) {
+    uint8_t* row = buf + (iy + a.ph) * rowlen;
+    std::memset(row, zq, a.pw * Cp);
+    std::memset(row + (a.pw + a.W) * Cp, zq, (Wp - a.pw - a.W) * Cp);
+    const uint8_t* xr = xb + iy * a.sxh;
+    uint8_t* d0 = row + a.pw * Cp;
+    if (a.sxc == 1) {  // channels-last: one contiguous run per pixel
+      for (int64_t ix = 0; ix < a.W; ++ix) {
+        const uint8_t* src = xr + ix * a.sxw;
+        uint8_t* d = d0 + ix * Cp;
+        for (int64_t c = 0; c < a.C; ++c) d[c] = src[c] ^ flip;
+        for (int64_t c = a.C; c < Cp; ++c) d[c] = zq;
+      }
+    } else {
+      for (int64_t ix = 0; ix < a.W; ++ix)
+        for (int64_t c = a.C; c < Cp; ++c) d0[ix * Cp + c] = zq;
+      for (int64_t c = 0; c < a.C; ++c) {
+        const uint8_t* src = xr + c * a.sxc;
+        uint8_t* d = d0 + c;
+        for (int64_t ix = 0; ix < a.W; ++ix) d[ix * Cp] = src[ix * a.sxw] ^ flip;
+      }
+    }
+  }
+}
+
+inline void widen_any(const ConvArgs& a, int64_t bi, int16_t* buf) { widen_image(a, bi, buf); }
+inline void widen_any(const ConvArgs& a, int64_t bi, uint8_t* buf) { widen_image_u8(a, bi, buf); }
 
 // Epilogue of one tile: acc (mr x 16 int32) for pixels p0.. of image bi, output channels
 // co0 .. co0 + nv (nv <= 16) whose scales / biases start at sc / bs.
@@ -427,28 +482,27 @@ __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int3
 }
 #endif
 
-struct Scratch {
-  std::vector<int16_t> buf;
-  std::vector<int32_t> off;
-};
-
-Scratch& thread_scratch() {
-  static thread_local Scratch s;
-  return s;
+// Per-thread image buffers, reused across calls (a fresh multi-MB buffer per call costs more
+// in page faults than the widening itself).
+template <typename T>
+std::vector<T>& thread_buffer() {
+  static thread_local std::vector<T> buf;
+  return buf;
 }
 
 // Walks the output pixels of one image in tiles: for each pixel of the next tile, its window
 // origin in the widened image (base + pixel offset), its output offset and its residual offset.
 // (oy, ox) are stepped rather than divided: an idiv per pixel costs as much as the whole K
 // loop of a 1-channel stem.
+template <typename T>
 struct PixelWalker {
   const ConvArgs& a;
   int64_t oy, ox, row_step, col_step;
-  const int16_t* row_base;
-  PixelWalker(const ConvArgs& a_, const int16_t* base, int64_t px0)
+  const T* row_base;
+  PixelWalker(const ConvArgs& a_, const T* base, int64_t px0)
       : a(a_), oy(px0 / a_.OW), ox(px0 % a_.OW), row_step(a_.sh * a_.Wp * a_.Cp),
         col_step(a_.sw * a_.Cp), row_base(base + (px0 / a_.OW) * row_step) {}
-  void next(int mr, const int16_t** px, int64_t* poff, int64_t* roff) {
+  void next(int mr, const T** px, int64_t* poff, int64_t* roff) {
     for (int r = 0; r < mr; ++r) {
       px[r] = row_base + ox * col_step;
       poff[r] = oy * a.soy + ox * a.sox;
@@ -463,24 +517,35 @@ struct PixelWalker {
 };
 
 // Pixels [t0, t1) (in tiles of kPT) x channel blocks [nb0, nb1) of image bi, whose widened
-// copy is `img`.
-void conv_tiles(const ConvArgs& a, const int16_t* img, const int32_t* off, int64_t bi,
-                int64_t g, int64_t nb0, int64_t nb1, int64_t px0, int64_t px1, bool vec_epi) {
-  alignas(32) int32_t acc[kPT * kCB];
-  const int16_t* px[kPT];
+// copy is `img` (int16, or bytes with `fix`: 16 int32 per block, see micro_vnni).
+template <typename T>
+void conv_tiles(const ConvArgs& a, const T* img, const int32_t* off, const int32_t* fix,
+                const int32_t* S, int64_t bi, int64_t g, int64_t nb0, int64_t nb1, int64_t px0,
+                int64_t px1, bool vec_epi) {
+  alignas(64) int32_t acc[kPT * kCB];
+  const T* px[kPT];
   int64_t poff[kPT], roff[kPT];
-  const int16_t* ig = img + g * a.Cg;  // the group's first channel (Cg even when groups > 1)
+  const T* ig = img + g * a.Cg;  // the group's first channel (Cg % 4 == 0 when groups > 1)
   for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const int16_t* wb = a.wp + (g * a.NB + nb) * a.np * 2 * kCB;
+    const int8_t* wb = a.wp + (g * a.NB + nb) * a.nq * kQ * kCB;
+    const int32_t* fb = fix ? fix + (g * a.NB + nb) * kCB : nullptr;
     const int64_t co0 = g * a.Og + nb * kCB;
     const int nv = static_cast<int>(std::min<int64_t>(kCB, a.Og - nb * kCB));
     const float* sc = a.scale + (g * a.NB + nb) * kCB;
     const float* bs = a.bias + (g * a.NB + nb) * kCB;
-    PixelWalker walk(a, ig, px0);
+    PixelWalker<T> walk(a, ig, px0);
     for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
       const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
       walk.next(mr, px, poff, roff);
-      run_micro(px, mr, off, a.np, wb, acc);
+      run_micro(px, mr, off, a.nq, wb, fb, acc);
+      if (S) {  // weight offsets: acc += o[n] * S[p] (wrapping, as the exact sum fits int32)
+        const int32_t* o = a.woff + (g * a.NB + nb) * kCB;
+        for (int r = 0; r < mr; ++r)
+          for (int n = 0; n < kCB; ++n)
+            acc[r * kCB + n] = static_cast<int32_t>(static_cast<uint32_t>(acc[r * kCB + n]) +
+                                                    static_cast<uint32_t>(o[n]) *
+                                                        static_cast<uint32_t>(S[p0 + r]));
+      }
 #if SYNQ_INT_CONV_X86
       if (vec_epi && nv == kCB) {
         epilogue_avx2(a, acc, mr, bi, poff, roff, co0, sc, bs);
@@ -498,31 +563,67 @@ bool vector_epilogue_ok(const ConvArgs& a) {
          (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
 }
 
-// Widens the images and runs body(img, bi, unit, px0, px1) over every image, every one of
+// S[g P + p] = sum over output pixel p's window of the group's (x - z) (0 in the padding):
+// what a weight row's offset o multiplies (acc + o S, see conv_packed_impl).
+template <typename T>
+void window_sums(const ConvArgs& a, const T* img, int32_t* S) {
+  static thread_local std::vector<int32_t> cs;
+  const int64_t HW = a.Hp * a.Wp, P = a.OH * a.OW;
+  if (static_cast<int64_t>(cs.size()) < HW) cs.resize(HW);
+  const int32_t zsum = a.zb * static_cast<int32_t>(a.Cg);
+  for (int64_t g = 0; g < a.groups; ++g) {
+    for (int64_t i = 0; i < HW; ++i) {
+      const T* px = img + i * a.Cp + g * a.Cg;
+      int32_t t = 0;
+      for (int64_t c = 0; c < a.Cg; ++c) t += px[c];
+      cs[i] = t - zsum;
+    }
+    int32_t* Sg = S + g * P;
+    for (int64_t oy = 0; oy < a.OH; ++oy)
+      for (int64_t ox = 0; ox < a.OW; ++ox) {
+        int32_t t = 0;
+        for (int64_t ky = 0; ky < a.kh; ++ky) {
+          const int32_t* row = cs.data() + (oy * a.sh + ky * a.dh) * a.Wp + ox * a.sw;
+          for (int64_t kx = 0; kx < a.kw; ++kx) t += row[kx * a.dw];
+        }
+        Sg[oy * a.OW + ox] = t;
+      }
+  }
+}
+
+// Widens the images and runs body(img, S, bi, unit, px0, px1) over every image, every one of
 // `units` channel units per image and every pixel: whole images per task when there are at
 // least as many as threads (each thread widens into its own scratch), otherwise all images
 // widened first, then pixel ranges (in tiles of `tile`) and units split across threads.
-template <typename Body>
+template <typename T, typename Body>
 void conv_parallel(const ConvArgs& a, int64_t units, int64_t tile, int64_t work, Body body) {
   const int64_t P = a.OH * a.OW;
   const int64_t img_elems = a.Hp * a.Wp * a.Cp;
+  const int64_t s_elems = a.woff ? a.groups * P : 0;  // window sums, for weight offsets
   const int64_t nth = at::get_num_threads();
   if (a.B >= nth && a.B > 1) {
     const int64_t grain = work < (1 << 18) ? a.B : 1;
     at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
-      Scratch& s = thread_scratch();
-      if (static_cast<int64_t>(s.buf.size()) < img_elems) s.buf.resize(img_elems);
+      std::vector<T>& buf = thread_buffer<T>();
+      if (static_cast<int64_t>(buf.size()) < img_elems) buf.resize(img_elems);
+      std::vector<int32_t> S(s_elems);
       for (int64_t bi = b0; bi < b1; ++bi) {
-        widen_image(a, bi, s.buf.data());
-        for (int64_t u = 0; u < units; ++u) body(s.buf.data(), bi, u, int64_t{0}, P);
+        widen_any(a, bi, buf.data());
+        if (s_elems) window_sums(a, buf.data(), S.data());
+        for (int64_t u = 0; u < units; ++u)
+          body(buf.data(), s_elems ? S.data() : nullptr, bi, u, int64_t{0}, P);
       }
     });
     return;
   }
-  Scratch& s = thread_scratch();
-  if (static_cast<int64_t>(s.buf.size()) < a.B * img_elems) s.buf.resize(a.B * img_elems);
-  int16_t* bufs = s.buf.data();
-  for (int64_t bi = 0; bi < a.B; ++bi) widen_image(a, bi, bufs + bi * img_elems);
+  std::vector<T>& buf = thread_buffer<T>();
+  if (static_cast<int64_t>(buf.size()) < a.B * img_elems) buf.resize(a.B * img_elems);
+  T* bufs = buf.data();
+  std::vector<int32_t> S(a.B * s_elems);
+  for (int64_t bi = 0; bi < a.B; ++bi) {
+    widen_any(a, bi, bufs + bi * img_elems);
+    if (s_elems) window_sums(a, bufs + bi * img_elems, S.data() + bi * s_elems);
+  }
   const int64_t ptiles = (P + tile - 1) / tile;
   const bool split = nth > 1 && work >= (1 << 18);
   const int64_t pch =
@@ -534,30 +635,51 @@ void conv_parallel(const ConvArgs& a, int64_t units, int64_t tile, int64_t work,
       const int64_t pc = t % pch, u = (t / pch) % units, bi = t / pch / units;
       const int64_t px0 = std::min(P, ptiles * pc / pch * tile);
       const int64_t px1 = std::min(P, ptiles * (pc + 1) / pch * tile);
-      if (px0 < px1) body(bufs + bi * img_elems, bi, u, px0, px1);
+      if (px0 < px1)
+        body(bufs + bi * img_elems, s_elems ? S.data() + bi * s_elems : nullptr, bi, u, px0,
+             px1);
     }
   });
 }
 
-void conv_run(ConvArgs& a) {
-  // K offsets in int16 elements from a pixel's window origin; with groups > 1 each group reads
-  // its own channel slice of the full-width buffer (Cp = C, Cg even) or (Cg odd) its own copy.
-  std::vector<int32_t> off(a.kh * a.kw * ((a.Cg + 1) / 2));
-  {
-    const int64_t cg2 = (a.Cg + 1) / 2;
-    for (int64_t ky = 0; ky < a.kh; ++ky)
-      for (int64_t kx = 0; kx < a.kw; ++kx)
-        for (int64_t j = 0; j < cg2; ++j)
-          off[(ky * a.kw + kx) * cg2 + j] =
-              static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp + 2 * j);
-  }
+template <typename T>
+void conv_run_as(const ConvArgs& a, const int32_t* fix) {
+  // K offsets in image elements from a pixel's window origin, one per tap and channel quad;
+  // with groups > 1 each group reads its own channel slice of the full-width buffer (Cp = C,
+  // Cg % 4 == 0) or (otherwise) its own copy.
+  const int64_t cq = (a.Cg + kQ - 1) / kQ;
+  std::vector<int32_t> off(a.kh * a.kw * cq);
+  for (int64_t ky = 0; ky < a.kh; ++ky)
+    for (int64_t kx = 0; kx < a.kw; ++kx)
+      for (int64_t j = 0; j < cq; ++j)
+        off[(ky * a.kw + kx) * cq + j] =
+            static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp + kQ * j);
   const bool vec_epi = vector_epilogue_ok(a);
   const int64_t work = a.B * a.OH * a.OW * a.Cout * a.kh * a.kw * a.Cg;  // MACs
-  conv_parallel(a, a.groups * a.NB, kPT, work,
-                [&](const int16_t* img, int64_t bi, int64_t u, int64_t px0, int64_t px1) {
-                  const int64_t g = u / a.NB, nb = u % a.NB;
-                  conv_tiles(a, img, off.data(), bi, g, nb, nb + 1, px0, px1, vec_epi);
-                });
+  const int64_t P = a.OH * a.OW;
+  conv_parallel<T>(a, a.groups * a.NB, kPT, work,
+                   [&](const T* img, const int32_t* S, int64_t bi, int64_t u, int64_t px0,
+                       int64_t px1) {
+                     const int64_t g = u / a.NB, nb = u % a.NB;
+                     conv_tiles(a, img, off.data(), fix, S ? S + g * P : nullptr, bi, g, nb,
+                                nb + 1, px0, px1, vec_epi);
+                   });
+}
+
+void conv_run(const ConvArgs& a) {
+#if SYNQ_INT_CONV_X86
+  if (cpu_use_vnni()) {
+    ConvArgs b = a;
+    b.zb = a.x_u8 ? a.xz : a.xz + 128;
+    std::vector<int32_t> fix(a.groups * a.NB * kCB);
+    for (int64_t k = 0; k < a.groups * a.NB; ++k)
+      block_fix(a.wp + k * a.nq * kQ * kCB, a.nq, b.zb, fix.data() + k * kCB);
+    return conv_run_as<uint8_t>(b, fix.data());
+  }
+#endif
+  ConvArgs b = a;
+  b.zb = 0;
+  conv_run_as<int16_t>(b, nullptr);
 }
 
 // ---- depthwise (groups = C = Cout): channels in the vector lanes ------------------------------
@@ -660,7 +782,8 @@ void dw_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t
 }
 
 // a: groups = C = Cout (one input and one output channel per group), packed as usual (element
-// [c, 0, ky, kx, 0, 0] of the packed weight is w[c, 0, ky, kx]).
+// [c, 0, ky, kx, 0, 0] of the packed weight is w[c, 0, ky, kx]). The int16 image of the
+// AVX2 path, also where AVX-512 VNNI is present.
 void conv_run_dw(ConvArgs& a) {
   DwWeights d;
   d.T = a.kh * a.kw;
@@ -669,7 +792,9 @@ void conv_run_dw(ConvArgs& a) {
   a.Cp = d.NBc * kCB;
   d.wt.assign(d.NBc * kCB * d.T, 0);
   for (int64_t c = 0; c < a.C; ++c)
-    for (int64_t t = 0; t < d.T; ++t) d.wt[c * d.T + t] = a.wp[(c * d.T + t) * 2 * kCB];
+    for (int64_t t = 0; t < d.T; ++t)  // weight offsets added back (int16 holds them)
+      d.wt[c * d.T + t] = static_cast<int16_t>(a.wp[(c * d.T + t) * kQ * kCB] +
+                                               (a.woff ? a.woff[c * kCB] : 0));
   static const int kLane[2][8] = {{0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}};
   d.wv.assign(d.NBc * d.TP * 2 * kCB, 0);
   for (int64_t nb = 0; nb < d.NBc; ++nb)
@@ -692,8 +817,11 @@ void conv_run_dw(ConvArgs& a) {
     d.bs[c] = a.bias[c * kCB];
   }
   const bool vec_epi = vector_epilogue_ok(a);
-  conv_parallel(a, 1, kDwPT, a.B * a.OH * a.OW * a.C * d.T,
-                [&](const int16_t* img, int64_t bi, int64_t, int64_t px0, int64_t px1) {
+  a.woff = nullptr;  // in the weights now
+  a.zb = 0;
+  conv_parallel<int16_t>(a, 1, kDwPT, a.B * a.OH * a.OW * a.C * d.T,
+                [&](const int16_t* img, const int32_t*, int64_t bi, int64_t, int64_t px0,
+                    int64_t px1) {
                   dw_tiles(a, d, img, bi, px0, px1, vec_epi);
                 });
 }
@@ -713,7 +841,7 @@ void check_n(const at::Tensor& t, const char* name, int64_t n) {
 // Cout from w_scale; x_zero in x's own domain (int8 or uint8 values); output allocated with `fmt`.
 at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
                             const at::Tensor& x_zero, const PackedShape& ps,
-                            const int16_t* wp, int64_t Cout,
+                            const int8_t* wp, int64_t Cout,
                             const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, bool relu,
@@ -723,7 +851,8 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
                             const std::optional<at::Tensor>& residual,
                             const std::optional<at::Tensor>& residual_scale,
                             const std::optional<at::Tensor>& residual_zero,
-                            std::optional<int64_t> out_max) {
+                            std::optional<int64_t> out_max,
+                            const std::optional<at::Tensor>& w_offset) {
   TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kChar || x.scalar_type() == at::kByte),
               kWho, "x must be 4-D int8 or uint8, got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kWho,
@@ -737,9 +866,9 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
   a.Cg = a.C / groups; a.Og = Cout / groups; a.Cout = Cout;
   a.kh = ps.kh; a.kw = ps.kw;
   a.NB = ps.NB;
-  TORCH_CHECK(ps.Cp2 == (a.Cg + 1) / 2 && a.NB == (a.Og + kCB - 1) / kCB, kWho,
-              "the packed weight (", ps.NB, " blocks of 16 output channels, ", ps.Cp2,
-              " channel pairs) does not match C / groups = ", a.Cg, " and Cout / groups = ",
+  TORCH_CHECK(ps.Cq == (a.Cg + kQ - 1) / kQ && a.NB == (a.Og + kCB - 1) / kCB, kWho,
+              "the packed weight (", ps.NB, " blocks of 16 output channels, ", ps.Cq,
+              " channel quads) does not match C / groups = ", a.Cg, " and Cout / groups = ",
               a.Og);
   a.sh = stride[0]; a.sw = stride[1]; a.ph = padding[0]; a.pw = padding[1];
   a.dh = dilation[0]; a.dw = dilation[1];
@@ -758,7 +887,7 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
   a.xz = x_zero.const_data_ptr<int32_t>()[0];
   TORCH_CHECK(a.x_u8 ? (a.xz >= 0 && a.xz <= 255) : (a.xz >= -128 && a.xz <= 127), kWho,
               "x_zero = ", a.xz, " is outside the range of x's dtype ", x.scalar_type());
-  // Channel pairs: an odd Cg gets a zero channel (groups > 1 with odd Cg: see below).
+  // Channel quads: Cg is padded to a multiple of 4 (groups > 1 with other Cg: see below).
   if (a.kh == 1 && a.kw == 1 && a.ph == 0 && a.pw == 0 && (a.sh > 1 || a.sw > 1)) {
     // A strided 1x1 conv (projection shortcut) reads only every sh-th row and sw-th column:
     // view the input as that subsampled image and convolve with stride 1, so the widening
@@ -767,10 +896,10 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
     a.sxh *= a.sh; a.sxw *= a.sw;
     a.sh = a.sw = 1;
   }
-  a.Cp = groups == 1 ? a.Cg + (a.Cg & 1) : a.C;
+  a.Cp = groups == 1 ? (a.Cg + kQ - 1) / kQ * kQ : a.C;
   a.Hp = a.H + 2 * a.ph;
   a.Wp = a.W + 2 * a.pw;
-  a.np = a.kh * a.kw * ((a.Cg + 1) / 2);
+  a.nq = a.kh * a.kw * ((a.Cg + kQ - 1) / kQ);
   a.wp = wp;
   a.relu = relu;
   // epilogue constants
@@ -785,6 +914,20 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
     }
   a.scale = sc.data();
   a.bias = bs.data();
+  // weight-row offsets: the packed rows are w - o (int8), so acc = conv(x - z, w - o) + o S
+  std::vector<int32_t> wo;
+  a.woff = nullptr;
+  if (w_offset) {
+    TORCH_CHECK(w_offset->scalar_type() == at::kInt && w_offset->is_contiguous() &&
+                    w_offset->numel() == Cout,
+                kWho, "w_offset must be a contiguous int32 tensor of ", Cout, " elements, got ",
+                w_offset->scalar_type(), " ", w_offset->sizes());
+    const int32_t* op = w_offset->const_data_ptr<int32_t>();
+    wo.assign(groups * a.NB * kCB, 0);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t o = 0; o < a.Og; ++o) wo[g * a.NB * kCB + o] = op[g * a.Og + o];
+    a.woff = wo.data();
+  }
   // output
   const bool quant_out = out_dtype == at::kChar || out_dtype == at::kByte;
   TORCH_CHECK(quant_out || out_dtype == at::kFloat || out_dtype == at::kHalf ||
@@ -851,16 +994,17 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
     conv_run_dw(a);
     return out;
   }
-  if (groups > 1 && (a.Cg & 1)) {
-    // Odd channels per group: each group's channels would straddle the int16 pairs of the
-    // shared buffer, so run the groups one by one on channel slices (rare: grouped 3-channel).
+  if (groups > 1 && a.Cg % kQ) {
+    // Cg not a multiple of 4: each group's channels would straddle the quads of the shared
+    // buffer, so run the groups one by one on channel slices (rare: grouped 3-channel).
     for (int64_t g = 0; g < groups; ++g) {
       ConvArgs b = a;
-      b.groups = 1; b.C = a.Cg; b.Cout = a.Og; b.Cp = a.Cg + 1;
+      b.groups = 1; b.C = a.Cg; b.Cout = a.Og; b.Cp = (a.Cg + kQ - 1) / kQ * kQ;
       b.x = a.x + g * a.Cg * a.sxc;
-      b.wp = a.wp + g * a.NB * a.np * 2 * kCB;
+      b.wp = a.wp + g * a.NB * a.nq * kQ * kCB;
       b.scale = a.scale + g * a.NB * kCB;
       b.bias = a.bias + g * a.NB * kCB;
+      if (a.woff) b.woff = a.woff + g * a.NB * kCB;
       b.out = static_cast<uint8_t*>(a.out) + g * a.Og * a.soc * out.element_size();
       if (a.res)
         b.res = static_cast<const uint8_t*>(a.res) + g * a.Og * a.src * residual->element_size();
@@ -879,19 +1023,20 @@ at::Tensor quantized_conv2d_packed_cpu(
     bool relu, at::ScalarType out_dtype, const std::optional<at::Tensor>& out_scale,
     const std::optional<at::Tensor>& out_zero, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& residual_scale,
-    const std::optional<at::Tensor>& residual_zero, std::optional<int64_t> out_max) {
+    const std::optional<at::Tensor>& residual_zero, std::optional<int64_t> out_max,
+    const std::optional<at::Tensor>& w_offset) {
   TORCH_CHECK(w_scale.dim() == 1, kWho, "w_scale must be 1-D (Cout,), got ", w_scale.sizes());
-  TORCH_CHECK(w_packed.dim() == 6 && w_packed.scalar_type() == at::kShort &&
-                  w_packed.size(5) == 2 * kCB && w_packed.is_contiguous(),
-              kWho, "w_packed must come from conv2d_prepack (6-D contiguous int16), got ",
+  TORCH_CHECK(w_packed.dim() == 6 && w_packed.scalar_type() == at::kChar &&
+                  w_packed.size(5) == kQ * kCB && w_packed.is_contiguous(),
+              kWho, "w_packed must come from conv2d_prepack (6-D contiguous int8), got ",
               w_packed.scalar_type(), " ", w_packed.sizes());
   const PackedShape ps{w_packed.size(0), w_packed.size(1), w_packed.size(2), w_packed.size(3),
                        w_packed.size(4)};
-  return conv_packed_impl(x, x_scale, x_zero, ps, w_packed.const_data_ptr<int16_t>(),
+  return conv_packed_impl(x, x_scale, x_zero, ps, w_packed.const_data_ptr<int8_t>(),
                           w_scale.size(0), w_scale, bias, stride,
                           padding, dilation, groups, relu, out_dtype,
                           at::MemoryFormat::ChannelsLast, out_scale, out_zero, residual,
-                          residual_scale, residual_zero, out_max);
+                          residual_scale, residual_zero, out_max, w_offset);
 }
 
 // The unpacked op (int8 x, weights packed per call): output in x's memory format.
@@ -919,13 +1064,13 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
   // more in page faults than the packing itself); callers with a fixed weight should
   // prepack once and use _quantized_conv2d_packed.
   const PackedShape ps = packed_shape(w, groups);
-  static thread_local std::vector<int16_t> wbuf;
+  static thread_local std::vector<int8_t> wbuf;
   if (static_cast<int64_t>(wbuf.size()) < ps.numel()) wbuf.resize(ps.numel());
   prepack_into(w.contiguous(), ps, wbuf.data());
   return conv_packed_impl(x, x_scale, x_zero, ps, wbuf.data(), w.size(0), w_scale, bias,
                           stride, padding, dilation, groups, relu, out_dtype, fmt,
                           std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                          std::nullopt);
+                          std::nullopt, std::nullopt);
 }
 
 }  // namespace

@@ -531,13 +531,14 @@ if _has_packed_kernel():
     def _(w, groups):
         cout, cg, kh, kw = w.shape
         nb = -(-(cout // groups) // R.CONV_PACK_BLOCK)
-        return w.new_empty((groups, nb, kh, kw, (cg + 1) // 2, 2 * R.CONV_PACK_BLOCK),
-                           dtype=torch.int16)
+        cq = -(-cg // R.CONV_PACK_QUAD)
+        return w.new_empty((groups, nb, kh, kw, cq, R.CONV_PACK_QUAD * R.CONV_PACK_BLOCK),
+                           dtype=torch.int8)
 
     @torch.library.register_fake("synq::_quantized_conv2d_packed")
     def _(x, x_scale, x_zero, w_packed, w_scale, bias, stride, padding, dilation, groups, relu,
           out_dtype, out_scale, out_zero, residual, residual_scale, residual_zero,
-          out_max=None):
+          out_max=None, w_offset=None):
         kh, kw = w_packed.shape[2], w_packed.shape[3]
         oh = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
         ow = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
@@ -561,8 +562,8 @@ def _packed_backend(device, backend):
 
 def prepack_conv2d_weight(w_q: Tensor, groups: int = 1, backend: str | None = None) -> Tensor:
     """Pack an int8 conv weight (Cout, C / groups, kh, kw) once for `quantized_conv2d_packed`:
-    int16 (groups, ceil(Cout / groups / 16), kh, kw, ceil(C / groups / 2), 32), 16 output
-    channels per block, input channels in pairs (see reference `conv2d_prepack`)."""
+    int8 (groups, ceil(Cout / groups / 16), kh, kw, ceil(C / groups / 4), 64), 16 output
+    channels per block, input channels in quads (see reference `conv2d_prepack`)."""
     _check_tensor("w_q", w_q, (torch.int8,), 4)
     _check_groups(groups)
     if w_q.shape[0] % groups:
@@ -577,7 +578,7 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
                             relu: bool = False, out_dtype: torch.dtype = torch.float32,
                             out_scale=None, out_zero=None, residual: Tensor | None = None,
                             residual_scale=None, residual_zero=None,
-                            out_max: int | None = None,
+                            out_max: int | None = None, w_offset: Tensor | None = None,
                             backend: str | None = None) -> Tensor:
     """Integer conv2d on a prepacked weight, with a fused epilogue; output channels-last.
 
@@ -601,9 +602,12 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
             for grids narrower than 8 bits (a 4-bit grid shifted into int8 ends at -113).
         residual: None or the output's shape (B, Cout, OH, OW), float32 or int8 / uint8 with
             residual_scale / residual_zero (per-tensor); added before the ReLU.
+        w_offset: None or (Cout,) integers o for weights packed as w_q - o (rows whose
+            integers do not fit int8): the conv is taken with w_q, o[n] times each window's
+            sum of x_q - x_zero added in int32.
     """
     _check_tensor("x_q", x_q, (torch.int8, torch.uint8), 4)
-    _check_tensor("w_packed", w_packed, (torch.int16,), 6)
+    _check_tensor("w_packed", w_packed, (torch.int8,), 6)
     _checks.check_same_device(x_q=x_q, w_packed=w_packed)
     if out_dtype not in OUT_DTYPES + (torch.int8, torch.uint8):
         raise TypeError(f"out_dtype must be float32, float16, bfloat16, int8 or uint8, got "
@@ -616,9 +620,10 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
                          "(the packed weight does not record Cout)")
     cout = w_scale.shape[0]
     c = x_q.shape[1]
-    g_, nb, kh, kw, cp2, blk = w_packed.shape
-    if (c % groups or cout % groups or g_ != groups or blk != 2 * R.CONV_PACK_BLOCK
-            or cp2 != (c // groups + 1) // 2
+    g_, nb, kh, kw, cq, blk = w_packed.shape
+    if (c % groups or cout % groups or g_ != groups
+            or blk != R.CONV_PACK_QUAD * R.CONV_PACK_BLOCK
+            or cq != -(-(c // groups) // R.CONV_PACK_QUAD)
             or nb != -(-(cout // groups) // R.CONV_PACK_BLOCK)):
         raise ValueError(f"w_packed {tuple(w_packed.shape)} does not fit x_q with C = {c}, "
                          f"groups = {groups} and Cout = {cout} (w_scale's length)")
@@ -680,8 +685,15 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
                              "residual only")
     elif residual_scale is not None or residual_zero is not None:
         raise ValueError("residual_scale / residual_zero given without a residual")
+    wo = None
+    if w_offset is not None:
+        if not isinstance(w_offset, torch.Tensor) or tuple(w_offset.shape) != (cout,):
+            raise ValueError(f"w_offset must be a ({cout},) integer tensor")
+        _check_tensor("w_offset", w_offset, (torch.int8, torch.int16, torch.int32,
+                                             torch.int64))
+        wo = w_offset.to(device=dev, dtype=torch.int32).contiguous()
     args = (x_q, xs, xz, w_packed, ws, b, stride, padding, dilation, groups, bool(relu),
-            out_dtype, os_, oz, residual, rs, rz, out_max)
+            out_dtype, os_, oz, residual, rs, rz, out_max, wo)
     if _packed_backend(dev, backend) == "cpu":
         return torch.ops.synq._quantized_conv2d_packed(*args)
     return R.quantized_conv2d_packed(*args)

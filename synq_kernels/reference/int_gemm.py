@@ -133,29 +133,34 @@ def quantized_conv2d_int(x_q, x_zero, w_q, stride=(1, 1), padding=(0, 0), dilati
 # -- packed-weight convolution (the CPU kernel's weight layout, int8 / requantized output) ----
 
 CONV_PACK_BLOCK = 16  # output channels per block of the packed layout
+CONV_PACK_QUAD = 4    # input channels per quad (the last dim is 16 channels x 4)
 
 
 def conv2d_prepack(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """w_q (Cout, Cg, kh, kw) int8 -> int16 (groups, NB, kh, kw, ceil(Cg / 2), 32) with
-    NB = ceil(Cout / groups / 16): element [g, b, ky, kx, j, 2 n + e] is
-    w_q[g Og + 16 b + n, 2 j + e, ky, kx], zero past Og = Cout / groups or Cg."""
+    """w_q (Cout, Cg, kh, kw) int8 -> int8 (groups, NB, kh, kw, ceil(Cg / 4), 64) with
+    NB = ceil(Cout / groups / 16): element [g, b, ky, kx, j, 4 n + e] is
+    w_q[g Og + 16 b + n, 4 j + e, ky, kx], zero past Og = Cout / groups or Cg."""
+    if w_q.dtype != torch.int8:
+        raise TypeError(f"conv2d_prepack takes int8 weights, got {w_q.dtype}")
     cout, cg, kh, kw = w_q.shape
     og = cout // groups
     nb = -(-og // CONV_PACK_BLOCK)
-    cp = cg + cg % 2
-    w = torch.zeros(groups, nb * CONV_PACK_BLOCK, cp, kh, kw, dtype=torch.int16,
+    cq = -(-cg // CONV_PACK_QUAD)
+    cp = cq * CONV_PACK_QUAD
+    w = torch.zeros(groups, nb * CONV_PACK_BLOCK, cp, kh, kw, dtype=torch.int8,
                     device=w_q.device)
-    w[:, :og, :cg] = w_q.reshape(groups, og, cg, kh, kw).to(torch.int16)
-    w = w.reshape(groups, nb, CONV_PACK_BLOCK, cp // 2, 2, kh, kw)
-    return w.permute(0, 1, 5, 6, 3, 2, 4).reshape(groups, nb, kh, kw, cp // 2,
-                                                  2 * CONV_PACK_BLOCK).contiguous()
+    w[:, :og, :cg] = w_q.reshape(groups, og, cg, kh, kw)
+    w = w.reshape(groups, nb, CONV_PACK_BLOCK, cq, CONV_PACK_QUAD, kh, kw)
+    return w.permute(0, 1, 5, 6, 3, 2, 4).reshape(
+        groups, nb, kh, kw, cq, CONV_PACK_QUAD * CONV_PACK_BLOCK).contiguous()
 
 
 def conv2d_unpack(w_packed: torch.Tensor, cout: int, cg: int) -> torch.Tensor:
     """Inverse of `conv2d_prepack`: int8 (cout, cg, kh, kw)."""
-    groups, nb, kh, kw, cp2, _ = w_packed.shape
-    w = w_packed.reshape(groups, nb, kh, kw, cp2, CONV_PACK_BLOCK, 2)
-    w = w.permute(0, 1, 5, 4, 6, 2, 3).reshape(groups, nb * CONV_PACK_BLOCK, 2 * cp2, kh, kw)
+    groups, nb, kh, kw, cq, _ = w_packed.shape
+    w = w_packed.reshape(groups, nb, kh, kw, cq, CONV_PACK_BLOCK, CONV_PACK_QUAD)
+    w = w.permute(0, 1, 5, 4, 6, 2, 3).reshape(groups, nb * CONV_PACK_BLOCK,
+                                               CONV_PACK_QUAD * cq, kh, kw)
     return w[:, :cout // groups, :cg].reshape(cout, cg, kh, kw).to(torch.int8)
 
 
@@ -163,11 +168,12 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
                             stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                             relu=False, out_dtype=torch.float32, out_scale=None, out_zero=None,
                             residual=None, residual_scale=None,
-                            residual_zero=None, out_max=None) -> torch.Tensor:
+                            residual_zero=None, out_max=None, w_offset=None) -> torch.Tensor:
     """The packed-weight conv, computed in the kernel's float32 operation order so that
     int8 / uint8 outputs are bit-exact:
 
-        acc = conv2d(x_q - x_zero, w) exactly (zero padding in that domain)
+        acc = conv2d(x_q - x_zero, w) exactly (zero padding in that domain), with
+              w = the unpacked weight + w_offset[n] when given
         y = float32(acc) * (x_scale * w_scale[n]) + bias[n]      (float32, mul then add)
         y = y + residual   or   y + float32(residual - residual_zero) * residual_scale
         y = max(y, 0) if relu
@@ -182,6 +188,8 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
     cout = w_scale.shape[0]
     cg = x_q.shape[1] // groups
     w = conv2d_unpack(w_packed, cout, cg).to(torch.float64)
+    if w_offset is not None:
+        w = w + w_offset.to(torch.float64).reshape(-1, 1, 1, 1)
     xc = x_q.to(torch.float64) - x_zero.to(torch.float64).reshape(())
     acc = F.conv2d(xc, w, None, tuple(stride), tuple(padding), tuple(dilation), groups)
     acc = acc.round().to(torch.int32).to(torch.float32)
