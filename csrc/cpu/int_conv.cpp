@@ -155,11 +155,11 @@ __attribute__((target("avx2"))) void micro_avx2(const int16_t* const* px, const 
 }
 
 // Byte image (x', padded with z'), AVX-512 VNNI: one vpdpbusd per pixel and step; out gets
-// the sums minus fix[n] = z' sum_k w[k][n].
+// the sums minus fix[n] = z' sum_k w[k][n], plus o[n] S[r] with weight offsets (o non-null).
 template <int MR>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void micro_vnni(
     const uint8_t* const* px, const int32_t* off, int64_t nq, const int8_t* w,
-    const int32_t* fix, int32_t* out) {
+    const int32_t* fix, const int32_t* o, const int32_t* S, int32_t* out) {
   __m512i c[MR];
   const uint8_t* p[MR];
 #pragma GCC unroll 8
@@ -178,6 +178,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void micro_vnni(
     }
   }
   const __m512i f = _mm512_loadu_si512(fix);
+  if (o) {
+    const __m512i ov = _mm512_loadu_si512(o);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      c[r] = _mm512_add_epi32(c[r], _mm512_mullo_epi32(ov, _mm512_set1_epi32(S[r])));
+  }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) _mm512_storeu_si512(out + r * kCB, _mm512_sub_epi32(c[r], f));
 }
@@ -193,8 +199,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_fix(c
 }
 #endif
 
+// acc[r][n] += o[n] S[r] (weight offsets; the exact sum fits int32, the steps wrap).
+void add_offsets(int mr, const int32_t* o, const int32_t* S, int32_t* out) {
+  for (int r = 0; r < mr; ++r)
+    for (int n = 0; n < kCB; ++n)
+      out[r * kCB + n] = static_cast<int32_t>(static_cast<uint32_t>(out[r * kCB + n]) +
+                                              static_cast<uint32_t>(o[n]) *
+                                                  static_cast<uint32_t>(S[r]));
+}
+
 void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t nq,
-               const int8_t* w, const int32_t*, int32_t* out) {
+               const int8_t* w, const int32_t*, const int32_t* o, const int32_t* S,
+               int32_t* out) {
 #if SYNQ_INT_CONV_X86
   if (cpu_use_avx2()) {
     for (int r = 0; r < mr; r += 2) {
@@ -203,22 +219,23 @@ void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t nq,
       else
         micro_avx2<1>(px + r, off, nq, w, out + r * kCB);
     }
-    return;
-  }
+  } else
 #endif
-  micro_portable(px, mr, off, nq, w, out);
+    micro_portable(px, mr, off, nq, w, out);
+  if (o) add_offsets(mr, o, S, out);
 }
 
 #if SYNQ_INT_CONV_X86
 void run_micro(const uint8_t* const* px, int mr, const int32_t* off, int64_t nq,
-               const int8_t* w, const int32_t* fix, int32_t* out) {
+               const int8_t* w, const int32_t* fix, const int32_t* o, const int32_t* S,
+               int32_t* out) {
   switch (mr) {
-    case 6: return micro_vnni<6>(px, off, nq, w, fix, out);
-    case 5: return micro_vnni<5>(px, off, nq, w, fix, out);
-    case 4: return micro_vnni<4>(px, off, nq, w, fix, out);
-    case 3: return micro_vnni<3>(px, off, nq, w, fix, out);
-    case 2: return micro_vnni<2>(px, off, nq, w, fix, out);
-    default: return micro_vnni<1>(px, off, nq, w, fix, out);
+    case 6: return micro_vnni<6>(px, off, nq, w, fix, o, S, out);
+    case 5: return micro_vnni<5>(px, off, nq, w, fix, o, S, out);
+    case 4: return micro_vnni<4>(px, off, nq, w, fix, o, S, out);
+    case 3: return micro_vnni<3>(px, off, nq, w, fix, o, S, out);
+    case 2: return micro_vnni<2>(px, off, nq, w, fix, o, S, out);
+    default: return micro_vnni<1>(px, off, nq, w, fix, o, S, out);
   }
 }
 #endif
@@ -334,7 +351,13 @@ void widen_image_u8(const ConvArgs& a, int64_t bi, uint8_t* buf) {
     std::memset(row + (a.pw + a.W) * Cp, zq, (Wp - a.pw - a.W) * Cp);
     const uint8_t* xr = xb + iy * a.sxh;
     uint8_t* d0 = row + a.pw * Cp;
-    if (a.sxc == 1) {  // channels-last: one contiguous run per pixel
+    if (a.sxc == 1 && a.sxw == a.C && Cp == a.C) {  // channels-last, dense: one run per row
+      const int64_t n = a.W * a.C;
+      if (flip == 0)
+        std::memcpy(d0, xr, n);
+      else
+        for (int64_t i = 0; i < n; ++i) d0[i] = xr[i] ^ 0x80;
+    } else if (a.sxc == 1) {  // channels-last: one contiguous run per pixel
       for (int64_t ix = 0; ix < a.W; ++ix) {
         const uint8_t* src = xr + ix * a.sxw;
         uint8_t* d = d0 + ix * Cp;
@@ -537,15 +560,8 @@ void conv_tiles(const ConvArgs& a, const T* img, const int32_t* off, const int32
     for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
       const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
       walk.next(mr, px, poff, roff);
-      run_micro(px, mr, off, a.nq, wb, fb, acc);
-      if (S) {  // weight offsets: acc += o[n] * S[p] (wrapping, as the exact sum fits int32)
-        const int32_t* o = a.woff + (g * a.NB + nb) * kCB;
-        for (int r = 0; r < mr; ++r)
-          for (int n = 0; n < kCB; ++n)
-            acc[r * kCB + n] = static_cast<int32_t>(static_cast<uint32_t>(acc[r * kCB + n]) +
-                                                    static_cast<uint32_t>(o[n]) *
-                                                        static_cast<uint32_t>(S[p0 + r]));
-      }
+      run_micro(px, mr, off, a.nq, wb, fb, S ? a.woff + (g * a.NB + nb) * kCB : nullptr,
+                S ? S + p0 : nullptr, acc);
 #if SYNQ_INT_CONV_X86
       if (vec_epi && nv == kCB) {
         epilogue_avx2(a, acc, mr, bi, poff, roff, co0, sc, bs);
@@ -563,31 +579,67 @@ bool vector_epilogue_ok(const ConvArgs& a) {
          (a.out_t == at::kFloat || a.out_t == at::kChar || a.out_t == at::kByte);
 }
 
+// Sum of n image values (SSE2, the x86-64 baseline: psadbw on bytes, pmaddwd on int16).
+inline int32_t channel_sum(const uint8_t* p, int64_t n) {
+  int64_t c = 0;
+  int32_t t = 0;
+#if SYNQ_INT_CONV_X86
+  __m128i acc = _mm_setzero_si128();
+  for (; c + 16 <= n; c += 16)
+    acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c)),
+                                          _mm_setzero_si128()));
+  t = static_cast<int32_t>(_mm_cvtsi128_si64(acc) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc)));
+#endif
+  for (; c < n; ++c) t += p[c];
+  return t;
+}
+
+inline int32_t channel_sum(const int16_t* p, int64_t n) {
+  int64_t c = 0;
+  int32_t t = 0;
+#if SYNQ_INT_CONV_X86
+  __m128i acc = _mm_setzero_si128();
+  for (; c + 8 <= n; c += 8)
+    acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c)),
+                                            _mm_set1_epi16(1)));
+  acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0x4E));
+  acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0xB1));
+  t = _mm_cvtsi128_si32(acc);
+#endif
+  for (; c < n; ++c) t += p[c];
+  return t;
+}
+
 // S[g P + p] = sum over output pixel p's window of the group's (x - z) (0 in the padding):
 // what a weight row's offset o multiplies (acc + o S, see conv_packed_impl).
 template <typename T>
 void window_sums(const ConvArgs& a, const T* img, int32_t* S) {
-  static thread_local std::vector<int32_t> cs;
+  static thread_local std::vector<int32_t> cs, hs;
   const int64_t HW = a.Hp * a.Wp, P = a.OH * a.OW;
   if (static_cast<int64_t>(cs.size()) < HW) cs.resize(HW);
+  if (static_cast<int64_t>(hs.size()) < a.Hp * a.OW) hs.resize(a.Hp * a.OW);
   const int32_t zsum = a.zb * static_cast<int32_t>(a.Cg);
   for (int64_t g = 0; g < a.groups; ++g) {
-    for (int64_t i = 0; i < HW; ++i) {
-      const T* px = img + i * a.Cp + g * a.Cg;
-      int32_t t = 0;
-      for (int64_t c = 0; c < a.Cg; ++c) t += px[c];
-      cs[i] = t - zsum;
+    for (int64_t i = 0; i < HW; ++i) cs[i] = channel_sum(img + i * a.Cp + g * a.Cg, a.Cg) - zsum;
+    // the window sum, separably: along x for every padded row, then along y
+    for (int64_t y = 0; y < a.Hp; ++y) {
+      const int32_t* row = cs.data() + y * a.Wp;
+      int32_t* h = hs.data() + y * a.OW;
+      for (int64_t ox = 0; ox < a.OW; ++ox) h[ox] = 0;
+      for (int64_t kx = 0; kx < a.kw; ++kx) {
+        const int32_t* r = row + kx * a.dw;
+        for (int64_t ox = 0; ox < a.OW; ++ox) h[ox] += r[ox * a.sw];
+      }
     }
     int32_t* Sg = S + g * P;
-    for (int64_t oy = 0; oy < a.OH; ++oy)
-      for (int64_t ox = 0; ox < a.OW; ++ox) {
-        int32_t t = 0;
-        for (int64_t ky = 0; ky < a.kh; ++ky) {
-          const int32_t* row = cs.data() + (oy * a.sh + ky * a.dh) * a.Wp + ox * a.sw;
-          for (int64_t kx = 0; kx < a.kw; ++kx) t += row[kx * a.dw];
-        }
-        Sg[oy * a.OW + ox] = t;
+    for (int64_t oy = 0; oy < a.OH; ++oy) {
+      int32_t* d = Sg + oy * a.OW;
+      for (int64_t ox = 0; ox < a.OW; ++ox) d[ox] = 0;
+      for (int64_t ky = 0; ky < a.kh; ++ky) {
+        const int32_t* h = hs.data() + (oy * a.sh + ky * a.dh) * a.OW;
+        for (int64_t ox = 0; ox < a.OW; ++ox) d[ox] += h[ox];
       }
+    }
   }
 }
 
