@@ -53,16 +53,8 @@ constexpr int64_t kL2 = 256 * 1024;  // bytes of left-operand block kept in L2
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// One K block's view of the operands for the micro-kernel: left rows a[r] (int16, already
-// offset to the block), weight rows b[j] (bytes, offset to the block), `nfull` whole chunks,
-// and an optional last chunk taken from zero-padded copies bt[j].
-struct Tile {
-  const int16_t* a[kMR];
-  const uint8_t* b[kNR];
-  const uint8_t* bt[kNR];
-  int64_t nfull;
-  bool tail;
-};
+// Left rows as int16 (zero past K); steps of kChunk K values (int_gemm_quads.h).
+using Tile = GemmTile<int16_t, kMR, kNR>;
 
 using MicroFn = void (*)(const Tile& t, int32_t out[kMR][kNR]);
 

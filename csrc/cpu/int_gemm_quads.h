@@ -11,6 +11,22 @@
 
 #include <cstdint>
 
+namespace synq {
+
+// One K block of a micro-kernel's tile, for both kernel families: left rows a[r] (offset to
+// the block, padded to whole steps past K), weight rows b[j] (bytes, offset to the block) with
+// `nfull` whole steps, and an optional last step taken from zero-padded copies bt[j].
+template <typename A, int MR, int NR>
+struct GemmTile {
+  const A* a[MR];
+  const uint8_t* b[NR];
+  const uint8_t* bt[NR];
+  int64_t nfull;
+  bool tail;
+};
+
+}  // namespace synq
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -23,15 +39,8 @@ constexpr int kMR = 4;        // left rows per tile
 constexpr int kNR = 4;        // weight rows per tile
 constexpr int64_t kStep = 64;  // K values (bytes of each operand) a step
 
-// One K block of a tile: left rows a[r] (bytes of a + 128, whole steps, zero past K), weight
-// rows b[j] with `nfull` whole steps, and an optional last step from zero-padded copies bt[j].
-struct Tile {
-  const uint8_t* a[kMR];
-  const uint8_t* b[kNR];
-  const uint8_t* bt[kNR];
-  int64_t nfull;
-  bool tail;
-};
+// Left rows as bytes of a + 128 (128 past K).
+using Tile = GemmTile<uint8_t, kMR, kNR>;
 
 #define SYNQ_QUADS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
