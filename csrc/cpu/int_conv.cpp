@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -125,26 +126,33 @@ void micro_portable(const int16_t* const* px, int mr, const int32_t* off, int64_
 }
 
 #if SYNQ_INT_CONV_X86
-// int16 image, AVX2: the quad of a pixel broadcast (4 int16) against 4 channels x 4 weights
-// widened to int16; vpmaddwd leaves two partial sums per channel, added at the end. MR <= 2:
-// 8 accumulators and 4 weight vectors.
+// acc + v, accumulating in acc's register: GCC 12 put each sum of micro_avx2 in a new
+// register and moved it back (9 moves and a spill a step).
+__attribute__((target("avx2"), always_inline)) inline __m256i add_in_place(__m256i acc,
+                                                                          __m256i v) {
+  asm("vpaddd %1, %0, %0" : "+x"(acc) : "x"(v));
+  return acc;
+}
+
+// int16 image, AVX2: the quad of a pixel broadcast (4 int16) against the packed weights
+// widened to int16 once per call (w16: [step][16 channels][4]); vpmaddwd leaves two partial
+// sums per channel, added at the end. MR <= 3: 12 accumulators, the weights as memory operands.
 template <int MR>
 __attribute__((target("avx2"))) void micro_avx2(const int16_t* const* px, const int32_t* off,
-                                                int64_t nq, const int8_t* w, int32_t* out) {
+                                                int64_t nq, const int16_t* w16, int32_t* out) {
   __m256i c[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < 4; ++v) c[r][v] = _mm256_setzero_si256();
   for (int64_t k = 0; k < nq; ++k) {
-    __m256i wv[4];
-    for (int v = 0; v < 4; ++v)
-      wv[v] = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kQ * kCB + 16 * v)));
+    const int16_t* wk = w16 + k * kQ * kCB;
     const int64_t o = off[k];
     for (int r = 0; r < MR; ++r) {
       int64_t quad;
       std::memcpy(&quad, px[r] + o, sizeof(quad));
       const __m256i a = _mm256_set1_epi64x(quad);
-      for (int v = 0; v < 4; ++v) c[r][v] = _mm256_add_epi32(c[r][v], _mm256_madd_epi16(a, wv[v]));
+      for (int v = 0; v < 4; ++v)
+        c[r][v] = add_in_place(c[r][v], _mm256_madd_epi16(a, _mm256_loadu_si256(
+                                            reinterpret_cast<const __m256i*>(wk + 16 * v))));
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -152,6 +160,29 @@ __attribute__((target("avx2"))) void micro_avx2(const int16_t* const* px, const 
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB + 8 * h),
                           _mm256_permute4x64_epi64(
                               _mm256_hadd_epi32(c[r][2 * h], c[r][2 * h + 1]), 0xD8));
+}
+
+// acc[r][n] += o[n] S[r], AVX2 (see add_offsets).
+__attribute__((target("avx2"))) void add_offsets_avx2(int mr, const int32_t* o,
+                                                      const int32_t* S, int32_t* out) {
+  const __m256i o0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o));
+  const __m256i o1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + 8));
+  for (int r = 0; r < mr; ++r) {
+    const __m256i sv = _mm256_set1_epi32(S[r]);
+    __m256i* p = reinterpret_cast<__m256i*>(out + r * kCB);
+    _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_mullo_epi32(o0, sv)));
+    _mm256_storeu_si256(p + 1, _mm256_add_epi32(_mm256_loadu_si256(p + 1),
+                                                 _mm256_mullo_epi32(o1, sv)));
+  }
+}
+
+// int8 -> int16, n values (the AVX2 kernel's weights, once per call).
+__attribute__((target("avx2"))) void widen_weights(const int8_t* w, int64_t n, int16_t* d) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i))));
+  for (; i < n; ++i) d[i] = w[i];
 }
 
 // Byte image (x', padded with z'), AVX-512 VNNI: one vpdpbusd per pixel and step; out gets
@@ -208,20 +239,24 @@ void add_offsets(int mr, const int32_t* o, const int32_t* S, int32_t* out) {
                                                   static_cast<uint32_t>(S[r]));
 }
 
+// w16: the block's weights as int16 (AVX2), else null (portable, on w).
 void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t nq,
-               const int8_t* w, const int32_t*, const int32_t* o, const int32_t* S,
+               const int8_t* w, const int16_t* w16, const int32_t* o, const int32_t* S,
                int32_t* out) {
 #if SYNQ_INT_CONV_X86
-  if (cpu_use_avx2()) {
-    for (int r = 0; r < mr; r += 2) {
-      if (mr - r >= 2)
-        micro_avx2<2>(px + r, off, nq, w, out + r * kCB);
-      else
-        micro_avx2<1>(px + r, off, nq, w, out + r * kCB);
+  if (w16) {
+    for (int r = 0; r < mr; r += 3) {
+      switch (std::min(3, mr - r)) {
+        case 3: micro_avx2<3>(px + r, off, nq, w16, out + r * kCB); break;
+        case 2: micro_avx2<2>(px + r, off, nq, w16, out + r * kCB); break;
+        default: micro_avx2<1>(px + r, off, nq, w16, out + r * kCB);
+      }
     }
-  } else
+    if (o) add_offsets_avx2(mr, o, S, out);
+    return;
+  }
 #endif
-    micro_portable(px, mr, off, nq, w, out);
+  micro_portable(px, mr, off, nq, w, out);
   if (o) add_offsets(mr, o, S, out);
 }
 
@@ -251,7 +286,8 @@ struct ConvArgs {
   // geometry
   int64_t groups, Cg, Og, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
   int64_t Cp, Hp, Wp, NB, nq;  // nq: K steps (taps x channel quads)
-  const int8_t* wp;  // packed weights
+  const int8_t* wp;     // packed weights
+  const int16_t* wp16;  // the same as int16 (AVX2 path), or null
   // epilogue: per group, NB * 16 scales and biases (0 past Og)
   const float* scale;
   const float* bias;
@@ -539,6 +575,15 @@ struct PixelWalker {
   }
 };
 
+// The extra argument of run_micro: the z' fix for a byte image, int16 weights for an int16 one.
+template <typename T>
+auto pick(const int32_t* fix, const int16_t* w16) {
+  if constexpr (std::is_same_v<T, uint8_t>)
+    return fix;
+  else
+    return w16;
+}
+
 // Pixels [t0, t1) (in tiles of kPT) x channel blocks [nb0, nb1) of image bi, whose widened
 // copy is `img` (int16, or bytes with `fix`: 16 int32 per block, see micro_vnni).
 template <typename T>
@@ -551,7 +596,8 @@ void conv_tiles(const ConvArgs& a, const T* img, const int32_t* off, const int32
   const T* ig = img + g * a.Cg;  // the group's first channel (Cg % 4 == 0 when groups > 1)
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int8_t* wb = a.wp + (g * a.NB + nb) * a.nq * kQ * kCB;
-    const int32_t* fb = fix ? fix + (g * a.NB + nb) * kCB : nullptr;
+    const int32_t* fb = fix ? fix + (g * a.NB + nb) * kCB : nullptr;  // bytes: the z' fix
+    const int16_t* w16 = a.wp16 ? a.wp16 + (g * a.NB + nb) * a.nq * kQ * kCB : nullptr;
     const int64_t co0 = g * a.Og + nb * kCB;
     const int nv = static_cast<int>(std::min<int64_t>(kCB, a.Og - nb * kCB));
     const float* sc = a.scale + (g * a.NB + nb) * kCB;
@@ -560,8 +606,8 @@ void conv_tiles(const ConvArgs& a, const T* img, const int32_t* off, const int32
     for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
       const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
       walk.next(mr, px, poff, roff);
-      run_micro(px, mr, off, a.nq, wb, fb, S ? a.woff + (g * a.NB + nb) * kCB : nullptr,
-                S ? S + p0 : nullptr, acc);
+      run_micro(px, mr, off, a.nq, wb, pick<T>(fb, w16),
+                S ? a.woff + (g * a.NB + nb) * kCB : nullptr, S ? S + p0 : nullptr, acc);
 #if SYNQ_INT_CONV_X86
       if (vec_epi && nv == kCB) {
         epilogue_avx2(a, acc, mr, bi, poff, roff, co0, sc, bs);
@@ -731,6 +777,16 @@ void conv_run(const ConvArgs& a) {
 #endif
   ConvArgs b = a;
   b.zb = 0;
+  b.wp16 = nullptr;
+#if SYNQ_INT_CONV_X86
+  static thread_local std::vector<int16_t> w16;
+  if (cpu_use_avx2()) {
+    const int64_t n = a.groups * a.NB * a.nq * kQ * kCB;
+    if (static_cast<int64_t>(w16.size()) < n) w16.resize(n);
+    widen_weights(a.wp, n, w16.data());
+    b.wp16 = w16.data();
+  }
+#endif
   conv_run_as<int16_t>(b, nullptr);
 }
 
