@@ -160,6 +160,21 @@ def test_int4_matmul_exact(backend, m):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int4_matmul_ignores_the_padding_nibble(backend):
+    # odd K: the high nibble of each row's last byte is padding; fill it with 0xF (-1) and 0x7
+    # and the product must not change (M = 1 and 2: one-row kernel; 5: 4 x 4 tile + a row)
+    for m, k in [(1, 65), (2, 127), (5, 33), (5, 1)]:
+        b4 = rand_i4(7, k)
+        a8 = rand_i8(m, k)
+        want = exact(a8, b4)
+        for junk in (0xF0, 0x70):
+            pb = sk.pack_int4(b4)
+            pb[:, -1] |= junk
+            got = sk.int4_matmul(a8, pb, k=k, backend=backend)
+            assert torch.equal(got.long(), want), (m, k, junk)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_int4_matmul_large(backend):
     for m, k, n in [(16, 1031, 257), (3, 4096, 64), (600, 2100, 3)]:
         b4 = rand_i4(n, k)

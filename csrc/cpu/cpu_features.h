@@ -23,7 +23,7 @@ inline bool cpu_use_avx2() {
 #endif
 }
 
-// AVX-512 VNNI (vpdpwssd: 16 lanes of int16 pair multiply-adds into int32, one instruction),
+// AVX-512 VNNI (vpdpbusd: 16 lanes of 4-byte unsigned x signed dot products into int32),
 // with BW and VL for the widening and the 256-bit tails; where AVX2 is used at all, unless
 // SYNQ_CPU_NO_AVX512=1.
 inline bool cpu_use_vnni() {

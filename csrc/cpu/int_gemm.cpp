@@ -11,10 +11,9 @@
 // both operands keep their natural K-contiguous row layout and no packing pass over the
 // weights is needed. The micro-kernel computes a 3 x 3 tile (9 accumulators); K is blocked
 // so that the left block stays in L2 and three weight rows in L1. A portable scalar kernel
-// serves CPUs without AVX2. With AVX-512 VNNI the same layout takes two chunks a step in
-// 512-bit vectors and vpdpwssd (multiply and add in one instruction) for int4 weights, and
-// int8 weights skip the widening: vpdpbusd on bytes, 64 K values a step, a 4 x 4 tile
-// (int_gemm_quads.h). Convolution: int_conv.cpp.
+// serves CPUs without AVX2. With AVX-512 VNNI both weight types run vpdpbusd on bytes, 64 K
+// values a step in a 4 x 4 tile (int_gemm_quads.h): int8 weights as stored, int4 ones
+// unpacked in registers. Convolution: int_conv.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,7 +32,6 @@
 
 #include "cpu_features.h"
 #include "int_gemm_quads.h"
-#include "vnni_asm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_INT_GEMM_X86 1
@@ -197,113 +195,6 @@ __attribute__((target("avx2"))) void micro_avx2_row(const Tile& t, int32_t out[k
   out[0][2] = hsum(_mm256_add_epi32(c2, d2));
 }
 
-// ---- AVX-512 VNNI: two chunks (32 K values) a step, vpdpwssd multiplying and adding int16
-// pairs into 16 int32 lanes in one instruction (the AVX2 step: two vpmaddwd and two adds per
-// tile element and chunk). Chosen by cpu_use_vnni() (cpu_features.h).
-#define SYNQ_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-// 32 weights (two chunks) as int16: 32 int8 bytes, or 16 bytes of int4 nibbles.
-template <bool B4>
-SYNQ_VNNI inline __m512i widen_pair(const uint8_t* p) {
-  if constexpr (B4) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i m = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    const __m128i lo = _mm_and_si128(v, m);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-    const __m128i x0 = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
-    const __m128i x1 = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(lo, hi), eight), eight);
-    return _mm512_cvtepi8_epi16(_mm256_set_m128i(x1, x0));
-  } else {
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
-
-// One chunk (16 K values) in the low half of a 512-bit vector, the high half zero.
-template <bool B4>
-SYNQ_VNNI inline __m512i widen_one(const uint8_t* p) {
-  __m128i x;
-  if constexpr (B4) {
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    const __m128i m = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    const __m128i lo = _mm_and_si128(v, m);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-    x = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight), eight);
-  } else {
-    x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  }
-  return _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(x));
-}
-
-SYNQ_VNNI inline __m512i load_a_one(const int16_t* a) {
-  return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-}
-
-template <bool B4>
-SYNQ_VNNI void micro_vnni(const Tile& t, int32_t out[kMR][kNR]) {
-  constexpr int64_t step = B4 ? 8 : 16;  // weight bytes a chunk
-  __m512i c[kMR][kNR];
-  for (int r = 0; r < kMR; ++r)
-    for (int j = 0; j < kNR; ++j) c[r][j] = _mm512_setzero_si512();
-  const int64_t n = t.nfull;
-  int64_t ch = 0;
-  for (; ch + 2 <= n; ch += 2) {
-    __m512i w[kNR];
-    for (int j = 0; j < kNR; ++j) w[j] = widen_pair<B4>(t.b[j] + ch * step);
-    for (int r = 0; r < kMR; ++r) {
-      const __m512i x = _mm512_loadu_si512(t.a[r] + ch * kChunk);
-      for (int j = 0; j < kNR; ++j) c[r][j] = dpwssd(c[r][j], x, w[j]);
-    }
-  }
-  for (int last = 0; last < 2; ++last) {  // an odd chunk left, then the zero-padded tail
-    if (last == 0 ? ch >= n : !t.tail) continue;
-    __m512i w[kNR];
-    for (int j = 0; j < kNR; ++j)
-      w[j] = widen_one<B4>(last == 0 ? t.b[j] + ch * step : t.bt[j]);
-    for (int r = 0; r < kMR; ++r) {
-      const __m512i x = load_a_one(t.a[r] + (last == 0 ? ch : n) * kChunk);
-      for (int j = 0; j < kNR; ++j) c[r][j] = dpwssd(c[r][j], x, w[j]);
-    }
-  }
-  for (int r = 0; r < kMR; ++r)
-    for (int j = 0; j < kNR; ++j) out[r][j] = _mm512_reduce_add_epi32(c[r][j]);
-}
-
-// One left row against kNR weight rows (micro_avx2_row's role).
-template <bool B4>
-SYNQ_VNNI void micro_vnni_row(const Tile& t, int32_t out[kMR][kNR]) {
-  constexpr int64_t step = B4 ? 8 : 16;
-  const int16_t* a0 = t.a[0];
-  __m512i c[kNR], d[kNR];
-  for (int j = 0; j < kNR; ++j) c[j] = d[j] = _mm512_setzero_si512();
-  const int64_t n = t.nfull;
-  int64_t ch = 0;
-  // Four chunks an iteration into two accumulator sets: more weight loads in flight.
-  for (; ch + 4 <= n; ch += 4) {
-    const __m512i x = _mm512_loadu_si512(a0 + ch * kChunk);
-    const __m512i y = _mm512_loadu_si512(a0 + (ch + 2) * kChunk);
-    for (int j = 0; j < kNR; ++j) {
-      c[j] = dpwssd(c[j], x, widen_pair<B4>(t.b[j] + ch * step));
-      d[j] = dpwssd(d[j], y, widen_pair<B4>(t.b[j] + (ch + 2) * step));
-    }
-  }
-  for (; ch + 2 <= n; ch += 2) {
-    const __m512i x = _mm512_loadu_si512(a0 + ch * kChunk);
-    for (int j = 0; j < kNR; ++j)
-      c[j] = dpwssd(c[j], x, widen_pair<B4>(t.b[j] + ch * step));
-  }
-  if (ch < n) {
-    const __m512i x = load_a_one(a0 + ch * kChunk);
-    for (int j = 0; j < kNR; ++j)
-      c[j] = dpwssd(c[j], x, widen_one<B4>(t.b[j] + ch * step));
-  }
-  if (t.tail) {
-    const __m512i x = load_a_one(a0 + n * kChunk);
-    for (int j = 0; j < kNR; ++j)
-      c[j] = dpwssd(c[j], x, widen_one<B4>(t.bt[j]));
-  }
-  for (int j = 0; j < kNR; ++j) out[0][j] = _mm512_reduce_add_epi32(_mm512_add_epi32(c[j], d[j]));
-}
-#undef SYNQ_VNNI
 #endif
 
 // full: a kMR x kNR tile; row: one left row (out[0]) for the rows left over.
@@ -313,9 +204,6 @@ struct Micro {
 
 Micro pick_micro(bool b_int4) {
 #if SYNQ_INT_GEMM_X86
-  if (cpu_use_vnni())
-    return b_int4 ? Micro{micro_vnni<true>, micro_vnni_row<true>}
-                  : Micro{micro_vnni<false>, micro_vnni_row<false>};
   if (cpu_use_avx2())
     return b_int4 ? Micro{micro_avx2<true>, micro_avx2_row<true>}
                   : Micro{micro_avx2<false>, micro_avx2_row<false>};
@@ -333,9 +221,8 @@ struct BMat {
   int64_t row_bytes() const { return int4 ? (K + 1) / 2 : K; }
 };
 
-// The two kernel families: int16 pairs (AVX2 vpmaddwd, AVX-512 vpdpwssd, scalar) for int4
-// weights or CPUs without AVX-512 VNNI, and unsigned x signed byte quads (vpdpbusd,
-// int_gemm_quads.h) for int8 weights with AVX-512 VNNI. Left rows are stored as int16 or as
+// The two kernel families: int16 pairs (AVX2 vpmaddwd, scalar) for CPUs without AVX-512
+// VNNI, and unsigned x signed byte quads (vpdpbusd, int_gemm_quads.h) with it. Left rows are stored as int16 or as
 // bytes of a + 128; `kc` is the K block when the left block does not fit in L2.
 struct Pairs {
   using A = int16_t;
@@ -445,10 +332,11 @@ void gemm_region(const MicroT<KT>& micro, const typename KT::A* A, int64_t lda, 
 }
 
 // Rows [m0, m1) of a (int8, or packed int4 of `a_signed`ness) into rows of kp values: int16
-// (Pairs) or bytes of a + 128 (Quads); zero past K (128 for Quads, the image of 0).
+// (Pairs) or bytes of a + 128 (Quads); zero past K (128 for Quads, the image of 0). With
+// `split`, every 64 values are reordered even k first, then odd k (int4 weights' nibbles).
 template <typename AT>
 void widen_rows(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K, bool packed,
-                bool a_signed, AT* out, int64_t kp) {
+                bool a_signed, AT* out, int64_t kp, bool split = false) {
   constexpr int bias = std::is_same_v<AT, uint8_t> ? 128 : 0;
   for (int64_t m = m0; m < m1; ++m) {
     const uint8_t* src = a + m * lda;
@@ -463,6 +351,16 @@ void widen_rows(const uint8_t* a, int64_t lda, int64_t m0, int64_t m1, int64_t K
       }
     }
     std::fill(dst + K, dst + kp, static_cast<AT>(bias));
+    if (split) {
+      AT tmp[64];
+      for (int64_t k0 = 0; k0 < kp; k0 += 64) {
+        for (int j = 0; j < 32; ++j) {
+          tmp[j] = dst[k0 + 2 * j];
+          tmp[32 + j] = dst[k0 + 2 * j + 1];
+        }
+        std::memcpy(dst + k0, tmp, sizeof(tmp));
+      }
+    }
   }
 }
 
@@ -504,13 +402,13 @@ void gemm_parallel(const MicroT<KT>& micro, const typename KT::A* A, int64_t lda
 
 template <typename AT>
 std::vector<AT> widen_parallel(const at::Tensor& a, int64_t K, bool packed, bool a_signed,
-                               int64_t kp) {
+                               int64_t kp, bool split = false) {
   const int64_t M = a.size(0);
   std::vector<AT> out(M * kp);
   const uint8_t* ap = static_cast<const uint8_t*>(a.const_data_ptr());
   const int64_t lda = a.stride(0);
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / kp), [&](int64_t b, int64_t e) {
-    widen_rows(ap, lda, b, e, K, packed, a_signed, out.data(), kp);
+    widen_rows(ap, lda, b, e, K, packed, a_signed, out.data(), kp, split);
   });
   return out;
 }
@@ -526,7 +424,16 @@ void run_gemm(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, cons
               int64_t N, Store store) {
   const int64_t M = a.size(0);
 #if SYNQ_INT_GEMM_X86
-  if (cpu_use_vnni() && !B.int4) {
+  if (cpu_use_vnni() && B.int4) {
+    // Weight sums in every tile: the unpacking costs more than they do, and an odd K's
+    // padding nibble then cancels (at padded k, a + 128 = 128 meets 128 x its sum).
+    const int64_t kp = round_up(std::max<int64_t>(K, 1), Quads::step);
+    const auto A8 = widen_parallel<uint8_t>(a, K, a_packed, a_signed, kp, true);
+    const MicroT<Quads> micro{quads::micro<true, true>, quads::micro_row<true>};
+    gemm_parallel(micro, A8.data(), kp, M, B, N, nullptr, store);
+    return;
+  }
+  if (cpu_use_vnni()) {
     const int64_t kp = round_up(std::max<int64_t>(K, 1), Quads::step);
     const auto A8 = widen_parallel<uint8_t>(a, K, a_packed, a_signed, kp);
     std::vector<int32_t> bsum(M >= kPresumRows ? N : 0);
@@ -534,8 +441,9 @@ void run_gemm(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, cons
       at::parallel_for(0, N, std::max<int64_t>(1, 65536 / kp), [&](int64_t b, int64_t e) {
         quads::row_sums(B.p, B.ld, K, b, e, bsum.data());
       });
-    const MicroT<Quads> micro{bsum.empty() ? quads::micro<true> : quads::micro<false>,
-                              quads::micro_row};
+    const MicroT<Quads> micro{bsum.empty() ? quads::micro<true, false>
+                                           : quads::micro<false, false>,
+                              quads::micro_row<false>};
     gemm_parallel(micro, A8.data(), kp, M, B, N, bsum.empty() ? nullptr : bsum.data(), store);
     return;
   }
