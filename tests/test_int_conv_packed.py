@@ -216,8 +216,12 @@ def test_opcheck():
             torch.tensor([0.05]), torch.tensor([4], dtype=torch.int32))
     torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args)
     torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args + (-20,))
+    wo = torch.arange(wq.shape[0], dtype=torch.int32) - 5  # weight offsets
+    torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default,
+                          args + (None, wo))
     args = args[:11] + (torch.float32, None, None, None, None, None)
     torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args)
+    torch.library.opcheck(torch.ops.synq._quantized_conv2d_packed.default, args + (None, wo))
 
 
 def test_errors():
@@ -242,6 +246,15 @@ def test_errors():
                                    out_scale=0.1, out_zero=0, out_max=200)
     with pytest.raises(TypeError, match="w_packed must have dtype int8"):
         sk.quantized_conv2d_packed(x, 0.1, 0, wp.to(torch.int16), torch.ones(4))
+    with pytest.raises(ValueError, match=r"w_offset must be a \(4,\) integer tensor"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), w_offset=torch.zeros(3))
+    with pytest.raises(TypeError, match="w_offset must have dtype"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), w_offset=torch.zeros(4))
+    with pytest.raises(RuntimeError, match="w_offset must be a contiguous int32 tensor of 4"):
+        torch.ops.synq._quantized_conv2d_packed(
+            x, torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32), wp, torch.ones(4),
+            None, [1, 1], [0, 0], [1, 1], 1, False, torch.float32, None, None, None, None,
+            None, None, torch.zeros(5, dtype=torch.int32))
     with pytest.raises(TypeError, match="conv2d_prepack takes int8 weights"):
         sk.reference.int_gemm.conv2d_prepack(torch.zeros(4, 4, 3, 3, dtype=torch.int16))
 
