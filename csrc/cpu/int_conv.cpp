@@ -14,7 +14,8 @@
 //   block taken once per call. Twice the K values per instruction of vpdpwssd on int16 pairs.
 // - Otherwise the exact multiply-add is vpmaddwd on int16 (vpmaddubsw would saturate): the
 //   image copy is int16 with the zero point subtracted (padding is then plain 0, values
-//   -255..255 so uint8 input works too), and the weights are widened in registers.
+//   -255..255 so uint8 input works too), and the weights are repacked once per call into
+//   int16 channel pairs with any weight offsets added back; one step is one channel pair.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -134,55 +135,74 @@ __attribute__((target("avx2"), always_inline)) inline __m256i add_in_place(__m25
   return acc;
 }
 
-// int16 image, AVX2: the quad of a pixel broadcast (4 int16) against the packed weights
-// widened to int16 once per call (w16: [step][16 channels][4]); vpmaddwd leaves two partial
-// sums per channel, added at the end. MR <= 3: 12 accumulators, the weights as memory operands.
+// int16 image, AVX2: one step is a channel pair of a pixel (32 bits) broadcast against the
+// pair's weights for 16 channels ([pair][16 channels][2] int16, repacked from the quads once
+// per call by repack_pairs), one vpmaddwd per 8 channels; MR <= 6 (12 accumulators).
 template <int MR>
 __attribute__((target("avx2"))) void micro_avx2(const int16_t* const* px, const int32_t* off,
-                                                int64_t nq, const int16_t* w16, int32_t* out) {
-  __m256i c[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < 4; ++v) c[r][v] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < nq; ++k) {
-    const int16_t* wk = w16 + k * kQ * kCB;
+                                                int64_t np, const int16_t* w, int32_t* out) {
+  __m256i c0[MR], c1[MR];
+  const int16_t* p[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm256_setzero_si256();
+    c1[r] = _mm256_setzero_si256();
+    p[r] = px[r];
+  }
+  for (int64_t k = 0; k < np; ++k) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32 + 16));
     const int64_t o = off[k];
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      int64_t quad;
-      std::memcpy(&quad, px[r] + o, sizeof(quad));
-      const __m256i a = _mm256_set1_epi64x(quad);
-      for (int v = 0; v < 4; ++v)
-        c[r][v] = add_in_place(c[r][v], _mm256_madd_epi16(a, _mm256_loadu_si256(
-                                            reinterpret_cast<const __m256i*>(wk + 16 * v))));
+      const __m256i a = _mm256_castps_si256(
+          _mm256_broadcast_ss(reinterpret_cast<const float*>(p[r] + o)));
+      c0[r] = add_in_place(c0[r], _mm256_madd_epi16(a, w0));
+      c1[r] = add_in_place(c1[r], _mm256_madd_epi16(a, w1));
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int h = 0; h < 2; ++h)  // hadd: channels (0, 1, 4, 5 | 2, 3, 6, 7) of the pair
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB + 8 * h),
-                          _mm256_permute4x64_epi64(
-                              _mm256_hadd_epi32(c[r][2 * h], c[r][2 * h + 1]), 0xD8));
-}
-
-// acc[r][n] += o[n] S[r], AVX2 (see add_offsets).
-__attribute__((target("avx2"))) void add_offsets_avx2(int mr, const int32_t* o,
-                                                      const int32_t* S, int32_t* out) {
-  const __m256i o0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o));
-  const __m256i o1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o + 8));
-  for (int r = 0; r < mr; ++r) {
-    const __m256i sv = _mm256_set1_epi32(S[r]);
-    __m256i* p = reinterpret_cast<__m256i*>(out + r * kCB);
-    _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_mullo_epi32(o0, sv)));
-    _mm256_storeu_si256(p + 1, _mm256_add_epi32(_mm256_loadu_si256(p + 1),
-                                                 _mm256_mullo_epi32(o1, sv)));
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB), c0[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kCB + 8), c1[r]);
   }
 }
 
-// int8 -> int16, n values (the AVX2 kernel's weights, once per call).
-__attribute__((target("avx2"))) void widen_weights(const int8_t* w, int64_t n, int16_t* d) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i))));
-  for (; i < n; ++i) d[i] = w[i];
+// The AVX2 kernel's weights, once per call: each quad row of int8 [16 channels][4] becomes
+// two int16 pair rows, [16][e0, e1] and [16][e2, e3], over nb blocks of nq rows; with weight
+// offsets (woff, 16 per block) added back, which int16 holds (9-bit), so that this path needs
+// no window sums. Padding channels past C / groups get the offset too, but their image
+// values are 0 (x - z with zero channels), so they add nothing.
+__attribute__((target("avx2"))) void repack_pairs(const int8_t* w, int64_t nb, int64_t nq,
+                                                  const int32_t* woff, int16_t* d) {
+  // per 128-bit lane (4 channels x 4 bytes): the (e0, e1) halves first, then (e2, e3)
+  const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i ov[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    if (woff)
+      for (int h = 0; h < 2; ++h) {  // (o[n], o[n]) for channels 8h .. 8h + 7, as int16
+        const __m256i o32 =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(woff + b * kCB + 8 * h));
+        ov[h] = _mm256_or_si256(_mm256_and_si256(o32, _mm256_set1_epi32(0xFFFF)),
+                                _mm256_slli_epi32(o32, 16));
+      }
+    for (int64_t i = b * nq; i < (b + 1) * nq; ++i) {
+      const int8_t* src = w + i * kQ * kCB;
+      int16_t* p0 = d + i * kQ * kCB;  // pair row (e0, e1)
+      int16_t* p1 = p0 + 2 * kCB;      // pair row (e2, e3)
+      for (int h = 0; h < 2; ++h) {    // channels 8h .. 8h + 7
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+        v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, split), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0 + 16 * h),
+                            _mm256_add_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)),
+                                             ov[h]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p1 + 16 * h),
+                            _mm256_add_epi16(
+                                _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)), ov[h]));
+      }
+    }
+  }
 }
 
 // Byte image (x', padded with z'), AVX-512 VNNI: one vpdpbusd per pixel and step; out gets
@@ -257,21 +277,27 @@ void add_offsets(int mr, const int32_t* o, const int32_t* S, int32_t* out) {
                                                   static_cast<uint32_t>(S[r]));
 }
 
-// w16: the block's weights as int16 (AVX2), else null (portable, on w).
+// w16: the block's weights as int16 pair rows (AVX2; off then has one entry per pair, 2 nq),
+// else null (portable, on w, one off entry per quad).
 void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t nq,
                const int8_t* w, const int16_t* w16, const int32_t* o, const int32_t* S,
                int32_t* out) {
 #if SYNQ_INT_CONV_X86
   if (w16) {
-    for (int r = 0; r < mr; r += 3) {
-      switch (std::min(3, mr - r)) {
-        case 3: micro_avx2<3>(px + r, off, nq, w16, out + r * kCB); break;
-        case 2: micro_avx2<2>(px + r, off, nq, w16, out + r * kCB); break;
-        default: micro_avx2<1>(px + r, off, nq, w16, out + r * kCB);
+    const int64_t np = 2 * nq;
+    for (int r = 0; r < mr;) {
+      const int n = mr - r > 6 ? 4 : mr - r;  // 8 pixels as 4 + 4
+      switch (n) {
+        case 6: micro_avx2<6>(px + r, off, np, w16, out + r * kCB); break;
+        case 5: micro_avx2<5>(px + r, off, np, w16, out + r * kCB); break;
+        case 4: micro_avx2<4>(px + r, off, np, w16, out + r * kCB); break;
+        case 3: micro_avx2<3>(px + r, off, np, w16, out + r * kCB); break;
+        case 2: micro_avx2<2>(px + r, off, np, w16, out + r * kCB); break;
+        default: micro_avx2<1>(px + r, off, np, w16, out + r * kCB);
       }
+      r += n;
     }
-    if (o) add_offsets_avx2(mr, o, S, out);
-    return;
+    return;  // (weight offsets are in w16)
   }
 #endif
   micro_portable(px, mr, off, nq, w, out);
@@ -855,6 +881,14 @@ void conv_run_as(const ConvArgs& a, const int32_t* fix) {
       for (int64_t j = 0; j < cq; ++j)
         off[(ky * a.kw + kx) * cq + j] =
             static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp + kQ * j);
+  if (a.wp16) {  // the AVX2 kernel steps by channel pairs: two entries per quad
+    std::vector<int32_t> op(2 * off.size());
+    for (size_t k = 0; k < off.size(); ++k) {
+      op[2 * k] = off[k];
+      op[2 * k + 1] = off[k] + 2;
+    }
+    off.swap(op);
+  }
   const bool vec_epi = vector_epilogue_ok(a);
   const int64_t work = a.B * a.OH * a.OW * a.Cout * a.kh * a.kw * a.Cg;  // MACs
   const int64_t P = a.OH * a.OW;
@@ -888,8 +922,9 @@ void conv_run(const ConvArgs& a) {
   if (cpu_use_avx2()) {
     const int64_t n = a.groups * a.NB * a.nq * kQ * kCB;
     if (static_cast<int64_t>(w16.size()) < n) w16.resize(n);
-    widen_weights(a.wp, n, w16.data());
+    repack_pairs(a.wp, a.groups * a.NB, a.nq, a.woff, w16.data());
     b.wp16 = w16.data();
+    b.woff = nullptr;  // in the int16 weights now
   }
 #endif
   conv_run_as<int16_t>(b, nullptr);
