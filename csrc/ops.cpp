@@ -52,6 +52,10 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
   // w (Cout, C/g, kh, kw) int8 -> int8 (groups, ceil(Cout/g/16), kh, kw, ceil(C/g/4), 64),
   // the CPU conv kernel's layout (16 output channels x channel quads).
   m.def("_conv2d_prepack(Tensor w, int groups) -> Tensor");
+  // x float32 (any layout; dense keeps it) -> (q int8 like x, scale float32, zero int32, both
+  // of shape (1,) * x.dim()): 8-bit asymmetric per-tensor quantization over x's own range
+  // widened to hold 0 (synq.deploy._quantize_dynamic's steps; scale at least eps).
+  m.def("_quantize_dynamic(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   // x (B, C, H, W) int8 or uint8 (any strides), x_zero in x's own range; w_packed from
   // _conv2d_prepack; w_scale (Cout,) float32. Output channels-last (B, Cout, OH, OW).
   // y = float(acc) * (x_scale * w_scale) + bias, + residual (float32, or int8 / uint8 with

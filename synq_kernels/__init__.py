@@ -15,6 +15,7 @@ from .ops.int_gemm import (int4_matmul, int8_matmul, pack_int4, prepack_conv2d_w
                            quantized_conv2d, quantized_conv2d_packed, quantized_linear,
                            unpack_int4, weight_row_sums)
 from .ops import int_gemm as _int_gemm
+from .ops import quantize as _quantize  # noqa: F401  (registers its fake kernel)
 
 backends.register("fake_quant", "reference",
                   (reference.fake_quant_forward, reference.fake_quant_backward))

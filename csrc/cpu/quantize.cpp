@@ -1,0 +1,168 @@
+// Dynamic per-tensor 8-bit quantization on the CPU (synq.deploy._quantize_dynamic over the
+// whole tensor), in two passes over x instead of the six PyTorch ops of the Python path
+// (aminmax, then div / round / add / clamp / to int8 over the tensor, each a dispatch and a
+// pass). Every step is the same float32 operation as there, so the results are the same
+// bits:
+//   lo = min(min(x), 0), hi = max(max(x), 0)
+//   scale = max((hi - lo) / 255, eps)
+//   zero = clamp(round(-lo / scale), 0, 255) - 128               (int8 domain)
+//   q = clamp(round(x / scale) + zero, -128, 127)                 (round half to even)
+// A tensor holding NaN takes the ATen ops of the Python path (float -> int8 of NaN is not
+// defined the same way by every path).
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "cpu_features.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SYNQ_QUANTIZE_X86 1
+#include <immintrin.h>
+#else
+#define SYNQ_QUANTIZE_X86 0
+#endif
+
+namespace synq {
+namespace {
+
+struct Range {
+  float lo, hi;
+  bool nan;
+};
+
+Range range_scalar(const float* x, int64_t n) {
+  Range r{std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+          false};
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    if (std::isnan(v)) r.nan = true;
+    r.lo = v < r.lo ? v : r.lo;
+    r.hi = v > r.hi ? v : r.hi;
+  }
+  return r;
+}
+
+void quantize_scalar(const float* x, int64_t n, float scale, float zero, int8_t* q) {
+  for (int64_t i = 0; i < n; ++i) {
+    float t = std::nearbyint(x[i] / scale) + zero;
+    t = std::min(std::max(t, -128.f), 127.f);
+    q[i] = static_cast<int8_t>(t);
+  }
+}
+
+#if SYNQ_QUANTIZE_X86
+__attribute__((target("avx2"))) Range range_avx2(const float* x, int64_t n) {
+  __m256 lo = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 hi = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    lo = _mm256_min_ps(lo, v);
+    hi = _mm256_max_ps(hi, v);
+  }
+  alignas(32) float l[8], h[8];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(h, hi);
+  Range r = range_scalar(x + i, n - i);
+  r.nan = r.nan || _mm256_movemask_ps(nan) != 0;
+  for (int k = 0; k < 8; ++k) {
+    r.lo = std::min(r.lo, l[k]);
+    r.hi = std::max(r.hi, h[k]);
+  }
+  return r;
+}
+
+__attribute__((target("avx2"))) void quantize_avx2(const float* x, int64_t n, float scale,
+                                                   float zero, int8_t* q) {
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+  const __m256 lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 t = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, z), lo), hi);
+    const __m256i v = _mm256_cvtps_epi32(t);  // integer-valued: exact
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(w, w));
+  }
+  quantize_scalar(x + i, n - i, scale, zero, q + i);
+}
+#endif
+
+Range range_of(const float* x, int64_t n) {
+#if SYNQ_QUANTIZE_X86
+  if (cpu_use_avx2()) return range_avx2(x, n);
+#endif
+  return range_scalar(x, n);
+}
+
+void quantize_span(const float* x, int64_t n, float scale, float zero, int8_t* q) {
+#if SYNQ_QUANTIZE_X86
+  if (cpu_use_avx2()) return quantize_avx2(x, n, scale, zero, q);
+#endif
+  quantize_scalar(x, n, scale, zero, q);
+}
+
+// x float32; returns (q int8 with x's sizes and memory layout, scale float32 and zero int32,
+// both of shape (1,) * x.dim()).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_cpu(const at::Tensor& x_,
+                                                                     double eps) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.numel() > 0,
+              "synq quantize_dynamic (cpu backend): x must be a non-empty float32 tensor, got ",
+              x_.scalar_type(), " ", x_.sizes());
+  const auto x = x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous();
+  const std::vector<int64_t> one(x.dim(), 1);
+  const int64_t n = x.numel();
+  const float* xp = x.const_data_ptr<float>();
+  // pass 1: the range (per thread chunk, then combined)
+  const int64_t grain = 1 << 16;
+  const int64_t chunks = (n + grain - 1) / grain;
+  std::vector<Range> parts(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c)
+      parts[c] = range_of(xp + c * grain, std::min(grain, n - c * grain));
+  });
+  Range r = parts[0];
+  for (int64_t c = 1; c < chunks; ++c) {
+    r.nan = r.nan || parts[c].nan;
+    r.lo = std::min(r.lo, parts[c].lo);
+    r.hi = std::max(r.hi, parts[c].hi);
+  }
+  if (r.nan) {  // the Python path's ATen ops, as they are
+    const auto mm = at::aminmax(x);
+    const auto lo = std::get<0>(mm).reshape(one).clamp_max(0.0);
+    const auto hi = std::get<1>(mm).reshape(one).clamp_min(0.0);
+    const auto scale = at::div(at::sub(hi, lo), 255.0).clamp_min(eps);
+    const auto zero = at::sub(at::round(at::div(at::neg(lo), scale)).clamp_(0, 255), 128.0);
+    auto t = at::div(x, scale);
+    t.round_().add_(zero).clamp_(-128, 127);
+    return {t.to(at::kChar), scale, zero.to(at::kInt)};
+  }
+  const float lo = std::min(r.lo, 0.f), hi = std::max(r.hi, 0.f);
+  const float scale = std::max((hi - lo) / 255.0f, static_cast<float>(eps));
+  const float zero = std::min(std::max(std::nearbyint(-lo / scale), 0.f), 255.f) - 128.f;
+  auto q = at::empty_like(x, x.options().dtype(at::kChar));  // x's layout (dense)
+  int8_t* qp = q.mutable_data_ptr<int8_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c)
+      quantize_span(xp + c * grain, std::min(grain, n - c * grain), scale, zero,
+                    qp + c * grain);
+  });
+  return {q, at::full(one, scale, x.options()),
+          at::full(one, static_cast<int32_t>(zero), x.options().dtype(at::kInt))};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(synq, CPU, m) { m.impl("_quantize_dynamic", &quantize_dynamic_cpu); }
+
+}  // namespace synq

@@ -1,0 +1,28 @@
+"""Dynamic per-tensor 8-bit quantization (`quantize_dynamic`): the CPU kernel
+(csrc/cpu/quantize.cpp: two passes over x) where it is built, else the reference's PyTorch
+ops. Both give the same bits (the kernel repeats the reference's float32 steps)."""
+import torch
+from torch import Tensor
+
+from ..reference import quantize as R
+
+
+def _has_kernel() -> bool:
+    from .. import _ext
+    return _ext.has_cpu_kernels()
+
+
+if _has_kernel():
+    @torch.library.register_fake("synq::_quantize_dynamic")
+    def _(x, eps):
+        one = (1,) * x.dim()
+        return (torch.empty_like(x, dtype=torch.int8), x.new_empty(one),
+                x.new_empty(one, dtype=torch.int32))
+
+
+def quantize_dynamic(x: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, scale, zero) of x on its own 8-bit grid; see reference `quantize_dynamic`."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
+            and _has_kernel()):
+        return torch.ops.synq._quantize_dynamic(x, eps)
+    return R.quantize_dynamic(x, eps)

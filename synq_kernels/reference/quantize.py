@@ -1,0 +1,21 @@
+"""Dynamic per-tensor 8-bit quantization, in plain PyTorch ops: the exporter's run-time
+quantization of a layer input that no activation quantizer fixed (synq.deploy)."""
+import torch
+
+
+def quantize_dynamic(x: torch.Tensor, eps: float):
+    """x float32 -> (q int8 like x, scale float32, zero int32; both of shape (1,) * x.dim()):
+    the range of x widened to hold 0 on 256 levels, zero in the int8 domain.
+
+        lo = min(min(x), 0), hi = max(max(x), 0), scale = max((hi - lo) / 255, eps)
+        zero = clamp(round(-lo / scale), 0, 255) - 128
+        q = clamp(round(x / scale) + zero, -128, 127)        (round half to even)
+    """
+    one = (1,) * x.dim()
+    lo, hi = (t.reshape(one) for t in torch.aminmax(x))
+    lo, hi = lo.float().clamp_(max=0.0), hi.float().clamp_(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp_(min=eps)
+    zero = torch.round(-lo / scale).clamp_(0, 255) - 128.0
+    t = torch.div(x.float(), scale)
+    t.round_().add_(zero).clamp_(-128, 127)
+    return t.to(torch.int8), scale, zero.to(torch.int32)

@@ -1,0 +1,100 @@
+"""synq_kernels.ops.quantize.quantize_dynamic (the exporter's run-time per-tensor input
+quantization): the CPU kernel against the reference's PyTorch ops, bit for bit, strides
+included."""
+import pytest
+import torch
+
+import synq_kernels as sk
+from synq_kernels.ops import quantize as Q
+from synq_kernels.reference import quantize as R
+
+needs_cpu = pytest.mark.skipif(not Q._has_kernel(), reason="synq_kernels._C not built")
+EPS = 1e-8
+
+
+def _same(a, b):
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and u.shape == v.shape and u.stride() == v.stride()
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu
+def test_matches_reference_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 24, 56, 56), (2, 3, 7, 5), (1, 1000), (3, 17), (1, 1, 1, 1), (70001,)]
+    for i in range(120):
+        shape = shapes[i % len(shapes)]
+        mag = 10 ** (torch.rand(1, generator=gen).item() * 7 - 4)
+        x = torch.randn(shape, generator=gen) * mag
+        kind = i % 6
+        if kind == 1:
+            x = x.abs() + 0.5              # all positive: lo widened to 0
+        elif kind == 2:
+            x = -x.abs() - 0.1             # all negative: hi widened to 0
+        elif kind == 3:
+            x = torch.zeros(shape)         # scale at eps
+        elif kind == 4 and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif kind == 4 and x.dim() == 2:
+            x = x.t()                      # a transposed view: dense, not contiguous
+        elif kind == 5:
+            x = torch.full(shape, 3.7)
+        _same(torch.ops.synq._quantize_dynamic(x, EPS), R.quantize_dynamic(x, EPS))
+
+
+@needs_cpu
+def test_rounds_half_to_even():
+    # lo = -0.5, hi = 31.375: scale = 31.875 / 255 = 0.125 exactly, so x / scale = k + 0.5
+    x = torch.tensor([-0.5, 31.375, 0.0625, 0.1875, -0.0625, -0.1875, 1.3125, 2.0])
+    q, scale, zero = torch.ops.synq._quantize_dynamic(x, EPS)
+    assert scale.item() == 0.125 and zero.item() == 4 - 128
+    # x / scale: 0.5 -> 0, 1.5 -> 2, -0.5 -> -0, -1.5 -> -2, 10.5 -> 10, 16
+    assert q[2:].tolist() == [z + zero.item() for z in (0, 2, 0, -2, 10, 16)]
+    _same((q, scale, zero), R.quantize_dynamic(x, EPS))
+
+
+@needs_cpu
+def test_nan_takes_the_reference_ops():
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 2, 3] = float("nan")
+    _same(torch.ops.synq._quantize_dynamic(x, EPS), R.quantize_dynamic(x, EPS))
+
+
+@needs_cpu
+def test_errors_and_fallback():
+    with pytest.raises(RuntimeError, match="non-empty float32"):
+        torch.ops.synq._quantize_dynamic(torch.zeros(3, dtype=torch.float64), EPS)
+    with pytest.raises(RuntimeError, match="non-empty float32"):
+        torch.ops.synq._quantize_dynamic(torch.zeros(0), EPS)
+    x = torch.randn(4, 5, dtype=torch.float64)      # the wrapper: the reference's ops
+    _same(Q.quantize_dynamic(x, EPS), R.quantize_dynamic(x, EPS))
+
+
+@needs_cpu
+def test_opcheck():
+    for x in (torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4).contiguous(
+            memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.synq._quantize_dynamic.default, (x, EPS))
+
+
+def test_reference_is_the_exporters_steps():
+    # synq.deploy's grid helper for whole tensors gives the same scale and zero
+    from synq import deploy, quant
+    x = torch.randn(2, 3, 6, 6) * 3 + 1
+    scale, zero = deploy._dynamic_grid(x, (0, 1, 2, 3))
+    q, s2, z2 = R.quantize_dynamic(x, quant._EPS)
+    assert torch.equal(scale, s2) and torch.equal(zero.to(torch.int32), z2)
+
+
+@needs_cpu
+def test_portable_kernel(tmp_path):
+    """The scalar code (SYNQ_CPU_PORTABLE=1, read once per process) gives the same bits."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SYNQ_CPU_PORTABLE="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"--basetemp={tmp_path / 'child'}", __file__, "-k",
+                        "bit_for_bit or half_to_even"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
