@@ -9,9 +9,11 @@
 // 1-channel stem) costs nothing extra, and the epilogue works on whole vectors of channels.
 // - With AVX-512 VNNI: the image copy is bytes, x itself for uint8 input and x + 128 for int8,
 //   padded with the zero point (in that domain), and each step is one vpdpbusd (four unsigned
-//   bytes times four signed weights, 16 channels) per pixel of a 6-pixel tile. The zero point
-//   comes off at the end: sum (x' - z') w = sum x' w - z' sum w, with the weight sums of each
-//   block taken once per call. Twice the K values per instruction of vpdpwssd on int16 pairs.
+//   bytes times four signed weights, 16 channels) per pixel and block, in tiles of 8 pixels
+//   by two 16-channel blocks. The zero point comes off at the end: sum (x' - z') w =
+//   sum x' w - z' sum w, with the weight sums of each block taken once per call; per-row
+//   weight offsets o (rows beyond int8) add o x the window sum of (x - z). Twice the K values
+//   per instruction of vpdpwssd on int16 pairs.
 // - Otherwise the exact multiply-add is vpmaddwd on int16 (vpmaddubsw would saturate): the
 //   image copy is int16 with the zero point subtracted (padding is then plain 0, values
 //   -255..255 so uint8 input works too), and the weights are repacked once per call into
