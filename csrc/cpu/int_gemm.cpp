@@ -54,7 +54,35 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // Left rows as int16 (zero past K); steps of kChunk K values (int_gemm_quads.h).
 using Tile = GemmTile<int16_t, kMR, kNR>;
 
-using MicroFn = void (*)(const Tile& t, int32_t out[kMR][kNR]);
+// The two kernel families: int16 pairs (AVX2 vpmaddwd, scalar) for CPUs without AVX-512
+// VNNI, and unsigned x signed byte quads (vpdpbusd, int_gemm_quads.h) with it. Left rows
+// are stored as int16 or as bytes of a + 128; `kc` is the K block when the left block does
+// not fit in L2.
+struct Pairs {
+  using A = int16_t;
+  using Tile = synq::Tile;
+  static constexpr int MR = kMR, NR = kNR;
+  static constexpr int64_t step = kChunk, kc = kKC, l2 = kL2;
+};
+#if SYNQ_INT_GEMM_X86
+struct Quads {
+  using A = uint8_t;
+  using Tile = quads::Tile;
+  static constexpr int MR = quads::kMR, NR = quads::kNR;
+  // Bytes take half the room of int16: a left block of 512 KB (half of a 1 MB L2) and K
+  // blocks of 4096. On the AVX-512 EPYC at 256x4096^2: 12.2 ms against 14.3 with the int16
+  // family's 256 KB and 2048 (13.0-13.6 with 1 MB or 768 KB; 16.1 with 1024).
+  static constexpr int64_t step = quads::kStep, kc = 4096, l2 = 512 * 1024;
+};
+#endif
+
+// A family's micro-kernels. full: an MR x NR tile; row: one left row (out[0]), for the rows
+// left over.
+template <class KT>
+struct MicroT {
+  void (*full)(const typename KT::Tile&, int32_t (*)[KT::NR]);
+  void (*row)(const typename KT::Tile&, int32_t (*)[KT::NR]);
+};
 
 // Widens one chunk of weight bytes to 16 int16 values (portable path).
 template <bool B4>
@@ -197,19 +225,16 @@ __attribute__((target("avx2"))) void micro_avx2_row(const Tile& t, int32_t out[k
 
 #endif
 
-// full: a kMR x kNR tile; row: one left row (out[0]) for the rows left over.
-struct Micro {
-  MicroFn full, row;
-};
+using PairsMicro = MicroT<Pairs>;
 
-Micro pick_micro(bool b_int4) {
+PairsMicro pick_micro(bool b_int4) {
 #if SYNQ_INT_GEMM_X86
   if (cpu_use_avx2())
-    return b_int4 ? Micro{micro_avx2<true>, micro_avx2_row<true>}
-                  : Micro{micro_avx2<false>, micro_avx2_row<false>};
+    return b_int4 ? PairsMicro{micro_avx2<true>, micro_avx2_row<true>}
+                  : PairsMicro{micro_avx2<false>, micro_avx2_row<false>};
 #endif
-  return b_int4 ? Micro{micro_generic<true>, micro_generic<true>}
-                : Micro{micro_generic<false>, micro_generic<false>};
+  return b_int4 ? PairsMicro{micro_generic<true>, micro_generic<true>}
+                : PairsMicro{micro_generic<false>, micro_generic<false>};
 }
 
 // The right operand: N rows of K int8 values, or of ceil(K/2) bytes of packed signed int4.
@@ -219,33 +244,6 @@ struct BMat {
   int64_t K;
   bool int4;
   int64_t row_bytes() const { return int4 ? (K + 1) / 2 : K; }
-};
-
-// The two kernel families: int16 pairs (AVX2 vpmaddwd, scalar) for CPUs without AVX-512
-// VNNI, and unsigned x signed byte quads (vpdpbusd, int_gemm_quads.h) with it. Left rows are stored as int16 or as
-// bytes of a + 128; `kc` is the K block when the left block does not fit in L2.
-struct Pairs {
-  using A = int16_t;
-  using Tile = synq::Tile;
-  static constexpr int MR = kMR, NR = kNR;
-  static constexpr int64_t step = kChunk, kc = kKC, l2 = kL2;
-};
-#if SYNQ_INT_GEMM_X86
-struct Quads {
-  using A = uint8_t;
-  using Tile = quads::Tile;
-  static constexpr int MR = quads::kMR, NR = quads::kNR;
-  // Bytes take half the room of int16: a left block of 512 KB (half of a 1 MB L2) and K
-  // blocks of 4096. On the AVX-512 EPYC at 256x4096^2: 12.2 ms against 14.3 with the int16
-  // family's 256 KB and 2048 (13.0-13.6 with 1 MB or 768 KB; 16.1 with 1024).
-  static constexpr int64_t step = quads::kStep, kc = 4096, l2 = 512 * 1024;
-};
-#endif
-
-template <class KT>
-struct MicroT {
-  void (*full)(const typename KT::Tile&, int32_t (*)[KT::NR]);
-  void (*row)(const typename KT::Tile&, int32_t (*)[KT::NR]);
 };
 
 // C[m, n] = sum_k A[m, k] B[n, k] for m in [m0, m1), n in [n0, n1); each finished element
@@ -453,8 +451,7 @@ void run_gemm(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, cons
 #endif
   const int64_t kp = round_up(std::max<int64_t>(K, 1), kChunk);
   const auto A16 = widen_parallel<int16_t>(a, K, a_packed, a_signed, kp);
-  const Micro m = pick_micro(B.int4);
-  gemm_parallel(MicroT<Pairs>{m.full, m.row}, A16.data(), kp, M, B, N, nullptr, store);
+  gemm_parallel(pick_micro(B.int4), A16.data(), kp, M, B, N, nullptr, store);
 }
 
 void check_operand(const at::Tensor& t, const char* name, bool packed, int64_t K) {

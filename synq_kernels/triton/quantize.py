@@ -26,23 +26,29 @@ BLOCK = 2048
 
 
 @triton.jit
+def _to_grid(v, s, zf, lo, hi, HW_FMA: tl.constexpr, BLOCK: tl.constexpr):
+    """v / s rounded half to even, plus the integer zero point zf (float), clamped to
+    [lo, hi]: PyTorch's div, round, add and clamp, to the bit."""
+    if HW_FMA:  # see conv_tap.py's epilogue
+        inv = tl.math.div_rn(1.0, s)
+        q = v * inv
+        e = tl.math.fma(-q, s, v)
+        q = tl.math.fma(e, inv, q)
+    else:  # the interpreter's fma rounds twice; NumPy's division is IEEE
+        q = tl.math.div_rn(v, tl.broadcast_to(s, [BLOCK]))
+    # round half to even (exact for |q| < 2^22; larger |q| clamp to the same ends) and the
+    # integer zero point: (q + 1.5 * 2^23) - (1.5 * 2^23 - zero)
+    q = (q + 12582912.0) - (12582912.0 - zf)
+    return tl.minimum(tl.maximum(q, lo), hi)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, out_ptr, s_ptr, z_ptr, n, lo, hi, HW_FMA: tl.constexpr,
                      BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-    s = tl.load(s_ptr)
-    if HW_FMA:  # see conv_tap.py's epilogue
-        inv = tl.math.div_rn(1.0, s)
-        q = x * inv
-        e = tl.math.fma(-q, s, x)
-        q = tl.math.fma(e, inv, q)
-    else:  # the interpreter's fma rounds twice; NumPy's division is IEEE
-        q = tl.math.div_rn(x, tl.broadcast_to(s, [BLOCK]))
-    # round half to even (exact for |q| < 2^22; larger |q| clamp to the same ends) and the
-    # integer zero point: (q + 1.5 * 2^23) - (1.5 * 2^23 - zero)
-    q = (q + 12582912.0) - (12582912.0 - tl.load(z_ptr).to(tl.float32))
-    q = tl.minimum(tl.maximum(q, lo), hi)
+    q = _to_grid(x, tl.load(s_ptr), tl.load(z_ptr).to(tl.float32), lo, hi, HW_FMA, BLOCK)
     tl.store(out_ptr + offs, q.to(tl.int8), mask=ok)
 
 
@@ -112,17 +118,8 @@ def _quantize_s2d_kernel(x_ptr, out_ptr, s_ptr, z_ptr, H, W, H2, W2, sxb, sxc, s
     real = ok & (d < 4) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
     v = tl.load(x_ptr + b.to(tl.int64) * sxb + c * sxc + iy * sxh + ix * sxw, mask=real,
                 other=0.0)
-    s = tl.load(s_ptr)
-    if HW_FMA:  # see conv_tap.py's epilogue
-        inv = tl.math.div_rn(1.0, s)
-        q = v * inv
-        e = tl.math.fma(-q, s, v)
-        q = tl.math.fma(e, inv, q)
-    else:
-        q = tl.math.div_rn(v, tl.broadcast_to(s, [BLOCK]))
     zf = tl.load(z_ptr).to(tl.float32)
-    q = (q + 12582912.0) - (12582912.0 - zf)
-    q = tl.minimum(tl.maximum(q, lo), hi)
+    q = _to_grid(v, tl.load(s_ptr), zf, lo, hi, HW_FMA, BLOCK)
     # padding and the channels past 4 C hold the zero point (the real zero)
     q = tl.where(real, q, zf)
     # a channels-last row is W2 * CO contiguous bytes: byte offs of row (b, y2)
