@@ -4,9 +4,16 @@ the same run; and one synthesis step of the bundled ResNet-20 (batch 256, 1x28x2
 statistics from each backend.
 
 Shapes: the BN inputs of ResNet-20 at 28x28 (batch 256) and of ResNet-18 at 224x224 (batch
-64), each NCHW and channels-last (synthesis on a CPU runs the model channels-last). Each row is timed forward alone and forward + backward (the loss (mean^2 + var).sum()),
-in interleaved rounds on a CPU (the fastest kept). On a GPU it times the triton backend
-against the reference, which is the default there until this benchmark shows otherwise.
+64), each NCHW and channels-last (synthesis on a CPU runs the model channels-last). Each row is
+timed forward alone and forward + backward (the loss (mean^2 + var).sum()), in interleaved
+rounds on a CPU (the fastest kept). On a GPU it times the triton backend against the
+reference, which is the default there until this benchmark shows otherwise.
+
+On a CPU, the channels-last shapes also time what a BN layer costs synthesis: eval-mode
+BatchNorm plus the statistics of its input, forward and backward (loss y.sum() + (mean^2 +
+var).sum()), as separate ops (F.batch_norm and the cpu channel_stats: what synthesis ran
+before) against synq_kernels.batch_norm_stats, which fuses them; and the synthesis step with
+and without that fusion.
 
     python -m benchmarks.bench_channel_stats [--quick] [--device cpu|cuda] [--threads N] [--out DIR]
 """
@@ -41,19 +48,38 @@ def _fwd_bwd(x, backend):
     return f
 
 
+def _bn_separate(x, p):
+    def f():
+        y = torch.nn.functional.batch_norm(x, p[0], p[1], p[2], p[3], False, 0.0, 1e-5)
+        m, v = sk.channel_stats(x, backend="cpu")
+        torch.autograd.grad(y.sum() + (m.square() + v).sum(), x)
+    return f
+
+
+def _bn_fused(x, p):
+    def f():
+        y, m, v = sk.batch_norm_stats(x, *p, backend="cpu")
+        torch.autograd.grad(y.sum() + (m.square() + v).sum(), x)
+    return f
+
+
 def _synthesis_step_seconds(backend: str, steps: int, device: str,
-                            channels_last: bool) -> float:
+                            channels_last: bool, fused: bool = True) -> float:
     """Seconds per Adam step of synq.synth.synthesize on the bundled teacher, with
     channel_stats on `backend` (through SYNQ_BACKEND: the teacher is float, so it is the only
-    synq op of the step) and, on a CPU, the model channels-last or not."""
+    synq op of the step), on a CPU the model channels-last or not, and BN layers fused with
+    their statistics (synq.losses.BNStats) or not."""
+    import functools
     import tempfile
 
     import synq.synth as S
     from synq.assets import load_default_teacher
+    from synq.losses import BNStats
     model = load_default_teacher()[0].to(device)
-    old = os.environ.get("SYNQ_BACKEND"), S.CPU_CHANNELS_LAST
+    old = os.environ.get("SYNQ_BACKEND"), S.CPU_CHANNELS_LAST, S.BNStats
     os.environ["SYNQ_BACKEND"] = backend
     S.CPU_CHANNELS_LAST = channels_last
+    S.BNStats = functools.partial(BNStats, fused=fused)
     try:
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
@@ -65,7 +91,7 @@ def _synthesis_step_seconds(backend: str, steps: int, device: str,
             os.environ.pop("SYNQ_BACKEND")
         else:
             os.environ["SYNQ_BACKEND"] = old[0]
-        S.CPU_CHANNELS_LAST = old[1]
+        S.CPU_CHANNELS_LAST, S.BNStats = old[1], old[2]
 
 
 def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/results"):
@@ -83,11 +109,17 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
         x = x.contiguous(memory_format=fmt).requires_grad_(True)
         cands = [(be, kind, fn(x, be)) for be in ["reference"] + others
                  for kind, fn in (("forward", _fwd), ("forward+backward", _fwd_bwd))]
+        if not gpu and "cpu" in others and fmt is torch.channels_last:
+            c = shape[1]
+            p = (torch.zeros(c), torch.ones(c), torch.ones(c), torch.zeros(c))
+            cands += [("batchnorm + channel_stats", "BN + stats fwd+bwd", _bn_separate(x, p)),
+                      ("batch_norm_stats", "BN + stats fwd+bwd", _bn_fused(x, p))]
         runs = [[] for _ in cands]
         for _ in range(rounds):
             for i, (_, _, fn) in enumerate(cands):
                 runs[i].append(time_fn(fn, device, mrt))
-        base = {kind: min(ts) for (be, kind, _), ts in zip(cands, runs) if be == "reference"}
+        base = {kind: min(ts) for (be, kind, _), ts in zip(cands, runs)
+                if be in ("reference", "batchnorm + channel_stats")}
         for (be, kind, _), ts in zip(cands, runs):
             t = min(ts)
             rows.append({"what": f"{name} {'x'.join(map(str, shape))}", "pass": kind,
@@ -100,11 +132,13 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
     # plain-PyTorch baseline, the last what synthesize runs by default
     configs = [("torch.var_mean", "reference", False)] + [(be, be, False) for be in others]
     if not gpu and others:
+        if others[0] == "cpu":
+            configs.append(("cpu, channels-last model, BN unfused", "cpu", True, False))
         configs.append((f"{others[0]}, channels-last model", others[0], True))
     runs = {c: [] for c in configs}
     for _ in range(2):
         for c in configs:
-            runs[c].append(_synthesis_step_seconds(c[1], steps, device, c[2]))
+            runs[c].append(_synthesis_step_seconds(c[1], steps, device, *c[2:]))
     base = min(runs[configs[0]])
     for c, ts in runs.items():
         rows.append({"what": "synthesis step, bundled resnet20, 256x1x28x28", "pass": "Adam step",
@@ -114,7 +148,9 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
     threads = torch.get_num_threads()
     notes = (f"torch threads: {threads}. ms: the fastest of {rounds} interleaved round(s) "
              "(each a median); 'torch.var_mean' is the reference backend (var_mean over "
-             "(B, H, W) and PyTorch autograd). GB/s read counts one read of x. The synthesis "
+             "(B, H, W) and PyTorch autograd); 'batchnorm + channel_stats' is F.batch_norm (eval) "
+             "and the cpu channel_stats as separate ops, the baseline of the fused "
+             "batch_norm_stats rows. GB/s read counts one read of x. The synthesis "
              f"rows time {steps} Adam steps of synq.synth.synthesize, fastest of 2 rounds; "
              "on a CPU synthesize runs a channels-last copy of the model by default "
              "(synq.synth.CPU_CHANNELS_LAST), the other rows a model as given (NCHW).")

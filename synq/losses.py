@@ -4,8 +4,8 @@ tensors so each can be checked against a hand computation.
 Synthesis: `bns_loss` (BatchNorm-statistics matching), `focal_ce` (hard-sample CE),
 `lbns_loss` (TexQ class-centre statistics). Fine-tuning: `kd_loss`, `difficulty`,
 `easy_ce`, `gradcam_map` / `cam_loss`, and the optional HAST terms `attention_map` /
-`feature_attention_loss`. `BNStats` and `ActivationCapture` are the forward-hook helpers
-(context managers: hooks registered once, removed on exit).
+`feature_attention_loss`. `BNStats` and `ActivationCapture` are the recording helpers
+(context managers: hooks or wrapped forwards installed once, removed on exit).
 """
 from __future__ import annotations
 
@@ -45,35 +45,67 @@ def batch_stats(x: torch.Tensor, per_sample: bool = False):
 
 
 class BNStats:
-    """Forward hooks on every BatchNorm layer of `model` that record the statistics of its
-    input (`.inputs[i]` is the input tensor of `.layers[i]` at the last forward).
-    Use as a context manager; the hooks are removed on exit."""
+    """Records, at every forward of `model`, the input of each BatchNorm layer (`.inputs[i]`
+    is the input tensor of `.layers[i]` at the last forward) and, where the layer ran fused,
+    its channel statistics (`.stats[i]`: (mean, var), else None).
 
-    def __init__(self, model: nn.Module):
+    Fused: a BatchNorm2d in eval mode whose parameters need no gradient, on a float32 CPU
+    tensor, runs `synq_kernels.batch_norm_stats` (BatchNorm and the statistics of its input in
+    one read, their backward in one pass) when channel_stats would run on the cpu backend
+    anyway; the values are bit for bit those of BatchNorm followed by channel_stats. Other
+    layers run as they are. `fused=False` turns it off.
+
+    Use as a context manager: each layer's forward is wrapped on entry and restored on exit."""
+
+    def __init__(self, model: nn.Module, fused: bool = True):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.names = [n for n, m in model.named_modules()
                       if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not self.layers:
             raise ValueError(f"BN-statistics synthesis needs a model with BatchNorm layers; "
                              f"{type(model).__name__} has none")
+        self.fused = fused
         self.inputs: list[torch.Tensor | None] = [None] * len(self.layers)
-        self._handles = []
+        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self._wrapped = []
 
     def __enter__(self):
         for i, bn in enumerate(self.layers):
-            self._handles.append(bn.register_forward_hook(self._hook(i)))
+            if "forward" in vars(bn):
+                raise RuntimeError(f"BatchNorm layer {self.names[i]!r} is already wrapped "
+                                   f"(nested BNStats on one model?)")
+            bn.forward = self._forward(i, bn)
+            self._wrapped.append(bn)
         return self
 
-    def _hook(self, i):
-        def hook(module, inputs, output):
-            self.inputs[i] = inputs[0]
-        return hook
+    def _can_fuse(self, bn, x) -> bool:
+        return (self.fused and type(bn).forward is nn.BatchNorm2d.forward and not bn.training
+                and bn.running_mean is not None and x.dim() == 4
+                and x.device.type == "cpu" and x.dtype == torch.float32
+                and not any(p.requires_grad for p in bn.parameters(recurse=False))
+                and synq_kernels.backends.resolve("channel_stats", x.device, None) == "cpu")
+
+    def _forward(self, i, bn):
+        plain = type(bn).forward
+
+        def forward(x):
+            self.inputs[i] = x
+            if self._can_fuse(bn, x):
+                y, mean, var = synq_kernels.batch_norm_stats(
+                    x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
+                    backend="cpu")
+                self.stats[i] = (mean, var)
+                return y
+            self.stats[i] = None
+            return plain(bn, x)
+        return forward
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for bn in self._wrapped:
+            del bn.forward
+        self._wrapped.clear()
         self.inputs = [None] * len(self.layers)
+        self.stats = [None] * len(self.layers)
         return False
 
 
@@ -124,15 +156,23 @@ class ActivationCapture:
 # synthesis
 
 def bns_loss(inputs: Sequence[torch.Tensor], bns: Sequence[nn.Module],
-             weights: Sequence[float] | None = None) -> torch.Tensor:
+             weights: Sequence[float] | None = None,
+             stats: Sequence[tuple | None] | None = None) -> torch.Tensor:
     """BNS = mean over BN layers l of w_l * (MSE(mu_l, running_mean_l) + MSE(var_l,
-    running_var_l)), mu / var the channel mean / biased variance of the layer's input batch."""
+    running_var_l)), mu / var the channel mean / biased variance of the layer's input batch.
+    `stats[l]`, where given and not None, is that (mu_l, var_l) already computed (BNStats's
+    fused layers); otherwise it is taken from inputs[l]."""
     if len(inputs) != len(bns) or not bns:
         raise ValueError(f"bns_loss needs one input per BN layer, got {len(inputs)} inputs "
                          f"for {len(bns)} layers")
+    if stats is not None and len(stats) != len(bns):
+        raise ValueError(f"bns_loss got {len(stats)} stats for {len(bns)} layers")
     total = 0.0
     for i, (x, bn) in enumerate(zip(inputs, bns)):
-        mean, var = batch_stats(x)
+        if stats is not None and stats[i] is not None:
+            mean, var = (s.to(x.dtype) for s in stats[i])
+        else:
+            mean, var = batch_stats(x)
         term = F.mse_loss(mean, bn.running_mean) + F.mse_loss(var, bn.running_var)
         total = total + (weights[i] if weights is not None else 1.0) * term
     return total / len(bns)

@@ -247,7 +247,7 @@ def _class_centres(model, stats, cfg, image_shape, num_classes, device, bar):
     y = torch.arange(num_classes, device=device)
 
     def loss_fn(logits, stats, y):
-        bns = bns_loss(stats.inputs, stats.layers, weights)
+        bns = bns_loss(stats.inputs, stats.layers, weights, stats.stats)
         ce = F.cross_entropy(logits, y)
         return cfg.centre_ce_weight * ce + bns, {"bns": bns.detach(), "ce": ce.detach()}
 
@@ -356,7 +356,7 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
                 c_var = [v.to(device) for v in centres["vars"]]
 
             def loss_fn(logits, stats, y):
-                bns = bns_loss(stats.inputs, stats.layers)
+                bns = bns_loss(stats.inputs, stats.layers, stats=stats.stats)
                 ce = focal_ce(logits, y, cfg.gamma)
                 if not cfg.lbns:
                     return bns + cfg.beta * ce, {"bns": bns.detach(), "ce": ce.detach()}

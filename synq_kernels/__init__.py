@@ -8,7 +8,7 @@ from . import _ext, backends, compiled  # noqa: F401  (compiled registers cpu / 
 from . import reference
 from ._checks import value_checks
 from .backends import available_backends
-from .ops.channel_stats import channel_stats
+from .ops.channel_stats import batch_norm_stats, channel_stats
 from .ops.fake_quant import fake_quant, quant_range
 from .ops.lowpass import lowpass
 from .ops.int_gemm import (int4_matmul, int8_matmul, pack_int4, prepack_conv2d_weight,
@@ -22,6 +22,8 @@ backends.register("fake_quant", "reference",
 backends.register("lowpass", "reference", reference.lowpass_forward)
 backends.register("channel_stats", "reference",
                   (reference.channel_stats_forward, reference.channel_stats_backward))
+backends.register("batch_norm_stats", "reference",
+                  (reference.batch_norm_stats_forward, reference.batch_norm_stats_backward))
 backends.register("int_mm", "reference", _int_gemm.reference_int_mm)
 backends.register("quantized_linear", "reference", _int_gemm.reference_quantized_linear)
 backends.register("quantized_conv2d", "reference", _int_gemm.reference_quantized_conv2d)
@@ -43,7 +45,7 @@ try:
 except ImportError:
     pass
 
-__all__ = ["fake_quant", "lowpass", "channel_stats", "quant_range", "int8_matmul", "int4_matmul", "pack_int4",
+__all__ = ["fake_quant", "lowpass", "channel_stats", "batch_norm_stats", "quant_range", "int8_matmul", "int4_matmul", "pack_int4",
            "unpack_int4", "quantized_linear", "quantized_conv2d", "weight_row_sums",
            "prepack_conv2d_weight", "quantized_conv2d_packed",
            "available_backends", "value_checks", "backends", "reference"]

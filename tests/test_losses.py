@@ -31,12 +31,14 @@ def test_bns_loss_by_hand():
         0.6 * (mse_mean + mse_var))
 
 
-def test_bn_stats_hooks_capture_inputs_and_go_away():
+def test_bn_stats_captures_inputs_and_goes_away():
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2))
     with BNStats(model) as stats:
         model(torch.randn(2, 1, 3, 3))
         assert len(stats.inputs) == 2 and stats.inputs[0].shape == (2, 2, 3, 3)
-    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert all(len(m._forward_hooks) == 0 and "forward" not in vars(m)
+               for m in model.modules())
+    assert stats.inputs == [None, None] and stats.stats == [None, None]
     with pytest.raises(ValueError, match="BatchNorm"):
         BNStats(nn.Sequential(nn.Conv2d(1, 2, 1)))
 

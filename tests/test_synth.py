@@ -135,13 +135,21 @@ def test_cpu_channels_last_copy_computes_the_same_losses(tmp_path, monkeypatch):
     import synq_kernels
     model = _bn_model()
     losses, layouts = {}, []
-    real = synq_kernels.channel_stats
+    real, real_bn = synq_kernels.channel_stats, synq_kernels.batch_norm_stats
 
-    def spy(x, backend=None):
+    def record(x):
         layouts.append(x.is_contiguous(memory_format=torch.channels_last)
                        and not x.is_contiguous())
+
+    def spy(x, backend=None):
+        record(x)
         return real(x, backend)
+
+    def spy_bn(x, *args, **kwargs):  # BNStats's fused layers (a CPU build)
+        record(x)
+        return real_bn(x, *args, **kwargs)
     monkeypatch.setattr(synq_kernels, "channel_stats", spy)
+    monkeypatch.setattr(synq_kernels, "batch_norm_stats", spy_bn)
     for cl in (False, True):
         monkeypatch.setattr(S, "CPU_CHANNELS_LAST", cl)
         layouts.clear()

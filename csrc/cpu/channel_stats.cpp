@@ -12,6 +12,14 @@
 // The sums use 16 float accumulators (two AVX2 vectors where the CPU has AVX2, chosen at run
 // time; a portable loop otherwise) over blocks of kBlock elements, added into double per
 // block.
+//
+// _batch_norm_stats: the same statistics of x together with eval-mode BatchNorm of x,
+// y = x * alpha[c] + beta[c], written while each row / chunk is in cache; its backward is one
+// pass, dx = dy * invstd[c] * w[c] + (the statistics' dx). BN-statistics synthesis otherwise
+// runs BatchNorm, the statistics and their backward as separate passes, plus the add of
+// the two gradients. Every value is rounded as ATen's CPU BatchNorm and the separate
+// _channel_stats ops round it (alpha = w / sqrt(var + eps) in float, beta and y by fma;
+// backward invstd in double), so synthesis gives the same bits fused or not (tested).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -232,43 +241,172 @@ void nhwc_affine(const float* x, float* y, int64_t npix, int64_t C, const float*
   nhwc_affine_plain(x, y, npix, C, a, mu, b);
 }
 
+// ---- eval-mode BatchNorm, fused with the statistics ---------------------------------------
+
+// y = fma(x, alpha[c], beta[c]) over npix pixels of w channels (pixel stride C; alpha and beta
+// start at the first of the w channels); ATen's CPU kernel rounds its x * alpha + beta once
+// (a contracted fma), so this is an explicit one.
+// C = 0 is an NCHW row: npix values of the one channel alpha[0], beta[0].
+__attribute__((always_inline)) inline void fma_affine_body(const float* __restrict x,
+                                                           float* __restrict y, int64_t npix,
+                                                           int64_t C, int64_t w,
+                                                           const float* __restrict alpha,
+                                                           const float* __restrict beta) {
+  if (C == 0) {
+    const float a = alpha[0], b = beta[0];
+    for (int64_t p = 0; p < npix; ++p) y[p] = __builtin_fmaf(x[p], a, b);
+    return;
+  }
+  for (int64_t p = 0; p < npix; ++p)
+    for (int64_t j = 0; j < w; ++j)
+      y[p * C + j] = __builtin_fmaf(x[p * C + j], alpha[j], beta[j]);
+}
+
+// dx = dy * invstd[c] * w[c] + (a[c] * (x - mu[c]) + b[c]): BatchNorm's eval backward (two
+// products, in ATen's order) plus the statistics' backward, summed as autograd sums them.
+// C = 0 is an NCHW row of the one channel given.
+__attribute__((always_inline)) inline void bn_backward_body(
+    const float* __restrict dy, const float* __restrict x, float* __restrict dx, int64_t npix,
+    int64_t C, const float* __restrict invstd, const float* __restrict wt,
+    const float* __restrict a, const float* __restrict mu, const float* __restrict b) {
+  if (C == 0) {
+    const float s = invstd[0], t = wt[0], a0 = a[0], m0 = mu[0], b0 = b[0];
+    for (int64_t p = 0; p < npix; ++p) dx[p] = dy[p] * s * t + (a0 * (x[p] - m0) + b0);
+    return;
+  }
+  for (int64_t p = 0; p < npix; ++p)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = p * C + c;
+      dx[i] = dy[i] * invstd[c] * wt[c] + (a[c] * (x[i] - mu[c]) + b[c]);
+    }
+}
+
+void fma_affine_plain(const float* x, float* y, int64_t npix, int64_t C, int64_t w,
+                      const float* alpha, const float* beta) {
+  fma_affine_body(x, y, npix, C, w, alpha, beta);
+}
+
+void bn_backward_plain(const float* dy, const float* x, float* dx, int64_t npix, int64_t C,
+                       const float* invstd, const float* wt, const float* a, const float* mu,
+                       const float* b) {
+  bn_backward_body(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+}
+
+#if SYNQ_STATS_X86
+__attribute__((target("avx2,fma"))) void fma_affine_avx2(const float* x, float* y,
+                                                         int64_t npix, int64_t C, int64_t w,
+                                                         const float* alpha,
+                                                         const float* beta) {
+  fma_affine_body(x, y, npix, C, w, alpha, beta);
+}
+
+__attribute__((target("avx2"))) void bn_backward_avx2(const float* dy, const float* x,
+                                                      float* dx, int64_t npix, int64_t C,
+                                                      const float* invstd, const float* wt,
+                                                      const float* a, const float* mu,
+                                                      const float* b) {
+  bn_backward_body(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+}
+
+bool have_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+void fma_affine(const float* x, float* y, int64_t npix, int64_t C, int64_t w,
+                const float* alpha, const float* beta) {
+#if SYNQ_STATS_X86
+  if (have_fma()) return fma_affine_avx2(x, y, npix, C, w, alpha, beta);
+#endif
+  fma_affine_plain(x, y, npix, C, w, alpha, beta);
+}
+
+void bn_backward(const float* dy, const float* x, float* dx, int64_t npix, int64_t C,
+                 const float* invstd, const float* wt, const float* a, const float* mu,
+                 const float* b) {
+#if SYNQ_STATS_X86
+  if (have_avx2()) return bn_backward_avx2(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+#endif
+  bn_backward_plain(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+}
+
 // Chunks of kPixBlock pixels of a 64-channel slice play the part of the NCHW rows: each is
-// read from memory once (its sums, then its squared deviations from cache) and merged into
-// the slice's running (count, mean, M2) in double. Threads take slices, so the result does
-// not depend on the number of threads.
+// read from memory once (its sums, then its squared deviations from cache; then `epi` on the
+// chunk while it is still there). Chunks are independent, so threads split them; their float
+// sums are then merged per channel in chunk order into (count, mean, M2) in double. That is
+// the order of a serial loop, so the result does not depend on the number of threads.
+// epi(first pixel, pixels, first channel, channels).
+template <class Epi>
 void channel_stats_nhwc(const float* xp, int64_t B, int64_t C, int64_t HW, float* mp,
-                        float* vp) {
+                        float* vp, const Epi& epi) {
   const int64_t slices = (C + kChanSlice - 1) / kChanSlice;
-  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t sl = s0; sl < s1; ++sl) {
-      const int64_t c0 = sl * kChanSlice, w = std::min(C, c0 + kChanSlice) - c0;
-      double n = 0.0, m[kChanSlice] = {}, m2[kChanSlice] = {};
-      const float zero[kChanSlice] = {};
-      float sum[kChanSlice], sq[kChanSlice], rmf[kChanSlice];
+  const int64_t per_b = (HW + kPixBlock - 1) / kPixBlock, chunks = B * per_b;
+  std::vector<float> sums(chunks * C), sqs(chunks * C);
+  at::parallel_for(0, chunks * slices, 1, [&](int64_t i0, int64_t i1) {
+    const float zero[kChanSlice] = {};
+    float rmf[kChanSlice];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t chunk = i / slices, c0 = (i % slices) * kChanSlice;
+      const int64_t w = std::min(C, c0 + kChanSlice) - c0;
+      const int64_t p0 = (chunk / per_b) * HW + (chunk % per_b) * kPixBlock;
+      const int64_t np = std::min(kPixBlock, HW - (chunk % per_b) * kPixBlock);
+      const float* xc = xp + p0 * C + c0;
+      float* sum = sums.data() + chunk * C + c0;
+      nhwc_sums<false>(xc, np, C, w, zero, sum);
+      for (int64_t j = 0; j < w; ++j) rmf[j] = sum[j] / static_cast<float>(np);
+      nhwc_sums<true>(xc, np, C, w, rmf, sqs.data() + chunk * C + c0);
+      epi(p0, np, c0, w);
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double n = 0.0, m = 0.0, m2 = 0.0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t np = std::min(kPixBlock, HW - (chunk % per_b) * kPixBlock);
+        const float sum = sums[chunk * C + c], sq = sqs[chunk * C + c];
+        const float rmf = sum / static_cast<float>(np);
+        // the chunk's mean in double, and its M2 shifted from float(mean) to it
+        const double cnt = static_cast<double>(np), nn = n + cnt;
+        const double rm = static_cast<double>(sum) / cnt;
+        const double off = static_cast<double>(rmf) - rm;
+        const double chunk_m2 = std::max(0.0, static_cast<double>(sq) - cnt * off * off);
+        const double delta = rm - m;
+        m += delta * cnt / nn;
+        m2 += chunk_m2 + delta * delta * n * cnt / nn;
+        n = nn;
+      }
+      mp[c] = static_cast<float>(m);
+      vp[c] = static_cast<float>(m2 / n);
+    }
+  });
+}
+
+// Contiguous (NCHW): channel c's rows are B runs of HW floats; threads take channels.
+// epi(row pointer offset, channel) runs on each row after its sums, while it is in cache.
+template <class Epi>
+void channel_stats_nchw(const float* xp, int64_t B, int64_t C, int64_t HW, float* mp,
+                        float* vp, const Epi& epi) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(B * HW, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double n = 0.0, m = 0.0, m2 = 0.0;
       for (int64_t b = 0; b < B; ++b) {
-        for (int64_t p0 = 0; p0 < HW; p0 += kPixBlock) {
-          const int64_t np = std::min(kPixBlock, HW - p0);
-          const float* xc = xp + (b * HW + p0) * C + c0;
-          nhwc_sums<false>(xc, np, C, w, zero, sum);
-          for (int64_t j = 0; j < w; ++j) rmf[j] = sum[j] / static_cast<float>(np);
-          nhwc_sums<true>(xc, np, C, w, rmf, sq);
-          const double cnt = static_cast<double>(np), nn = n + cnt;
-          for (int64_t j = 0; j < w; ++j) {
-            // the chunk's mean in double, and its M2 shifted from float(mean) to it
-            const double rm = static_cast<double>(sum[j]) / cnt;
-            const double off = static_cast<double>(rmf[j]) - rm;
-            const double chunk_m2 = std::max(0.0, static_cast<double>(sq[j]) - cnt * off * off);
-            const double delta = rm - m[j];
-            m[j] += delta * cnt / nn;
-            m2[j] += chunk_m2 + delta * delta * n * cnt / nn;
-          }
-          n = nn;
-        }
+        const float* row = xp + (b * C + c) * HW;
+        const double rm = row_sums<false>(row, HW, 0.f) / static_cast<double>(HW);
+        const double rm2 = row_sums<true>(row, HW, static_cast<float>(rm));
+        // the row's deviations were taken from float(rm); shift its M2 to rm exactly
+        const double off = static_cast<double>(static_cast<float>(rm)) - rm;
+        const double row_m2 = std::max(0.0, rm2 - static_cast<double>(HW) * off * off);
+        const double nn = n + static_cast<double>(HW);
+        const double delta = rm - m;
+        m += delta * static_cast<double>(HW) / nn;
+        m2 += row_m2 + delta * delta * n * static_cast<double>(HW) / nn;
+        n = nn;
+        epi((b * C + c) * HW, c);
       }
-      for (int64_t j = 0; j < w; ++j) {
-        mp[c0 + j] = static_cast<float>(m[j]);
-        vp[c0 + j] = static_cast<float>(m2[j] / n);
-      }
+      mp[c] = static_cast<float>(m);
+      vp[c] = static_cast<float>(m2 / n);
     }
   });
 }
@@ -293,30 +431,10 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_) {
   float* mp = mean.mutable_data_ptr<float>();
   float* vp = var.mutable_data_ptr<float>();
   if (nhwc) {
-    channel_stats_nhwc(xp, B, C, HW, mp, vp);
-    return {mean, var};
+    channel_stats_nhwc(xp, B, C, HW, mp, vp, [](int64_t, int64_t, int64_t, int64_t) {});
+  } else {
+    channel_stats_nchw(xp, B, C, HW, mp, vp, [](int64_t, int64_t) {});
   }
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(B * HW, 1));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double n = 0.0, m = 0.0, m2 = 0.0;
-      for (int64_t b = 0; b < B; ++b) {
-        const float* row = xp + (b * C + c) * HW;
-        const double rm = row_sums<false>(row, HW, 0.f) / static_cast<double>(HW);
-        const double rm2 = row_sums<true>(row, HW, static_cast<float>(rm));
-        // the row's deviations were taken from float(rm); shift its M2 to rm exactly
-        const double off = static_cast<double>(static_cast<float>(rm)) - rm;
-        const double row_m2 = std::max(0.0, rm2 - static_cast<double>(HW) * off * off);
-        const double nn = n + static_cast<double>(HW);
-        const double delta = rm - m;
-        m += delta * static_cast<double>(HW) / nn;
-        m2 += row_m2 + delta * delta * n * static_cast<double>(HW) / nn;
-        n = nn;
-      }
-      mp[c] = static_cast<float>(m);
-      vp[c] = static_cast<float>(m2 / n);
-    }
-  });
   return {mean, var};
 }
 
@@ -366,11 +484,128 @@ at::Tensor channel_stats_backward_cpu(const at::Tensor& g_mean_, const at::Tenso
   return dx;
 }
 
+void check_channel_vector(const at::Tensor& t, int64_t C, const char* who, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.scalar_type() == at::kFloat &&
+                  t.device().is_cpu(),
+              who, name, " must be a float32 CPU tensor of shape (", C, "), got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+// y = BatchNorm(x) in eval mode (running statistics), and x's own channel mean and variance.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(
+    const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& bias_,
+    const at::Tensor& rmean_, const at::Tensor& rvar_, double eps) {
+  const char* who = "synq batch_norm_stats (cpu): ";
+  check_input(x_, who);
+  const int64_t B = x_.size(0), C = x_.size(1), HW = x_.size(2) * x_.size(3);
+  check_channel_vector(weight_, C, who, "weight");
+  check_channel_vector(bias_, C, who, "bias");
+  check_channel_vector(rmean_, C, who, "running_mean");
+  check_channel_vector(rvar_, C, who, "running_var");
+  const bool nhwc = is_channels_last(x_);
+  const auto x = nhwc ? x_ : x_.contiguous();
+  auto y = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  auto mean = at::empty({C}, x.options());
+  auto var = at::empty({C}, x.options());
+  const auto w = weight_.contiguous(), bi = bias_.contiguous();
+  const auto rm = rmean_.contiguous(), rv = rvar_.contiguous();
+  // ATen's eval-mode terms: alpha = (1 / sqrt(var + eps)) * w in float, beta = bias - mean * alpha
+  // rounded once (contracted to an fma there)
+  std::vector<float> alpha(C), beta(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const float invstd = 1.0f / std::sqrt(rv.const_data_ptr<float>()[c] + static_cast<float>(eps));
+    alpha[c] = invstd * w.const_data_ptr<float>()[c];
+    beta[c] = std::fma(-rm.const_data_ptr<float>()[c], alpha[c], bi.const_data_ptr<float>()[c]);
+  }
+  if (B * HW == 0) {
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    var.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {y, mean, var};
+  }
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  float* mp = mean.mutable_data_ptr<float>();
+  float* vp = var.mutable_data_ptr<float>();
+  if (nhwc) {
+    channel_stats_nhwc(xp, B, C, HW, mp, vp, [&](int64_t p0, int64_t np, int64_t c0, int64_t cw) {
+      fma_affine(xp + p0 * C + c0, yp + p0 * C + c0, np, C, cw, alpha.data() + c0,
+                 beta.data() + c0);
+    });
+  } else {
+    channel_stats_nchw(xp, B, C, HW, mp, vp, [&](int64_t off, int64_t c) {
+      fma_affine(xp + off, yp + off, HW, 0, 1, alpha.data() + c, beta.data() + c);
+    });
+  }
+  return {y, mean, var};
+}
+
+// dx of a loss of (y, mean, var) = batch_norm_stats(x, ...), given its gradients.
+at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tensor& g_mean_,
+                                         const at::Tensor& g_var_, const at::Tensor& x_,
+                                         const at::Tensor& mean_, const at::Tensor& weight_,
+                                         const at::Tensor& rvar_, double eps) {
+  const char* who = "synq batch_norm_stats backward (cpu): ";
+  check_input(x_, who);
+  const int64_t B = x_.size(0), C = x_.size(1), HW = x_.size(2) * x_.size(3);
+  TORCH_CHECK(g_y_.sizes() == x_.sizes() && g_y_.scalar_type() == at::kFloat &&
+                  g_y_.device().is_cpu(),
+              who, "g_y must be a float32 CPU tensor of x's shape ", x_.sizes(), ", got ",
+              g_y_.scalar_type(), " ", g_y_.sizes());
+  check_channel_vector(g_mean_, C, who, "g_mean");
+  check_channel_vector(g_var_, C, who, "g_var");
+  check_channel_vector(mean_, C, who, "mean");
+  check_channel_vector(weight_, C, who, "weight");
+  check_channel_vector(rvar_, C, who, "running_var");
+  const bool nhwc = is_channels_last(x_);
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto x = x_.contiguous(fmt), gy = g_y_.contiguous(fmt);
+  auto dx = at::empty_like(x, fmt);
+  if (x.numel() == 0) return dx;
+  const double N = static_cast<double>(B * HW);
+  // BatchNorm's backward takes invstd in double (ATen: float var + double eps); the
+  // statistics' terms are _channel_stats_backward's
+  std::vector<float> invstd(C), a(C), b(C);
+  {
+    const float* rv = rvar_.contiguous().const_data_ptr<float>();
+    const auto gm = g_mean_.contiguous(), gv = g_var_.contiguous();
+    for (int64_t c = 0; c < C; ++c) {
+      invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+      a[c] = static_cast<float>(2.0 * gv.const_data_ptr<float>()[c] / N);
+      b[c] = static_cast<float>(gm.const_data_ptr<float>()[c] / N);
+    }
+  }
+  const auto wt = weight_.contiguous(), mean = mean_.contiguous();
+  const float* wp = wt.const_data_ptr<float>();
+  const float* mp = mean.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = gy.const_data_ptr<float>();
+  float* dp = dx.mutable_data_ptr<float>();
+  if (nhwc) {
+    const int64_t pgrain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(C, 1));
+    at::parallel_for(0, B * HW, pgrain, [&](int64_t p0, int64_t p1) {
+      bn_backward(gp + p0 * C, xp + p0 * C, dp + p0 * C, p1 - p0, C, invstd.data(), wp,
+                  a.data(), mp, b.data());
+    });
+    return dx;
+  }
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(HW, 1));
+  at::parallel_for(0, B * C, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r % C;
+      bn_backward(gp + r * HW, xp + r * HW, dp + r * HW, HW, 0, invstd.data() + c, wp + c,
+                  a.data() + c, mp + c, b.data() + c);
+    }
+  });
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(synq, CPU, m) {
   m.impl("_channel_stats", &channel_stats_cpu);
   m.impl("_channel_stats_backward", &channel_stats_backward_cpu);
+  m.impl("_batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("_batch_norm_stats_backward", &batch_norm_stats_backward_cpu);
 }
 
 }  // namespace synq

@@ -20,3 +20,24 @@ def channel_stats_backward(g_mean: Tensor, g_var: Tensor, x: Tensor, mean: Tenso
     dx = ((x.float() - mean.reshape(view)) * (2.0 * g_var / n).reshape(view)
           + (g_mean / n).reshape(view))
     return dx.to(x.dtype)
+
+
+def batch_norm_stats_forward(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor,
+                             running_var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): eval-mode BatchNorm of x with the running statistics, and x's own
+    channel mean and biased variance (channel_stats_forward)."""
+    y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0,
+                                       eps)
+    mean, var = channel_stats_forward(x)
+    return y, mean, var
+
+
+def batch_norm_stats_backward(g_y: Tensor, g_mean: Tensor, g_var: Tensor, x: Tensor,
+                              mean: Tensor, weight: Tensor, running_var: Tensor,
+                              eps: float) -> Tensor:
+    """dx = g_y * weight[c] / sqrt(running_var[c] + eps) plus the statistics' dx
+    (channel_stats_backward)."""
+    view = (1, -1, 1, 1)
+    invstd = (1.0 / torch.sqrt(running_var.double() + eps)).float()
+    dx = g_y.float() * invstd.reshape(view) * weight.float().reshape(view)
+    return (dx + channel_stats_backward(g_mean, g_var, x, mean).float()).to(x.dtype)

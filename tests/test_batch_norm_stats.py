@@ -1,0 +1,249 @@
+"""synq_kernels.batch_norm_stats (eval-mode BatchNorm fused with its input's channel
+statistics): every backend against float64 on awkward shapes and layouts; the cpu backend
+bit for bit against the separate ops it replaces (F.batch_norm and channel_stats, forward and
+backward); opcheck, torch.compile, errors; BNStats and synthesis with and without it."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import synq_kernels as sk
+from synq import losses, synth
+
+BACKENDS = sk.available_backends("batch_norm_stats", "cpu")
+# (B, C, H, W), channels-last: C of 1 (NCHW rows of one channel), a 64-channel slice plus a
+# tail, one pixel, many pixels per image (several 256-pixel chunks)
+CASES = [((1, 1, 1, 1), False), ((3, 5, 7, 11), False), ((2, 70, 3, 5), True),
+         ((4, 3, 1, 37), True), ((5, 130, 2, 3), True), ((2, 16, 28, 28), True),
+         ((1, 33, 17, 19), False), ((3, 1, 9, 9), True)]
+
+
+def _params(c, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(c, generator=g) * 0.3, torch.rand(c, generator=g) + 0.2,
+            torch.randn(c, generator=g), torch.randn(c, generator=g))
+
+
+def _input(shape, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2.0 + 0.5
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _float64(x, rm, rv, w, b, eps, gy, gm, gv):
+    """y, mean, var and dx of <gy, y> + <gm, mean> + <gv, var> in float64 autograd."""
+    x64 = x.detach().double().requires_grad_(True)
+    v = (1, -1, 1, 1)
+    y = (x64 - rm.double().view(v)) / torch.sqrt(rv.double().view(v) + eps) * w.double().view(v) \
+        + b.double().view(v)
+    var, mean = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
+    loss = (y * gy.double()).sum() + (mean * gm.double()).sum() + (var * gv.double()).sum()
+    (dx,) = torch.autograd.grad(loss, x64)
+    return y.detach(), mean.detach(), var.detach(), dx
+
+
+def test_cpu_backend_is_built():
+    assert "reference" in BACKENDS
+    if sk._ext.has_cpu_kernels():
+        assert BACKENDS[0] == "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, cl", CASES)
+def test_matches_float64(backend, shape, cl):
+    c = shape[1]
+    rm, rv, w, b = _params(c, sum(shape))
+    x = _input(shape, cl, 1 + sum(shape)).requires_grad_(True)
+    g = torch.Generator().manual_seed(2 + sum(shape))
+    gy, gm, gv = torch.randn(shape, generator=g), torch.randn(c, generator=g), \
+        torch.randn(c, generator=g)
+    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=1e-3, backend=backend)
+    (dx,) = torch.autograd.grad((y * gy).sum() + (mean * gm).sum() + (var * gv).sum(), x)
+    y64, m64, v64, dx64 = _float64(x, rm, rv, w, b, 1e-3, gy, gm, gv)
+    assert y.dtype == dx.dtype == torch.float32 and mean.dtype == var.dtype == torch.float32
+    if cl and c > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), v64, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5 * dx64.abs().max().item())
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
+@pytest.mark.parametrize("shape, cl", CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_cpu_is_bit_identical_to_the_separate_ops(shape, cl, affine):
+    """The claim synthesis relies on: fusing changes no bit of y, the statistics or dx."""
+    c = shape[1]
+    rm, rv, w, b = _params(c, 3 * sum(shape))
+    if not affine:
+        w = b = None
+    x = _input(shape, cl, 5 + sum(shape))
+    g = torch.Generator().manual_seed(4 + sum(shape))
+    gy, gm, gv = torch.randn(shape, generator=g), torch.randn(c, generator=g), \
+        torch.randn(c, generator=g)
+
+    xa = x.clone().requires_grad_(True)
+    y, mean, var = sk.batch_norm_stats(xa, rm, rv, w, b, backend="cpu")
+    (dx,) = torch.autograd.grad((y * gy).sum() + (mean * gm).sum() + (var * gv).sum(), xa)
+
+    xb = x.clone().requires_grad_(True)
+    y0 = F.batch_norm(xb, rm, rv, w, b, False, 0.1, 1e-5)
+    mean0, var0 = sk.channel_stats(xb, backend="cpu")
+    (dx0,) = torch.autograd.grad((y0 * gy).sum() + (mean0 * gm).sum() + (var0 * gv).sum(), xb)
+    assert torch.equal(y, y0)
+    assert torch.equal(mean, mean0) and torch.equal(var, var0)
+    assert torch.equal(dx, dx0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_and_strides(backend, dtype):
+    rm, rv, w, b = _params(6, 0)
+    base = torch.randn(3, 12, 5, 8)
+    x = base[:, ::2, :, 1:7].to(dtype).requires_grad_(True)  # not contiguous in any format
+    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, backend=backend)
+    ref_y = F.batch_norm(x.detach().float(), rm, rv, w, b, False, 0.0, 1e-5)
+    assert y.dtype == dtype and mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref_y, rtol=1e-2, atol=1e-2)
+    m0, v0 = sk.channel_stats(x.detach().float(), backend="reference")
+    torch.testing.assert_close(mean, m0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, v0, rtol=1e-4, atol=1e-6)
+    (dx,) = torch.autograd.grad(y.float().sum() + var.sum(), x)
+    assert dx.dtype == dtype and dx.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_some_outputs_used_and_no_grad(backend):
+    rm, rv, w, b = _params(4, 1)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, backend=backend)
+    (dx,) = torch.autograd.grad(var.sum(), x)  # y and mean unused: zero gradients for them
+    (dx_ref,) = torch.autograd.grad(sk.channel_stats(x, backend="reference")[1].sum(), x)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        y2, _, _ = sk.batch_norm_stats(x, rm, rv, w, b, backend=backend)
+    assert not y2.requires_grad and torch.equal(y2, y.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    rm, rv, w, b = _params(3, 2)
+    y, mean, var = sk.batch_norm_stats(torch.zeros(0, 3, 4, 4), rm, rv, w, b, backend=backend)
+    assert y.shape == (0, 3, 4, 4) and torch.isnan(mean).all() and torch.isnan(var).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    rm, rv, w, b = _params(4, 3)
+    for x in (torch.randn(3, 4, 5, 6),
+              torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.synq.batch_norm_stats.default,
+                              (x.requires_grad_(True), w, b, rm, rv, 1e-5, backend))
+        mean = x.detach().mean((0, 2, 3))
+        torch.library.opcheck(torch.ops.synq.batch_norm_stats_backward.default,
+                              (torch.randn(3, 4, 5, 6), torch.randn(4), torch.randn(4),
+                               x.detach(), mean, w, rv, 1e-5, backend))
+
+
+def test_torch_compile_fullgraph():
+    rm, rv, w, b = _params(3, 4)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+
+    def f(x):
+        y, m, v = sk.batch_norm_stats(x, rm, rv, w, b)
+        return y.square().sum() + (m.square() + v).sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+    (g1,) = torch.autograd.grad(compiled(x), x)
+    (g2,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_bad_input():
+    rm, rv, w, b = _params(3, 5)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        sk.batch_norm_stats(x[0], rm, rv, w, b)
+    with pytest.raises(TypeError, match="floating"):
+        sk.batch_norm_stats(x.int(), rm, rv, w, b)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+        sk.batch_norm_stats(x, rm, rv[:2], w, b)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        sk.batch_norm_stats(x, rm, rv, w.clone().requires_grad_(True), b)
+    with pytest.raises(ValueError, match="eps"):
+        sk.batch_norm_stats(x, rm, rv, w, b, eps=-1.0)
+    with pytest.raises(NotImplementedError, match="no 'cuda' backend"):
+        sk.batch_norm_stats(x, rm, rv, w, b, backend="cuda")
+
+
+def _small_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 70, 1), nn.BatchNorm2d(70), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(70, 5))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
+def test_bnstats_fused_equals_hooked_path():
+    net = _small_net()
+    x0 = torch.randn(4, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    results = {}
+    for fused in (False, True):
+        x = x0.clone().requires_grad_(True)
+        with losses.BNStats(net, fused=fused) as st:
+            out = net(x)
+            assert (all(s is not None for s in st.stats) if fused
+                    else all(s is None for s in st.stats))
+            loss = losses.bns_loss(st.inputs, st.layers, stats=st.stats) + out.square().sum()
+            (gx,) = torch.autograd.grad(loss, x)
+        results[fused] = (out, loss, gx)
+        assert all("forward" not in vars(m) for m in net.modules())  # restored on exit
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+
+
+def test_bnstats_leaves_other_layers_alone():
+    class MyBN(nn.BatchNorm2d):  # its own forward: never replaced by the fused op
+        def forward(self, x):
+            return super().forward(x) * 2.0
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), MyBN(2), nn.BatchNorm2d(2)).eval()
+    net.requires_grad_(False)
+    x = torch.randn(2, 1, 3, 3)
+    with losses.BNStats(net) as st:
+        out = net(x)
+        assert st.stats[0] is None  # custom forward
+        assert st.stats[1] is not None or "cpu" not in BACKENDS
+        with pytest.raises(RuntimeError, match="already wrapped"):
+            losses.BNStats(net).__enter__()
+    torch.testing.assert_close(out, net(x))
+    net[2].weight.requires_grad_(True)
+    with losses.BNStats(net) as st:
+        net(x)
+        assert st.stats == [None, None]  # a trained parameter: the fused op has no gradient
+    net.train()
+    with losses.BNStats(net) as st:
+        net(x)
+        assert st.stats == [None, None]  # training mode: BatchNorm normalizes by the batch
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
+def test_synthesis_is_unchanged_by_fusing(tmp_path, monkeypatch):
+    net = _small_net()
+    cfg = synth.SynthConfig(num_images=6, batch_size=3, steps=4)
+    images = {}
+    for fused in (False, True):
+        monkeypatch.setattr(synth, "BNStats", functools.partial(losses.BNStats, fused=fused))
+        out = synth.synthesize(net, tmp_path / f"s{fused}.pt", (3, 9, 9), config=cfg,
+                               progress=False)
+        images[fused] = out["images"]
+    assert torch.equal(images[False], images[True])
