@@ -9,9 +9,11 @@ Synthesis: `bns_loss` (BatchNorm-statistics matching), `focal_ce` (hard-sample C
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,6 +46,31 @@ def batch_stats(x: torch.Tensor, per_sample: bool = False):
     return mean, var
 
 
+def _relus_after_bn(model: nn.Module) -> dict[int, nn.Module]:
+    """{id(bn): relu} for every BatchNorm2d of `model` whose output, at each of its calls in
+    the forward, goes to one nn.ReLU module and nowhere else (torch.fx's symbolic trace of the
+    forward); {} where the forward cannot be traced."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.Tracer().trace(model)
+    except Exception:  # data-dependent control flow and the like: no ReLU fusion
+        return {}
+    found, bad = {}, set()
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        bn = model.get_submodule(node.target)
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        users = list(node.users)
+        relu = (model.get_submodule(users[0].target)
+                if len(users) == 1 and users[0].op == "call_module" else None)
+        if type(relu) is not nn.ReLU or found.setdefault(id(bn), relu) is not relu:
+            bad.add(id(bn))
+    return {k: v for k, v in found.items() if k not in bad}
+
+
 class BNStats:
     """Records, at every forward of `model`, the input of each BatchNorm layer (`.inputs[i]`
     is the input tensor of `.layers[i]` at the last forward) and, where the layer ran fused,
@@ -52,10 +79,12 @@ class BNStats:
     Fused: a BatchNorm2d in eval mode whose parameters need no gradient, on a float32 CPU
     tensor, runs `synq_kernels.batch_norm_stats` (BatchNorm and the statistics of its input in
     one read, their backward in one pass) when channel_stats would run on the cpu backend
-    anyway; the values are bit for bit those of BatchNorm followed by channel_stats. Other
-    layers run as they are. `fused=False` turns it off.
+    anyway. Where the traced forward sends the layer's output only to an nn.ReLU module, the
+    op applies the ReLU too and that module passes the result through. The values are bit for
+    bit those of the separate layers and channel_stats. Other layers run as they are;
+    `fused=False` turns it all off.
 
-    Use as a context manager: each layer's forward is wrapped on entry and restored on exit."""
+    Use as a context manager: the layers' forwards are wrapped on entry and restored on exit."""
 
     def __init__(self, model: nn.Module, fused: bool = True):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -64,19 +93,27 @@ class BNStats:
         if not self.layers:
             raise ValueError(f"BN-statistics synthesis needs a model with BatchNorm layers; "
                              f"{type(model).__name__} has none")
-        self.fused = fused
+        self.model, self.fused = model, fused
         self.inputs: list[torch.Tensor | None] = [None] * len(self.layers)
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
-        self._wrapped = []
+        self._wrapped: list[nn.Module] = []
+        self._relu_out: dict[int, torch.Tensor] = {}  # id(relu) -> the fused output it passes
 
     def __enter__(self):
+        relus = _relus_after_bn(self.model) if self.fused else {}
         for i, bn in enumerate(self.layers):
-            if "forward" in vars(bn):
-                raise RuntimeError(f"BatchNorm layer {self.names[i]!r} is already wrapped "
-                                   f"(nested BNStats on one model?)")
-            bn.forward = self._forward(i, bn)
-            self._wrapped.append(bn)
+            self._wrap(bn, self._forward(i, bn, relus.get(id(bn))), self.names[i])
+        for relu in {id(r): r for r in relus.values()}.values():
+            self._wrap(relu, self._relu_forward(relu), "ReLU")
         return self
+
+    def _wrap(self, module, forward, name):
+        if "forward" in vars(module):
+            self.__exit__()
+            raise RuntimeError(f"layer {name!r} is already wrapped (nested BNStats on one "
+                               f"model?)")
+        module.forward = forward
+        self._wrapped.append(module)
 
     def _can_fuse(self, bn, x) -> bool:
         return (self.fused and type(bn).forward is nn.BatchNorm2d.forward and not bn.training
@@ -85,7 +122,7 @@ class BNStats:
                 and not any(p.requires_grad for p in bn.parameters(recurse=False))
                 and synq_kernels.backends.resolve("channel_stats", x.device, None) == "cpu")
 
-    def _forward(self, i, bn):
+    def _forward(self, i, bn, relu):
         plain = type(bn).forward
 
         def forward(x):
@@ -93,17 +130,29 @@ class BNStats:
             if self._can_fuse(bn, x):
                 y, mean, var = synq_kernels.batch_norm_stats(
                     x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
-                    backend="cpu")
+                    relu=relu is not None, backend="cpu")
                 self.stats[i] = (mean, var)
+                if relu is not None:
+                    self._relu_out[id(relu)] = y
                 return y
             self.stats[i] = None
             return plain(bn, x)
         return forward
 
+    def _relu_forward(self, relu):
+        plain = type(relu).forward
+
+        def forward(x):
+            if self._relu_out.pop(id(relu), None) is x:  # already applied by the BN op
+                return x
+            return plain(relu, x)
+        return forward
+
     def __exit__(self, *exc):
-        for bn in self._wrapped:
-            del bn.forward
+        for m in self._wrapped:
+            del m.forward
         self._wrapped.clear()
+        self._relu_out.clear()
         self.inputs = [None] * len(self.layers)
         self.stats = [None] * len(self.layers)
         return False

@@ -32,12 +32,14 @@ def _input(shape, channels_last, seed):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _float64(x, rm, rv, w, b, eps, gy, gm, gv):
+def _float64(x, rm, rv, w, b, eps, gy, gm, gv, relu=False):
     """y, mean, var and dx of <gy, y> + <gm, mean> + <gv, var> in float64 autograd."""
     x64 = x.detach().double().requires_grad_(True)
     v = (1, -1, 1, 1)
     y = (x64 - rm.double().view(v)) / torch.sqrt(rv.double().view(v) + eps) * w.double().view(v) \
         + b.double().view(v)
+    if relu:
+        y = torch.relu(y)
     var, mean = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
     loss = (y * gy.double()).sum() + (mean * gm.double()).sum() + (var * gv.double()).sum()
     (dx,) = torch.autograd.grad(loss, x64)
@@ -52,16 +54,17 @@ def test_cpu_backend_is_built():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape, cl", CASES)
-def test_matches_float64(backend, shape, cl):
+@pytest.mark.parametrize("relu", [False, True])
+def test_matches_float64(backend, shape, cl, relu):
     c = shape[1]
     rm, rv, w, b = _params(c, sum(shape))
     x = _input(shape, cl, 1 + sum(shape)).requires_grad_(True)
     g = torch.Generator().manual_seed(2 + sum(shape))
     gy, gm, gv = torch.randn(shape, generator=g), torch.randn(c, generator=g), \
         torch.randn(c, generator=g)
-    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=1e-3, backend=backend)
+    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=1e-3, relu=relu, backend=backend)
     (dx,) = torch.autograd.grad((y * gy).sum() + (mean * gm).sum() + (var * gv).sum(), x)
-    y64, m64, v64, dx64 = _float64(x, rm, rv, w, b, 1e-3, gy, gm, gv)
+    y64, m64, v64, dx64 = _float64(x, rm, rv, w, b, 1e-3, gy, gm, gv, relu)
     assert y.dtype == dx.dtype == torch.float32 and mean.dtype == var.dtype == torch.float32
     if cl and c > 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -74,8 +77,8 @@ def test_matches_float64(backend, shape, cl):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
 @pytest.mark.parametrize("shape, cl", CASES)
-@pytest.mark.parametrize("affine", [True, False])
-def test_cpu_is_bit_identical_to_the_separate_ops(shape, cl, affine):
+@pytest.mark.parametrize("affine, relu", [(True, False), (False, False), (True, True)])
+def test_cpu_is_bit_identical_to_the_separate_ops(shape, cl, affine, relu):
     """The claim synthesis relies on: fusing changes no bit of y, the statistics or dx."""
     c = shape[1]
     rm, rv, w, b = _params(c, 3 * sum(shape))
@@ -87,11 +90,13 @@ def test_cpu_is_bit_identical_to_the_separate_ops(shape, cl, affine):
         torch.randn(c, generator=g)
 
     xa = x.clone().requires_grad_(True)
-    y, mean, var = sk.batch_norm_stats(xa, rm, rv, w, b, backend="cpu")
+    y, mean, var = sk.batch_norm_stats(xa, rm, rv, w, b, relu=relu, backend="cpu")
     (dx,) = torch.autograd.grad((y * gy).sum() + (mean * gm).sum() + (var * gv).sum(), xa)
 
     xb = x.clone().requires_grad_(True)
     y0 = F.batch_norm(xb, rm, rv, w, b, False, 0.1, 1e-5)
+    if relu:
+        y0 = nn.ReLU()(y0)
     mean0, var0 = sk.channel_stats(xb, backend="cpu")
     (dx0,) = torch.autograd.grad((y0 * gy).sum() + (mean0 * gm).sum() + (var0 * gv).sum(), xb)
     assert torch.equal(y, y0)
@@ -130,6 +135,28 @@ def test_only_some_outputs_used_and_no_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_keeps_torch_semantics_at_zero_and_nan(backend):
+    """torch.relu keeps -0 and NaN and its backward passes the gradient where the output is
+    NaN; the fused op must give the same bits. BN with weight 1, bias 0, mean 0, var 1 - eps
+    (invstd exactly 1) and bias -0 (so that -0 stays -0) passes x through."""
+    eps = 2.0 ** -10
+    rm, rv, w, b = torch.zeros(2), torch.full((2,), 1 - eps), torch.ones(2), torch.full((2,), -0.0)
+    vals = torch.tensor([-0.0, 0.0, float("nan"), -1.5, 2.0, -3.0, 0.5, float("inf")])
+    x = vals.repeat(2 * 2 * 3).reshape(2, 2, 3, 8).requires_grad_(True)
+    y, _, _ = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, relu=True, backend=backend)
+    ref = torch.relu(x.detach())
+    assert torch.signbit(ref).any()  # the -0 case is there
+    assert torch.equal(torch.signbit(y), torch.signbit(ref))
+    assert torch.equal(y.nan_to_num(7.0), ref.nan_to_num(7.0))
+    # the gradient, on finite values (NaN in x makes the statistics, and so all of dx, NaN)
+    x = vals[[0, 1, 3, 4, 5, 6]].repeat(2 * 2 * 3).reshape(2, 2, 3, 6).requires_grad_(True)
+    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, relu=True, backend=backend)
+    (dx,) = torch.autograd.grad(y, x, torch.full_like(x, 3.0))
+    (dx_ref,) = torch.autograd.grad(torch.relu(x), x, torch.full_like(x, 3.0))
+    assert torch.equal(dx, dx_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     rm, rv, w, b = _params(3, 2)
     y, mean, var = sk.batch_norm_stats(torch.zeros(0, 3, 4, 4), rm, rv, w, b, backend=backend)
@@ -141,12 +168,14 @@ def test_opcheck(backend):
     rm, rv, w, b = _params(4, 3)
     for x in (torch.randn(3, 4, 5, 6),
               torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)):
-        torch.library.opcheck(torch.ops.synq.batch_norm_stats.default,
-                              (x.requires_grad_(True), w, b, rm, rv, 1e-5, backend))
-        mean = x.detach().mean((0, 2, 3))
-        torch.library.opcheck(torch.ops.synq.batch_norm_stats_backward.default,
-                              (torch.randn(3, 4, 5, 6), torch.randn(4), torch.randn(4),
-                               x.detach(), mean, w, rv, 1e-5, backend))
+        for relu in (False, True):
+            torch.library.opcheck(torch.ops.synq.batch_norm_stats.default,
+                                  (x.requires_grad_(True), w, b, rm, rv, 1e-5, relu, backend))
+            mean = x.detach().mean((0, 2, 3))
+            torch.library.opcheck(torch.ops.synq.batch_norm_stats_backward.default,
+                                  (torch.randn(3, 4, 5, 6), torch.randn(4), torch.randn(4),
+                                   x.detach(), torch.randn(3, 4, 5, 6), mean, w, rv, 1e-5, relu,
+                                   backend))
 
 
 def test_torch_compile_fullgraph():
@@ -176,6 +205,8 @@ def test_bad_input():
         sk.batch_norm_stats(x, rm, rv, w.clone().requires_grad_(True), b)
     with pytest.raises(ValueError, match="eps"):
         sk.batch_norm_stats(x, rm, rv, w, b, eps=-1.0)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        sk.batch_norm_stats(x, rm, rv, w, b, relu=1)
     with pytest.raises(NotImplementedError, match="no 'cuda' backend"):
         sk.batch_norm_stats(x, rm, rv, w, b, backend="cuda")
 
@@ -247,3 +278,56 @@ def test_synthesis_is_unchanged_by_fusing(tmp_path, monkeypatch):
                                progress=False)
         images[fused] = out["images"]
     assert torch.equal(images[False], images[True])
+
+
+class _Branchy(nn.Module):
+    """bn1 feeds a ReLU and a residual (no ReLU fusion there); bn2 feeds only relu2, which
+    also serves another call (a shared module); bn3 feeds a functional relu (not fused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(6), nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        a = self.bn1(self.conv(x))
+        b = self.relu1(a) + a
+        c = self.relu2(self.bn2(b))
+        return self.relu2(c - 0.5) + torch.relu(self.bn3(c))
+
+
+def test_relu_fusion_only_where_the_bn_output_goes_to_relu_alone():
+    net = _Branchy().eval().requires_grad_(False)
+    found = losses._relus_after_bn(net)
+    assert found == {id(net.bn2): net.relu2}
+
+    class Untraceable(_Branchy):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > -1e9 else x
+    assert losses._relus_after_bn(Untraceable()) == {}
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
+@pytest.mark.parametrize("cls", ["branchy", "untraceable"])
+def test_bnstats_with_relu_fusion_equals_the_plain_model(cls):
+    class Untraceable(_Branchy):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > -1e9 else x
+    torch.manual_seed(1)
+    net = (_Branchy() if cls == "branchy" else Untraceable()).eval().requires_grad_(False)
+    for bn in (net.bn1, net.bn2, net.bn3):
+        bn.running_mean.uniform_(-0.3, 0.3)
+    x0 = torch.randn(2, 3, 6, 6)
+    results = {}
+    for fused in (False, True):
+        x = x0.clone().requires_grad_(True)
+        with losses.BNStats(net, fused=fused) as st:
+            out = net(x)
+            loss = losses.bns_loss(st.inputs, st.layers, stats=st.stats) + out.square().sum()
+            (gx,) = torch.autograd.grad(loss, x)
+            wrapped = sum("forward" in vars(m) for m in (net.relu1, net.relu2))
+        assert wrapped == (1 if fused and cls == "branchy" else 0)
+        results[fused] = (out, loss, gx)
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)

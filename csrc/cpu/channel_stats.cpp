@@ -14,8 +14,8 @@
 // block.
 //
 // _batch_norm_stats: the same statistics of x together with eval-mode BatchNorm of x,
-// y = x * alpha[c] + beta[c], written while each row / chunk is in cache; its backward is one
-// pass, dx = dy * invstd[c] * w[c] + (the statistics' dx). BN-statistics synthesis otherwise
+// y = x * alpha[c] + beta[c] (optionally followed by ReLU), written while each row / chunk is
+// in cache; its backward is one pass, dx = dy * invstd[c] * w[c] + (the statistics' dx). BN-statistics synthesis otherwise
 // runs BatchNorm, the statistics and their backward as separate passes, plus the add of
 // the two gradients. Every value is rounded as ATen's CPU BatchNorm and the separate
 // _channel_stats ops round it (alpha = w / sqrt(var + eps) in float, beta and y by fma;
@@ -246,7 +246,15 @@ void nhwc_affine(const float* x, float* y, int64_t npix, int64_t C, const float*
 // y = fma(x, alpha[c], beta[c]) over npix pixels of w channels (pixel stride C; alpha and beta
 // start at the first of the w channels); ATen's CPU kernel rounds its x * alpha + beta once
 // (a contracted fma), so this is an explicit one.
-// C = 0 is an NCHW row: npix values of the one channel alpha[0], beta[0].
+// C = 0 is an NCHW row: npix values of the one channel alpha[0], beta[0]. With `relu`,
+// y < 0 becomes +0 (torch.relu's clamp_min: -0 and NaN pass).
+template <bool relu>
+__attribute__((always_inline)) inline float bn_out(float x, float a, float b) {
+  const float y = __builtin_fmaf(x, a, b);
+  return relu && y < 0.f ? 0.f : y;
+}
+
+template <bool relu>
 __attribute__((always_inline)) inline void fma_affine_body(const float* __restrict x,
                                                            float* __restrict y, int64_t npix,
                                                            int64_t C, int64_t w,
@@ -254,58 +262,70 @@ __attribute__((always_inline)) inline void fma_affine_body(const float* __restri
                                                            const float* __restrict beta) {
   if (C == 0) {
     const float a = alpha[0], b = beta[0];
-    for (int64_t p = 0; p < npix; ++p) y[p] = __builtin_fmaf(x[p], a, b);
+    for (int64_t p = 0; p < npix; ++p) y[p] = bn_out<relu>(x[p], a, b);
     return;
   }
   for (int64_t p = 0; p < npix; ++p)
-    for (int64_t j = 0; j < w; ++j)
-      y[p * C + j] = __builtin_fmaf(x[p * C + j], alpha[j], beta[j]);
+    for (int64_t j = 0; j < w; ++j) y[p * C + j] = bn_out<relu>(x[p * C + j], alpha[j], beta[j]);
 }
 
 // dx = dy * invstd[c] * w[c] + (a[c] * (x - mu[c]) + b[c]): BatchNorm's eval backward (two
 // products, in ATen's order) plus the statistics' backward, summed as autograd sums them.
+// With `relu`, dy is first zeroed where the output r <= 0 (ReLU's threshold_backward).
 // C = 0 is an NCHW row of the one channel given.
+template <bool relu>
+__attribute__((always_inline)) inline float bn_grad(float dy, float r) {
+  return relu && r <= 0.f ? 0.f : dy;
+}
+
+template <bool relu>
 __attribute__((always_inline)) inline void bn_backward_body(
-    const float* __restrict dy, const float* __restrict x, float* __restrict dx, int64_t npix,
-    int64_t C, const float* __restrict invstd, const float* __restrict wt,
-    const float* __restrict a, const float* __restrict mu, const float* __restrict b) {
+    const float* __restrict dy, const float* __restrict r, const float* __restrict x,
+    float* __restrict dx, int64_t npix, int64_t C, const float* __restrict invstd,
+    const float* __restrict wt, const float* __restrict a, const float* __restrict mu,
+    const float* __restrict b) {
   if (C == 0) {
     const float s = invstd[0], t = wt[0], a0 = a[0], m0 = mu[0], b0 = b[0];
-    for (int64_t p = 0; p < npix; ++p) dx[p] = dy[p] * s * t + (a0 * (x[p] - m0) + b0);
+    for (int64_t p = 0; p < npix; ++p)
+      dx[p] = bn_grad<relu>(dy[p], r[p]) * s * t + (a0 * (x[p] - m0) + b0);
     return;
   }
   for (int64_t p = 0; p < npix; ++p)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = p * C + c;
-      dx[i] = dy[i] * invstd[c] * wt[c] + (a[c] * (x[i] - mu[c]) + b[c]);
+      dx[i] = bn_grad<relu>(dy[i], r[i]) * invstd[c] * wt[c] + (a[c] * (x[i] - mu[c]) + b[c]);
     }
 }
 
+template <bool relu>
 void fma_affine_plain(const float* x, float* y, int64_t npix, int64_t C, int64_t w,
                       const float* alpha, const float* beta) {
-  fma_affine_body(x, y, npix, C, w, alpha, beta);
+  fma_affine_body<relu>(x, y, npix, C, w, alpha, beta);
 }
 
-void bn_backward_plain(const float* dy, const float* x, float* dx, int64_t npix, int64_t C,
-                       const float* invstd, const float* wt, const float* a, const float* mu,
-                       const float* b) {
-  bn_backward_body(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+template <bool relu>
+void bn_backward_plain(const float* dy, const float* r, const float* x, float* dx, int64_t npix,
+                       int64_t C, const float* invstd, const float* wt, const float* a,
+                       const float* mu, const float* b) {
+  bn_backward_body<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 }
 
 #if SYNQ_STATS_X86
+template <bool relu>
 __attribute__((target("avx2,fma"))) void fma_affine_avx2(const float* x, float* y,
                                                          int64_t npix, int64_t C, int64_t w,
                                                          const float* alpha,
                                                          const float* beta) {
-  fma_affine_body(x, y, npix, C, w, alpha, beta);
+  fma_affine_body<relu>(x, y, npix, C, w, alpha, beta);
 }
 
-__attribute__((target("avx2"))) void bn_backward_avx2(const float* dy, const float* x,
-                                                      float* dx, int64_t npix, int64_t C,
-                                                      const float* invstd, const float* wt,
-                                                      const float* a, const float* mu,
-                                                      const float* b) {
-  bn_backward_body(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+template <bool relu>
+__attribute__((target("avx2"))) void bn_backward_avx2(const float* dy, const float* r,
+                                                      const float* x, float* dx, int64_t npix,
+                                                      int64_t C, const float* invstd,
+                                                      const float* wt, const float* a,
+                                                      const float* mu, const float* b) {
+  bn_backward_body<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 }
 
 bool have_fma() {
@@ -314,21 +334,23 @@ bool have_fma() {
 }
 #endif
 
+template <bool relu>
 void fma_affine(const float* x, float* y, int64_t npix, int64_t C, int64_t w,
                 const float* alpha, const float* beta) {
 #if SYNQ_STATS_X86
-  if (have_fma()) return fma_affine_avx2(x, y, npix, C, w, alpha, beta);
+  if (have_fma()) return fma_affine_avx2<relu>(x, y, npix, C, w, alpha, beta);
 #endif
-  fma_affine_plain(x, y, npix, C, w, alpha, beta);
+  fma_affine_plain<relu>(x, y, npix, C, w, alpha, beta);
 }
 
-void bn_backward(const float* dy, const float* x, float* dx, int64_t npix, int64_t C,
-                 const float* invstd, const float* wt, const float* a, const float* mu,
-                 const float* b) {
+template <bool relu>
+void bn_backward(const float* dy, const float* r, const float* x, float* dx, int64_t npix,
+                 int64_t C, const float* invstd, const float* wt, const float* a,
+                 const float* mu, const float* b) {
 #if SYNQ_STATS_X86
-  if (have_avx2()) return bn_backward_avx2(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+  if (have_avx2()) return bn_backward_avx2<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 #endif
-  bn_backward_plain(dy, x, dx, npix, C, invstd, wt, a, mu, b);
+  bn_backward_plain<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 }
 
 // Chunks of kPixBlock pixels of a 64-channel slice play the part of the NCHW rows: each is
@@ -494,7 +516,7 @@ void check_channel_vector(const at::Tensor& t, int64_t C, const char* who, const
 // y = BatchNorm(x) in eval mode (running statistics), and x's own channel mean and variance.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(
     const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& bias_,
-    const at::Tensor& rmean_, const at::Tensor& rvar_, double eps) {
+    const at::Tensor& rmean_, const at::Tensor& rvar_, double eps, bool relu) {
   const char* who = "synq batch_norm_stats (cpu): ";
   check_input(x_, who);
   const int64_t B = x_.size(0), C = x_.size(1), HW = x_.size(2) * x_.size(3);
@@ -526,24 +548,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(
   float* yp = y.mutable_data_ptr<float>();
   float* mp = mean.mutable_data_ptr<float>();
   float* vp = var.mutable_data_ptr<float>();
+  auto affine = relu ? &fma_affine<true> : &fma_affine<false>;
   if (nhwc) {
     channel_stats_nhwc(xp, B, C, HW, mp, vp, [&](int64_t p0, int64_t np, int64_t c0, int64_t cw) {
-      fma_affine(xp + p0 * C + c0, yp + p0 * C + c0, np, C, cw, alpha.data() + c0,
-                 beta.data() + c0);
+      affine(xp + p0 * C + c0, yp + p0 * C + c0, np, C, cw, alpha.data() + c0,
+             beta.data() + c0);
     });
   } else {
     channel_stats_nchw(xp, B, C, HW, mp, vp, [&](int64_t off, int64_t c) {
-      fma_affine(xp + off, yp + off, HW, 0, 1, alpha.data() + c, beta.data() + c);
+      affine(xp + off, yp + off, HW, 0, 1, alpha.data() + c, beta.data() + c);
     });
   }
   return {y, mean, var};
 }
 
 // dx of a loss of (y, mean, var) = batch_norm_stats(x, ...), given its gradients.
+// With `relu`, y is the op's output (the mask of ReLU's backward); else it is not read.
 at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tensor& g_mean_,
                                          const at::Tensor& g_var_, const at::Tensor& x_,
-                                         const at::Tensor& mean_, const at::Tensor& weight_,
-                                         const at::Tensor& rvar_, double eps) {
+                                         const at::Tensor& y_, const at::Tensor& mean_,
+                                         const at::Tensor& weight_, const at::Tensor& rvar_,
+                                         double eps, bool relu) {
   const char* who = "synq batch_norm_stats backward (cpu): ";
   check_input(x_, who);
   const int64_t B = x_.size(0), C = x_.size(1), HW = x_.size(2) * x_.size(3);
@@ -551,6 +576,9 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
                   g_y_.device().is_cpu(),
               who, "g_y must be a float32 CPU tensor of x's shape ", x_.sizes(), ", got ",
               g_y_.scalar_type(), " ", g_y_.sizes());
+  TORCH_CHECK(!relu || (y_.sizes() == x_.sizes() && y_.scalar_type() == at::kFloat &&
+                        y_.device().is_cpu()),
+              who, "y must be a float32 CPU tensor of x's shape ", x_.sizes());
   check_channel_vector(g_mean_, C, who, "g_mean");
   check_channel_vector(g_var_, C, who, "g_var");
   check_channel_vector(mean_, C, who, "mean");
@@ -559,6 +587,7 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
   const bool nhwc = is_channels_last(x_);
   const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto x = x_.contiguous(fmt), gy = g_y_.contiguous(fmt);
+  const auto y = relu ? y_.contiguous(fmt) : x;  // y is read only with relu
   auto dx = at::empty_like(x, fmt);
   if (x.numel() == 0) return dx;
   const double N = static_cast<double>(B * HW);
@@ -579,12 +608,14 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
   const float* mp = mean.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   const float* gp = gy.const_data_ptr<float>();
+  const float* rp = y.const_data_ptr<float>();
   float* dp = dx.mutable_data_ptr<float>();
+  auto bwd = relu ? &bn_backward<true> : &bn_backward<false>;
   if (nhwc) {
     const int64_t pgrain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(C, 1));
     at::parallel_for(0, B * HW, pgrain, [&](int64_t p0, int64_t p1) {
-      bn_backward(gp + p0 * C, xp + p0 * C, dp + p0 * C, p1 - p0, C, invstd.data(), wp,
-                  a.data(), mp, b.data());
+      bwd(gp + p0 * C, rp + p0 * C, xp + p0 * C, dp + p0 * C, p1 - p0, C, invstd.data(), wp,
+          a.data(), mp, b.data());
     });
     return dx;
   }
@@ -592,8 +623,8 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
   at::parallel_for(0, B * C, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r % C;
-      bn_backward(gp + r * HW, xp + r * HW, dp + r * HW, HW, 0, invstd.data() + c, wp + c,
-                  a.data() + c, mp + c, b.data() + c);
+      bwd(gp + r * HW, rp + r * HW, xp + r * HW, dp + r * HW, HW, 0, invstd.data() + c, wp + c,
+          a.data() + c, mp + c, b.data() + c);
     }
   });
   return dx;

@@ -23,21 +23,26 @@ def channel_stats_backward(g_mean: Tensor, g_var: Tensor, x: Tensor, mean: Tenso
 
 
 def batch_norm_stats_forward(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor,
-                             running_var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var): eval-mode BatchNorm of x with the running statistics, and x's own
-    channel mean and biased variance (channel_stats_forward)."""
+                             running_var: Tensor, eps: float, relu: bool = False
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): eval-mode BatchNorm of x with the running statistics (then ReLU if
+    `relu`), and x's own channel mean and biased variance (channel_stats_forward)."""
     y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0,
                                        eps)
+    if relu:
+        y = torch.relu(y)
     mean, var = channel_stats_forward(x)
     return y, mean, var
 
 
-def batch_norm_stats_backward(g_y: Tensor, g_mean: Tensor, g_var: Tensor, x: Tensor,
-                              mean: Tensor, weight: Tensor, running_var: Tensor,
-                              eps: float) -> Tensor:
-    """dx = g_y * weight[c] / sqrt(running_var[c] + eps) plus the statistics' dx
-    (channel_stats_backward)."""
+def batch_norm_stats_backward(g_y: Tensor, g_mean: Tensor, g_var: Tensor, x: Tensor, y: Tensor,
+                              mean: Tensor, weight: Tensor, running_var: Tensor, eps: float,
+                              relu: bool = False) -> Tensor:
+    """dx = g * weight[c] / sqrt(running_var[c] + eps) plus the statistics' dx
+    (channel_stats_backward); g = g_y, or with `relu` g_y where the output y > 0, else 0."""
     view = (1, -1, 1, 1)
+    if relu:
+        g_y = torch.ops.aten.threshold_backward(g_y, y, 0)
     invstd = (1.0 / torch.sqrt(running_var.double() + eps)).float()
     dx = g_y.float() * invstd.reshape(view) * weight.float().reshape(view)
     return (dx + channel_stats_backward(g_mean, g_var, x, mean).float()).to(x.dtype)
