@@ -30,6 +30,7 @@ CASES = [
     ("depthwise", 1, 5, 8, 8, 5, 3, 1, 1, 1, 5),
     ("depthwise.32.s2", 2, 32, 9, 9, 32, 3, 2, 1, 1, 32),
     ("depthwise.40.dilated", 1, 40, 10, 11, 40, 5, 1, (2, 3), (2, 1), 40),
+    ("depthwise.144.s2", 1, 144, 11, 9, 144, 3, 2, 1, 1, 144),  # 9 blocks: 4 pairs + 1
     ("depthwise.x2", 1, 6, 7, 7, 12, 3, 1, 1, 1, 6),   # 2 outputs per channel: grouped path
 ]
 
@@ -117,7 +118,7 @@ def test_exact_vs_reference(case, out_dtype):
 
 OFFSET_CASES = [c for c in CASES if c[0] in ("r20.stem", "r20.block1", "r20.shortcut2", "odd",
                                             "dilated", "grouped.8", "grouped.6", "depthwise",
-                                            "depthwise.x2")]
+                                            "depthwise.x2", "depthwise.144.s2")]
 
 
 @needs_cpu

@@ -982,19 +982,116 @@ __attribute__((target("avx2"))) void dw_micro_avx2(const int16_t* const* px, con
                         _mm256_permute2x128_si256(lo[r], hi[r], 0x31));  // channels 8-15
   }
 }
+// AVX-512 VNNI: two blocks (32 channels) of MR pixels a step. The same interleave over
+// 128-bit lanes gives channels 0-3, 8-11, 16-19, 24-27 (lo) and 4-7, 12-15, 20-23, 28-31
+// (hi); vpdpwssd multiplies and accumulates. HALF: one block only (the last of an odd count;
+// the loads are masked to its 16 channels, so nothing past the image is read).
+template <int MR, bool HALF>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void dw_micro_vnni(
+    const int16_t* const* px, const int32_t* off, int64_t TP, const int16_t* w, int32_t* out0,
+    int32_t* out1) {
+  __m512i lo[MR], hi[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+  const __mmask32 m = HALF ? 0xFFFFu : 0xFFFFFFFFu;
+  for (int64_t t = 0; t < TP; ++t) {
+    const __m512i wl = _mm512_loadu_si512(w + t * 64);
+    const __m512i wh = _mm512_loadu_si512(w + t * 64 + 32);
+    const int64_t o0 = off[2 * t], o1 = off[2 * t + 1];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i a0 = HALF ? _mm512_maskz_loadu_epi16(m, px[r] + o0)
+                              : _mm512_loadu_si512(px[r] + o0);
+      const __m512i a1 = HALF ? _mm512_maskz_loadu_epi16(m, px[r] + o1)
+                              : _mm512_loadu_si512(px[r] + o1);
+      lo[r] = dpwssd(lo[r], _mm512_unpacklo_epi16(a0, a1), wl);
+      hi[r] = dpwssd(hi[r], _mm512_unpackhi_epi16(a0, a1), wh);
+    }
+  }
+  // back to channel order: 0-15 = lo.0 hi.0 lo.1 hi.1, 16-31 = lo.2 hi.2 lo.3 hi.3 (lanes)
+  const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_si512(out0 + r * kCB, _mm512_permutex2var_epi64(lo[r], i0, hi[r]));
+    if (!HALF) _mm512_storeu_si512(out1 + r * kCB, _mm512_permutex2var_epi64(lo[r], i1, hi[r]));
+  }
+}
+
+using DwVnniFn = void (*)(const int16_t* const*, const int32_t*, int64_t, const int16_t*,
+                          int32_t*, int32_t*);
+
+template <bool HALF>
+DwVnniFn dw_vnni_fn(int mr) {
+  switch (mr) {
+    case 8: return dw_micro_vnni<8, HALF>;
+    case 7: return dw_micro_vnni<7, HALF>;
+    case 6: return dw_micro_vnni<6, HALF>;
+    case 5: return dw_micro_vnni<5, HALF>;
+    case 4: return dw_micro_vnni<4, HALF>;
+    case 3: return dw_micro_vnni<3, HALF>;
+    case 2: return dw_micro_vnni<2, HALF>;
+    default: return dw_micro_vnni<1, HALF>;
+  }
+}
 #endif
 
 struct DwWeights {
   int64_t T, TP, NBc;
   std::vector<int16_t> wt;   // portable: wt[c * T + t]
   std::vector<int16_t> wv;   // AVX2: per block and tap pair, 32 int16 (see above)
+  std::vector<int16_t> wz;   // VNNI: per block pair and tap pair, 64 int16 (see above)
   std::vector<int32_t> off;  // tap offsets (2 * TP; an odd T's last pair reads tap 0 at weight 0)
   std::vector<float> sc, bs;  // per channel, NBc * 16
 };
 
+// The epilogue of one 16-channel block of mr pixels.
+void dw_epilogue(const ConvArgs& a, const DwWeights& d, const int32_t* acc, int mr, int64_t bi,
+                 int64_t p0, const int64_t* poff, const int64_t* roff, int64_t c0,
+                 bool vec_epi) {
+  const int nv = static_cast<int>(std::min<int64_t>(kCB, a.C - c0));
+#if SYNQ_INT_CONV_X86
+  if (vec_epi && nv == kCB) {
+    epilogue_vec(a, acc, mr, bi, poff, roff, c0, d.sc.data() + c0, d.bs.data() + c0);
+    return;
+  }
+#endif
+  epilogue_portable(a, acc, mr, bi, p0, c0, nv, d.sc.data() + c0, d.bs.data() + c0);
+}
+
+#if SYNQ_INT_CONV_X86
+// VNNI: tiles of kPT pixels, two channel blocks a kernel call.
+void dw_tiles_vnni(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t bi,
+                   int64_t px0, int64_t px1, bool vec_epi) {
+  alignas(64) int32_t acc[2][kPT * kCB];
+  const int16_t* pb[kPT];
+  const int16_t* px[kPT];
+  int64_t poff[kPT], roff[kPT];
+  PixelWalker walk(a, img, px0);
+  const int64_t pairs = (d.NBc + 1) / 2;
+  for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
+    const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
+    walk.next(mr, pb, poff, roff);
+    const DwVnniFn full = dw_vnni_fn<false>(mr), half = dw_vnni_fn<true>(mr);
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      const int64_t c0 = pr * 2 * kCB;
+      const bool one = 2 * pr + 1 == d.NBc;
+      for (int r = 0; r < mr; ++r) px[r] = pb[r] + c0;
+      (one ? half : full)(px, d.off.data(), d.TP, d.wz.data() + pr * d.TP * 4 * kCB, acc[0],
+                          acc[1]);
+      dw_epilogue(a, d, acc[0], mr, bi, p0, poff, roff, c0, vec_epi);
+      if (!one) dw_epilogue(a, d, acc[1], mr, bi, p0, poff, roff, c0 + kCB, vec_epi);
+    }
+  }
+}
+#endif
+
 // Pixels [px0, px1) of image bi, every channel block.
 void dw_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t bi,
               int64_t px0, int64_t px1, bool vec_epi) {
+#if SYNQ_INT_CONV_X86
+  if (cpu_use_vnni()) return dw_tiles_vnni(a, d, img, bi, px0, px1, vec_epi);
+#endif
   alignas(32) int32_t acc[kPT * kCB];
   const int16_t* pb[kDwPT];
   const int16_t* px[kDwPT];
@@ -1020,13 +1117,7 @@ void dw_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t
       } else
 #endif
         dw_micro_portable(px, mr, d.off.data(), d.T, d.wt.data() + c0 * d.T, nv, acc);
-#if SYNQ_INT_CONV_X86
-      if (vec_epi && nv == kCB) {
-        epilogue_vec(a, acc, mr, bi, poff, roff, c0, d.sc.data() + c0, d.bs.data() + c0);
-        continue;
-      }
-#endif
-      epilogue_portable(a, acc, mr, bi, p0, c0, nv, d.sc.data() + c0, d.bs.data() + c0);
+      dw_epilogue(a, d, acc, mr, bi, p0, poff, roff, c0, vec_epi);
     }
   }
 }
@@ -1056,6 +1147,15 @@ void conv_run_dw(ConvArgs& a) {
             if (ch < a.C && tap < d.T)
               d.wv[((nb * d.TP + t) * 2 + h) * kCB + 2 * i + e] = d.wt[ch * d.T + tap];
           }
+  if (cpu_use_vnni()) {  // block pairs: per tap pair the lo halves of both, then the hi halves
+    const int64_t pairs = (d.NBc + 1) / 2;
+    d.wz.assign(pairs * d.TP * 4 * kCB, 0);
+    for (int64_t nb = 0; nb < d.NBc; ++nb)
+      for (int64_t t = 0; t < d.TP; ++t)
+        for (int h = 0; h < 2; ++h)
+          std::copy_n(d.wv.data() + ((nb * d.TP + t) * 2 + h) * kCB, kCB,
+                      d.wz.data() + ((nb / 2 * d.TP + t) * 4 + 2 * h + nb % 2) * kCB);
+  }
   d.off.assign(2 * d.TP, 0);
   for (int64_t ky = 0; ky < a.kh; ++ky)
     for (int64_t kx = 0; kx < a.kw; ++kx)
@@ -1069,7 +1169,7 @@ void conv_run_dw(ConvArgs& a) {
   const bool vec_epi = vector_epilogue_ok(a);
   a.woff = nullptr;  // in the weights now
   a.zb = 0;
-  conv_parallel<int16_t>(a, 1, kDwPT, a.B * a.OH * a.OW * a.C * d.T,
+  conv_parallel<int16_t>(a, 1, cpu_use_vnni() ? kPT : kDwPT, a.B * a.OH * a.OW * a.C * d.T,
                 [&](const int16_t* img, const int32_t*, int64_t bi, int64_t, int64_t px0,
                     int64_t px1) {
                   dw_tiles(a, d, img, bi, px0, px1, vec_epi);
