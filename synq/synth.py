@@ -12,8 +12,11 @@ file gives exactly the images of an uninterrupted one. `load_synthetic` reads th
 a TensorDataset for fine-tuning.
 
 Speed: the BN statistics of every layer come from `synq_kernels.channel_stats` (one pass over
-the data forward and backward on the CPU), and on a CPU the model runs as a channels-last copy
-(`CPU_CHANNELS_LAST`), where oneDNN's convolutions are faster; the caller's model is untouched.
+the data forward and backward on the CPU); on a CPU each frozen BatchNorm2d runs fused with the
+statistics of its input, and with the ReLU that follows it where there is one
+(`synq_kernels.batch_norm_stats`, through `synq.losses.BNStats`; same bits as unfused), and
+the model runs as a channels-last copy (`CPU_CHANNELS_LAST`), where oneDNN's convolutions are
+faster; the caller's model is untouched.
 """
 from __future__ import annotations
 
