@@ -172,7 +172,13 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().min().float(), x.detach().max().float()
+        x = x.detach()
+        if x.dim() == 4 and not x.is_contiguous() and \
+                x.is_contiguous(memory_format=torch.channels_last):
+            # the same values in memory order: a full reduction of a channels-last tensor
+            # makes a contiguous copy first (8x the time of the reduction on the CPU)
+            x = x.permute(0, 2, 3, 1)
+        lo, hi = (t.float() for t in torch.aminmax(x))
         if self.sync_ranks:
             lo, hi = distributed.all_reduce_min_max(lo, hi)
         if not self.is_initialized():

@@ -125,6 +125,21 @@ def test_act_quantizer_ema_then_frozen():
     assert float(y[1]) == pytest.approx(round(1.0 / scale) * scale)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_act_quantizer_observes_the_true_range_in_any_layout(layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 6, generator=g)
+    x[1, 3, 2, 4], x[2, 0, 0, 1] = 7.5, -6.25  # the extremes, somewhere inside
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0]  # every value, stride 2
+    q = ActQuantizer(bits=8)
+    q.calibrating = True
+    q(x)
+    assert float(q.running_min) == -6.25 and float(q.running_max) == 7.5
+
+
 def test_calibration_switch_and_state_dict_keeps_ranges():
     torch.manual_seed(0)
     q = quantize_model(resnet20(10, 1), 4, 4)
