@@ -271,12 +271,21 @@ def test_bnstats_leaves_other_layers_alone():
 def test_synthesis_is_unchanged_by_fusing(tmp_path, monkeypatch):
     net = _small_net()
     cfg = synth.SynthConfig(num_images=6, batch_size=3, steps=4)
-    images = {}
+    images, calls = {}, []
+    real = sk.batch_norm_stats
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("relu"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sk, "batch_norm_stats", spy)
     for fused in (False, True):
         monkeypatch.setattr(synth, "BNStats", functools.partial(losses.BNStats, fused=fused))
+        calls.clear()
         out = synth.synthesize(net, tmp_path / f"s{fused}.pt", (3, 9, 9), config=cfg,
                                progress=False)
         images[fused] = out["images"]
+        # fused: every step's two BN layers ran the op, each with its ReLU
+        assert calls == ([True] * len(calls) if fused else []) and (len(calls) > 0) == fused
     assert torch.equal(images[False], images[True])
 
 
