@@ -284,6 +284,42 @@ def test_evaluate_topk_and_empty(digits):
         evaluate(teacher, (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
 
 
+def test_evaluate_runs_a_channels_last_copy_on_cpu(digits, monkeypatch):
+    """On a CPU evaluate runs a channels-last copy of a conv model: the same accuracy, the
+    caller's model untouched (layout and mode), and a model that cannot be copied runs as is."""
+    import synq.evaluate as E
+    teacher, _, test = digits
+    teacher.train()
+    seen = []  # per forward: whether the model that ran has channels-last conv weights
+
+    def record(m, args):
+        seen.append(any(p.dim() == 4 and p.shape[1] > 1 and not p.is_contiguous()
+                        and p.is_contiguous(memory_format=torch.channels_last)
+                        for p in m.parameters()))
+    hook = teacher.register_forward_pre_hook(record)  # deep-copied with the model
+    res = {}
+    for flag in (False, True):
+        monkeypatch.setattr(E, "CPU_CHANNELS_LAST", flag)
+        seen.clear()
+        res[flag] = evaluate(teacher, test)
+        assert seen and all(v == flag for v in seen)
+    hook.remove()
+    assert res[True] == res[False]
+    assert teacher.training and all(p.is_contiguous() for p in teacher.parameters())
+
+    class NoCopy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = teacher
+
+        def forward(self, x):
+            return self.net(x)
+
+        def __deepcopy__(self, memo):
+            raise TypeError("not copyable")
+    assert evaluate(NoCopy(), test) == res[False]
+
+
 def test_calibrated_min_max_accuracy_on_digits(digits):
     teacher, train, test = digits
     q = quantize_model(teacher, 4, 4)
