@@ -9,6 +9,7 @@ Synthesis: `bns_loss` (BatchNorm-statistics matching), `focal_ce` (hard-sample C
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Sequence
 
@@ -49,11 +50,12 @@ def batch_stats(x: torch.Tensor, per_sample: bool = False):
 def _relus_after_bn(model: nn.Module) -> dict[int, nn.Module]:
     """{id(bn): relu} for every BatchNorm2d of `model` whose output, at each of its calls in
     the forward, goes to one nn.ReLU module and nowhere else (torch.fx's symbolic trace of the
-    forward); {} where the forward cannot be traced."""
+    forward, run on a copy: a forward that stores state on its modules would store proxies);
+    {} where the forward cannot be traced."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = torch.fx.Tracer().trace(model)
+            graph = torch.fx.Tracer().trace(copy.deepcopy(model))
     except Exception:  # data-dependent control flow and the like: no ReLU fusion
         return {}
     found, bad = {}, set()

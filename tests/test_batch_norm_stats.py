@@ -316,6 +316,14 @@ def test_relu_fusion_only_where_the_bn_output_goes_to_relu_alone():
             return super().forward(x) if x.sum() > -1e9 else x
     assert losses._relus_after_bn(Untraceable()) == {}
 
+    class Stateful(_Branchy):  # a forward that keeps state: traced on a copy, not on it
+        def forward(self, x):
+            self.last = x
+            return super().forward(x)
+    net = Stateful()
+    assert losses._relus_after_bn(net) == {id(net.bn2): net.relu2}
+    assert not hasattr(net, "last")
+
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
 @pytest.mark.parametrize("cls", ["branchy", "untraceable"])
