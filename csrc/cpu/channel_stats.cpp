@@ -14,12 +14,13 @@
 // block.
 //
 // _batch_norm_stats: the same statistics of x together with eval-mode BatchNorm of x,
-// y = x * alpha[c] + beta[c] (optionally followed by ReLU), written while each row / chunk is
-// in cache; its backward is one pass, dx = dy * invstd[c] * w[c] + (the statistics' dx). BN-statistics synthesis otherwise
-// runs BatchNorm, the statistics and their backward as separate passes, plus the add of
-// the two gradients. Every value is rounded as ATen's CPU BatchNorm and the separate
-// _channel_stats ops round it (alpha = w / sqrt(var + eps) in float, beta and y by fma;
-// backward invstd in double), so synthesis gives the same bits fused or not (tested).
+// y = x * alpha[c] + beta[c] (optionally followed by ReLU), written while each row / chunk
+// is in cache; its backward is one pass, dx = dy * invstd[c] * w[c] + (the statistics' dx),
+// dy masked by y > 0 with ReLU. BN-statistics synthesis otherwise runs BatchNorm, ReLU, the
+// statistics and their backwards as separate passes, plus the add of two gradients. Every
+// value is rounded as ATen's CPU BatchNorm and ReLU and the separate _channel_stats ops
+// round it (alpha = (1 / sqrt(var + eps)) * w in float, beta and y by fma; the backward's
+// invstd in double), so synthesis gives the same bits fused or not (tested).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
