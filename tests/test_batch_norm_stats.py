@@ -348,3 +348,22 @@ def test_bnstats_with_relu_fusion_equals_the_plain_model(cls):
         results[fused] = (out, loss, gx)
     for a, b in zip(results[False], results[True]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
+def test_statistics_do_not_depend_on_the_thread_count():
+    """Chunks are split over threads but merged in one order: the same bits at 1 and 2
+    threads (channel_stats and the fused op alike)."""
+    x = (torch.randn(7, 70, 23, 29) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    rm, rv, w, b = _params(70, 9)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            got.append((*sk.channel_stats(x, backend="cpu"),
+                        *sk.batch_norm_stats(x, rm, rv, w, b, relu=True, backend="cpu")))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, c) for a, c in zip(*got))
+    assert torch.equal(got[0][0], got[0][3]) and torch.equal(got[0][1], got[0][4])
