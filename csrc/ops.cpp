@@ -36,14 +36,14 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
   // and dx of a loss given its gradients with respect to them.
   m.def("_channel_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("_channel_stats_backward(Tensor g_mean, Tensor g_var, Tensor x, Tensor mean) -> Tensor");
-  // eval-mode BatchNorm of x (B, C, H, W) float32 with the running statistics (then ReLU if
-  // relu), together with x's channel statistics as _channel_stats gives them (CPU only):
-  // (y, mean, var); and dx given the gradients of y, mean and var (y: the forward's output,
-  // read for ReLU's mask).
+  // eval-mode BatchNorm of x (B, C, H, W) float32 with the running statistics, then the
+  // activation act (0 none, 1 ReLU, 2 ReLU6), together with x's channel statistics as
+  // _channel_stats gives them (CPU only): (y, mean, var); and dx given the gradients of y,
+  // mean and var (y: the forward's output, read for the activation's mask).
   m.def("_batch_norm_stats(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, "
-        "Tensor running_var, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+        "Tensor running_var, float eps, int act) -> (Tensor, Tensor, Tensor)");
   m.def("_batch_norm_stats_backward(Tensor g_y, Tensor g_mean, Tensor g_var, Tensor x, "
-        "Tensor y, Tensor mean, Tensor weight, Tensor running_var, float eps, bool relu) "
+        "Tensor y, Tensor mean, Tensor weight, Tensor running_var, float eps, int act) "
         "-> Tensor");
   // a (M, K) @ b (N, K).T in int32; a packed int4 of a_signed-ness or int8, b packed signed
   // int4 or int8 (packed rows: ceil(K/2) bytes, element 2i in the low nibble of byte i).

@@ -47,9 +47,12 @@ def batch_stats(x: torch.Tensor, per_sample: bool = False):
     return mean, var
 
 
+_FUSED_ACTS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+
+
 def _relus_after_bn(model: nn.Module) -> dict[int, nn.Module]:
-    """{id(bn): relu} for every BatchNorm2d of `model` whose output, at each of its calls in
-    the forward, goes to one nn.ReLU module and nowhere else (torch.fx's symbolic trace of the
+    """{id(bn): act} for every BatchNorm2d of `model` whose output, at each of its calls in
+    the forward, goes to one nn.ReLU or nn.ReLU6 module and nowhere else (torch.fx's symbolic trace of the
     forward, run on a copy: a forward that stores state on its modules would store proxies);
     {} where the forward cannot be traced."""
     try:
@@ -68,7 +71,7 @@ def _relus_after_bn(model: nn.Module) -> dict[int, nn.Module]:
         users = list(node.users)
         relu = (model.get_submodule(users[0].target)
                 if len(users) == 1 and users[0].op == "call_module" else None)
-        if type(relu) is not nn.ReLU or found.setdefault(id(bn), relu) is not relu:
+        if type(relu) not in _FUSED_ACTS or found.setdefault(id(bn), relu) is not relu:
             bad.add(id(bn))
     return {k: v for k, v in found.items() if k not in bad}
 
@@ -81,8 +84,8 @@ class BNStats:
     Fused: a BatchNorm2d in eval mode whose parameters need no gradient, on a float32 CPU
     tensor, runs `synq_kernels.batch_norm_stats` (BatchNorm and the statistics of its input in
     one read, their backward in one pass) when channel_stats would run on the cpu backend
-    anyway. Where the traced forward sends the layer's output only to an nn.ReLU module, the
-    op applies the ReLU too and that module passes the result through. The values are bit for
+    anyway. Where the traced forward sends the layer's output only to an nn.ReLU or nn.ReLU6
+    module, the op applies it too and that module passes the result through. The values are bit for
     bit those of the separate layers and channel_stats. Other layers run as they are;
     `fused=False` turns it all off.
 
@@ -132,7 +135,8 @@ class BNStats:
             if self._can_fuse(bn, x):
                 y, mean, var = synq_kernels.batch_norm_stats(
                     x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
-                    relu=relu is not None, backend="cpu")
+                    activation=_FUSED_ACTS[type(relu)] if relu is not None else None,
+                    backend="cpu")
                 self.stats[i] = (mean, var)
                 if relu is not None:
                     self._relu_out[id(relu)] = y

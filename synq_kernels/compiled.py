@@ -50,16 +50,16 @@ def channel_stats_backward(g_mean, g_var, x, mean):
 backends.register("channel_stats", "cpu", (channel_stats_forward, channel_stats_backward))
 
 
-def batch_norm_stats_forward(x, weight, bias, running_mean, running_var, eps, relu):
+def batch_norm_stats_forward(x, weight, bias, running_mean, running_var, eps, act):
     y, mean, var = torch.ops.synq._batch_norm_stats(x.float(), weight, bias, running_mean,
-                                                    running_var, eps, relu)
+                                                    running_var, eps, act)
     return y.to(x.dtype), mean, var
 
 
-def batch_norm_stats_backward(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, relu):
+def batch_norm_stats_backward(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, act):
     return torch.ops.synq._batch_norm_stats_backward(g_y.float(), g_mean, g_var, x.float(),
                                                      y.float(), mean, weight, running_var, eps,
-                                                     relu).to(x.dtype)
+                                                     act).to(x.dtype)
 
 
 backends.register("batch_norm_stats", "cpu",

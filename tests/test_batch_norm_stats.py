@@ -32,14 +32,16 @@ def _input(shape, channels_last, seed):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _float64(x, rm, rv, w, b, eps, gy, gm, gv, relu=False):
+def _float64(x, rm, rv, w, b, eps, gy, gm, gv, act=None):
     """y, mean, var and dx of <gy, y> + <gm, mean> + <gv, var> in float64 autograd."""
     x64 = x.detach().double().requires_grad_(True)
     v = (1, -1, 1, 1)
     y = (x64 - rm.double().view(v)) / torch.sqrt(rv.double().view(v) + eps) * w.double().view(v) \
         + b.double().view(v)
-    if relu:
+    if act == "relu":
         y = torch.relu(y)
+    elif act == "relu6":
+        y = F.relu6(y)
     var, mean = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
     loss = (y * gy.double()).sum() + (mean * gm.double()).sum() + (var * gv.double()).sum()
     (dx,) = torch.autograd.grad(loss, x64)
@@ -54,17 +56,18 @@ def test_cpu_backend_is_built():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape, cl", CASES)
-@pytest.mark.parametrize("relu", [False, True])
-def test_matches_float64(backend, shape, cl, relu):
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+def test_matches_float64(backend, shape, cl, act):
     c = shape[1]
     rm, rv, w, b = _params(c, sum(shape))
     x = _input(shape, cl, 1 + sum(shape)).requires_grad_(True)
     g = torch.Generator().manual_seed(2 + sum(shape))
     gy, gm, gv = torch.randn(shape, generator=g), torch.randn(c, generator=g), \
         torch.randn(c, generator=g)
-    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=1e-3, relu=relu, backend=backend)
+    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=1e-3, activation=act,
+                                       backend=backend)
     (dx,) = torch.autograd.grad((y * gy).sum() + (mean * gm).sum() + (var * gv).sum(), x)
-    y64, m64, v64, dx64 = _float64(x, rm, rv, w, b, 1e-3, gy, gm, gv, relu)
+    y64, m64, v64, dx64 = _float64(x, rm, rv, w, b, 1e-3, gy, gm, gv, act)
     assert y.dtype == dx.dtype == torch.float32 and mean.dtype == var.dtype == torch.float32
     if cl and c > 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -77,8 +80,9 @@ def test_matches_float64(backend, shape, cl, relu):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled cpu kernels")
 @pytest.mark.parametrize("shape, cl", CASES)
-@pytest.mark.parametrize("affine, relu", [(True, False), (False, False), (True, True)])
-def test_cpu_is_bit_identical_to_the_separate_ops(shape, cl, affine, relu):
+@pytest.mark.parametrize("affine, act", [(True, None), (False, None), (True, "relu"),
+                                         (True, "relu6")])
+def test_cpu_is_bit_identical_to_the_separate_ops(shape, cl, affine, act):
     """The claim synthesis relies on: fusing changes no bit of y, the statistics or dx."""
     c = shape[1]
     rm, rv, w, b = _params(c, 3 * sum(shape))
@@ -90,13 +94,13 @@ def test_cpu_is_bit_identical_to_the_separate_ops(shape, cl, affine, relu):
         torch.randn(c, generator=g)
 
     xa = x.clone().requires_grad_(True)
-    y, mean, var = sk.batch_norm_stats(xa, rm, rv, w, b, relu=relu, backend="cpu")
+    y, mean, var = sk.batch_norm_stats(xa, rm, rv, w, b, activation=act, backend="cpu")
     (dx,) = torch.autograd.grad((y * gy).sum() + (mean * gm).sum() + (var * gv).sum(), xa)
 
     xb = x.clone().requires_grad_(True)
     y0 = F.batch_norm(xb, rm, rv, w, b, False, 0.1, 1e-5)
-    if relu:
-        y0 = nn.ReLU()(y0)
+    if act is not None:
+        y0 = {"relu": nn.ReLU(), "relu6": nn.ReLU6()}[act](y0)
     mean0, var0 = sk.channel_stats(xb, backend="cpu")
     (dx0,) = torch.autograd.grad((y0 * gy).sum() + (mean0 * gm).sum() + (var0 * gv).sum(), xb)
     assert torch.equal(y, y0)
@@ -143,16 +147,37 @@ def test_relu_keeps_torch_semantics_at_zero_and_nan(backend):
     rm, rv, w, b = torch.zeros(2), torch.full((2,), 1 - eps), torch.ones(2), torch.full((2,), -0.0)
     vals = torch.tensor([-0.0, 0.0, float("nan"), -1.5, 2.0, -3.0, 0.5, float("inf")])
     x = vals.repeat(2 * 2 * 3).reshape(2, 2, 3, 8).requires_grad_(True)
-    y, _, _ = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, relu=True, backend=backend)
+    y, _, _ = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, activation="relu", backend=backend)
     ref = torch.relu(x.detach())
     assert torch.signbit(ref).any()  # the -0 case is there
     assert torch.equal(torch.signbit(y), torch.signbit(ref))
     assert torch.equal(y.nan_to_num(7.0), ref.nan_to_num(7.0))
     # the gradient, on finite values (NaN in x makes the statistics, and so all of dx, NaN)
     x = vals[[0, 1, 3, 4, 5, 6]].repeat(2 * 2 * 3).reshape(2, 2, 3, 6).requires_grad_(True)
-    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, relu=True, backend=backend)
+    y, mean, var = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, activation="relu",
+                                       backend=backend)
     (dx,) = torch.autograd.grad(y, x, torch.full_like(x, 3.0))
     (dx_ref,) = torch.autograd.grad(torch.relu(x), x, torch.full_like(x, 3.0))
+    assert torch.equal(dx, dx_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu6_keeps_torch_semantics_at_the_edges(backend):
+    """F.relu6 keeps -0 and NaN, clamps at 0 and 6, and its backward passes the gradient only
+    strictly inside (0, 6), NaN not included; same BN pass-through as the ReLU test."""
+    eps = 2.0 ** -10
+    rm, rv, w, b = torch.zeros(2), torch.full((2,), 1 - eps), torch.ones(2), torch.full((2,), -0.0)
+    vals = torch.tensor([-0.0, 0.0, float("nan"), -1.5, 2.0, 6.0, 7.0, float("inf"),
+                         -float("inf"), 5.999])
+    x = vals.repeat(2 * 2 * 3).reshape(2, 2, 3, 10).requires_grad_(True)
+    y, _, _ = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, activation="relu6", backend=backend)
+    ref = F.relu6(x.detach())
+    assert torch.equal(torch.signbit(y), torch.signbit(ref)) and torch.signbit(ref).any()
+    assert torch.equal(y.nan_to_num(7.0), ref.nan_to_num(7.0))
+    x = vals[[0, 1, 3, 4, 5, 6, 9]].repeat(2 * 2 * 3).reshape(2, 2, 3, 7).requires_grad_(True)
+    y, _, _ = sk.batch_norm_stats(x, rm, rv, w, b, eps=eps, activation="relu6", backend=backend)
+    (dx,) = torch.autograd.grad(y, x, torch.full_like(x, 3.0))
+    (dx_ref,) = torch.autograd.grad(F.relu6(x), x, torch.full_like(x, 3.0))
     assert torch.equal(dx, dx_ref)
 
 
@@ -168,13 +193,13 @@ def test_opcheck(backend):
     rm, rv, w, b = _params(4, 3)
     for x in (torch.randn(3, 4, 5, 6),
               torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)):
-        for relu in (False, True):
+        for act in (0, 1, 2):
             torch.library.opcheck(torch.ops.synq.batch_norm_stats.default,
-                                  (x.requires_grad_(True), w, b, rm, rv, 1e-5, relu, backend))
+                                  (x.requires_grad_(True), w, b, rm, rv, 1e-5, act, backend))
             mean = x.detach().mean((0, 2, 3))
             torch.library.opcheck(torch.ops.synq.batch_norm_stats_backward.default,
                                   (torch.randn(3, 4, 5, 6), torch.randn(4), torch.randn(4),
-                                   x.detach(), torch.randn(3, 4, 5, 6), mean, w, rv, 1e-5, relu,
+                                   x.detach(), torch.randn(3, 4, 5, 6), mean, w, rv, 1e-5, act,
                                    backend))
 
 
@@ -205,8 +230,8 @@ def test_bad_input():
         sk.batch_norm_stats(x, rm, rv, w.clone().requires_grad_(True), b)
     with pytest.raises(ValueError, match="eps"):
         sk.batch_norm_stats(x, rm, rv, w, b, eps=-1.0)
-    with pytest.raises(TypeError, match="relu must be a bool"):
-        sk.batch_norm_stats(x, rm, rv, w, b, relu=1)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        sk.batch_norm_stats(x, rm, rv, w, b, activation="gelu")
     with pytest.raises(NotImplementedError, match="no 'cuda' backend"):
         sk.batch_norm_stats(x, rm, rv, w, b, backend="cuda")
 
@@ -275,7 +300,7 @@ def test_synthesis_is_unchanged_by_fusing(tmp_path, monkeypatch):
     real = sk.batch_norm_stats
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("relu"))
+        calls.append(kwargs.get("activation"))
         return real(*args, **kwargs)
     monkeypatch.setattr(sk, "batch_norm_stats", spy)
     for fused in (False, True):
@@ -285,7 +310,7 @@ def test_synthesis_is_unchanged_by_fusing(tmp_path, monkeypatch):
                                progress=False)
         images[fused] = out["images"]
         # fused: every step's two BN layers ran the op, each with its ReLU
-        assert calls == ([True] * len(calls) if fused else []) and (len(calls) > 0) == fused
+        assert calls == (["relu"] * len(calls) if fused else []) and (len(calls) > 0) == fused
     assert torch.equal(images[False], images[True])
 
 
@@ -315,6 +340,10 @@ def test_relu_fusion_only_where_the_bn_output_goes_to_relu_alone():
         def forward(self, x):
             return super().forward(x) if x.sum() > -1e9 else x
     assert losses._relus_after_bn(Untraceable()) == {}
+
+    six = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU6(), nn.BatchNorm2d(4),
+                        nn.Hardtanh(0.0, 6.0))  # a Hardtanh that is not a ReLU6: not fused
+    assert losses._relus_after_bn(six) == {id(six[1]): six[2]}
 
     class Stateful(_Branchy):  # a forward that keeps state: traced on a copy, not on it
         def forward(self, x):
@@ -362,7 +391,8 @@ def test_statistics_do_not_depend_on_the_thread_count():
         for t in (1, 2):
             torch.set_num_threads(t)
             got.append((*sk.channel_stats(x, backend="cpu"),
-                        *sk.batch_norm_stats(x, rm, rv, w, b, relu=True, backend="cpu")))
+                        *sk.batch_norm_stats(x, rm, rv, w, b, activation="relu6",
+                                             backend="cpu")))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, c) for a, c in zip(*got))

@@ -14,9 +14,9 @@
 // block.
 //
 // _batch_norm_stats: the same statistics of x together with eval-mode BatchNorm of x,
-// y = x * alpha[c] + beta[c] (optionally followed by ReLU), written while each row / chunk
-// is in cache; its backward is one pass, dx = dy * invstd[c] * w[c] + (the statistics' dx),
-// dy masked by y > 0 with ReLU. BN-statistics synthesis otherwise runs BatchNorm, ReLU, the
+// y = x * alpha[c] + beta[c] (optionally followed by ReLU or ReLU6), written while each row /
+// chunk is in cache; its backward is one pass, dx = dy * invstd[c] * w[c] + (the statistics'
+// dx), dy masked by the activation's gradient. BN-statistics synthesis otherwise runs BatchNorm, ReLU, the
 // statistics and their backwards as separate passes, plus the add of two gradients. Every
 // value is rounded as ATen's CPU BatchNorm and ReLU and the separate _channel_stats ops
 // round it (alpha = (1 / sqrt(var + eps)) * w in float, beta and y by fma; the backward's
@@ -247,15 +247,20 @@ void nhwc_affine(const float* x, float* y, int64_t npix, int64_t C, const float*
 // y = fma(x, alpha[c], beta[c]) over npix pixels of w channels (pixel stride C; alpha and beta
 // start at the first of the w channels); ATen's CPU kernel rounds its x * alpha + beta once
 // (a contracted fma), so this is an explicit one.
-// C = 0 is an NCHW row: npix values of the one channel alpha[0], beta[0]. With `relu`,
-// y < 0 becomes +0 (torch.relu's clamp_min: -0 and NaN pass).
-template <bool relu>
+// C = 0 is an NCHW row: npix values of the one channel alpha[0], beta[0]. The activation
+// `act` (kNoAct, kReLU, kReLU6) follows torch: y < 0 becomes +0 (clamp_min: -0 and NaN pass),
+// and for ReLU6 y > 6 becomes 6.
+constexpr int kNoAct = 0, kReLU = 1, kReLU6 = 2;
+
+template <int act>
 __attribute__((always_inline)) inline float bn_out(float x, float a, float b) {
   const float y = __builtin_fmaf(x, a, b);
-  return relu && y < 0.f ? 0.f : y;
+  if (act == kNoAct) return y;
+  const float r = y < 0.f ? 0.f : y;
+  return act == kReLU6 && r > 6.f ? 6.f : r;
 }
 
-template <bool relu>
+template <int act>
 __attribute__((always_inline)) inline void fma_affine_body(const float* __restrict x,
                                                            float* __restrict y, int64_t npix,
                                                            int64_t C, int64_t w,
@@ -263,23 +268,26 @@ __attribute__((always_inline)) inline void fma_affine_body(const float* __restri
                                                            const float* __restrict beta) {
   if (C == 0) {
     const float a = alpha[0], b = beta[0];
-    for (int64_t p = 0; p < npix; ++p) y[p] = bn_out<relu>(x[p], a, b);
+    for (int64_t p = 0; p < npix; ++p) y[p] = bn_out<act>(x[p], a, b);
     return;
   }
   for (int64_t p = 0; p < npix; ++p)
-    for (int64_t j = 0; j < w; ++j) y[p * C + j] = bn_out<relu>(x[p * C + j], alpha[j], beta[j]);
+    for (int64_t j = 0; j < w; ++j) y[p * C + j] = bn_out<act>(x[p * C + j], alpha[j], beta[j]);
 }
 
 // dx = dy * invstd[c] * w[c] + (a[c] * (x - mu[c]) + b[c]): BatchNorm's eval backward (two
 // products, in ATen's order) plus the statistics' backward, summed as autograd sums them.
-// With `relu`, dy is first zeroed where the output r <= 0 (ReLU's threshold_backward).
-// C = 0 is an NCHW row of the one channel given.
-template <bool relu>
+// With an activation, dy is first zeroed where the output r says its gradient is 0: ReLU's
+// threshold_backward (r <= 0; NaN passes), ReLU6's hardtanh_backward (unless 0 < r < 6, which
+// is 0 < the input < 6; NaN does not pass). C = 0 is an NCHW row of the one channel given.
+template <int act>
 __attribute__((always_inline)) inline float bn_grad(float dy, float r) {
-  return relu && r <= 0.f ? 0.f : dy;
+  if (act == kReLU) return r <= 0.f ? 0.f : dy;
+  if (act == kReLU6) return r > 0.f && r < 6.f ? dy : 0.f;
+  return dy;
 }
 
-template <bool relu>
+template <int act>
 __attribute__((always_inline)) inline void bn_backward_body(
     const float* __restrict dy, const float* __restrict r, const float* __restrict x,
     float* __restrict dx, int64_t npix, int64_t C, const float* __restrict invstd,
@@ -288,45 +296,45 @@ __attribute__((always_inline)) inline void bn_backward_body(
   if (C == 0) {
     const float s = invstd[0], t = wt[0], a0 = a[0], m0 = mu[0], b0 = b[0];
     for (int64_t p = 0; p < npix; ++p)
-      dx[p] = bn_grad<relu>(dy[p], r[p]) * s * t + (a0 * (x[p] - m0) + b0);
+      dx[p] = bn_grad<act>(dy[p], r[p]) * s * t + (a0 * (x[p] - m0) + b0);
     return;
   }
   for (int64_t p = 0; p < npix; ++p)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = p * C + c;
-      dx[i] = bn_grad<relu>(dy[i], r[i]) * invstd[c] * wt[c] + (a[c] * (x[i] - mu[c]) + b[c]);
+      dx[i] = bn_grad<act>(dy[i], r[i]) * invstd[c] * wt[c] + (a[c] * (x[i] - mu[c]) + b[c]);
     }
 }
 
-template <bool relu>
+template <int act>
 void fma_affine_plain(const float* x, float* y, int64_t npix, int64_t C, int64_t w,
                       const float* alpha, const float* beta) {
-  fma_affine_body<relu>(x, y, npix, C, w, alpha, beta);
+  fma_affine_body<act>(x, y, npix, C, w, alpha, beta);
 }
 
-template <bool relu>
+template <int act>
 void bn_backward_plain(const float* dy, const float* r, const float* x, float* dx, int64_t npix,
                        int64_t C, const float* invstd, const float* wt, const float* a,
                        const float* mu, const float* b) {
-  bn_backward_body<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
+  bn_backward_body<act>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 }
 
 #if SYNQ_STATS_X86
-template <bool relu>
+template <int act>
 __attribute__((target("avx2,fma"))) void fma_affine_avx2(const float* x, float* y,
                                                          int64_t npix, int64_t C, int64_t w,
                                                          const float* alpha,
                                                          const float* beta) {
-  fma_affine_body<relu>(x, y, npix, C, w, alpha, beta);
+  fma_affine_body<act>(x, y, npix, C, w, alpha, beta);
 }
 
-template <bool relu>
+template <int act>
 __attribute__((target("avx2"))) void bn_backward_avx2(const float* dy, const float* r,
                                                       const float* x, float* dx, int64_t npix,
                                                       int64_t C, const float* invstd,
                                                       const float* wt, const float* a,
                                                       const float* mu, const float* b) {
-  bn_backward_body<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
+  bn_backward_body<act>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 }
 
 bool have_fma() {
@@ -335,23 +343,23 @@ bool have_fma() {
 }
 #endif
 
-template <bool relu>
+template <int act>
 void fma_affine(const float* x, float* y, int64_t npix, int64_t C, int64_t w,
                 const float* alpha, const float* beta) {
 #if SYNQ_STATS_X86
-  if (have_fma()) return fma_affine_avx2<relu>(x, y, npix, C, w, alpha, beta);
+  if (have_fma()) return fma_affine_avx2<act>(x, y, npix, C, w, alpha, beta);
 #endif
-  fma_affine_plain<relu>(x, y, npix, C, w, alpha, beta);
+  fma_affine_plain<act>(x, y, npix, C, w, alpha, beta);
 }
 
-template <bool relu>
+template <int act>
 void bn_backward(const float* dy, const float* r, const float* x, float* dx, int64_t npix,
                  int64_t C, const float* invstd, const float* wt, const float* a,
                  const float* mu, const float* b) {
 #if SYNQ_STATS_X86
-  if (have_avx2()) return bn_backward_avx2<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
+  if (have_avx2()) return bn_backward_avx2<act>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 #endif
-  bn_backward_plain<relu>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
+  bn_backward_plain<act>(dy, r, x, dx, npix, C, invstd, wt, a, mu, b);
 }
 
 // Chunks of kPixBlock pixels of a 64-channel slice play the part of the NCHW rows: each is
@@ -507,6 +515,11 @@ at::Tensor channel_stats_backward_cpu(const at::Tensor& g_mean_, const at::Tenso
   return dx;
 }
 
+void check_act(int64_t act, const char* who) {
+  TORCH_CHECK(act == kNoAct || act == kReLU || act == kReLU6, who,
+              "act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
+}
+
 void check_channel_vector(const at::Tensor& t, int64_t C, const char* who, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.scalar_type() == at::kFloat &&
                   t.device().is_cpu(),
@@ -517,7 +530,7 @@ void check_channel_vector(const at::Tensor& t, int64_t C, const char* who, const
 // y = BatchNorm(x) in eval mode (running statistics), and x's own channel mean and variance.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(
     const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& bias_,
-    const at::Tensor& rmean_, const at::Tensor& rvar_, double eps, bool relu) {
+    const at::Tensor& rmean_, const at::Tensor& rvar_, double eps, int64_t act) {
   const char* who = "synq batch_norm_stats (cpu): ";
   check_input(x_, who);
   const int64_t B = x_.size(0), C = x_.size(1), HW = x_.size(2) * x_.size(3);
@@ -549,7 +562,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(
   float* yp = y.mutable_data_ptr<float>();
   float* mp = mean.mutable_data_ptr<float>();
   float* vp = var.mutable_data_ptr<float>();
-  auto affine = relu ? &fma_affine<true> : &fma_affine<false>;
+  check_act(act, who);
+  auto affine = act == kReLU6 ? &fma_affine<kReLU6>
+                              : (act == kReLU ? &fma_affine<kReLU> : &fma_affine<kNoAct>);
   if (nhwc) {
     channel_stats_nhwc(xp, B, C, HW, mp, vp, [&](int64_t p0, int64_t np, int64_t c0, int64_t cw) {
       affine(xp + p0 * C + c0, yp + p0 * C + c0, np, C, cw, alpha.data() + c0,
@@ -564,12 +579,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(
 }
 
 // dx of a loss of (y, mean, var) = batch_norm_stats(x, ...), given its gradients.
-// With `relu`, y is the op's output (the mask of ReLU's backward); else it is not read.
+// With an activation, y is the op's output (the mask of its backward); else it is not read.
 at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tensor& g_mean_,
                                          const at::Tensor& g_var_, const at::Tensor& x_,
                                          const at::Tensor& y_, const at::Tensor& mean_,
                                          const at::Tensor& weight_, const at::Tensor& rvar_,
-                                         double eps, bool relu) {
+                                         double eps, int64_t act) {
   const char* who = "synq batch_norm_stats backward (cpu): ";
   check_input(x_, who);
   const int64_t B = x_.size(0), C = x_.size(1), HW = x_.size(2) * x_.size(3);
@@ -577,6 +592,8 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
                   g_y_.device().is_cpu(),
               who, "g_y must be a float32 CPU tensor of x's shape ", x_.sizes(), ", got ",
               g_y_.scalar_type(), " ", g_y_.sizes());
+  check_act(act, who);
+  const bool relu = act != kNoAct;
   TORCH_CHECK(!relu || (y_.sizes() == x_.sizes() && y_.scalar_type() == at::kFloat &&
                         y_.device().is_cpu()),
               who, "y must be a float32 CPU tensor of x's shape ", x_.sizes());
@@ -611,7 +628,8 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
   const float* gp = gy.const_data_ptr<float>();
   const float* rp = y.const_data_ptr<float>();
   float* dp = dx.mutable_data_ptr<float>();
-  auto bwd = relu ? &bn_backward<true> : &bn_backward<false>;
+  auto bwd = act == kReLU6 ? &bn_backward<kReLU6>
+                           : (act == kReLU ? &bn_backward<kReLU> : &bn_backward<kNoAct>);
   if (nhwc) {
     const int64_t pgrain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(C, 1));
     at::parallel_for(0, B * HW, pgrain, [&](int64_t p0, int64_t p1) {

@@ -89,24 +89,25 @@ def channel_stats(x: Tensor, backend: str | None = None) -> tuple[Tensor, Tensor
 # eval-mode BatchNorm fused with the statistics of its input
 
 BN_OP = "batch_norm_stats"
+ACTIVATIONS = (None, "relu", "relu6")  # the op's `act` is the index
 
 
 @torch.library.custom_op("synq::batch_norm_stats", mutates_args=())
 def _batch_norm_stats(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor,
-                      running_var: Tensor, eps: float, relu: bool, backend: str
+                      running_var: Tensor, eps: float, act: int, backend: str
                       ) -> tuple[Tensor, Tensor, Tensor]:
-    return _bn_forward_body(x, weight, bias, running_mean, running_var, eps, relu, backend)
+    return _bn_forward_body(x, weight, bias, running_mean, running_var, eps, act, backend)
 
 
-def _bn_forward_body(x, weight, bias, running_mean, running_var, eps, relu, backend):
+def _bn_forward_body(x, weight, bias, running_mean, running_var, eps, act, backend):
     fwd, _ = backends.implementation(BN_OP, backend)
-    y, mean, var = fwd(x, weight, bias, running_mean, running_var, eps, relu)
+    y, mean, var = fwd(x, weight, bias, running_mean, running_var, eps, act)
     return (y.contiguous(memory_format=conv_memory_format(x)), mean.contiguous(),
             var.contiguous())
 
 
 @_batch_norm_stats.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, relu, backend):
+def _(x, weight, bias, running_mean, running_var, eps, act, backend):
     c = x.shape[1]
     return (torch.empty_like(x, memory_format=conv_memory_format(x)),
             x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32))
@@ -115,27 +116,27 @@ def _(x, weight, bias, running_mean, running_var, eps, relu, backend):
 @torch.library.custom_op("synq::batch_norm_stats_backward", mutates_args=())
 def _batch_norm_stats_backward(g_y: Tensor, g_mean: Tensor, g_var: Tensor, x: Tensor, y: Tensor,
                                mean: Tensor, weight: Tensor, running_var: Tensor, eps: float,
-                               relu: bool, backend: str) -> Tensor:
-    return _bn_backward_body(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, relu,
+                               act: int, backend: str) -> Tensor:
+    return _bn_backward_body(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, act,
                              backend)
 
 
-def _bn_backward_body(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, relu, backend):
+def _bn_backward_body(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, act, backend):
     _, bwd = backends.implementation(BN_OP, backend)
-    dx = bwd(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, relu)
+    dx = bwd(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, act)
     return dx.contiguous(memory_format=conv_memory_format(x))
 
 
 @_batch_norm_stats_backward.register_fake
-def _(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, relu, backend):
+def _(g_y, g_mean, g_var, x, y, mean, weight, running_var, eps, act, backend):
     return torch.empty_like(x, memory_format=conv_memory_format(x))
 
 
 def _bn_setup_context(ctx, inputs, output):
-    x, weight, _, _, running_var, eps, relu, backend = inputs
-    # y is read by the backward only for ReLU's mask
-    ctx.save_for_backward(x, output[0] if relu else x, output[1], weight, running_var)
-    ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
+    x, weight, _, _, running_var, eps, act, backend = inputs
+    # y is read by the backward only for the activation's mask
+    ctx.save_for_backward(x, output[0] if act else x, output[1], weight, running_var)
+    ctx.eps, ctx.act, ctx.backend = eps, act, backend
 
 
 def _bn_backward(ctx, g_y, g_mean, g_var, body=None):
@@ -144,7 +145,7 @@ def _bn_backward(ctx, g_y, g_mean, g_var, body=None):
     g_mean = torch.zeros_like(mean) if g_mean is None else g_mean.float()
     g_var = torch.zeros_like(mean) if g_var is None else g_var.float()
     dx = (body or torch.ops.synq.batch_norm_stats_backward)(
-        g_y, g_mean, g_var, x, y, mean, weight, running_var, ctx.eps, ctx.relu, ctx.backend)
+        g_y, g_mean, g_var, x, y, mean, weight, running_var, ctx.eps, ctx.act, ctx.backend)
     return dx, None, None, None, None, None, None, None
 
 
@@ -156,8 +157,8 @@ class _DirectBN(torch.autograd.Function):
     custom-op layer (about 0.4 ms of host time a call, forward and backward, in synthesis)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, relu, backend):
-        args = (x, weight, bias, running_mean, running_var, eps, relu, backend)
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, act, backend):
+        args = (x, weight, bias, running_mean, running_var, eps, act, backend)
         out = _bn_forward_body(*args)
         _bn_setup_context(ctx, args, out)
         return out
@@ -169,17 +170,18 @@ class _DirectBN(torch.autograd.Function):
 
 def batch_norm_stats(x: Tensor, running_mean: Tensor, running_var: Tensor,
                      weight: Tensor | None = None, bias: Tensor | None = None,
-                     eps: float = 1e-5, relu: bool = False, backend: str | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+                     eps: float = 1e-5, activation: str | None = None,
+                     backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, var): y = BatchNorm2d of x in eval mode (F.batch_norm with the running
-    statistics, training=False), followed by torch.relu if `relu`, and the channel mean and
-    biased variance of x itself, as `channel_stats(x)` gives them. BN-statistics synthesis
+    statistics, training=False), followed by `activation` ("relu": torch.relu, "relu6":
+    F.relu6, or None), and the channel mean and biased variance of x itself, as
+    `channel_stats(x)` gives them. BN-statistics synthesis
     needs both at every BN layer; the cpu backend computes them in one read of x, and their
-    backward in one pass (against BatchNorm, ReLU, the statistics, their backwards and the sum
-    of two gradients).
+    backward in one pass (against BatchNorm, the activation, the statistics, their backwards and
+    the sum of two gradients).
 
-    On the cpu backend every value has the bits of the separate calls (F.batch_norm, relu and
-    channel_stats, forward and backward); the reference runs those calls.
+    On the cpu backend every value has the bits of the separate calls (F.batch_norm, the
+    activation and channel_stats, forward and backward); the reference runs those calls.
 
     Args:
         x: (B, C, H, W) float32, float16 or bfloat16, any strides; y has x's dtype, the
@@ -213,11 +215,13 @@ def batch_norm_stats(x: Tensor, running_mean: Tensor, running_var: Tensor,
     _checks.check_same_device(x=x, **params)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got "
+                         f"{activation!r}")
     be = backends.resolve(BN_OP, x.device, backend)
     args = (x, *(params[k].detach().float() for k in ("weight", "bias", "running_mean",
-                                                       "running_var")), float(eps), relu, be)
+                                                       "running_var")), float(eps),
+            ACTIVATIONS.index(activation), be)
     if _direct_ok(*args[:5]):  # eager: the op's autograd without its layer
         return _DirectBN.apply(*args)
     return torch.ops.synq.batch_norm_stats(*args)
