@@ -397,3 +397,28 @@ def test_statistics_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     assert all(torch.equal(a, c) for a, c in zip(*got))
     assert torch.equal(got[0][0], got[0][3]) and torch.equal(got[0][1], got[0][4])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_channel_vectors(backend):
+    """Running statistics, weight, bias and the statistics' gradients as strided views (the
+    kernel reads contiguous copies): the same values as from contiguous ones (bit for bit on
+    the cpu backend; F.batch_norm itself rounds strided parameters on another path)."""
+    rm, rv, w, b = _params(5, 11)
+    strided = [torch.stack([t, torch.full_like(t, 9.0)], 1)[:, 0] for t in (rm, rv, w, b)]
+    assert not strided[1].is_contiguous()
+    x = torch.randn(3, 5, 4, 4, requires_grad=True)
+    gm, gv = torch.randn(5), torch.randn(5)
+    outs = []
+    for vecs, (g_mean, g_var) in ((strided, (torch.stack([gm, gm], 1)[:, 0],
+                                             torch.stack([gv, gv], 1)[:, 0])),
+                                  ((rm, rv, w, b), (gm, gv))):
+        y, mean, var = sk.batch_norm_stats(x, vecs[0], vecs[1], vecs[2], vecs[3],
+                                           activation="relu", backend=backend)
+        (dx,) = torch.autograd.grad((y.sum(), mean, var), x, (None, g_mean, g_var))
+        outs.append((y, mean, var, dx))
+    for a, c in zip(*outs):
+        if backend == "cpu":
+            assert torch.equal(a, c)
+        else:
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)

@@ -548,10 +548,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cpu(
   // ATen's eval-mode terms: alpha = (1 / sqrt(var + eps)) * w in float, beta = bias - mean * alpha
   // rounded once (contracted to an fma there)
   std::vector<float> alpha(C), beta(C);
+  const float *wp = w.const_data_ptr<float>(), *bp = bi.const_data_ptr<float>();
+  const float *rmp = rm.const_data_ptr<float>(), *rvp = rv.const_data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
-    const float invstd = 1.0f / std::sqrt(rv.const_data_ptr<float>()[c] + static_cast<float>(eps));
-    alpha[c] = invstd * w.const_data_ptr<float>()[c];
-    beta[c] = std::fma(-rm.const_data_ptr<float>()[c], alpha[c], bi.const_data_ptr<float>()[c]);
+    const float invstd = 1.0f / std::sqrt(rvp[c] + static_cast<float>(eps));
+    alpha[c] = invstd * wp[c];
+    beta[c] = std::fma(-rmp[c], alpha[c], bp[c]);
   }
   if (B * HW == 0) {
     mean.fill_(std::numeric_limits<float>::quiet_NaN());
@@ -593,9 +595,9 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
               who, "g_y must be a float32 CPU tensor of x's shape ", x_.sizes(), ", got ",
               g_y_.scalar_type(), " ", g_y_.sizes());
   check_act(act, who);
-  const bool relu = act != kNoAct;
-  TORCH_CHECK(!relu || (y_.sizes() == x_.sizes() && y_.scalar_type() == at::kFloat &&
-                        y_.device().is_cpu()),
+  const bool masked = act != kNoAct;
+  TORCH_CHECK(!masked || (y_.sizes() == x_.sizes() && y_.scalar_type() == at::kFloat &&
+                          y_.device().is_cpu()),
               who, "y must be a float32 CPU tensor of x's shape ", x_.sizes());
   check_channel_vector(g_mean_, C, who, "g_mean");
   check_channel_vector(g_var_, C, who, "g_var");
@@ -605,7 +607,7 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
   const bool nhwc = is_channels_last(x_);
   const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto x = x_.contiguous(fmt), gy = g_y_.contiguous(fmt);
-  const auto y = relu ? y_.contiguous(fmt) : x;  // y is read only with relu
+  const auto y = masked ? y_.contiguous(fmt) : x;  // y is read only with an activation
   auto dx = at::empty_like(x, fmt);
   if (x.numel() == 0) return dx;
   const double N = static_cast<double>(B * HW);
@@ -613,12 +615,14 @@ at::Tensor batch_norm_stats_backward_cpu(const at::Tensor& g_y_, const at::Tenso
   // statistics' terms are _channel_stats_backward's
   std::vector<float> invstd(C), a(C), b(C);
   {
-    const float* rv = rvar_.contiguous().const_data_ptr<float>();
-    const auto gm = g_mean_.contiguous(), gv = g_var_.contiguous();
+    // the contiguous copies stay alive while their pointers are read
+    const auto rv = rvar_.contiguous(), gm = g_mean_.contiguous(), gv = g_var_.contiguous();
+    const float *rvp = rv.const_data_ptr<float>(), *gmp = gm.const_data_ptr<float>(),
+                *gvp = gv.const_data_ptr<float>();
     for (int64_t c = 0; c < C; ++c) {
-      invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
-      a[c] = static_cast<float>(2.0 * gv.const_data_ptr<float>()[c] / N);
-      b[c] = static_cast<float>(gm.const_data_ptr<float>()[c] / N);
+      invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rvp[c]) + eps));
+      a[c] = static_cast<float>(2.0 * gvp[c] / N);
+      b[c] = static_cast<float>(gmp[c] / N);
     }
   }
   const auto wt = weight_.contiguous(), mean = mean_.contiguous();
