@@ -55,7 +55,7 @@ PYT=(-q -rfE -p no:cacheprovider -p no:benchmark)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYT+=(--timeout 60)
 # SIGINT at the limit: pytest then still prints its summary of what ran and failed.
 timeout -s INT -k 15 90 "$PY" -m pytest "${PYT[@]}" tests/test_fake_quant.py tests/test_fake_quant_api.py \
-  tests/test_channel_stats.py tests/test_lowpass.py tests/test_synth.py \
+  tests/test_fake_quant_act.py tests/test_channel_stats.py tests/test_lowpass.py tests/test_synth.py \
   -k "(cuda or triton or compile or opcheck) and not without_gpu and not fullgraph" \
   --junitxml="$OUT/gpu_tests.xml" || STATUS=1
 # The integer kernels' CUDA backend (tests named test_cuda_*; no -x, so that one failing

@@ -25,11 +25,14 @@ bool compiled_with_cuda() {
 
 TORCH_LIBRARY_FRAGMENT(synq, m) {
   m.def("_compiled_with_cuda() -> bool", &compiled_with_cuda);
-  // qmin/qmax already resolved from bits and signedness; axis = -1 means per-tensor.
+  // qmin/qmax already resolved from bits and signedness; axis = -1 means per-tensor. act: an
+  // activation applied to x first (0 none, 1 ReLU, 2 ReLU6), so y = fq(act(x)) and the
+  // backward's dx is masked by the activation's gradient too (x: the activation's input).
   m.def("_fake_quant_fwd(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, "
-        "int axis) -> Tensor");
+        "int axis, int act=0) -> Tensor");
   m.def("_fake_quant_bwd(Tensor dy, Tensor x, Tensor scale, Tensor zero_point, int qmin, "
-        "int qmax, int axis, float grad_factor, bool qparam_grads) -> (Tensor, Tensor, Tensor)");
+        "int qmax, int axis, float grad_factor, bool qparam_grads, int act=0) "
+        "-> (Tensor, Tensor, Tensor)");
   // y = a_h @ x @ a_w over the last two dims; a_h, a_w: the Gaussian low-pass circulants.
   m.def("_lowpass_gaussian(Tensor x, Tensor a_h, Tensor a_w) -> Tensor");
   // x (B, C, H, W) float32: per-channel mean and biased variance over (B, H, W) (CPU only),

@@ -200,7 +200,11 @@ class ActQuantizer(nn.Module):
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """Fake-quantize x, or with `activation` ("relu" / "relu6") its activation, which the
+        fake_quant kernel then applies in the same pass (QuantAct does this)."""
+        if activation is not None and (self.calibrating or not self.enabled):
+            x, activation = _ACTIVATION_FNS[activation](x), None  # observed / passed as is
         if not self.enabled:
             return x
         if self.calibrating:
@@ -211,9 +215,10 @@ class ActQuantizer(nn.Module):
         if self.learnable is not None and not self.calibrating:
             return synq_kernels.fake_quant(x, self.scale, self.zero_point, self.bits,
                                            grad_factor=1.0 / math.sqrt(x[0].numel() * self.qmax),
-                                           backend=self.backend)
+                                           activation=activation, backend=self.backend)
         scale, zero_point = self._frozen_params()
-        return synq_kernels.fake_quant(x, scale, zero_point, self.bits, backend=self.backend)
+        return synq_kernels.fake_quant(x, scale, zero_point, self.bits, activation=activation,
+                                       backend=self.backend)
 
     def _frozen_params(self):
         """Scale and zero point of the running range, kept while its buffers are the same
@@ -236,8 +241,16 @@ class ActQuantizer(nn.Module):
                 f"learnable={self.learnable}")
 
 
+_ACTIVATION_FNS = {"relu": torch.relu, "relu6": F.relu6}
+_FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+
+
 class QuantAct(nn.Module):
-    """A ReLU / ReLU6 module followed by its activation quantizer."""
+    """A ReLU / ReLU6 module followed by its activation quantizer.
+
+    Once calibrated, the activation runs inside the fake_quant kernel (one pass over memory
+    forward and backward instead of two, the same values and gradients), unless the kernels
+    resolve to the reference backend, which keeps the plain PyTorch sequence."""
 
     def __init__(self, act: nn.Module, quantizer: ActQuantizer):
         super().__init__()
@@ -245,7 +258,12 @@ class QuantAct(nn.Module):
         self.quantizer = quantizer
 
     def forward(self, x):
-        return self.quantizer(self.act(x))
+        q = self.quantizer
+        activation = _FUSED_ACTIVATIONS.get(type(self.act))
+        if activation is None or not q.enabled or q.calibrating or \
+                synq_kernels.backends.resolve("fake_quant", x.device, q.backend) == "reference":
+            return q(self.act(x))
+        return q(x, activation=activation)
 
 
 def _with_weight_quantizer(cls, layer: nn.Module, bits, symmetric, learnable, backend):

@@ -64,6 +64,18 @@ def check_finite_float(name: str, value) -> float:
     return float(value)
 
 
+# activations an op can fuse; the compiled ops' `act` is the index
+ACTIVATIONS = (None, "relu", "relu6")
+
+
+def activation_index(activation) -> int:
+    """The `act` code of `activation` (None, "relu" or "relu6"), or a ValueError."""
+    if not (activation is None or isinstance(activation, str)) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got "
+                         f"{activation!r}")
+    return ACTIVATIONS.index(activation)
+
+
 def normalize_axis(axis, ndim: int) -> int:
     """Per-channel axis as a non-negative dim; None (per-tensor) as -1."""
     if axis is None:

@@ -11,13 +11,14 @@ from . import backends
 from .ops.lowpass import gaussian_matrix, lowpass_fft, use_separable
 
 
-def fake_quant_forward(x, scale, zero_point, qmin, qmax, axis):
-    return torch.ops.synq._fake_quant_fwd(x, scale, zero_point, qmin, qmax, axis)
+def fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, act=0):
+    return torch.ops.synq._fake_quant_fwd(x, scale, zero_point, qmin, qmax, axis, act)
 
 
-def fake_quant_backward(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, qparam_grads):
+def fake_quant_backward(dy, x, scale, zero_point, qmin, qmax, axis, grad_factor, qparam_grads,
+                        act=0):
     return torch.ops.synq._fake_quant_bwd(dy, x, scale, zero_point, qmin, qmax, axis,
-                                          grad_factor, qparam_grads)
+                                          grad_factor, qparam_grads, act)
 
 
 for _backend in ("cpu", "cuda"):

@@ -148,8 +148,8 @@ def test_compiled_kernels_are_built():
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-@pytest.mark.parametrize("axis", [None, 1])
-def test_opcheck(backend, axis):
+@pytest.mark.parametrize("axis, act", [(None, 0), (1, 0), (None, 1), (1, 2)])
+def test_opcheck(backend, axis, act):
     c = None if axis is None else 6
     x = torch.randn(5, 6, 3, requires_grad=True)
     shape = () if c is None else (c,)
@@ -157,18 +157,18 @@ def test_opcheck(backend, axis):
     z = (torch.rand(shape) * 10).requires_grad_()
     ax = -1 if axis is None else axis
     torch.library.opcheck(torch.ops.synq.fake_quant.default,
-                          (x, s, z, 0, 15, ax, 0.5, backend))
+                          (x, s, z, 0, 15, ax, 0.5, act, backend))
     dy = torch.randn(5, 6, 3)
     torch.library.opcheck(torch.ops.synq.fake_quant_backward.default,
                           (dy, x.detach(), s.detach(), z.detach(), 0, 15, ax, 0.5, True,
-                           backend))
+                           act, backend))
     # channels-last 4-D input: outputs keep the layout (the fake kernels say so too)
     x4 = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.synq.fake_quant.default,
-                          (x4.requires_grad_(), s, z, 0, 15, ax, 0.5, backend))
+                          (x4.requires_grad_(), s, z, 0, 15, ax, 0.5, act, backend))
     torch.library.opcheck(torch.ops.synq.fake_quant_backward.default,
                           (torch.randn(2, 6, 3, 4), x4.detach(), s.detach(), z.detach(), 0, 15,
-                           ax, 0.5, True, backend))
+                           ax, 0.5, True, act, backend))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

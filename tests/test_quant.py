@@ -321,3 +321,53 @@ def test_quantizers_are_made_on_the_models_device(learnable):
                                                              q.named_buffers())}
     assert any("quantizer" in n for n in placed)
     assert set(placed.values()) == {"meta"}, {n: d for n, d in placed.items() if d != "meta"}
+
+
+@pytest.mark.parametrize("learnable", [None, "lsq+"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_activation_gives_the_unfused_bits(monkeypatch, learnable, channels_last):
+    """A calibrated QuantAct runs its ReLU / ReLU6 inside fake_quant: outputs and every
+    gradient (weights, BN affine, learnable steps) are the same bits as act then fake_quant."""
+    import synq.quant as Q
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    x = torch.randn(6, 3, 9, 7) * 3
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), \
+            x.contiguous(memory_format=torch.channels_last)
+    q = quantize_model(model, 4, 4, learnable=learnable)
+    calibrate(q, [x])
+    runs = []
+    for fusable in (dict(Q._FUSED_ACTIVATIONS), {}):
+        monkeypatch.setattr(Q, "_FUSED_ACTIVATIONS", fusable)
+        m = copy.deepcopy(q).train()
+        calls = []
+        real = synq_kernels.fake_quant
+        monkeypatch.setattr(synq_kernels, "fake_quant",
+                            lambda *a, **k: calls.append(k.get("activation")) or real(*a, **k))
+        y = m(x)
+        y.square().sum().backward()
+        monkeypatch.setattr(synq_kernels, "fake_quant", real)
+        runs.append((y.detach(), {n: p.grad for n, p in m.named_parameters()}, calls))
+    (y1, g1, c1), (y2, g2, c2) = runs
+    assert "relu" in c1 and "relu6" in c1 and set(c2) == {None}  # fused, then not
+    assert torch.equal(y1, y2)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+def test_reference_backend_keeps_the_activation_apart(monkeypatch):
+    calls = []
+    real = synq_kernels.fake_quant
+    monkeypatch.setattr(synq_kernels, "fake_quant",
+                        lambda *a, **k: calls.append(k.get("activation")) or real(*a, **k))
+    fused = synq_kernels.backends.resolve("fake_quant", torch.device("cpu"), None) != "reference"
+    for backend, want in (("reference", None), (None, "relu" if fused else None)):
+        calls.clear()
+        q = quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), 4, 4, backend=backend)
+        calibrate(q, [torch.randn(2, 1, 5, 5)])
+        q(torch.randn(2, 1, 5, 5))
+        assert calls[-1] == want

@@ -200,10 +200,11 @@ import synq_kernels.triton.fake_quant as m
 
 
 ptxs = []
-for dt, (bo, bc, bi, cl) in [("fp32", (1, 1, 4096, False)), ("bf16", (32, 128, 1, True)),
-                             ("fp16", (4, 64, 16, False))]:
+for dt, (bo, bc, bi, cl), act in [("fp32", (1, 1, 4096, False), 1),
+                                  ("bf16", (32, 128, 1, True), 2),
+                                  ("fp16", (4, 64, 16, False), 0)]:
     consts = {"BLOCK_O": bo, "BLOCK_C": bc, "BLOCK_I": bi, "CHANNELS_LAST": cl, "INT64": False,
-              "ROUND_BF16": dt == "bf16"}
+              "ROUND_BF16": dt == "bf16", "ACT": act}
     ptxs.append(build(m._fake_quant_fwd_kernel, {
         "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "s_ptr": "*fp32", "z_ptr": "*fp32",
         "outer": "i32", "C": "i32", "inner": "i32", "n_cblocks": "i32", "tiles_inner": "i32",

@@ -1,5 +1,7 @@
 // Fused fake quantization on the CPU: forward, and a backward that reads x and dy once and
-// reduces the scale / zero-point gradients in the same pass.
+// reduces the scale / zero-point gradients in the same pass. Optionally a ReLU or ReLU6 runs
+// first, on each span while it is in cache (a quantized activation's act + fake-quant in
+// one pass over memory, forward and backward).
 //
 // The inner loops work on float spans and are compiled twice (AVX2 and baseline x86-64,
 // picked at load time) so GCC vectorizes the rounding, the division and the selects. Half and
@@ -42,6 +44,39 @@ inline float round_half_even(float t) {
   float a = std::fabs(t);
   float r = std::copysign((a + big) - big, t);  // computed unconditionally: a plain select
   return a < big ? r : t;
+}
+
+// The activation before the fake quantization: torch's relu (clamp_min: -0 and NaN pass) or
+// relu6 (hardtanh(0, 6)), into r.
+constexpr int kNoAct = 0, kReLU = 1, kReLU6 = 2;
+
+SYNQ_MULTIVERSION void act_span(const float* x, float* r, int64_t n, int act) {
+  if (act == kReLU) {
+    for (int64_t i = 0; i < n; ++i) r[i] = x[i] < 0.f ? 0.f : x[i];
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] < 0.f ? 0.f : x[i];
+    r[i] = v > 6.f ? 6.f : v;
+  }
+}
+
+// dx zeroed where the activation's gradient is 0, judged on its output r as torch's
+// backward does: ReLU's threshold_backward (r <= 0), ReLU6's (unless 0 < r < 6). NaN
+// entries get dx = 0 from the fake quantization whatever the mask says.
+SYNQ_MULTIVERSION void act_grad_span(const float* r, float* d, int64_t n, int act) {
+  if (act == kReLU) {
+    for (int64_t i = 0; i < n; ++i) d[i] = r[i] <= 0.f ? 0.f : d[i];
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) d[i] = r[i] > 0.f && r[i] < 6.f ? d[i] : 0.f;
+}
+
+// x's span with the activation applied (into buf), or x itself without one.
+inline const float* activated(const float* x, float* buf, int64_t n, int act) {
+  if (act == kNoAct) return x;
+  act_span(x, buf, n, act);
+  return buf;
 }
 
 // One channel's span: constant scale s and rounded zero point z.
@@ -173,26 +208,27 @@ QParams qparams(const at::Tensor& scale, const at::Tensor& zero_point, int64_t q
 }
 
 template <typename T>
-void forward_impl(const T* x, T* y, const FakeQuantGeometry& g, const QParams& p) {
+void forward_impl(const T* x, T* y, const FakeQuantGeometry& g, const QParams& p, int act) {
   const int64_t n = g.numel();
   if (g.inner == 1 && g.channels > 1) {
     const int64_t C = g.channels;
     at::parallel_for(0, g.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
-      float bx[kBuf], by[kBuf];
+      float bx[kBuf], by[kBuf], ba[kBuf];
       for (int64_t o = b; o < e; ++o)
         for (int64_t c0 = 0; c0 < C; c0 += kBuf) {
           int64_t m = std::min(kBuf, C - c0);
           const T* xs = x + o * C + c0;
           T* ys = y + o * C + c0;
           float* yo = FloatView<T>::out(ys, by);
-          fwd_row(FloatView<T>::load(xs, bx, m), yo, m, &p.s[c0], &p.z[c0], p.qmin, p.qmax);
+          fwd_row(activated(FloatView<T>::load(xs, bx, m), ba, m, act), yo, m, &p.s[c0],
+                  &p.z[c0], p.qmin, p.qmax);
           FloatView<T>::store(ys, yo, m);
         }
     });
     return;
   }
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    float bx[kBuf], by[kBuf];
+    float bx[kBuf], by[kBuf], ba[kBuf];
     for (int64_t i = b; i < e;) {
       int64_t seg = i / g.inner;
       int64_t c = seg % g.channels;
@@ -200,7 +236,8 @@ void forward_impl(const T* x, T* y, const FakeQuantGeometry& g, const QParams& p
       for (int64_t m; i < end; i += m) {
         m = std::min(kBuf, end - i);
         float* yo = FloatView<T>::out(y + i, by);
-        fwd_span(FloatView<T>::load(x + i, bx, m), yo, m, p.s[c], p.z[c], p.qmin, p.qmax);
+        fwd_span(activated(FloatView<T>::load(x + i, bx, m), ba, m, act), yo, m, p.s[c], p.z[c],
+                 p.qmin, p.qmax);
         FloatView<T>::store(y + i, yo, m);
       }
     }
@@ -211,27 +248,29 @@ void forward_impl(const T* x, T* y, const FakeQuantGeometry& g, const QParams& p
 // gradients, reproducible run to run.
 template <typename T>
 void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantGeometry& g, const QParams& p,
-                   bool qparam_grads, double* ds_total, double* dz_total) {
+                   bool qparam_grads, int act, double* ds_total, double* dz_total) {
   const int64_t n = g.numel();
   const int64_t C = g.channels;
   if (!qparam_grads) {
     if (g.inner == 1 && C > 1) {
       at::parallel_for(0, g.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
-        float bx[kBuf], bg[kBuf], bd[kBuf];
+        float bx[kBuf], bg[kBuf], bd[kBuf], ba[kBuf];
         for (int64_t o = b; o < e; ++o)
           for (int64_t c0 = 0; c0 < C; c0 += kBuf) {
             int64_t m = std::min(kBuf, C - c0);
             const int64_t off = o * C + c0;
             float* d = FloatView<T>::out(dx + off, bd);
-            bwd_row_dx(FloatView<T>::load(x + off, bx, m), FloatView<T>::load(dy + off, bg, m),
-                       d, m, &p.s[c0], &p.z[c0], p.qmin, p.qmax);
+            const float* r = activated(FloatView<T>::load(x + off, bx, m), ba, m, act);
+            bwd_row_dx(r, FloatView<T>::load(dy + off, bg, m), d, m, &p.s[c0], &p.z[c0],
+                       p.qmin, p.qmax);
+            if (act != kNoAct) act_grad_span(r, d, m, act);
             FloatView<T>::store(dx + off, d, m);
           }
       });
       return;
     }
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      float bx[kBuf], bg[kBuf], bd[kBuf];
+      float bx[kBuf], bg[kBuf], bd[kBuf], ba[kBuf];
       for (int64_t i = b; i < e;) {
         int64_t seg = i / g.inner;
         int64_t c = seg % C;
@@ -239,8 +278,10 @@ void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantGeometry& g, c
         for (int64_t m; i < end; i += m) {
           m = std::min(kBuf, end - i);
           float* d = FloatView<T>::out(dx + i, bd);
-          bwd_span_dx(FloatView<T>::load(x + i, bx, m), FloatView<T>::load(dy + i, bg, m), d, m,
-                      p.s[c], p.z[c], p.qmin, p.qmax);
+          const float* r = activated(FloatView<T>::load(x + i, bx, m), ba, m, act);
+          bwd_span_dx(r, FloatView<T>::load(dy + i, bg, m), d, m, p.s[c], p.z[c], p.qmin,
+                      p.qmax);
+          if (act != kNoAct) act_grad_span(r, d, m, act);
           FloatView<T>::store(dx + i, d, m);
         }
       }
@@ -255,7 +296,7 @@ void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantGeometry& g, c
   chunks = std::min(chunks, units);
   std::vector<double> ds(chunks * C, 0.0), dz(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    float bx[kBuf], bg[kBuf], bd[kBuf];
+    float bx[kBuf], bg[kBuf], bd[kBuf], ba[kBuf];
     for (int64_t k = cb; k < ce; ++k) {
       const int64_t b = units * k / chunks, e = units * (k + 1) / chunks;
       double* dsk = &ds[k * C];
@@ -266,8 +307,10 @@ void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantGeometry& g, c
             int64_t m = std::min(kBuf, C - c0);
             const int64_t off = o * C + c0;
             float* d = FloatView<T>::out(dx + off, bd);
-            bwd_row(FloatView<T>::load(x + off, bx, m), FloatView<T>::load(dy + off, bg, m), d,
-                    m, &p.s[c0], &p.z[c0], p.qmin, p.qmax, dsk + c0, dzk + c0);
+            const float* r = activated(FloatView<T>::load(x + off, bx, m), ba, m, act);
+            bwd_row(r, FloatView<T>::load(dy + off, bg, m), d, m, &p.s[c0], &p.z[c0], p.qmin,
+                    p.qmax, dsk + c0, dzk + c0);
+            if (act != kNoAct) act_grad_span(r, d, m, act);
             FloatView<T>::store(dx + off, d, m);
           }
         continue;
@@ -280,8 +323,10 @@ void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantGeometry& g, c
           m = std::min(kBuf, end - i);
           float s_part, z_part;
           float* d = FloatView<T>::out(dx + i, bd);
-          bwd_span(FloatView<T>::load(x + i, bx, m), FloatView<T>::load(dy + i, bg, m), d, m,
-                   p.s[c], p.z[c], p.qmin, p.qmax, &s_part, &z_part);
+          const float* r = activated(FloatView<T>::load(x + i, bx, m), ba, m, act);
+          bwd_span(r, FloatView<T>::load(dy + i, bg, m), d, m, p.s[c], p.z[c], p.qmin, p.qmax,
+                   &s_part, &z_part);
+          if (act != kNoAct) act_grad_span(r, d, m, act);
           FloatView<T>::store(dx + i, d, m);
           dsk[c] += s_part;
           dzk[c] += z_part;
@@ -296,23 +341,27 @@ void backward_impl(const T* dy, const T* x, T* dx, const FakeQuantGeometry& g, c
     }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point) {
+void check_inputs(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                  int64_t act) {
   TORCH_CHECK(x.device().is_cpu() && scale.device().is_cpu() && zero_point.device().is_cpu(),
               "synq fake_quant (cpu backend): all tensors must be on the CPU");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "synq fake_quant: x must be floating point");
+  TORCH_CHECK(act == kNoAct || act == kReLU || act == kReLU6,
+              "synq fake_quant: act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
 }
 
 at::Tensor fake_quant_fwd_cpu(const at::Tensor& x_, const at::Tensor& scale,
                               const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
-                              int64_t axis) {
-  check_inputs(x_, scale, zero_point);
+                              int64_t axis, int64_t act) {
+  check_inputs(x_, scale, zero_point, act);
   auto x = x_.contiguous();
   auto g = fake_quant_geometry(x, scale, zero_point, axis);
   auto y = at::empty_like(x);
   if (x.numel() == 0) return y;
   auto p = qparams(scale, zero_point, qmin, qmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_fwd", [&] {
-    forward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, p);
+    forward_impl<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, p,
+                           static_cast<int>(act));
   });
   return y;
 }
@@ -320,8 +369,8 @@ at::Tensor fake_quant_fwd_cpu(const at::Tensor& x_, const at::Tensor& scale,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cpu(
     const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t qmin, int64_t qmax, int64_t axis, double grad_factor,
-    bool qparam_grads) {
-  check_inputs(x_, scale, zero_point);
+    bool qparam_grads, int64_t act) {
+  check_inputs(x_, scale, zero_point, act);
   TORCH_CHECK(dy_.sizes() == x_.sizes(), "synq fake_quant backward: dy and x differ in shape");
   auto x = x_.contiguous();
   auto dy = dy_.to(x.scalar_type()).contiguous();
@@ -335,8 +384,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cpu(
   std::vector<double> ds(g.channels, 0.0), dz(g.channels, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_bwd", [&] {
     backward_impl<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                            dx.mutable_data_ptr<scalar_t>(), g, p, qparam_grads, ds.data(),
-                            dz.data());
+                            dx.mutable_data_ptr<scalar_t>(), g, p, qparam_grads,
+                            static_cast<int>(act), ds.data(), dz.data());
   });
   if (qparam_grads) {
     float* dsp = dscale.mutable_data_ptr<float>();

@@ -56,9 +56,29 @@ __device__ __forceinline__ float rounded_zero_point(const float* zero_point, int
 // One element: returns y (forward) or dx (backward), and adds the element's terms of
 // sum(dy * dq/ds) and sum(dy over clamped elements) to ds / dz. The _rn intrinsics keep the
 // roundings those of the CPU kernel whatever the contraction flags.
+// The activation before the fake quantization (act: 0 none, 1 ReLU, 2 ReLU6), as torch's
+// relu (clamp_min: -0 and NaN pass) and relu6 (hardtanh(0, 6)); and whether its gradient
+// passes, judged on its output r as torch's backward does (NaN entries are outside the
+// fake quantization's range, so their dx is 0 either way). act is the same for every
+// thread of a launch: the branches do not diverge.
+constexpr int kNoAct = 0, kReLU = 1, kReLU6 = 2;
+
+__device__ __forceinline__ float activate(float x, int act) {
+  if (act == kNoAct) return x;
+  const float v = x < 0.f ? 0.f : x;
+  return act == kReLU6 && v > 6.f ? 6.f : v;
+}
+
+__device__ __forceinline__ bool act_passes(float r, int act) {
+  if (act == kNoAct) return true;
+  return act == kReLU ? !(r <= 0.f) : (r > 0.f && r < 6.f);
+}
+
 template <Mode M>
-__device__ __forceinline__ float fake_quant_elem(float x, float g, float s, float z, float qmin,
-                                                 float qmax, float& ds, float& dz) {
+__device__ __forceinline__ float fake_quant_elem(float x_in, float g, float s, float z,
+                                                 float qmin, float qmax, int act, float& ds,
+                                                 float& dz) {
+  const float x = activate(x_in, act);
   const float t = __fdiv_rn(x, s);
   const float r = rintf(t);  // round half to even, as nearbyint on the CPU
   const float q = __fadd_rn(r, z);
@@ -71,7 +91,7 @@ __device__ __forceinline__ float fake_quant_elem(float x, float g, float s, floa
       ds += g * (in ? r - t : qc - z);
       dz += in ? 0.f : g;
     }
-    return in ? g : 0.f;
+    return in && act_passes(x, act) ? g : 0.f;
   }
 }
 
@@ -81,7 +101,7 @@ template <typename T, int VEC, int NP, Mode M>
 __device__ __forceinline__ void fake_quant_pack(const T* __restrict__ x, const T* __restrict__ dy,
                                                 T* __restrict__ out, int64_t i, const float* s,
                                                 const float* z, float* ds, float* dz,
-                                                float qmin, float qmax) {
+                                                float qmin, float qmax, int act) {
   using P = Pack<T, VEC>;
   const P xv = *reinterpret_cast<const P*>(x + i);
   // The forward has no dy (null): it reads nothing more, and fake_quant_elem ignores g.
@@ -92,7 +112,7 @@ __device__ __forceinline__ void fake_quant_pack(const T* __restrict__ x, const T
     const int p = NP == 1 ? 0 : k;
     ov.v[k] = static_cast<T>(fake_quant_elem<M>(static_cast<float>(xv.v[k]),
                                                 static_cast<float>(gv.v[k]), s[p], z[p], qmin,
-                                                qmax, ds[p], dz[p]));
+                                                qmax, act, ds[p], dz[p]));
   }
   *reinterpret_cast<P*>(out + i) = ov;
 }
@@ -143,7 +163,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                                T* __restrict__ out, const float* __restrict__ scale,
                                const float* __restrict__ zero_point, float* __restrict__ dscale,
                                float* __restrict__ dzero, int64_t outer, int64_t channels,
-                               int64_t inner, float qmin, float qmax, float grad_factor) {
+                               int64_t inner, float qmin, float qmax, float grad_factor,
+                               int act) {
   const int64_t nvec = inner / VEC;
   const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t col_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -157,9 +178,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     for (int64_t o = row0; o < outer; o += row_stride) {
       const int64_t base = (o * channels + c) * inner;
       for (int64_t v = col; v < nvec; v += col_stride)
-        fake_quant_pack<T, VEC, 1, M>(x, dy, out, base + v * VEC, &s, &z, &ds, &dz, qmin, qmax);
+        fake_quant_pack<T, VEC, 1, M>(x, dy, out, base + v * VEC, &s, &z, &ds, &dz, qmin, qmax,
+                                      act);
       for (int64_t j = nvec * VEC + col; j < inner; j += col_stride)
-        fake_quant_pack<T, 1, 1, M>(x, dy, out, base + j, &s, &z, &ds, &dz, qmin, qmax);
+        fake_quant_pack<T, 1, 1, M>(x, dy, out, base + j, &s, &z, &ds, &dz, qmin, qmax, act);
     }
     if constexpr (M == Mode::kGrads)
       block_sum_add(ds, dz, dscale + c, dzero + c, grad_factor, -grad_factor * s);
@@ -177,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                               T* __restrict__ out, const float* __restrict__ scale,
                               const float* __restrict__ zero_point, float* __restrict__ dscale,
                               float* __restrict__ dzero, int64_t rows, int64_t channels,
-                              float qmin, float qmax, float grad_factor) {
+                              float qmin, float qmax, float grad_factor, int act) {
   const int64_t tile = static_cast<int64_t>(blockDim.x) * VEC;
   const int64_t row0 = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y;
   const int64_t row_stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
@@ -192,7 +214,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     }
     if (c < channels)
       for (int64_t o = row0; o < rows; o += row_stride)
-        fake_quant_pack<T, VEC, VEC, M>(x, dy, out, o * channels + c, s, z, ds, dz, qmin, qmax);
+        fake_quant_pack<T, VEC, VEC, M>(x, dy, out, o * channels + c, s, z, ds, dz, qmin, qmax,
+                                        act);
     if constexpr (M == Mode::kGrads) {
       // Partial sums laid out [threadIdx.y][column of the tile]: thread (tx, ty) lane k is
       // column tx * VEC + k, at ty * tile + tx * VEC + k.
@@ -235,6 +258,7 @@ struct Args {
   float* dscale;  // null unless Mode::kGrads
   float* dzero;
   float qmin, qmax, grad_factor;
+  int act;  // kNoAct, kReLU, kReLU6
 };
 
 // As many blocks as fit on the device at once (the loops stride over the rest); computed
@@ -263,7 +287,7 @@ void launch_segments(const Args& a, int64_t outer, int64_t channels, int64_t inn
          dim3(bx, by), 0, stream>>>(
           static_cast<const T*>(a.x), static_cast<const T*>(a.dy), static_cast<T*>(a.out),
           a.scale, a.zero_point, a.dscale, a.dzero, outer, channels, inner, a.qmin, a.qmax,
-          a.grad_factor);
+          a.grad_factor, a.act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -282,7 +306,7 @@ void launch_columns(const Args& a, int64_t rows, int64_t channels, cudaStream_t 
       <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(bx, by), 0, stream>>>(
           static_cast<const T*>(a.x), static_cast<const T*>(a.dy), static_cast<T*>(a.out),
           a.scale, a.zero_point, a.dscale, a.dzero, rows, channels, a.qmin, a.qmax,
-          a.grad_factor);
+          a.grad_factor, a.act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -320,7 +344,10 @@ void dispatch(at::ScalarType dtype, const Args& a, const FakeQuantGeometry& geo)
                      AT_DISPATCH_CASE(at::kBFloat16, [&] { launch<scalar_t, M>(a, geo); }));
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point) {
+void check_inputs(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                  int64_t act) {
+  TORCH_CHECK(act == kNoAct || act == kReLU || act == kReLU6,
+              "synq fake_quant: act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
   TORCH_CHECK(x.is_cuda(), "synq fake_quant (cuda backend): x must be a CUDA tensor, got ",
               x.device());
   TORCH_CHECK(scale.device() == x.device() && zero_point.device() == x.device(),
@@ -336,8 +363,8 @@ at::Tensor as_float(const at::Tensor& p) { return p.to(at::kFloat).contiguous();
 
 at::Tensor fake_quant_fwd_cuda(const at::Tensor& x_, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
-                               int64_t axis) {
-  check_inputs(x_, scale, zero_point);
+                               int64_t axis, int64_t act) {
+  check_inputs(x_, scale, zero_point, act);
   const c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous();
   auto geo = fake_quant_geometry(x, scale, zero_point, axis);
@@ -346,7 +373,7 @@ at::Tensor fake_quant_fwd_cuda(const at::Tensor& x_, const at::Tensor& scale,
   auto s = as_float(scale), z = as_float(zero_point);
   const Args a{x.const_data_ptr(), nullptr, y.mutable_data_ptr(), s.const_data_ptr<float>(),
                z.const_data_ptr<float>(), nullptr, nullptr, static_cast<float>(qmin),
-               static_cast<float>(qmax), 0.f};
+               static_cast<float>(qmax), 0.f, static_cast<int>(act)};
   dispatch<Mode::kForward>(x.scalar_type(), a, geo);
   return y;
 }
@@ -354,8 +381,8 @@ at::Tensor fake_quant_fwd_cuda(const at::Tensor& x_, const at::Tensor& scale,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cuda(
     const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t qmin, int64_t qmax, int64_t axis, double grad_factor,
-    bool qparam_grads) {
-  check_inputs(x_, scale, zero_point);
+    bool qparam_grads, int64_t act) {
+  check_inputs(x_, scale, zero_point, act);
   TORCH_CHECK(dy_.sizes() == x_.sizes(), "synq fake_quant backward: dy and x differ in shape");
   TORCH_CHECK(dy_.device() == x_.device(), "synq fake_quant backward: dy (on ", dy_.device(),
               ") must be on x's device ", x_.device());
@@ -375,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_bwd_cuda(
                qparam_grads ? dscale.mutable_data_ptr<float>() : nullptr,
                qparam_grads ? dzero.mutable_data_ptr<float>() : nullptr,
                static_cast<float>(qmin), static_cast<float>(qmax),
-               static_cast<float>(grad_factor)};
+               static_cast<float>(grad_factor), static_cast<int>(act)};
   if (qparam_grads)
     dispatch<Mode::kGrads>(x.scalar_type(), a, geo);
   else

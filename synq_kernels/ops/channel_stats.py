@@ -89,7 +89,6 @@ def channel_stats(x: Tensor, backend: str | None = None) -> tuple[Tensor, Tensor
 # eval-mode BatchNorm fused with the statistics of its input
 
 BN_OP = "batch_norm_stats"
-ACTIVATIONS = (None, "relu", "relu6")  # the op's `act` is the index
 
 
 @torch.library.custom_op("synq::batch_norm_stats", mutates_args=())
@@ -215,13 +214,11 @@ def batch_norm_stats(x: Tensor, running_mean: Tensor, running_var: Tensor,
     _checks.check_same_device(x=x, **params)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got "
-                         f"{activation!r}")
+    act = _checks.activation_index(activation)
     be = backends.resolve(BN_OP, x.device, backend)
     args = (x, *(params[k].detach().float() for k in ("weight", "bias", "running_mean",
                                                        "running_var")), float(eps),
-            ACTIVATIONS.index(activation), be)
+            act, be)
     if _direct_ok(*args[:5]):  # eager: the op's autograd without its layer
         return _DirectBN.apply(*args)
     return torch.ops.synq.batch_norm_stats(*args)

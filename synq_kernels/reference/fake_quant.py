@@ -8,10 +8,32 @@ Backward (LSQ+): an element is in range when qmin <= round(x / scale) + z <= qma
           dzero  = 0 in range, -dy * scale when clamped
           the last two times grad_factor, summed to the shape of scale.
 `axis = -1` means per-tensor; otherwise scale and zero_point index dim `axis` of x.
+`act` (0 none, 1 ReLU, 2 ReLU6) applies torch.relu / F.relu6 to x first: y = fq(act(x)), and
+dx is fq's dx passed through the activation's backward as torch computes it.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+def activate(x: torch.Tensor, act: int) -> torch.Tensor:
+    if act == 0:
+        return x
+    if act == 1:
+        return torch.relu(x)
+    if act == 2:
+        return F.relu6(x)
+    raise ValueError(f"act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got {act!r}")
+
+
+def activation_backward(g: torch.Tensor, r: torch.Tensor, act: int) -> torch.Tensor:
+    """g passed back through the activation whose output is r: relu's threshold_backward,
+    relu6's gradient (only strictly inside (0, 6))."""
+    if act == 0:
+        return g
+    if act == 1:
+        return torch.ops.aten.threshold_backward(g, r, 0)
+    return torch.where((r > 0) & (r < 6), g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
 def _broadcast(p: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -39,18 +61,21 @@ def _parts(x, scale, zero_point, qmin, qmax, axis, dtype):
     return xf, s, z, t, r, q
 
 
-def fake_quant_forward(x, scale, zero_point, qmin: int, qmax: int, axis: int,
+def fake_quant_forward(x, scale, zero_point, qmin: int, qmax: int, axis: int, act: int = 0,
                        compute_dtype=torch.float32):
+    x = activate(x, act)
     _, s, z, _, _, q = _parts(x, scale, zero_point, qmin, qmax, axis, compute_dtype)
     return ((torch.clamp(q, qmin, qmax) - z) * s).to(x.dtype)
 
 
 def fake_quant_backward(dy, x, scale, zero_point, qmin: int, qmax: int, axis: int,
-                        grad_factor: float, qparam_grads: bool, compute_dtype=torch.float32):
+                        grad_factor: float, qparam_grads: bool, act: int = 0,
+                        compute_dtype=torch.float32):
+    x = activate(x, act)
     _, s, z, t, r, q = _parts(x, scale, zero_point, qmin, qmax, axis, compute_dtype)
     g = dy.to(compute_dtype)
     inside = (q >= qmin) & (q <= qmax)
-    dx = torch.where(inside, g, torch.zeros_like(g)).to(x.dtype)
+    dx = activation_backward(torch.where(inside, g, torch.zeros_like(g)).to(x.dtype), x, act)
     if not qparam_grads:
         return dx, torch.zeros_like(scale, dtype=torch.float32), \
             torch.zeros_like(zero_point, dtype=torch.float32)

@@ -60,6 +60,11 @@ _MAX_REDUCE_CHANNELS = 128
 # NaN and inf. Clamps are written with tl.where, not tl.minimum / tl.maximum, because those
 # drop NaN by default and torch.clamp keeps it.
 #
+# ACT (0 none, 1 ReLU, 2 ReLU6) applies torch's relu / relu6 to x first (y < 0 becomes +0,
+# -0 and NaN pass; ReLU6 caps at 6), and the backward's dx passes only where the
+# activation's gradient does, judged on its output as torch's backward does (ReLU: not
+# r <= 0; ReLU6: 0 < r < 6; NaN entries are outside the fake quantization's range anyway).
+#
 # bfloat16 stores: the interpreter's float32 -> bfloat16 cast truncates, the GPU's rounds to
 # nearest even. With ROUND_BF16 the value is first rounded to the nearest bfloat16 (ties to
 # even) in float32 bits, after which either cast is exact and both give torch's bits.
@@ -70,7 +75,7 @@ def _fake_quant_fwd_kernel(x_ptr, y_ptr, s_ptr, z_ptr, outer, C, inner, n_cblock
                            qmin, qmax,
                            BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
                            CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
-                           ROUND_BF16: tl.constexpr):
+                           ROUND_BF16: tl.constexpr, ACT: tl.constexpr):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -94,6 +99,10 @@ def _fake_quant_fwd_kernel(x_ptr, y_ptr, s_ptr, z_ptr, outer, C, inner, n_cblock
     z = tl.where(z < qmin, qmin, tl.where(z > qmax, qmax, z))
 
     xf = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        xf = tl.where(xf < 0, 0.0, xf)
+        if ACT == 2:
+            xf = tl.where(xf > 6.0, 6.0, xf)
     # div_rn does not broadcast (its result takes x's type): s is broadcast by hand.
     t = tl.math.div_rn(xf, tl.broadcast_to(s, [BLOCK_O, BLOCK_C, BLOCK_I]))
     ta = tl.abs(t)
@@ -115,7 +124,7 @@ def _fake_quant_bwd_kernel(dy_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, ps_ptr, pz_ptr,
                            qmin, qmax, grad_factor,
                            BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
                            CHANNELS_LAST: tl.constexpr, QGRADS: tl.constexpr,
-                           INT64: tl.constexpr, ROUND_BF16: tl.constexpr):
+                           INT64: tl.constexpr, ROUND_BF16: tl.constexpr, ACT: tl.constexpr):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -144,6 +153,10 @@ def _fake_quant_bwd_kernel(dy_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, ps_ptr, pz_ptr,
             offs = (o * C + c) * inner + i
         xf = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ACT != 0:
+            xf = tl.where(xf < 0, 0.0, xf)
+            if ACT == 2:
+                xf = tl.where(xf > 6.0, 6.0, xf)
         t = tl.math.div_rn(xf, s_tile)
         ta = tl.abs(t)
         r = (ta + 8388608.0) - 8388608.0
@@ -151,6 +164,10 @@ def _fake_quant_bwd_kernel(dy_ptr, x_ptr, dx_ptr, s_ptr, z_ptr, ps_ptr, pz_ptr,
         q = r + z
         inside = (q >= qmin) & (q <= qmax)
         dx = tl.where(inside, g, 0.0)
+        if ACT == 1:
+            dx = tl.where(xf <= 0, 0.0, dx)
+        if ACT == 2:
+            dx = tl.where((xf > 0) & (xf < 6.0), dx, 0.0)
         if ROUND_BF16:  # dy wider than a bfloat16 x
             bits = dx.to(tl.uint32, bitcast=True)
             bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
@@ -244,7 +261,15 @@ def _device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def fake_quant_forward(x, scale, zero_point, qmin: int, qmax: int, axis: int):
+def _check_act(act: int) -> int:
+    if act not in (0, 1, 2):
+        raise ValueError(f"synq fake_quant (triton backend): act must be 0 (none), 1 (ReLU) or "
+                         f"2 (ReLU6), got {act!r}")
+    return int(act)
+
+
+def fake_quant_forward(x, scale, zero_point, qmin: int, qmax: int, axis: int, act: int = 0):
+    act = _check_act(act)
     x, s, zp, L = _prepare(x, scale, zero_point, axis)
     y = torch.empty_like(x)
     if x.numel() == 0:
@@ -255,12 +280,13 @@ def fake_quant_forward(x, scale, zero_point, qmin: int, qmax: int, axis: int):
             float(qmin), float(qmax),
             BLOCK_O=L.block_o, BLOCK_C=L.block_c, BLOCK_I=L.block_i,
             CHANNELS_LAST=L.channels_last, INT64=L.int64,
-            ROUND_BF16=x.dtype == torch.bfloat16, num_warps=L.num_warps)
+            ROUND_BF16=x.dtype == torch.bfloat16, ACT=act, num_warps=L.num_warps)
     return y
 
 
 def fake_quant_backward(dy, x, scale, zero_point, qmin: int, qmax: int, axis: int,
-                        grad_factor: float, qparam_grads: bool):
+                        grad_factor: float, qparam_grads: bool, act: int = 0):
+    act = _check_act(act)
     if dy.shape != x.shape:
         raise ValueError(f"synq fake_quant backward (triton backend): dy has shape "
                          f"{tuple(dy.shape)}, x has shape {tuple(x.shape)}")
@@ -289,7 +315,7 @@ def fake_quant_backward(dy, x, scale, zero_point, qmin: int, qmax: int, axis: in
             L.n_tiles, L.tiles_per_program, float(qmin), float(qmax), float(grad_factor),
             BLOCK_O=L.block_o, BLOCK_C=L.block_c, BLOCK_I=L.block_i,
             CHANNELS_LAST=L.channels_last, QGRADS=bool(qparam_grads), INT64=L.int64,
-            ROUND_BF16=x.dtype == torch.bfloat16 and dy.dtype != torch.bfloat16,
+            ROUND_BF16=x.dtype == torch.bfloat16 and dy.dtype != torch.bfloat16, ACT=act,
             num_warps=L.num_warps)
         if qparam_grads and K > 1:
             block_c = min(_pow2(L.C), _MAX_REDUCE_CHANNELS)
