@@ -4,6 +4,9 @@ Byte counts (fp32): forward reads x and writes y, 8 B/element; backward reads x 
 writes dx, 12 B/element; forward+backward 20 B/element. "copy %" compares the achieved rate
 with a plain copy of the same tensor (8 B/element) measured in the same run.
 
+Per-tensor rows also time a quantized activation's ReLU: torch.relu then fake_quant against
+fake_quant(activation="relu"), the same backend ("vs relu then fq": unfused / fused time).
+
     python -m benchmarks.bench_fake_quant [--quick] [--device cpu|cuda] [--out DIR]
 """
 from __future__ import annotations
@@ -91,16 +94,42 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None,
                 rows.append(_row(n, kind, f"synq[{b}]" + ("" if checked else " unchecked"),
                                  t_f, t_fb, copy_gbs, base["fwd"] / t_f,
                                  base["fwd+bwd"] / t_fb))
+            if axis is None:
+                rows += _relu_rows(n, x, s, z, dy, backends, copy_gbs, device)
             print(markdown_table(rows[first:]), flush=True)
     if out_dir:
         write_results("fake_quant", rows, device, out_dir,
                       notes="speedup = PyTorch learnable op time / synq time, same tensor, "
                             "same run. 4 bits, unsigned; per-channel along dim 0 of a "
-                            f"({CHANNELS}, n/{CHANNELS}) tensor.")
+                            f"({CHANNELS}, n/{CHANNELS}) tensor. 'vs relu then fq': "
+                            "torch.relu then fake_quant over fake_quant(activation='relu'), "
+                            "same backend, time ratios (forward / forward+backward).")
     return rows
 
 
-def _row(n, kind, impl, t_f, t_fb, copy_gbs, sp_f, sp_fb):
+def _relu_rows(n, x, s, z, dy, backends, copy_gbs, device):
+    rows = []
+    with sk.value_checks(device != "cuda"):  # as synq.finetune runs on a GPU
+        for b in (b for b in backends if b != "reference"):  # the kernels' fusion only
+            def apart(b=b):
+                return sk.fake_quant(torch.relu(x), s, z, 4, backend=b)
+
+            def fused(b=b):
+                return sk.fake_quant(x, s, z, 4, activation="relu", backend=b)
+            t = {}
+            for name, f in (("apart", apart), ("fused", fused)):
+                with torch.no_grad():
+                    t_f = time_fn(f, device)
+                t[name] = (t_f, time_fn(_fwd_bwd(f, x, s, z, dy), device))
+            rows.append(_row(n, "per-tensor", f"torch.relu, then synq[{b}]", *t["apart"],
+                             copy_gbs, None, None))
+            rows.append(_row(n, "per-tensor", f"synq[{b}] relu fused", *t["fused"], copy_gbs,
+                             None, None, vs_apart=(t["apart"][0] / t["fused"][0],
+                                                   t["apart"][1] / t["fused"][1])))
+    return rows
+
+
+def _row(n, kind, impl, t_f, t_fb, copy_gbs, sp_f, sp_fb, vs_apart=None):
     return {
         "elements": n, "quant": kind, "impl": impl,
         "fwd_ms": t_f * 1e3, "fwd_GB/s": 8 * n / t_f / 1e9,
@@ -108,6 +137,8 @@ def _row(n, kind, impl, t_f, t_fb, copy_gbs, sp_f, sp_fb):
         "fwd+bwd_GB/s": 20 * n / t_fb / 1e9 if t_fb else "",
         "fwd+bwd_copy_%": 100 * (20 * n / t_fb / 1e9) / copy_gbs if t_fb else "",
         "speedup_fwd": sp_f if sp_f else "", "speedup_fwd+bwd": sp_fb if sp_fb else "",
+        "vs relu then fq (fwd / fwd+bwd)": (f"{vs_apart[0]:.2f}x / {vs_apart[1]:.2f}x"
+                                            if vs_apart else ""),
     }
 
 
