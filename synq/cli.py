@@ -144,7 +144,11 @@ def load_model(args):
         model = io.call_target(args.model, args.model_kwargs)
         spec = {"source": "callable", "target": args.model, "kwargs": args.model_kwargs}
     else:
-        from .models import get_model
+        from .models import MODELS, get_model
+        if args.model not in MODELS:
+            raise UsageError(f"unknown --model {args.model!r}: give 'default' (the bundled "
+                             f"model), one of {', '.join(sorted(MODELS))} (with --weights), or "
+                             f"'module:function' returning an nn.Module")
         if not args.weights:
             raise UsageError(f"--model {args.model} is an untrained architecture: give its "
                              f"pre-trained weights with --weights")
@@ -154,7 +158,13 @@ def load_model(args):
         raise UsageError(f"--model {args.model} returned {type(model).__name__}, not an "
                          f"nn.Module")
     if args.weights:
-        model.load_state_dict(_load_state(args.weights))
+        try:
+            model.load_state_dict(_load_state(args.weights))
+        except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+            raise RuntimeError(f"the weights in {args.weights} do not fit --model {args.model}"
+                               f" (--model-kwargs {json.dumps(args.model_kwargs)}; a "
+                               f"one-channel model, for one, needs "
+                               f"--model-kwargs '{{\"in_channels\": 1}}'): {e}") from e
     return model.eval(), spec, None
 
 
@@ -162,11 +172,28 @@ def _load_state(path):
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file {p} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(p))
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise ValueError(f"cannot read weights file {p} as a torch.save state dict: "
+                             f"{e}") from e
+        raise ValueError(f"weights file {p} holds pickled Python objects (a whole model saved "
+                         f"with torch.save(model)?), which synq does not unpickle: save "
+                         f"model.state_dict() instead, or give the model itself with --model "
+                         f"module:function") from e
+    except Exception as e:  # a damaged or foreign file: unpickling raises many kinds
+        raise ValueError(f"cannot read weights file {p} as a "
+                         f"{'safetensors' if p.suffix == '.safetensors' else 'torch.save'} "
+                         f"state dict: {type(e).__name__}: {e}") from e
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {p} holds a {type(state).__name__}, not a state dict "
+                         f"(save model.state_dict())")
+    return state
 
 
 def load_test_set(args):
@@ -188,15 +215,23 @@ def load_test_set(args):
                      f"got {name!r}")
 
 
-def _image_shape(args, default, test_set):
+def _image_shape(args, default, test_set, model):
     if args.image_shape:
-        return args.image_shape
-    if default:
-        return default
-    if test_set is not None:
+        shape = tuple(args.image_shape)
+    elif default:
+        shape = tuple(default)
+    elif test_set is not None:
         x = test_set[0][0] if not isinstance(test_set, (tuple, list)) else test_set[0][0]
-        return tuple(x.shape)
-    raise UsageError("give --image-shape C,H,W (no bundled model or test set to read it from)")
+        shape = tuple(x.shape)
+    else:
+        raise UsageError("give --image-shape C,H,W (no bundled model or test set to read it "
+                         "from)")
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is not None and len(shape) == 3 and shape[0] != first.in_channels:
+        raise UsageError(f"the image shape {','.join(map(str, shape))} has {shape[0]} "
+                         f"channel(s), but the model's first convolution takes "
+                         f"{first.in_channels}")
+    return shape
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,7 +292,7 @@ def cmd_synthesize(args, model=None, out_file=None):
     if model is None:
         model, _, default_shape = load_model(args)
         test_set = None if args.image_shape or default_shape else load_test_set(args)
-        shape = _image_shape(args, default_shape, test_set)
+        shape = _image_shape(args, default_shape, test_set, model)
         out_file = Path(args.out)
         _setup_run(out_file.parent, args)
     else:
@@ -333,7 +368,7 @@ def cmd_quantize(args):
     model, spec, default_shape = load_model(args)
     _check_quantizable(model, _finetune_config(args))
     test_set = load_test_set(args)
-    args._image_shape = _image_shape(args, default_shape, test_set)
+    args._image_shape = _image_shape(args, default_shape, test_set, model)
     model = model.to(args.device)
     fp = evaluate(model, test_set, args.device) if test_set is not None else None
     if fp:
@@ -532,6 +567,11 @@ def _validate_options(args) -> None:
                                          skip=("seed", "backend", "d0")), d0=d0).validate()
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda") and \
+            not torch.cuda.is_available() and distributed.env_world_size() == 1:
+        raise UsageError(f"--device {device}: torch sees no CUDA GPU here "
+                         f"(torch.cuda.is_available() is False); use --device cpu")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {args.threads}")
     world = distributed.env_world_size()

@@ -231,3 +231,40 @@ def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "synq", "--version"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("synq ")
+
+
+def test_clear_errors_for_common_mistakes(tmp_path, capsys):
+    """An unknown model name, a weights file that is not a state dict or does not fit the
+    model, an image shape the model cannot take: each a one-line error naming the cause."""
+    from synq.models import resnet20
+    garbage, whole, sd = tmp_path / "garbage.pt", tmp_path / "whole.pt", tmp_path / "sd.pt"
+    garbage.write_text("not a checkpoint")
+    torch.save(resnet20(10, 1), whole)
+    torch.save(resnet20(10, 1).state_dict(), sd)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--model", "resnet21", "--weights", str(sd), "--test-set",
+                  "digits"])
+    assert e.value.code == 2 and "unknown --model 'resnet21'" in capsys.readouterr().err
+    for path, message in ((garbage, "cannot read weights file"),
+                          (whole, "holds pickled Python objects"),
+                          (sd, "do not fit --model resnet20")):
+        assert cli.main(["evaluate", "--model", "resnet20", "--weights", str(path),
+                         "--test-set", "digits"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert cli.main(["evaluate", "--model", "resnet20", "--model-kwargs", '{"in_channels": 1}',
+                     "--weights", str(sd), "--test-set", "digits"]) == 0  # the hint's fix
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["synthesize", "--image-shape", "3,28,28", "--out", str(tmp_path / "s.pt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has 3 channel(s), but the model's first convolution takes 1" \
+        in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_cuda_device_without_a_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--device", "cuda", "--out", str(tmp_path / "q")])
+    assert e.value.code == 2 and "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
