@@ -96,12 +96,22 @@ class WeightQuantizer(nn.Module):
                 self.register_buffer("zero_point", zero_point.clone())
 
     def _minmax_params(self, w: torch.Tensor):
+        if w.dim() == 4 and not w.is_contiguous() and \
+                w.is_contiguous(memory_format=torch.channels_last):
+            # a channels-last weight (a model in channels-last, as fine-tuning runs it) in
+            # memory order: its rows are then views; reshaping w itself copied it each forward
+            w = w.permute(0, 2, 3, 1)
         flat = w.reshape(w.shape[0], -1)
         if self.symmetric:
             amax = flat.abs().amax(dim=1)
             scale = torch.clamp(amax / float(self.qmax), min=_EPS).float()
             return scale, torch.zeros_like(scale)
-        lo, hi = torch.aminmax(flat, dim=1)  # one pass (and one launch) for both
+        if flat.is_cuda:
+            lo, hi = torch.aminmax(flat, dim=1)  # one pass (and one launch) for both
+        else:
+            # torch's CPU aminmax along a dim does not vectorize: 2-25x the time of amin and
+            # amax (512x4608: 5.1 ms against 0.22 ms on one thread); the same values
+            lo, hi = flat.amin(dim=1), flat.amax(dim=1)
         return _asym_params(lo, hi, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -178,7 +188,8 @@ class ActQuantizer(nn.Module):
             # the same values in memory order: a full reduction of a channels-last tensor
             # makes a contiguous copy first (8x the time of the reduction on the CPU)
             x = x.permute(0, 2, 3, 1)
-        lo, hi = (t.float() for t in torch.aminmax(x))
+        # aminmax: one launch on a GPU; on a CPU amin and amax take 0.6x its time
+        lo, hi = (t.float() for t in (torch.aminmax(x) if x.is_cuda else (x.amin(), x.amax())))
         if self.sync_ranks:
             lo, hi = distributed.all_reduce_min_max(lo, hi)
         if not self.is_initialized():

@@ -97,6 +97,26 @@ def test_weight_quantizer_per_channel_asymmetric_minmax():
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_weight_quantizer_channels_last_weight(symmetric):
+    """A channels-last weight (fine-tuning runs its models in channels-last) is reduced in
+    memory order: the same per-channel range, output and gradient as a contiguous one."""
+    torch.manual_seed(2)
+    w = torch.randn(5, 3, 3, 4)
+    w[2] *= 10  # one channel's range far from the others: a row mix-up shows
+    w[4] += 3
+    wq = WeightQuantizer(w, bits=4, symmetric=symmetric)
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        wl = w.clone(memory_format=layout).requires_grad_()
+        assert torch.equal(torch.stack(wq._minmax_params(wl.detach())),
+                           torch.stack(wq._minmax_params(w)))
+        y = wq(wl)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        outs.append((y.detach().contiguous(), wl.grad.contiguous()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_weight_quantizer_symmetric():
     w = torch.tensor([[-1.0, 0.5, 0.25], [2.0, -0.1, 0.0]])
     out = WeightQuantizer(w, bits=4, symmetric=True)(w)
