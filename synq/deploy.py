@@ -558,33 +558,57 @@ class IntAct(nn.Module):
     """ReLU / ReLU6 (unless already applied by the layer before it) followed by the frozen
     quantization of its activation quantizer: a float tensor on the grid (as the
     fake-quantized model gives), or in fused mode (`emit_int`) the int8 tensor itself,
-    produced by the epilogue of the conv before it."""
+    produced by the epilogue of the conv before it.
 
-    def __init__(self, name: str, kind: str, bits: int, scale: float, zero: int,
-                 apply_relu: bool, emit_int: bool = False):
+    `scale` / `zero` may be sequences: an activation module that the forward calls at several
+    places (see synq.quant.QuantAct) has a grid per call, the k-th in buffers `scale_k` /
+    `zero_k` (k >= 2), picked by the call's rank in the forward."""
+
+    _counts_calls = True  # reset at each forward by synq.quant's hook on the model
+
+    def __init__(self, name: str, kind: str, bits: int, scale, zero, apply_relu: bool,
+                 emit_int: bool = False):
         super().__init__()
         self.name, self.kind, self.bits = name, kind, int(bits)
-        self.register_buffer("scale", torch.tensor(float(scale)))
-        self.register_buffer("zero", torch.tensor(float(zero)))
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale]
+        zeros = list(zero) if isinstance(zero, (list, tuple)) else [zero]
+        if len(scales) != len(zeros) or not scales:
+            raise ValueError(f"IntAct {name}: {len(scales)} scales and {len(zeros)} zero "
+                             f"points; give one of each per call")
+        self.calls = len(scales)
+        self._calls = 0  # calls since the model's forward began (reset by its hook)
+        for k, (sc, z) in enumerate(zip(scales, zeros)):
+            suffix = "" if k == 0 else f"_{k + 1}"
+            self.register_buffer("scale" + suffix, torch.tensor(float(sc)))
+            self.register_buffer("zero" + suffix, torch.tensor(float(z)))
         self.apply_relu = bool(apply_relu)
         self.emit_int = bool(emit_int)
 
-    def _grid(self):
-        """(scale, zero in the int8 domain, highest int8 value) of this quantizer's grid, as
+    def _next_call(self) -> str:
+        """The buffer-name suffix of this call's grid."""
+        if self.calls == 1:
+            return ""
+        k, self._calls = self._calls % self.calls, self._calls + 1
+        return "" if k == 0 else f"_{k + 1}"
+
+    def _grid(self, suffix: str = ""):
+        """(scale, zero in the int8 domain, highest int8 value) of a call's grid, as
         one-element tensors (cached; rebuilt when the buffers change or move)."""
-        scale, zero = self._buffers["scale"], self._buffers["zero"]
-        key = getattr(self, "_grid_key", None)
+        scale, zero = self._buffers["scale" + suffix], self._buffers["zero" + suffix]
+        cache = self.__dict__.setdefault("_grid_caches", {})
+        key, grid = cache.get(suffix, (None, None))
         if (key is None or key[0] is not scale or key[1] != version(scale)
                 or key[2] is not zero or key[3] != version(zero)):
-            self._grid_cache = (scale.reshape(1), (zero - 128).to(torch.int32).reshape(1),
-                                (1 << self.bits) - 1 - 128)
-            self._grid_key = (scale, version(scale), zero, version(zero))
-        return self._grid_cache
+            grid = (scale.reshape(1), (zero - 128).to(torch.int32).reshape(1),
+                    (1 << self.bits) - 1 - 128)
+            cache[suffix] = ((scale, version(scale), zero, version(zero)), grid)
+        return grid
 
     def forward(self, x):
+        suffix = self._next_call()
         if isinstance(x, _Pending):
             # ReLU6's top is the calibrated range's, which the clamp to the grid applies
-            q = x.run(True, self._grid())
+            q = x.run(True, self._grid(suffix))
             return q if self.emit_int else _dequant(q)
         x = _as_float(x)
         if self.kind == "relu6":
@@ -592,8 +616,9 @@ class IntAct(nn.Module):
         elif self.apply_relu:
             x = torch.relu(x)
         if not self.emit_int:
-            return sk.fake_quant(x, self.scale, self.zero, self.bits)
-        scale, zero, hi = self._grid()
+            return sk.fake_quant(x, self._buffers["scale" + suffix],
+                                 self._buffers["zero" + suffix], self.bits)
+        scale, zero, hi = self._grid(suffix)
         q = _quantize_static(x, scale, zero, -128, hi)
         q._synq_q = (scale, zero)
         return q
@@ -739,11 +764,26 @@ def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Modul
     execution order. Tensors are kept alive so that their ids stay unique."""
     calls = []
     watched = (quant.QuantConv2d, quant.QuantLinear, quant.QuantAct, nn.BatchNorm2d)
+    made = {}       # id(output) -> its version counter when its module returned it
+    entered = {}    # id(module) -> [(input, its version when the module was called)]
+    unknown = []    # stand-ins for inputs changed in place since they were made
+
+    def pre_hook(mod, args):
+        entered[id(mod)] = [(a, a._version) for a in args if isinstance(a, torch.Tensor)]
 
     def hook(mod, args, out, name):
-        ins = [a for a in args if isinstance(a, torch.Tensor)]
+        ins = []
+        for t, v in entered.pop(id(mod), []):
+            if id(t) in made and made[id(t)] != v:
+                # changed in place between its producer and this call by code no hook sees
+                # (torchvision's `out += identity`): its producer is not this input's
+                unknown.append(torch.empty(0))
+                t = unknown[-1]
+            ins.append(t)
         if any(out is t for t in ins):
             return  # a pass-through (an empty Sequential shortcut, Identity): transparent
+        if isinstance(out, torch.Tensor):
+            made[id(out)] = out._version
         calls.append((name, mod, ins, out))
 
     inside = set()
@@ -756,6 +796,7 @@ def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Modul
         isinstance(m, watched + (Add,)) or not list(m.children()))]
     handles = [m.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name))
                for n, m in hooked]
+    handles += [m.register_forward_pre_hook(pre_hook) for _, m in hooked]
     try:
         with torch.no_grad():
             qmodel(example)
@@ -763,6 +804,11 @@ def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Modul
         for h in handles:
             h.remove()
     return calls
+
+
+def _call_quantizers(qa: quant.QuantAct) -> list:
+    """A QuantAct's quantizers in call order (one unless the forward calls it repeatedly)."""
+    return [qa.quantizer, *qa.extra_quantizers]
 
 
 def _check_exportable(qmodel: nn.Module) -> None:
@@ -807,6 +853,11 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor) -> dict:
     for name, *_ in calls:
         counts[name] = counts.get(name, 0) + 1
     layers, bn_of, acts = {}, {}, {}
+    rank = {}  # call index -> its rank among the calls of its module (0 for the first)
+    seen = {}
+    for i, (name, *_) in enumerate(calls):
+        rank[i] = seen.get(name, 0)
+        seen[name] = rank[i] + 1
     for i, (name, mod, ins, out) in enumerate(calls):
         src = calls[producer[id(ins[0])]] if ins and id(ins[0]) in producer else None
         if isinstance(mod, nn.BatchNorm2d):
@@ -824,10 +875,13 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor) -> dict:
                 src = calls[producer[id(pin)]] if pin is not None and id(pin) in producer \
                     else None
             act = src[0] if src is not None and isinstance(src[1], quant.QuantAct) else None
-            if name in layers and layers[name]["input_act"] != act:
+            # which of the activation's calls (a shared module has a grid per call)
+            call = rank[producer[id(src[3])]] if act is not None else 0
+            if name in layers and (layers[name]["input_act"], layers[name]["input_call"]) \
+                    != (act, call):
                 raise ValueError(f"layer {name} is called twice with inputs of different "
                                  f"quantizers; the exporter cannot give it one input grid")
-            layers[name] = {"input_act": act}
+            layers[name] = {"input_act": act, "input_call": call}
         elif isinstance(mod, quant.QuantAct):
             acts.setdefault(name, {"relu_from": set()})
             if src is not None and isinstance(src[1], nn.BatchNorm2d):
@@ -967,9 +1021,7 @@ def _store_as(ints: torch.Tensor, wbits: int, weight_format: str):
     return _store(ints.reshape(ints.shape[0], -1) if packed else ints, packed)
 
 
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+_set_child = quant._set_child  # (under every name of a module registered twice)
 
 
 @normal_tensors
@@ -1015,7 +1067,6 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
 
     import copy
     model = copy.deepcopy(qmodel)
-    acts = quant.act_quantizers(model)
     for name, info in plan["layers"].items():
         layer = model.get_submodule(name)
         layer._synq_name = name
@@ -1025,7 +1076,7 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
         in_scale = in_zero = None
         in_qmax = 255
         if info["input_act"] is not None:
-            aq = acts[info["input_act"] + ".quantizer"]
+            aq = _call_quantizers(model.get_submodule(info["input_act"]))[info["input_call"]]
             in_scale, in_zero = _act_params(aq)
             in_qmax = aq.qmax
         elif name == first_name and input_range is not None:
@@ -1047,7 +1098,7 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
             _set_child(model, info["bn"], nn.Identity())
     for name, info in plan["acts"].items():
         qa = model.get_submodule(name)
-        scale, zero = _act_params(qa.quantizer)
+        scale, zero = zip(*(_act_params(q) for q in _call_quantizers(qa)))
         _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, scale, zero,
                                        apply_relu=info["fused_from"] is None))
     # the new modules' scales and zero points were made from Python numbers (on the CPU):
@@ -1139,8 +1190,9 @@ def load_int(path, device="cpu") -> IntModel:
             _set_child(model, info["bn"], nn.Identity())
     for name, info in plan["acts"].items():
         qa = model.get_submodule(name)
-        _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, 1.0, 0,
-                                       apply_relu=info["fused_from"] is None))
+        n = len(_call_quantizers(qa))
+        _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, [1.0] * n,
+                                       [0] * n, apply_relu=info["fused_from"] is None))
     _set_fusion(model, plan, plan.get("fused", False))
     model.load_state_dict(state, strict=True)
     meta.pop("plan")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from typing import Iterable
 
 import torch
@@ -259,17 +260,41 @@ _FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 class QuantAct(nn.Module):
     """A ReLU / ReLU6 module followed by its activation quantizer.
 
+    A module that the forward calls at several places (torchvision's ResNet blocks call one
+    `self.relu` after the first conv and again after the residual add) gets a quantizer per
+    call: `quantizer` for the first call of each forward, `extra_quantizers[i]` for call
+    i + 2, so that each activation keeps its own range instead of a blend of them all. The
+    calls are counted from each forward of the model quantize_model returned (a hook on it
+    resets the count).
+
     Once calibrated, the activation runs inside the fake_quant kernel (one pass over memory
     forward and backward instead of two, the same values and gradients), unless the kernels
     resolve to the reference backend, which keeps the plain PyTorch sequence."""
 
-    def __init__(self, act: nn.Module, quantizer: ActQuantizer):
+    _counts_calls = True  # _reset_act_calls resets _calls at each forward of the model
+
+    def __init__(self, act: nn.Module, quantizer: ActQuantizer, extra_quantizers=()):
         super().__init__()
         self.act = act
         self.quantizer = quantizer
+        self.extra_quantizers = nn.ModuleList(extra_quantizers)
+        self._calls = 0  # calls since the model's forward began
+        self._warned = False
+
+    def _next_quantizer(self) -> ActQuantizer:
+        i, self._calls = self._calls, self._calls + 1
+        n = 1 + len(self.extra_quantizers)
+        if i >= n and not self._warned and self.quantizer.calibrating:
+            self._warned = True
+            warnings.warn(f"activation module {self.quantizer.name or '(unnamed)'} runs more "
+                          f"than {n} time(s) per forward, with one range for all its calls "
+                          f"(its call sites could not be traced): give each call its own "
+                          f"nn.ReLU module for a range each", stacklevel=3)
+        i %= n
+        return self.quantizer if i == 0 else self.extra_quantizers[i - 1]
 
     def forward(self, x):
-        q = self.quantizer
+        q = self._next_quantizer()
         activation = _FUSED_ACTIVATIONS.get(type(self.act))
         if activation is None or not q.enabled or q.calibrating or \
                 synq_kernels.backends.resolve("fake_quant", x.device, q.backend) == "reference":
@@ -314,6 +339,33 @@ class QuantLinear(nn.Linear):
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
 
 
+def _reset_act_calls(model: nn.Module, args) -> None:
+    """Forward pre-hook of a quantized model: a new forward, so each per-call module's
+    (QuantAct, synq.deploy.IntAct: class attribute `_counts_calls`) next call is its first
+    again (a module-level function: copies of the model reset their own)."""
+    for m in model.modules():
+        if getattr(type(m), "_counts_calls", False):
+            m._calls = 0
+
+
+def _activation_calls(model: nn.Module) -> dict[str, int]:
+    """{name: calls per forward} of the nn.ReLU / nn.ReLU6 modules that torch.fx's symbolic
+    trace of the forward (run on a copy: a forward that stores state on its modules would
+    store proxies) shows called more than once; {} where the forward cannot be traced."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.Tracer().trace(copy.deepcopy(model))
+    except Exception:  # data-dependent control flow and the like: counted at calibration
+        return {}
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and \
+                type(model.get_submodule(node.target)) in (nn.ReLU, nn.ReLU6):
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return {k: n for k, n in calls.items() if n > 1}
+
+
 def _check_supported(model: nn.Module) -> list[str]:
     """Names of the Conv2d / Linear layers in registration order; ValueError for a module the
     quantizer cannot handle."""
@@ -343,9 +395,15 @@ def _check_supported(model: nn.Module) -> list[str]:
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+    """Put `new` at `name`, and at every other name that registers the same module: a module
+    can be registered twice (self.relu2 = self.relu), and named_modules() lists it once, so
+    its other names would keep the old module (an unquantized layer, a fake-quantized
+    activation in an integer model)."""
+    old = root.get_submodule(name)
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old] or [name]
+    for n in names:  # (listed before any change: `new` may hold `old`, as QuantAct.act)
+        parent, _, child = n.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 @normal_tensors
@@ -369,7 +427,9 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
             (learnable step sizes and zero points) for weights and activations.
         backend: the synq_kernels backend for every fake_quant call (None: fastest available).
 
-    Functional non-linearities (F.relu in a forward) cannot be seen and get no quantizer.
+    A ReLU module called at several places in the forward gets a quantizer per call (see
+    QuantAct). Functional non-linearities (F.relu in a forward) cannot be seen and get no
+    quantizer.
     """
     check_bits("wbits", wbits)
     check_bits("abits", abits)
@@ -385,6 +445,7 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
     edge = {layers[0], layers[-1]} if first_last_bits is not None else set()
 
     qmodel = copy.deepcopy(model)
+    shared = _activation_calls(qmodel)
     # A new activation quantizer's range buffers go where the model is (a model moved to a GPU
     # before quantization must not get CPU ranges): the device of the nearest tensor above.
     device = next(itertools.chain(qmodel.parameters(), qmodel.buffers()),
@@ -393,14 +454,19 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
         if name in layers:
             bits = first_last_bits if name in edge else wbits
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
-            _set_child(qmodel, name, cls.from_float(m, bits, symmetric_weights, learnable,
-                                                    backend))
+            new = cls.from_float(m, bits, symmetric_weights, learnable, backend)
         elif type(m) in (nn.ReLU, nn.ReLU6):
-            with torch.device(device):  # made there: .to() copied 3 buffers from the
-                # host per quantizer, each a synchronizing copy on a GPU (57 for ResNet-20)
-                quantizer = ActQuantizer(abits, act_momentum, learnable, backend)
-            quantizer.name = name
-            _set_child(qmodel, name, QuantAct(m, quantizer))
+            quantizers = []
+            for i in range(shared.get(name, 1)):
+                with torch.device(device):  # made there: .to() copied 3 buffers from the
+                    # host per quantizer, each a synchronizing copy on a GPU (57 for ResNet-20)
+                    quantizers.append(ActQuantizer(abits, act_momentum, learnable, backend))
+                quantizers[-1].name = name if i == 0 else f"{name} (call {i + 1})"
+            new = QuantAct(m, quantizers[0], quantizers[1:])
+        else:
+            continue
+        _set_child(qmodel, name, new)  # (under each of its names)
+    qmodel.register_forward_pre_hook(_reset_act_calls)
     qmodel.quant_config = {"wbits": wbits, "abits": abits, "first_last_bits": first_last_bits,
                            "symmetric_weights": symmetric_weights, "learnable": learnable,
                            "act_momentum": act_momentum, "backend": backend}

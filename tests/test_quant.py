@@ -391,3 +391,99 @@ def test_reference_backend_keeps_the_activation_apart(monkeypatch):
         calibrate(q, [torch.randn(2, 1, 5, 5)])
         q(torch.randn(2, 1, 5, 5))
         assert calls[-1] == want
+
+
+class _SharedReluBlock(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module called after the first conv and again
+    after the residual add (`separate=True`: a module per call, the same function;
+    `alias=True`: the second call through a second name of the same module)."""
+
+    def __init__(self, c, separate=False, alias=False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        if separate or alias:
+            self.relu2 = nn.ReLU(inplace=True) if separate else self.relu
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return (self.relu2 if hasattr(self, "relu2") else self.relu)(out)
+
+
+def _shared_relu_model(separate, alias=False):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                          _SharedReluBlock(4, separate, alias),
+                          _SharedReluBlock(4, separate, alias), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("alias", [False, True])
+def test_a_relu_called_twice_gets_a_range_per_call(alias):
+    shared, separate = _shared_relu_model(False, alias), _shared_relu_model(True)
+    x = torch.randn(8, 1, 9, 9)
+    qs, qp = quantize_model(shared, 4, 4), quantize_model(separate, 4, 4)
+    block = qs[2].relu
+    assert len(block.extra_quantizers) == 1 and block.extra_quantizers[0].name == "2.relu (call 2)"
+    if alias:  # both names lead to the one quantized module
+        assert qs[2].relu2 is block and type(block.act) is nn.ReLU
+    calibrate(qs, [x, x * 0.5])
+    calibrate(qp, [x, x * 0.5])
+    # each call keeps its own range: the same as a module per call
+    assert torch.equal(block.quantizer.running_max, qp[2].relu.quantizer.running_max)
+    assert torch.equal(block.extra_quantizers[0].running_max, qp[2].relu2.quantizer.running_max)
+    assert not torch.equal(block.quantizer.running_max, block.extra_quantizers[0].running_max)
+    with torch.no_grad():
+        assert torch.equal(qs(x), qp(x))
+        assert torch.equal(qs(x), qs(x))  # the call count restarts at every forward
+    # learnable steps follow too, and the state dict round-trips
+    copy_ = quantize_model(shared, 4, 4)
+    copy_.load_state_dict(qs.state_dict())
+    for q in act_quantizers(copy_).values():
+        q.calibrating = False
+    with torch.no_grad():
+        assert torch.equal(copy_(x), qs(x))
+        assert torch.equal(copy.deepcopy(qs)(x), qs(x))
+    # the integer export keeps a grid per call: the same integer model as a module per call
+    # (with float tensors between layers: `out += x` adds into a tensor that an int8 layer
+    # output would be, which the exporter's check of the fused mode catches)
+    from synq.deploy import export
+    with pytest.warns(UserWarning, match="fused int8 layer-to-layer mode disabled"):
+        ints = [export(q, x[:1]) for q in (qs, qp)]
+    assert ints[0].model[2].relu.calls == 2
+    with torch.no_grad():
+        for _ in range(3):  # eager, recording, replay
+            assert torch.equal(ints[0](x), ints[1](x))
+
+
+def test_untraceable_shared_relu_warns_at_calibration():
+    class Untraceable(_SharedReluBlock):
+        def forward(self, x):
+            if x.sum() > -1e30:  # data-dependent: torch.fx cannot trace it
+                return super().forward(x)
+            return x
+
+    torch.manual_seed(0)
+    q = quantize_model(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), Untraceable(4)), 4, 4)
+    assert len(q[1].relu.extra_quantizers) == 0
+    with pytest.warns(UserWarning, match=r"runs more than 1 time\(s\) per forward"):
+        calibrate(q, [torch.randn(2, 1, 6, 6)])
+
+
+def test_a_layer_registered_twice_is_quantized_under_both_names():
+    shared = nn.Conv2d(4, 4, 3, padding=1)
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), relu, shared, relu, shared).eval()
+    q = quantize_model(model, 4, 4)
+    assert q[2] is q[4] and isinstance(q[2], QuantConv2d)
+    assert q[1] is q[3] and isinstance(q[1], QuantAct) and len(q[1].extra_quantizers) == 1
+    for name, m in q.named_modules(remove_duplicate=False):
+        assert type(m) not in (nn.Conv2d, nn.Linear) or name.endswith(".act"), name
