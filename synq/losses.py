@@ -9,16 +9,15 @@ Synthesis: `bns_loss` (BatchNorm-statistics matching), `focal_ce` (hard-sample C
 """
 from __future__ import annotations
 
-import copy
-import warnings
 from typing import Sequence
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 import synq_kernels
+
+from .tracing import trace_forward
 
 __all__ = ["bns_loss", "focal_ce", "lbns_loss", "kd_loss", "difficulty", "easy_ce", "easy_ce_sum",
            "gradcam_map", "cam_loss", "attention_map", "feature_attention_loss", "BNStats",
@@ -52,14 +51,10 @@ _FUSED_ACTS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 def _relus_after_bn(model: nn.Module) -> dict[int, nn.Module]:
     """{id(bn): act} for every BatchNorm2d of `model` whose output, at each of its calls in
-    the forward, goes to one nn.ReLU or nn.ReLU6 module and nowhere else (torch.fx's symbolic trace of the
-    forward, run on a copy: a forward that stores state on its modules would store proxies);
-    {} where the forward cannot be traced."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.fx.Tracer().trace(copy.deepcopy(model))
-    except Exception:  # data-dependent control flow and the like: no ReLU fusion
+    the forward, goes to one nn.ReLU or nn.ReLU6 module and nowhere else (torch.fx's trace of
+    the forward); {} where the forward cannot be traced."""
+    graph = trace_forward(model)
+    if graph is None:  # no ReLU fusion
         return {}
     found, bad = {}, set()
     for node in graph.nodes:

@@ -29,6 +29,7 @@ from torch import nn
 import synq_kernels
 
 from . import distributed
+from .tracing import trace_forward
 from .versions import normal_tensors, version
 
 __all__ = ["WeightQuantizer", "ActQuantizer", "QuantAct", "QuantConv2d", "QuantLinear",
@@ -349,14 +350,11 @@ def _reset_act_calls(model: nn.Module, args) -> None:
 
 
 def _activation_calls(model: nn.Module) -> dict[str, int]:
-    """{name: calls per forward} of the nn.ReLU / nn.ReLU6 modules that torch.fx's symbolic
-    trace of the forward (run on a copy: a forward that stores state on its modules would
-    store proxies) shows called more than once; {} where the forward cannot be traced."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.fx.Tracer().trace(copy.deepcopy(model))
-    except Exception:  # data-dependent control flow and the like: counted at calibration
+    """{name: calls per forward} of the nn.ReLU / nn.ReLU6 modules that torch.fx's trace of
+    the forward shows called more than once; {} where the forward cannot be traced (then
+    QuantAct warns at calibration)."""
+    graph = trace_forward(model)
+    if graph is None:
         return {}
     calls = {}
     for node in graph.nodes:
