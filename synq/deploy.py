@@ -769,12 +769,13 @@ def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Modul
     unknown = []    # stand-ins for inputs changed in place since they were made
 
     def pre_hook(mod, args):
-        entered[id(mod)] = [(a, a._version) for a in args if isinstance(a, torch.Tensor)]
+        entered[id(mod)] = [(a, None if a.is_inference() else a._version)
+                            for a in args if isinstance(a, torch.Tensor)]
 
     def hook(mod, args, out, name):
         ins = []
         for t, v in entered.pop(id(mod), []):
-            if id(t) in made and made[id(t)] != v:
+            if v is not None and made.get(id(t), v) != v:
                 # changed in place between its producer and this call by code no hook sees
                 # (torchvision's `out += identity`): its producer is not this input's
                 unknown.append(torch.empty(0))
@@ -782,7 +783,7 @@ def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Modul
             ins.append(t)
         if any(out is t for t in ins):
             return  # a pass-through (an empty Sequential shortcut, Identity): transparent
-        if isinstance(out, torch.Tensor):
+        if isinstance(out, torch.Tensor) and not out.is_inference():
             made[id(out)] = out._version
         calls.append((name, mod, ins, out))
 

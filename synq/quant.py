@@ -282,6 +282,13 @@ class QuantAct(nn.Module):
         self._calls = 0  # calls since the model's forward began
         self._warned = False
 
+    def __setstate__(self, state):  # a QuantAct pickled before per-call quantizers existed
+        super().__setstate__(state)
+        self.__dict__.setdefault("_calls", 0)
+        self.__dict__.setdefault("_warned", False)
+        if "extra_quantizers" not in self._modules:
+            self.extra_quantizers = nn.ModuleList()
+
     def _next_quantizer(self) -> ActQuantizer:
         i, self._calls = self._calls, self._calls + 1
         n = 1 + len(self.extra_quantizers)

@@ -412,6 +412,56 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(moved(x), im(x))
 
 
+_SHARED_RELU_MODULE = """
+from torch import nn
+from synq.models import Add
+
+class Block(nn.Module):  # torchvision's pattern: one ReLU module called twice
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.add, self.relu = Add(), nn.ReLU()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(self.add(out, x))
+
+def model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Block(), Block(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+"""
+
+
+def test_shared_activation_exports_saves_and_loads(tmp_path, monkeypatch):
+    """A ReLU module called twice per block: a grid per call in the integer model (fused
+    where the structure allows: Add modules here), through save_int / load_int."""
+    (tmp_path / "shared_relu_net.py").write_text(_SHARED_RELU_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shared_relu_net
+    torch.manual_seed(6)
+    model = _randomize_bn(shared_relu_net.model().eval())
+    x = torch.randn(8, 3, 10, 10)
+    q = _quantized(model, 8, x)
+    first, second = q[2].relu.quantizer, q[2].relu.extra_quantizers[0]
+    assert not torch.equal(first.running_max, second.running_max)
+    im = export(q)
+    act = im.model[2].relu
+    assert act.calls == 2 and not torch.equal(act.scale, act.scale_2)
+    with torch.no_grad():
+        want = q(x)
+        assert _rel_err(want, im(x)) < 0.02
+        im.model[2].relu.scale_2.copy_(act.scale)  # the second grid is in use
+        assert not torch.equal(im(x), want)
+    im = export(q)
+    spec = {"source": "callable", "target": "shared_relu_net:model", "kwargs": {}}
+    save_int(im, tmp_path / "int", model_spec=spec)
+    back = load_int(tmp_path / "int")
+    with torch.no_grad():
+        for _ in range(3):  # eager, recording, replay
+            assert torch.equal(back(x), im(x))
+
+
 def test_errors_name_the_problem():
     torch.manual_seed(6)
     x = torch.randn(2, 3, 8, 8)
