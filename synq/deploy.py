@@ -58,6 +58,7 @@ from torch import nn
 import synq_kernels as sk
 from . import cuda_graphs, quant, replay
 from .io import build_float_model, read_saved, write_saved
+from .add_modules import with_add_modules
 from .models.common import Add
 from .versions import normal_tensors, version
 
@@ -1057,7 +1058,14 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
         c = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
         shape = (1, c, 64, 64) if isinstance(first, nn.Conv2d) else (1, c)
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    plan = _make_plan(qmodel.eval(), example)
+    import copy
+    # residual additions written in the forward (`out += identity`) become Add modules, which
+    # the plan sees and fuses (synq.add_modules; the model as it is when there are none)
+    model = with_add_modules(copy.deepcopy(qmodel).eval(), example)
+    plan = _make_plan(model, example)
+    added = sorted(n for n, m in model.named_children() if n.startswith("_synq_add"))
+    if added:
+        plan["add_modules"] = {"names": added, "example_shape": list(example.shape)}
     first_name = next(iter(plan["layers"]))
     if input_range is not None:
         lo, hi = float(input_range[0]), float(input_range[1])
@@ -1066,8 +1074,6 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
         plan["input_range"] = [lo, hi]
     plan["weight_format"] = weight_format
 
-    import copy
-    model = copy.deepcopy(qmodel)
     for name, info in plan["layers"].items():
         layer = model.get_submodule(name)
         layer._synq_name = name
@@ -1167,6 +1173,13 @@ def load_int(path, device="cpu") -> IntModel:
                              "synq.deploy.save_int / `synq export`", device)
     model = quant.quantize_model(build_float_model(meta["model"]), **meta["quant_config"])
     plan = meta["plan"]
+    if "add_modules" in plan:  # the export's rewrite, again (the same trace, the same names)
+        info = plan["add_modules"]
+        model = with_add_modules(model, torch.zeros(info["example_shape"]))
+        got = sorted(n for n, m in model.named_children() if n.startswith("_synq_add"))
+        if got != info["names"]:
+            raise ValueError(f"{path}: the model's residual additions ({got}) are not the "
+                             f"exported ones ({info['names']}); was the model code changed?")
     for name, info in plan["layers"].items():
         layer = model.get_submodule(name)
         t = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}

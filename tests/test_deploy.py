@@ -133,13 +133,26 @@ def test_in_place_residual_add_is_not_fused_away():
                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)))
     x = torch.randn(16, 3, 10, 10)
     q = _quantized(model, 8, x)
-    # (int8 between layers fails the exporter's own check: `out += x` would add into the
-    # previous block's int8 output, which no hook sees either)
-    with pytest.warns(UserWarning, match="fused int8 layer-to-layer mode disabled"):
-        im = export(q)
+    # the export rewrites `out += x` into an Add module (synq.add_modules), so int8 passes
+    # between layers and the add runs in conv2's epilogue, before the ReLU
+    im = export(q)
+    assert im.plan["fused"] and im.plan["add_modules"]["names"] == ["_synq_add0", "_synq_add1"]
     assert not im.int_layers()["2.conv2"].relu and im.int_layers()["2.conv1"].relu
     with torch.no_grad():
         assert _rel_err(q(x), im(x)) < 0.02
+    # without the rewrite the in-place add is invisible: the dataflow check alone must keep
+    # the ReLU out of conv2's epilogue (the fused mode then fails its own check)
+    import synq.deploy as D
+    real = D.with_add_modules
+    try:
+        D.with_add_modules = lambda m, example: m
+        with pytest.warns(UserWarning, match="fused int8 layer-to-layer mode disabled"):
+            plain = export(q)
+    finally:
+        D.with_add_modules = real
+    assert "add_modules" not in plain.plan and not plain.int_layers()["2.conv2"].relu
+    with torch.no_grad():
+        assert _rel_err(q(x), plain(x)) < 0.02
 
 
 def test_int4_linear_offsets_exact_against_int8():
@@ -455,6 +468,63 @@ def test_shared_activation_exports_saves_and_loads(tmp_path, monkeypatch):
         assert not torch.equal(im(x), want)
     im = export(q)
     spec = {"source": "callable", "target": "shared_relu_net:model", "kwargs": {}}
+    save_int(im, tmp_path / "int", model_spec=spec)
+    back = load_int(tmp_path / "int")
+    with torch.no_grad():
+        for _ in range(3):  # eager, recording, replay
+            assert torch.equal(back(x), im(x))
+
+
+_INPLACE_ADD_MODULE = """
+import torch
+from torch import nn
+
+class Block(nn.Module):  # torchvision's BasicBlock: shared ReLU, `out += identity`
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x
+        return self.relu(out)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.blocks = nn.Sequential(Block(), Block())
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.blocks(self.relu(self.stem(x)))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1) + 0.5  # not residual
+        return self.fc(x)
+
+def model():
+    return Net()
+"""
+
+
+def test_forward_additions_become_add_modules_through_save_and_load(tmp_path, monkeypatch):
+    (tmp_path / "inplace_add_net.py").write_text(_INPLACE_ADD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import inplace_add_net
+    torch.manual_seed(7)
+    model = _randomize_bn(inplace_add_net.model().eval())
+    x = torch.randn(8, 3, 10, 10)
+    q = _quantized(model, 8, x)
+    im = export(q)
+    assert im.plan["fused"]
+    assert im.plan["add_modules"] == {"names": ["_synq_add0", "_synq_add1"],
+                                      "example_shape": [1, 3, 64, 64]}   # the `+ 0.5` stays
+    assert type(q).__name__ == "Net" and not hasattr(q, "_synq_add0")   # q is untouched
+    with torch.no_grad():
+        want = q(x)
+        assert _rel_err(want, im(x)) < 0.02
+    spec = {"source": "callable", "target": "inplace_add_net:model", "kwargs": {}}
     save_int(im, tmp_path / "int", model_spec=spec)
     back = load_int(tmp_path / "int")
     with torch.no_grad():
