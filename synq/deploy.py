@@ -585,12 +585,13 @@ class IntAct(nn.Module):
         self.apply_relu = bool(apply_relu)
         self.emit_int = bool(emit_int)
 
-    def _next_call(self) -> str:
-        """The buffer-name suffix of this call's grid."""
+    def _next_call(self) -> tuple[str, bool]:
+        """The buffer-name suffix of this call's grid, and whether this call emits int8."""
         if self.calls == 1:
-            return ""
+            return "", bool(self.emit_int)
         k, self._calls = self._calls % self.calls, self._calls + 1
-        return "" if k == 0 else f"_{k + 1}"
+        emit = self.emit_int[k] if isinstance(self.emit_int, list) else self.emit_int
+        return ("" if k == 0 else f"_{k + 1}"), bool(emit)
 
     def _grid(self, suffix: str = ""):
         """(scale, zero in the int8 domain, highest int8 value) of a call's grid, as
@@ -606,17 +607,17 @@ class IntAct(nn.Module):
         return grid
 
     def forward(self, x):
-        suffix = self._next_call()
+        suffix, emit_int = self._next_call()
         if isinstance(x, _Pending):
             # ReLU6's top is the calibrated range's, which the clamp to the grid applies
             q = x.run(True, self._grid(suffix))
-            return q if self.emit_int else _dequant(q)
+            return q if emit_int else _dequant(q)
         x = _as_float(x)
         if self.kind == "relu6":
             x = x.clamp(0.0, 6.0)
         elif self.apply_relu:
             x = torch.relu(x)
-        if not self.emit_int:
+        if not emit_int:
             return sk.fake_quant(x, self._buffers["scale" + suffix],
                                  self._buffers["zero" + suffix], self.bits)
         scale, zero, hi = self._grid(suffix)
@@ -922,10 +923,12 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
     quantizers pass int8 on (`emit_int`): the fused mode of IntConv2d / IntAct / IntAdd."""
     consumers = {}   # id(tensor) -> [(name, module)] of the calls that took it as an input
     out_of = {}      # module name -> id of its output (modules called once)
+    outs_of = {}     # module name -> ids of its outputs, call by call
     for name, mod, ins, out in calls:
         for t in ins:
             consumers.setdefault(id(t), []).append((name, mod))
         out_of[name] = id(out)
+        outs_of.setdefault(name, []).append(id(out))
 
     def only(tid, kind):
         c = consumers.get(tid, [])
@@ -946,19 +949,25 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
             add = only(tid, Add)
             if add is not None and counts.get(add) == 1 and only(out_of[add], quant.QuantAct):
                 info["defer"] = True
-    def takes_int(n, m, aname, pools=True):
+    def takes_int(n, m, aname, call, pools=True):
+        """Whether call `n` of module `m` takes the int8 output of call `call` of `aname`."""
+        info = layers.get(n, {})
         if isinstance(m, Add) or (isinstance(m, quant.QuantConv2d)
-                                  and layers.get(n, {}).get("input_act") == aname):
+                                  and info.get("input_act") == aname
+                                  and info.get("input_call", 0) == call):
             return True
         if pools and isinstance(m, nn.MaxPool2d) and not m.return_indices \
                 and counts.get(n) == 1:     # IntMaxPool2d passes int8 on
             c = consumers.get(out_of.get(n), [])
-            return bool(c) and all(takes_int(n2, m2, aname, False) for n2, m2 in c)
+            return bool(c) and all(takes_int(n2, m2, aname, call, False) for n2, m2 in c)
         return False
 
     for aname, info in acts.items():
-        c = consumers.get(out_of.get(aname), []) if counts.get(aname) == 1 else []
-        info["emit_int"] = bool(c) and all(takes_int(n, m, aname) for n, m in c)
+        # per call: an activation module called at several places has a grid per call, and
+        # each call passes int8 on where all its consumers take it (a list then)
+        emits = [bool(c) and all(takes_int(n, m, aname, r) for n, m in c)
+                 for r, c in enumerate(consumers.get(t, []) for t in outs_of.get(aname, []))]
+        info["emit_int"] = emits[0] if len(emits) == 1 else (emits or False)
 
 
 def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:

@@ -461,6 +461,8 @@ def test_shared_activation_exports_saves_and_loads(tmp_path, monkeypatch):
     im = export(q)
     act = im.model[2].relu
     assert act.calls == 2 and not torch.equal(act.scale, act.scale_2)
+    # both calls pass int8 on in fused mode (conv2 takes the first, the next block the second)
+    assert im.plan["fused"] and im.plan["acts"]["2.relu"]["emit_int"] == [True, True]
     with torch.no_grad():
         want = q(x)
         assert _rel_err(want, im(x)) < 0.02
@@ -521,6 +523,9 @@ def test_forward_additions_become_add_modules_through_save_and_load(tmp_path, mo
     assert im.plan["add_modules"] == {"names": ["_synq_add0", "_synq_add1"],
                                       "example_shape": [1, 3, 64, 64]}   # the `+ 0.5` stays
     assert type(q).__name__ == "Net" and not hasattr(q, "_synq_add0")   # q is untouched
+    assert im.plan["acts"]["blocks.0.relu"]["emit_int"] == [True, True]
+    # the last call feeds a functional pool, which takes float: a flag per call
+    assert im.plan["acts"]["blocks.1.relu"]["emit_int"] == [True, False]
     with torch.no_grad():
         want = q(x)
         assert _rel_err(want, im(x)) < 0.02
