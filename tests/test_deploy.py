@@ -9,6 +9,8 @@ differences flip some roundings of the coarse activation grids, so the bounds ar
 - arg-max agreement: fraction of inputs whose top class is the same.
 """
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -446,16 +448,31 @@ def model():
 """
 
 
+def _quantized_from_text(tmp_path, monkeypatch, name, text, seed):
+    """(8-bit calibrated model built by module `name` written from `text`, its inputs)."""
+    (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(seed)
+    model = _randomize_bn(importlib.import_module(name).model().eval())
+    x = torch.randn(8, 3, 10, 10)
+    return _quantized(model, 8, x), x
+
+
+def _assert_round_trip(im, tmp_path, target, x):
+    """save_int / load_int with a `module:function` spec give the same outputs, eager,
+    recorded and replayed."""
+    save_int(im, tmp_path / "int", model_spec={"source": "callable", "target": target,
+                                               "kwargs": {}})
+    back = load_int(tmp_path / "int")
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(back(x), im(x))
+
+
 def test_shared_activation_exports_saves_and_loads(tmp_path, monkeypatch):
     """A ReLU module called twice per block: a grid per call in the integer model (fused
     where the structure allows: Add modules here), through save_int / load_int."""
-    (tmp_path / "shared_relu_net.py").write_text(_SHARED_RELU_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import shared_relu_net
-    torch.manual_seed(6)
-    model = _randomize_bn(shared_relu_net.model().eval())
-    x = torch.randn(8, 3, 10, 10)
-    q = _quantized(model, 8, x)
+    q, x = _quantized_from_text(tmp_path, monkeypatch, "shared_relu_net", _SHARED_RELU_MODULE, 6)
     first, second = q[2].relu.quantizer, q[2].relu.extra_quantizers[0]
     assert not torch.equal(first.running_max, second.running_max)
     im = export(q)
@@ -468,13 +485,7 @@ def test_shared_activation_exports_saves_and_loads(tmp_path, monkeypatch):
         assert _rel_err(want, im(x)) < 0.02
         im.model[2].relu.scale_2.copy_(act.scale)  # the second grid is in use
         assert not torch.equal(im(x), want)
-    im = export(q)
-    spec = {"source": "callable", "target": "shared_relu_net:model", "kwargs": {}}
-    save_int(im, tmp_path / "int", model_spec=spec)
-    back = load_int(tmp_path / "int")
-    with torch.no_grad():
-        for _ in range(3):  # eager, recording, replay
-            assert torch.equal(back(x), im(x))
+    _assert_round_trip(export(q), tmp_path, "shared_relu_net:model", x)
 
 
 _INPLACE_ADD_MODULE = """
@@ -511,13 +522,7 @@ def model():
 
 
 def test_forward_additions_become_add_modules_through_save_and_load(tmp_path, monkeypatch):
-    (tmp_path / "inplace_add_net.py").write_text(_INPLACE_ADD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import inplace_add_net
-    torch.manual_seed(7)
-    model = _randomize_bn(inplace_add_net.model().eval())
-    x = torch.randn(8, 3, 10, 10)
-    q = _quantized(model, 8, x)
+    q, x = _quantized_from_text(tmp_path, monkeypatch, "inplace_add_net", _INPLACE_ADD_MODULE, 7)
     im = export(q)
     assert im.plan["fused"]
     assert im.plan["add_modules"] == {"names": ["_synq_add0", "_synq_add1"],
@@ -529,12 +534,7 @@ def test_forward_additions_become_add_modules_through_save_and_load(tmp_path, mo
     with torch.no_grad():
         want = q(x)
         assert _rel_err(want, im(x)) < 0.02
-    spec = {"source": "callable", "target": "inplace_add_net:model", "kwargs": {}}
-    save_int(im, tmp_path / "int", model_spec=spec)
-    back = load_int(tmp_path / "int")
-    with torch.no_grad():
-        for _ in range(3):  # eager, recording, replay
-            assert torch.equal(back(x), im(x))
+    _assert_round_trip(im, tmp_path, "inplace_add_net:model", x)
 
 
 def test_errors_name_the_problem():
