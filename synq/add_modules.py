@@ -31,6 +31,14 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
 
+PREFIX = "_synq_add"
+
+
+def added_names(model: nn.Module) -> list[str]:
+    """The Add modules with_add_modules put into `model`, by name."""
+    return sorted(n for n, _ in model.named_children() if n.startswith(PREFIX))
+
+
 def _tensor_shape(node) -> tuple | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -67,19 +75,19 @@ def with_add_modules(qmodel: nn.Module, example: torch.Tensor) -> nn.Module:
         a, b = (_tensor_shape(x) for x in node.args)
         if a is None or a != b:  # a broadcast, a scalar: not a residual addition
             continue
-        while hasattr(gm, f"_synq_add{k}"):
+        while hasattr(gm, f"{PREFIX}{k}"):
             k += 1
-        name = f"_synq_add{k}"
-        gm.add_module(name, Add())
+        gm.add_module(f"{PREFIX}{k}", Add())
         with graph.inserting_after(node):
-            new = graph.call_module(name, tuple(node.args))
+            new = graph.call_module(f"{PREFIX}{k}", tuple(node.args))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-    if k == 0 and not hasattr(gm, "_synq_add0"):
+    if not added_names(gm):
         return qmodel
     graph.lint()
     gm.recompile()
-    gm.register_forward_pre_hook(quant._reset_act_calls)  # the root's hook (a new root)
+    for hook in qmodel._forward_pre_hooks.values():  # the root's (quantize_model's call count)
+        gm.register_forward_pre_hook(hook)
     for attr in ("quant_config", "meta"):
         if hasattr(qmodel, attr):
             setattr(gm, attr, getattr(qmodel, attr))

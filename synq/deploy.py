@@ -58,7 +58,7 @@ from torch import nn
 import synq_kernels as sk
 from . import cuda_graphs, quant, replay
 from .io import build_float_model, read_saved, write_saved
-from .add_modules import with_add_modules
+from .add_modules import added_names, with_add_modules
 from .models.common import Add
 from .versions import normal_tensors, version
 
@@ -1072,7 +1072,7 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
     # the plan sees and fuses (synq.add_modules; the model as it is when there are none)
     model = with_add_modules(copy.deepcopy(qmodel).eval(), example)
     plan = _make_plan(model, example)
-    added = sorted(n for n, m in model.named_children() if n.startswith("_synq_add"))
+    added = added_names(model)
     if added:
         plan["add_modules"] = {"names": added, "example_shape": list(example.shape)}
     first_name = next(iter(plan["layers"]))
@@ -1185,7 +1185,7 @@ def load_int(path, device="cpu") -> IntModel:
     if "add_modules" in plan:  # the export's rewrite, again (the same trace, the same names)
         info = plan["add_modules"]
         model = with_add_modules(model, torch.zeros(info["example_shape"]))
-        got = sorted(n for n, m in model.named_children() if n.startswith("_synq_add"))
+        got = added_names(model)
         if got != info["names"]:
             raise ValueError(f"{path}: the model's residual additions ({got}) are not the "
                              f"exported ones ({info['names']}); was the model code changed?")

@@ -17,6 +17,7 @@ from torch import nn
 
 import synq_kernels
 
+from .quant import FUSED_ACTIVATIONS
 from .tracing import trace_forward
 
 __all__ = ["bns_loss", "focal_ce", "lbns_loss", "kd_loss", "difficulty", "easy_ce", "easy_ce_sum",
@@ -46,9 +47,6 @@ def batch_stats(x: torch.Tensor, per_sample: bool = False):
     return mean, var
 
 
-_FUSED_ACTS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
-
-
 def _relus_after_bn(model: nn.Module) -> dict[int, nn.Module]:
     """{id(bn): act} for every BatchNorm2d of `model` whose output, at each of its calls in
     the forward, goes to one nn.ReLU or nn.ReLU6 module and nowhere else (torch.fx's trace of
@@ -66,7 +64,7 @@ def _relus_after_bn(model: nn.Module) -> dict[int, nn.Module]:
         users = list(node.users)
         relu = (model.get_submodule(users[0].target)
                 if len(users) == 1 and users[0].op == "call_module" else None)
-        if type(relu) not in _FUSED_ACTS or found.setdefault(id(bn), relu) is not relu:
+        if type(relu) not in FUSED_ACTIVATIONS or found.setdefault(id(bn), relu) is not relu:
             bad.add(id(bn))
     return {k: v for k, v in found.items() if k not in bad}
 
@@ -130,7 +128,7 @@ class BNStats:
             if self._can_fuse(bn, x):
                 y, mean, var = synq_kernels.batch_norm_stats(
                     x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
-                    activation=_FUSED_ACTS[type(relu)] if relu is not None else None,
+                    activation=FUSED_ACTIVATIONS[type(relu)] if relu is not None else None,
                     backend="cpu")
                 self.stats[i] = (mean, var)
                 if relu is not None:

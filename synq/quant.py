@@ -47,6 +47,15 @@ _UNSUPPORTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.L
 _FLOAT_OK = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A channels-last 4-D tensor as its NHWC view (dim 0 stays first; the memory order, so
+    reductions and reshapes need no copy); any other tensor as it is."""
+    if t.dim() == 4 and not t.is_contiguous() and \
+            t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1)
+    return t
+
+
 def check_bits(name: str, bits) -> int:
     """`bits` as an int from 2 to 8, else a ValueError naming `name`."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -98,12 +107,9 @@ class WeightQuantizer(nn.Module):
                 self.register_buffer("zero_point", zero_point.clone())
 
     def _minmax_params(self, w: torch.Tensor):
-        if w.dim() == 4 and not w.is_contiguous() and \
-                w.is_contiguous(memory_format=torch.channels_last):
-            # a channels-last weight (a model in channels-last, as fine-tuning runs it) in
-            # memory order: its rows are then views; reshaping w itself copied it each forward
-            w = w.permute(0, 2, 3, 1)
-        flat = w.reshape(w.shape[0], -1)
+        # a channels-last weight (fine-tuning runs its models so) in memory order: its rows
+        # are then views; reshaping w itself copied it at each forward
+        flat = _memory_order(w).reshape(w.shape[0], -1)
         if self.symmetric:
             amax = flat.abs().amax(dim=1)
             scale = torch.clamp(amax / float(self.qmax), min=_EPS).float()
@@ -184,12 +190,9 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        if x.dim() == 4 and not x.is_contiguous() and \
-                x.is_contiguous(memory_format=torch.channels_last):
-            # the same values in memory order: a full reduction of a channels-last tensor
-            # makes a contiguous copy first (8x the time of the reduction on the CPU)
-            x = x.permute(0, 2, 3, 1)
+        # the same values in memory order: a full reduction of a channels-last tensor makes
+        # a contiguous copy first (8x the time of the reduction on the CPU)
+        x = _memory_order(x.detach())
         # aminmax: one launch on a GPU; on a CPU amin and amax take 0.6x its time
         lo, hi = (t.float() for t in (torch.aminmax(x) if x.is_cuda else (x.amin(), x.amax())))
         if self.sync_ranks:
@@ -255,7 +258,8 @@ class ActQuantizer(nn.Module):
 
 
 _ACTIVATION_FNS = {"relu": torch.relu, "relu6": F.relu6}
-_FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+# activation modules that the kernels can apply themselves: their `activation` name
+FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
 class QuantAct(nn.Module):
@@ -303,7 +307,7 @@ class QuantAct(nn.Module):
 
     def forward(self, x):
         q = self._next_quantizer()
-        activation = _FUSED_ACTIVATIONS.get(type(self.act))
+        activation = FUSED_ACTIVATIONS.get(type(self.act))
         if activation is None or not q.enabled or q.calibrating or \
                 synq_kernels.backends.resolve("fake_quant", x.device, q.backend) == "reference":
             return q(self.act(x))
@@ -359,7 +363,7 @@ def _reset_act_calls(model: nn.Module, args) -> None:
 def _activation_calls(model: nn.Module) -> dict[str, int]:
     """{name: calls per forward} of the nn.ReLU / nn.ReLU6 modules that torch.fx's trace of
     the forward shows called more than once; {} where the forward cannot be traced (then
-    QuantAct warns at calibration)."""
+    QuantAct warns at calibration if one is)."""
     graph = trace_forward(model)
     if graph is None:
         return {}

@@ -360,8 +360,8 @@ def test_fused_activation_gives_the_unfused_bits(monkeypatch, learnable, channel
     q = quantize_model(model, 4, 4, learnable=learnable)
     calibrate(q, [x])
     runs = []
-    for fusable in (dict(Q._FUSED_ACTIVATIONS), {}):
-        monkeypatch.setattr(Q, "_FUSED_ACTIVATIONS", fusable)
+    for fusable in (dict(Q.FUSED_ACTIVATIONS), {}):
+        monkeypatch.setattr(Q, "FUSED_ACTIVATIONS", fusable)
         m = copy.deepcopy(q).train()
         calls = []
         real = synq_kernels.fake_quant

@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "activation.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SYNQ_STATS_X86 1
 #include <immintrin.h>
@@ -248,16 +250,10 @@ void nhwc_affine(const float* x, float* y, int64_t npix, int64_t C, const float*
 // start at the first of the w channels); ATen's CPU kernel rounds its x * alpha + beta once
 // (a contracted fma), so this is an explicit one.
 // C = 0 is an NCHW row: npix values of the one channel alpha[0], beta[0]. The activation
-// `act` (kNoAct, kReLU, kReLU6) follows torch: y < 0 becomes +0 (clamp_min: -0 and NaN pass),
-// and for ReLU6 y > 6 becomes 6.
-constexpr int kNoAct = 0, kReLU = 1, kReLU6 = 2;
-
+// `act` (kNoAct, kReLU, kReLU6) follows torch (activation.h).
 template <int act>
 __attribute__((always_inline)) inline float bn_out(float x, float a, float b) {
-  const float y = __builtin_fmaf(x, a, b);
-  if (act == kNoAct) return y;
-  const float r = y < 0.f ? 0.f : y;
-  return act == kReLU6 && r > 6.f ? 6.f : r;
+  return activate<act>(__builtin_fmaf(x, a, b));
 }
 
 template <int act>
@@ -277,16 +273,8 @@ __attribute__((always_inline)) inline void fma_affine_body(const float* __restri
 
 // dx = dy * invstd[c] * w[c] + (a[c] * (x - mu[c]) + b[c]): BatchNorm's eval backward (two
 // products, in ATen's order) plus the statistics' backward, summed as autograd sums them.
-// With an activation, dy is first zeroed where the output r says its gradient is 0: ReLU's
-// threshold_backward (r <= 0; NaN passes), ReLU6's hardtanh_backward (unless 0 < r < 6, which
-// is 0 < the input < 6; NaN does not pass). C = 0 is an NCHW row of the one channel given.
-template <int act>
-__attribute__((always_inline)) inline float bn_grad(float dy, float r) {
-  if (act == kReLU) return r <= 0.f ? 0.f : dy;
-  if (act == kReLU6) return r > 0.f && r < 6.f ? dy : 0.f;
-  return dy;
-}
-
+// With an activation, dy is first zeroed where the output r says its gradient is 0
+// (act_grad, activation.h). C = 0 is an NCHW row of the one channel given.
 template <int act>
 __attribute__((always_inline)) inline void bn_backward_body(
     const float* __restrict dy, const float* __restrict r, const float* __restrict x,
@@ -296,13 +284,13 @@ __attribute__((always_inline)) inline void bn_backward_body(
   if (C == 0) {
     const float s = invstd[0], t = wt[0], a0 = a[0], m0 = mu[0], b0 = b[0];
     for (int64_t p = 0; p < npix; ++p)
-      dx[p] = bn_grad<act>(dy[p], r[p]) * s * t + (a0 * (x[p] - m0) + b0);
+      dx[p] = act_grad<act>(dy[p], r[p]) * s * t + (a0 * (x[p] - m0) + b0);
     return;
   }
   for (int64_t p = 0; p < npix; ++p)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = p * C + c;
-      dx[i] = bn_grad<act>(dy[i], r[i]) * invstd[c] * wt[c] + (a[c] * (x[i] - mu[c]) + b[c]);
+      dx[i] = act_grad<act>(dy[i], r[i]) * invstd[c] * wt[c] + (a[c] * (x[i] - mu[c]) + b[c]);
     }
 }
 
@@ -513,11 +501,6 @@ at::Tensor channel_stats_backward_cpu(const at::Tensor& g_mean_, const at::Tenso
     }
   });
   return dx;
-}
-
-void check_act(int64_t act, const char* who) {
-  TORCH_CHECK(act == kNoAct || act == kReLU || act == kReLU6, who,
-              "act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
 }
 
 void check_channel_vector(const at::Tensor& t, int64_t C, const char* who, const char* name) {

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <vector>
 
+#include "activation.h"
 #include "fake_quant_geometry.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -46,30 +47,23 @@ inline float round_half_even(float t) {
   return a < big ? r : t;
 }
 
-// The activation before the fake quantization: torch's relu (clamp_min: -0 and NaN pass) or
-// relu6 (hardtanh(0, 6)), into r.
-constexpr int kNoAct = 0, kReLU = 1, kReLU6 = 2;
-
+// The activation before the fake quantization (activation.h), into r.
 SYNQ_MULTIVERSION void act_span(const float* x, float* r, int64_t n, int act) {
   if (act == kReLU) {
-    for (int64_t i = 0; i < n; ++i) r[i] = x[i] < 0.f ? 0.f : x[i];
+    for (int64_t i = 0; i < n; ++i) r[i] = activate<kReLU>(x[i]);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i] < 0.f ? 0.f : x[i];
-    r[i] = v > 6.f ? 6.f : v;
-  }
+  for (int64_t i = 0; i < n; ++i) r[i] = activate<kReLU6>(x[i]);
 }
 
-// dx zeroed where the activation's gradient is 0, judged on its output r as torch's
-// backward does: ReLU's threshold_backward (r <= 0), ReLU6's (unless 0 < r < 6). NaN
-// entries get dx = 0 from the fake quantization whatever the mask says.
+// dx zeroed where the activation's gradient is 0, judged on its output r (activation.h).
+// NaN entries get dx = 0 from the fake quantization whatever the mask says.
 SYNQ_MULTIVERSION void act_grad_span(const float* r, float* d, int64_t n, int act) {
   if (act == kReLU) {
-    for (int64_t i = 0; i < n; ++i) d[i] = r[i] <= 0.f ? 0.f : d[i];
+    for (int64_t i = 0; i < n; ++i) d[i] = act_grad<kReLU>(d[i], r[i]);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) d[i] = r[i] > 0.f && r[i] < 6.f ? d[i] : 0.f;
+  for (int64_t i = 0; i < n; ++i) d[i] = act_grad<kReLU6>(d[i], r[i]);
 }
 
 // x's span with the activation applied (into buf), or x itself without one.
@@ -346,8 +340,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& scale, const at::Tensor
   TORCH_CHECK(x.device().is_cpu() && scale.device().is_cpu() && zero_point.device().is_cpu(),
               "synq fake_quant (cpu backend): all tensors must be on the CPU");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "synq fake_quant: x must be floating point");
-  TORCH_CHECK(act == kNoAct || act == kReLU || act == kReLU6,
-              "synq fake_quant: act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got ", act);
+  check_act(act, "synq fake_quant: ");
 }
 
 at::Tensor fake_quant_fwd_cpu(const at::Tensor& x_, const at::Tensor& scale,
