@@ -165,6 +165,7 @@ class ActQuantizer(nn.Module):
         self.enabled = True
         self.name = ""  # set by quantize_model, for error messages
         self._init_seen = None  # (buffer, its version, value): see is_initialized
+        self._has_range = False  # the flag's value as last seen, for compiled forwards
         self.register_buffer("running_min", torch.zeros(()))
         self.register_buffer("running_max", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -179,14 +180,28 @@ class ActQuantizer(nn.Module):
         """Whether a range has been calibrated. The flag is a buffer (checkpoints keep it);
         its value is read from the device once and reused while the buffer is the same tensor
         at the same version, so a forward on a GPU does not wait for it every time
-        (load_state_dict, fill_ and .to() all change the identity or the version)."""
-        buf = self.initialized
+        (load_state_dict, fill_ and .to() all change the identity or the version).
+
+        Under torch.compile neither the value nor the version can be read while tracing: the
+        answer is then the value that calibration, load_state_dict or the last eager check
+        saw (a Python attribute, which the compiled graph is guarded on)."""
         if torch.compiler.is_compiling():
-            return bool(buf)
+            return self._has_range
+        buf = self.initialized
         seen = self._init_seen
         if seen is None or seen[0] is not buf or seen[1] != version(buf):
             seen = self._init_seen = (buf, version(buf), bool(buf))
+            self._has_range = seen[2]
         return seen[2]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._has_range = bool(self.initialized)
+
+    def __setstate__(self, state):  # pickled before _has_range existed
+        super().__setstate__(state)
+        if "_has_range" not in self.__dict__:
+            self._has_range = bool(self.initialized)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -201,6 +216,7 @@ class ActQuantizer(nn.Module):
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)
             self.initialized.fill_(True)
+            self._has_range = True
         else:
             m = self.momentum
             self.running_min.mul_(m).add_(lo, alpha=1 - m)
