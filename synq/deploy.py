@@ -176,6 +176,15 @@ class _IntLayer(nn.Module):
         version counter. Not saved."""
         w, o = self._buffers["weight"], self._buffers["offset"]
         key, cache = self._derived
+        if torch.compiler.is_compiling():
+            # no version counters while tracing: the value an eager call built is taken as it
+            # is (a graph input); building it needs values (which int8 layout fits), so an
+            # eager call must come first
+            if name in cache and key[0] is w:
+                return cache[name]
+            raise RuntimeError("run the integer model once without torch.compile, on the "
+                               "device it will run on, before compiling it: its first call "
+                               "prepares the packed weights of each layer")
         if (key is None or key[0] is not w or key[1] != version(w) or key[2] is not o
                 or (o is not None and key[3] != version(o))):
             cache = {}
@@ -423,9 +432,10 @@ class IntLinear(_IntLayer):
             xq, xs, xz = _quantize_dynamic(x2, (1,))
             xs, xz = xs.reshape(m), xz.reshape(m)
         backend = self._backend_for("quantized_linear", x.device)
-        if backend in ("cpu", "cuda") and m > 0 and not torch.compiler.is_compiling():
+        if backend in ("cpu", "cuda") and m > 0:
             # the compiled kernel itself: no custom-op layer, no re-checks of the export's
-            # scales (about 25 us a call at batch 1), and offsets folded where they fit
+            # scales (about 25 us a call at batch 1), and offsets folded where they fit (the
+            # same bits under torch.compile, where the op has a fake kernel)
             w, rowsum, offset, packed = self._direct_weight()
             out = _LINEAR(xq, xs, xz, w, self.w_scale, rowsum, self.bias,
                           self.relu and offset is None, torch.float32, packed)
@@ -593,16 +603,21 @@ class IntAct(nn.Module):
         emit = self.emit_int[k] if isinstance(self.emit_int, list) else self.emit_int
         return ("" if k == 0 else f"_{k + 1}"), bool(emit)
 
+    def _make_grid(self, scale, zero):
+        return (scale.reshape(1), (zero - 128).to(torch.int32).reshape(1),
+                (1 << self.bits) - 1 - 128)
+
     def _grid(self, suffix: str = ""):
         """(scale, zero in the int8 domain, highest int8 value) of a call's grid, as
         one-element tensors (cached; rebuilt when the buffers change or move)."""
         scale, zero = self._buffers["scale" + suffix], self._buffers["zero" + suffix]
+        if torch.compiler.is_compiling():  # no version counters while tracing: no cache
+            return self._make_grid(scale, zero)
         cache = self.__dict__.setdefault("_grid_caches", {})
         key, grid = cache.get(suffix, (None, None))
         if (key is None or key[0] is not scale or key[1] != version(scale)
                 or key[2] is not zero or key[3] != version(zero)):
-            grid = (scale.reshape(1), (zero - 128).to(torch.int32).reshape(1),
-                    (1 << self.bits) - 1 - 128)
+            grid = self._make_grid(scale, zero)
             cache[suffix] = ((scale, version(scale), zero, version(zero)), grid)
         return grid
 

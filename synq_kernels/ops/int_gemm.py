@@ -535,6 +535,10 @@ if _has_packed_kernel():
         return w.new_empty((groups, nb, kh, kw, cq, R.CONV_PACK_QUAD * R.CONV_PACK_BLOCK),
                            dtype=torch.int8)
 
+    @torch.library.register_fake("synq::_quantized_linear")
+    def _(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, out_dtype, w_packed):
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+
     @torch.library.register_fake("synq::_quantized_conv2d_packed")
     def _(x, x_scale, x_zero, w_packed, w_scale, bias, stride, padding, dilation, groups, relu,
           out_dtype, out_scale, out_zero, residual, residual_scale, residual_zero,
