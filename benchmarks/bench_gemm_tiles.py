@@ -14,6 +14,7 @@ import torch
 
 import synq_kernels as sk
 from synq_kernels.triton import int_gemm as T
+from synq_kernels.triton import int_gemm_gluon as G
 from synq_kernels.triton import int_gemv as V
 
 from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_sweep
@@ -33,6 +34,11 @@ CONFIGS_SMALL = [(16, 64, 128, 1, 4, 3), (16, 32, 256, 1, 4, 4), (16, 64, 256, 1
 # against the GEMM's 1.52x), and a narrower tile with fewer registers
 CONFIGS_LINEAR = [(128, 128, 128, 8, 4, 3), (128, 128, 128, 1, 8, 3), (64, 128, 128, 8, 4, 3)]
 LINEAR_SHAPE = (4096, 4096, 4096)  # (M, K, N)
+# the Gluon int8 GEMM (int_gemm_gluon.py, opt-in by SYNQ_GLUON_GEMM=1; asynchronous wgmma):
+# (BM, BN, BK, STAGES, GROUP_M, num_warps)
+CONFIGS_GLUON = [(128, 256, 64, 4, 8, 8), (128, 128, 128, 3, 8, 4), (128, 256, 128, 3, 8, 8),
+                 (128, 128, 64, 6, 8, 8), (256, 128, 64, 4, 8, 8)]
+CONFIGS_GLUON_QUICK = CONFIGS_GLUON[:3]
 # packed weights at M <= int_gemv.GEMV_MAX_M run the weight-streaming kernel:
 # (BN, BKH, STAGES, num_warps)
 CONFIGS_GEMV = [(16, 256, 4, 4), (32, 256, 3, 4), (16, 1024, 3, 8), (32, 512, 3, 8),
@@ -84,6 +90,14 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                                CONFIGS_SMALL if m <= 16 else
                                (CONFIGS_LARGE_QUICK if quick else CONFIGS_LARGE), fn, shape,
                                "synq triton", ops, base, device, (m, n, k, False))
+        if not w4 and device == "cuda" and G.usable(a, w):
+            exact = torch.equal(G.int8_matmul(a, w), torch._int_mm(a, w.T))
+            rows += tile_sweep(G, "_config",
+                               ("BM", "BN", "BK", "STAGES", "GROUP_M", "num_warps"),
+                               CONFIGS_GLUON_QUICK if quick else CONFIGS_GLUON,
+                               lambda: G.int8_matmul(a, w), shape,
+                               "synq gluon" + ("" if exact else " WRONG vs torch._int_mm"),
+                               ops, base, device, (m, n, k))
         if (m, k, n) == LINEAR_SHAPE and not w4:
             xs, xz = torch.tensor(0.02, device=device), torch.tensor(3, device=device)
             ws, rs = torch.rand(n, device=device) + 0.1, sk.weight_row_sums(w)
@@ -98,7 +112,8 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
         print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
     write_sweep("gemm_tiles", rows, device, out_dir,
                 "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of _int_mm_kernel "
-                "(and of _quantized_linear_kernel, float32 out), or "
+                "(and of _quantized_linear_kernel, float32 out), (BM, BN, BK, STAGES, "
+                "GROUP_M, num_warps) of the Gluon kernel ('gluon' rows), or "
                 "(BN, BKH, STAGES, num_warps) of int_gemv's kernel (the 'gemv' rows); speedup "
                 "against fp16 torch.matmul, same run")
     return rows

@@ -27,6 +27,11 @@ import synq_kernels as sk
 
 from .common import device_name, markdown_table, time_fn, write_results
 
+
+def _gluon_usable(a, w) -> bool:
+    from synq_kernels.triton import int_gemm_gluon
+    return int_gemm_gluon.usable(a, w)
+
 # (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input
 RESNET18_CONVS = [
     ("conv1", 3, 224, 224, 64, 7, 2, 3),
@@ -99,6 +104,12 @@ def _gemm_rows(m, k, n, device, quick):
     for b in _backends("int_mm", device):
         t = time_fn(lambda: sk.int8_matmul(a, w, backend=b), device, mrt)
         rows.append(_row("gemm", shape, f"synq int8_matmul [{b}]", t, ops, base_t))
+        if b == "triton" and device == "cuda" and _gluon_usable(a, w):
+            # the Gluon kernel, opt-in until it has run on a GPU
+            with mock.patch.dict(os.environ, {"SYNQ_GLUON_GEMM": "1"}):
+                t = time_fn(lambda: sk.int8_matmul(a, w, backend=b), device, mrt)
+            rows.append(_row("gemm", shape, "synq int8_matmul [triton, SYNQ_GLUON_GEMM=1]", t,
+                             ops, base_t))
         t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
         rows.append(_row("gemm", shape, f"synq int4_matmul W4A8 [{b}]", t, ops, base_t))
         if b == "cuda" and m <= 4:  # the dp4a GEMV, opt-in until it has run on a GPU

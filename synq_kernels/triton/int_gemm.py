@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import backends
 from ..reference.int_gemm import conv_memory_format
-from . import conv_tap, int_gemv
+from . import conv_tap, int_gemm_gluon, int_gemv
 from .int4_ptx import unpack_signed
 from .conv_tap import _block
 
@@ -125,6 +125,9 @@ def int_mm(a, b, k, a_packed, a_signed, b_packed):
         return int_gemv.int_gemv(a, b, k, a_packed, a_signed)
     a = a.contiguous()
     b = b.contiguous()
+    if not (a_packed or b_packed) and int_gemm_gluon.enabled() and \
+            int_gemm_gluon.usable(a, b):  # opt-in: asynchronous int8 wgmma on sm_90
+        return int_gemm_gluon.int8_matmul(a, b)
     m, n = a.shape[0], b.shape[0]
     c = torch.empty(m, n, dtype=torch.int32, device=a.device)
     cfg = _mm_config(m, n, k, a.device.type == "cpu")
