@@ -226,11 +226,10 @@ def _image_shape(args, default, test_set, model):
     else:
         raise UsageError("give --image-shape C,H,W (no bundled model or test set to read it "
                          "from)")
-    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if first is not None and len(shape) == 3 and shape[0] != first.in_channels:
-        raise UsageError(f"the image shape {','.join(map(str, shape))} has {shape[0]} "
-                         f"channel(s), but the model's first convolution takes "
-                         f"{first.in_channels}")
+    from .synth import channel_mismatch
+    why = channel_mismatch(model, shape)
+    if why:
+        raise UsageError(why)
     return shape
 
 

@@ -272,6 +272,16 @@ def _config_dict(cfg: SynthConfig) -> dict:
     return d
 
 
+def channel_mismatch(model: nn.Module, image_shape) -> str | None:
+    """Why images of `image_shape` (C, H, W) cannot enter the model's first convolution, or
+    None (also for a model without one)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and len(image_shape) == 3 and image_shape[0] != first.in_channels:
+        return (f"the image shape {','.join(map(str, image_shape))} has {image_shape[0]} "
+                f"channel(s), but the model's first convolution takes {first.in_channels}")
+    return None
+
+
 def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None = None,
                config: SynthConfig | None = None, device=None, progress: bool = True,
                on_batch_end: Callable[[int], None] | None = None, **overrides) -> dict:
@@ -295,6 +305,9 @@ def synthesize(model: nn.Module, out_path, image_shape, num_classes: int | None 
     image_shape = tuple(int(s) for s in image_shape)
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
+    why = channel_mismatch(model, image_shape)
+    if why:
+        raise ValueError(why)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")

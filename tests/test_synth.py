@@ -114,6 +114,10 @@ def test_bad_configuration(tmp_path):
         synthesize(_bn_model(), tmp_path / "x.pt", (1, 8, 8), steps=0, progress=False)
     with pytest.raises(ValueError, match="image_shape"):
         synthesize(_bn_model(), tmp_path / "x.pt", (8, 8), progress=False, **FAST)
+    with pytest.raises(ValueError, match=r"has 3 channel\(s\), but the model's first "
+                                         r"convolution takes 1"):
+        synthesize(_bn_model(), tmp_path / "x.pt", (3, 8, 8), progress=False, **FAST)
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_augment_batch_is_seeded_and_differentiable():
