@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from . import distributed
+from .synth import channel_mismatch
 
 __all__ = ["evaluate", "compare", "format_report", "as_loader"]
 
@@ -84,6 +85,10 @@ def evaluate(model: nn.Module, loader, device=None) -> dict:
     correct1 = correct5 = n = 0
     try:
         for x, y in loader:
+            if n == 0 and x.dim() == 4:
+                why = channel_mismatch(model, tuple(x.shape[1:]))
+                if why:
+                    raise ValueError(f"test set: {why}")
             x, y = x.to(device), y.to(device)
             if copied is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

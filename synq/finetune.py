@@ -72,8 +72,9 @@ from .evaluate import evaluate
 from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce, easy_ce_sum,
                      feature_attention_loss, gradcam_map, kd_loss)
 from .quant import act_quantizers, check_bits, quantize_model, set_calibration
-from .synth import (apply_augmentation, augmentation_params, load_synthetic, model_fingerprint,
-                    progress_interval, save_atomic, seeded_generator, to_device_async)
+from .synth import (apply_augmentation, augmentation_params, channel_mismatch, load_synthetic,
+                    model_fingerprint, progress_interval, save_atomic, seeded_generator,
+                    to_device_async)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
            "residual_add_layers"]
@@ -252,6 +253,12 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
         raise ValueError(f"train_data must hold N x C x H x W images and N labels, got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if y.dtype == torch.bool or y.is_complex() or (
+            y.is_floating_point() and not torch.equal(y, y.round())):
+        raise ValueError(f"train_data's labels must be class indices (integers), got "
+                         f"{y.dtype} values such as {y[0].item()!r}")
+    if int(y.min()) < 0:
+        raise ValueError(f"train_data's labels must be class indices >= 0, got {int(y.min())}")
     return x.float(), y.long()
 
 
@@ -496,6 +503,14 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
     device = torch.device(device)
 
     teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    why = channel_mismatch(teacher, tuple(x_all.shape[1:]))
+    if why:
+        raise ValueError(f"train_data: {why}")
+    with torch.no_grad():
+        classes = teacher(x_all[:1].to(device)).shape[-1]
+    if int(y_all.max()) >= classes:
+        raise ValueError(f"train_data's labels must be class indices below {classes} (the "
+                         f"model's outputs), got {int(y_all.max())}")
     channels_last = CPU_CHANNELS_LAST if device.type == "cpu" else GPU_CHANNELS_LAST
     if channels_last:
         # faster convolutions on both (and BN's backward on a GPU, see the module's notes);

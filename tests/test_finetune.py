@@ -273,6 +273,24 @@ def test_bad_configuration(digits, synthetic, kwargs, match):
         finetune(teacher, synthetic, progress=False, **dict(SMALL, **kwargs))
 
 
+def test_bad_training_data_is_named_before_any_work(digits):
+    teacher = digits[0]
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    bad = [((torch.randn(8, 3, 8, 8), y), r"has 3 channel\(s\), but the model's first "
+                                          r"convolution takes 1"),
+           ((x, torch.full((8,), 10)), "class indices below 10"),
+           ((x, torch.full((8,), -1)), "class indices >= 0"),
+           ((x, torch.full((8,), 0.5)), "must be class indices \\(integers\\)"),
+           ((x, torch.zeros(8, dtype=torch.bool)), "must be class indices \\(integers\\)")]
+    for data, match in bad:
+        with pytest.raises(ValueError, match=match):
+            finetune(teacher, data, progress=False, **SMALL)
+    # integer-valued float labels are class indices
+    finetune(teacher, (x, y.float()), progress=False, **dict(SMALL, epochs=1))
+    with pytest.raises(ValueError, match=r"test set: the image shape 3,8,8"):
+        evaluate(teacher, (torch.randn(4, 3, 8, 8), y[:4]))
+
+
 def test_evaluate_topk_and_empty(digits):
     teacher, _, test = digits
     res = evaluate(teacher, (test.tensors[0][:20], test.tensors[1][:20]))
