@@ -253,10 +253,12 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
         raise ValueError(f"train_data must hold N x C x H x W images and N labels, got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
-    if y.dtype == torch.bool or y.is_complex() or (
-            y.is_floating_point() and not torch.equal(y, y.round())):
-        raise ValueError(f"train_data's labels must be class indices (integers), got "
-                         f"{y.dtype} values such as {y[0].item()!r}")
+    if y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"train_data's labels must be class indices (integers), got {y.dtype}")
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        odd = y[y != y.round()][0].item()
+        raise ValueError(f"train_data's labels must be class indices (integers), got {y.dtype} "
+                         f"values such as {odd!r}")
     if int(y.min()) < 0:
         raise ValueError(f"train_data's labels must be class indices >= 0, got {int(y.min())}")
     return x.float(), y.long()
