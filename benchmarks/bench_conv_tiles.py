@@ -66,6 +66,31 @@ def _fused_call(x, wq, ws, rs, cout, s, p, oh, ow, residual):
     return fn
 
 
+def _gluon_rows(rows, x, wq, ws, rs, s, p, shape, ops, base, fn, quick) -> None:
+    """The Gluon conv (conv_gluon.py, opt-in by SYNQ_GLUON_CONV=1), where it takes the layer
+    (stride 1): one row per stage count (--quick: 4 only), its result checked against the tap
+    kernel's."""
+    from synq_kernels.triton import conv_gluon as G
+    if not G.usable(x, wq, (s, s), (p, p), (1, 1), 1, None, False):
+        return
+    want = fn()
+    xs = torch.tensor([0.02], device=x.device)
+    xz = torch.tensor([3], dtype=torch.int32, device=x.device)
+    for stages in (4,) if quick else (3, 4, 6):
+        def gl_fn():
+            return G.conv2d(x, xs, xz, wq, ws, rs, None, False, stages=stages)
+        row = {"shape": shape, "impl": "synq gluon conv", "config": f"stages={stages}"}
+        try:
+            got = gl_fn()
+            t = time_fn(gl_fn, x.device.type, 0.2)
+        except Exception as e:  # noqa: BLE001 - it has not run on a GPU before
+            rows.append({**row, "ms": f"failed: {e}"[:80], "TOP/s": "", "speedup_vs_fp16": ""})
+            continue
+        exact = torch.equal(got, want)
+        rows.append({**row, "impl": row["impl"] + ("" if exact else " MISMATCH"),
+                     "ms": t * 1e3, "TOP/s": ops / t / 1e12, "speedup_vs_fp16": base / t})
+
+
 def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
         allow_cpu: bool = False):
     """allow_cpu: run on CPU tensors too (Triton's interpreter; a smoke test of this script)."""
@@ -103,6 +128,8 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
             args = (b * oh * ow, c, cout, k * k, False)
             rows += tile_sweep(T, "_tap_config", names, configs, fn, shape, "synq triton tap",
                                ops, base, dev, args)
+            if dev == "cuda":
+                _gluon_rows(rows, x, wq, ws, rs, s, p, shape, ops, base, fn, quick)
             # an int8 residual where the output has the input's shape (a block's second conv)
             residual = s == 1 and c == cout and (oh, ow) == (h, w)
             rows += tile_sweep(T, "_tap_config", names,

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import backends
 from ..reference.int_gemm import conv_memory_format
-from . import conv_tap, int_gemm_gluon, int_gemv
+from . import conv_gluon, conv_tap, int_gemm_gluon, int_gemv
 from .int4_ptx import unpack_signed
 from .conv_tap import _block
 
@@ -381,6 +381,11 @@ def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding, dila
             FAST_DIV=p + bm <= conv_tap.FAST_DIV_ROWS, BM=bm, BN=bn, num_warps=warps,
             **common)
         return out
+    if (conv_gluon.enabled() and out_dtype == torch.float32 and x_scale.numel() == 1
+            and x_zero.numel() == 1 and conv_gluon.usable(x, w, stride, padding, dilation,
+                                                          groups, None, w_packed)):
+        # opt-in: TMA operands and asynchronous int8 wgmma on sm_90
+        return conv_gluon.conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu)
     # (cg > 1 here) conv_tap's implicit GEMM: tap-blocked, or flattened K (packed int4 too)
     return conv_tap.conv2d_tap(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, stride, padding,
                                dilation, groups, relu, out, w_packed=bool(w_packed),
