@@ -13,6 +13,15 @@ torch.manual_seed(0)
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after the test: guards and recompile
+    counts of earlier models (dynamo's recompile limit is per code object)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def one_thread():
     """torch on one thread for the test (small tensors: threads cost more than they give,
     and the CI machine is shared); a test may raise it, the setting is restored after."""

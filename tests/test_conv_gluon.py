@@ -139,6 +139,18 @@ def test_border_sums_by_brute_force():
             assert torch.equal(table[i].long(), want), (k, ot, ob, ol, orr)
 
 
+def test_weight_operands_are_kept_until_the_weight_changes():
+    w = rand_i8(64, 64, 3, 3)
+    wr, table = G._weight_operands(w)
+    assert torch.equal(wr, w.permute(0, 2, 3, 1).reshape(64, -1))
+    assert torch.equal(table, G.border_sums(w))
+    assert G._weight_operands(w)[0] is wr  # not reordered again
+    w.add_(1)
+    wr2, table2 = G._weight_operands(w)
+    assert wr2 is not wr and torch.equal(wr2, w.permute(0, 2, 3, 1).reshape(64, -1))
+    assert torch.equal(table2, G.border_sums(w))
+
+
 def test_tile_shapes_cover_resnet_layers():
     for nb, h, w in [(256, 56, 56), (256, 28, 28), (256, 14, 14), (256, 7, 7), (1, 1, 1),
                      (3, 112, 112), (2, 3, 200)]:

@@ -10,19 +10,9 @@ from synq.models import resnet18, resnet20
 
 from test_deploy import _quantized, _randomize_bn
 from test_quant import _shared_relu_model
+from test_quant_compile import _compiled
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _compiled(model):
-    return torch.compile(model, fullgraph=True, backend="aot_eager")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 CASES = {  # W4: packed int4 weights and offsets, fused residual epilogues; W8: max-pool

@@ -9,14 +9,7 @@ from synq.quant import act_quantizers, calibrate, quantize_model, set_calibratio
 
 from test_quant import _shared_relu_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()  # guards and recompile counts of earlier models
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 def _compiled(model):

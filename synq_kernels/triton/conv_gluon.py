@@ -22,6 +22,7 @@ TMA and one wgmma stays in flight:
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -188,6 +189,26 @@ def border_sums(w: torch.Tensor) -> torch.Tensor:
     return (out.to(torch.int64) @ taps.t()).to(torch.int32).contiguous()
 
 
+_WEIGHTS: dict = {}  # id(w) -> (weakref to w, its version, (reordered w, border sums))
+
+
+def _weight_operands(w: torch.Tensor):
+    """(w as (Cout, kh * kw * C) contiguous, border_sums(w)), kept while w is the same
+    tensor at the same version, so that a call does not reorder its weight again (a copy
+    and a small reduction on every call, which timed the kernel with them)."""
+    got = _WEIGHTS.get(id(w))
+    ver = None if w.is_inference() else w._version
+    if got is not None and got[0]() is w and ver is not None and got[1] == ver:
+        return got[2]
+    cout, c, k, _ = w.shape
+    ops = (w.permute(0, 2, 3, 1).reshape(cout, k * k * c).contiguous(), border_sums(w))
+    if ver is not None:
+        for key in [key for key, v in _WEIGHTS.items() if v[0]() is None]:
+            del _WEIGHTS[key]  # weights freed since
+        _WEIGHTS[id(w)] = (weakref.ref(w), ver, ops)
+    return ops
+
+
 def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, stages: int = 4):
     """Float32 channels-last (B, Cout, H, W) output of the int8 conv; `usable` must hold.
     x_scale, x_zero: one element each (x_zero in the int8 domain); w_scale, w_rowsum (Cout,)."""
@@ -196,7 +217,7 @@ def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, stages: int = 4
     tb, th, tw = tile_shape(nb, h, wd)
     lx, lw = layouts(tb, th, tw)
     xv = x.permute(0, 2, 3, 1)  # the NHWC view (contiguous for a channels-last x)
-    wr = w.permute(0, 2, 3, 1).reshape(cout, k * k * c).contiguous()
+    wr, bsums = _weight_operands(w)
     x_desc = TensorDescriptor(xv, [nb, h, wd, c], [h * wd * c, wd * c, c, 1], [tb, th, tw, BK], lx)
     w_desc = TensorDescriptor(wr, [cout, k * k * c], [k * k * c, 1], [BN, BK], lw)
     out = torch.empty(nb, cout, h, wd, device=x.device, dtype=torch.float32,
@@ -204,7 +225,7 @@ def conv2d(x, x_scale, x_zero, w, w_scale, w_rowsum, bias, relu, stages: int = 4
     grid = (-(-nb // tb) * -(-h // th) * -(-wd // tw) * (cout // BN),)
     _conv_s8_kernel[grid](
         x_desc, w_desc, out, x_scale.reshape(1).float(), x_zero.reshape(1).to(torch.int32),
-        w_scale.float().contiguous(), w_rowsum.to(torch.int32).contiguous(), border_sums(w),
+        w_scale.float().contiguous(), w_rowsum.to(torch.int32).contiguous(), bsums,
         bias.float().contiguous() if bias is not None else w_scale, nb, h, wd, cout,
         C=c, KS=k, TB=tb, TH=th, TW=tw, HAS_BIAS=bias is not None, RELU=bool(relu),
         STAGES=stages, num_warps=4)
