@@ -71,6 +71,30 @@ def test_pack_errors():
         sk.unpack_int4(torch.zeros(3, dtype=torch.uint8), n=3)
 
 
+def test_pack_empty_rows():
+    assert sk.pack_int4(torch.zeros(0, 5, dtype=torch.int8)).shape == (0, 3)
+    assert sk.pack_int4(torch.zeros(3, 0, dtype=torch.int8)).shape == (3, 0)
+
+
+def test_weight_row_sums():
+    # On a CPU with the cpu backend the sums come from its GEMV (a row of ones); against
+    # torch's own sum for int8 weights 2-D and 4-D channels-last, packed int4 ones with odd K
+    # and a junk padding nibble, empty shapes, and K past the GEMMs' limit (torch's sum).
+    for shape in [(37, 70), (0, 5), (5, 0), (64, 3, 3, 3), (3, 70000)]:
+        w = rand_i8(*shape)
+        want = w.flatten(1).sum(1, dtype=torch.int32)
+        got = sk.weight_row_sums(w)
+        assert got.dtype == torch.int32 and torch.equal(got, want), shape
+    cl = rand_i8(64, 32, 3, 3).to(memory_format=torch.channels_last)
+    assert torch.equal(sk.weight_row_sums(cl), cl.flatten(1).sum(1, dtype=torch.int32))
+    for n, k in [(9, 33), (9, 34), (0, 7)]:
+        q = rand_i4(n, k)
+        p = sk.pack_int4(q)
+        if k % 2 and n:
+            p[:, -1] |= 0x70
+        assert torch.equal(sk.weight_row_sums(p, k), q.sum(1, dtype=torch.int32)), (n, k)
+
+
 # -- int8 ---------------------------------------------------------------------------------------
 
 def test_reference_matches_int64_and_torch_int_mm():
@@ -181,6 +205,29 @@ def test_int4_matmul_large(backend):
         a8 = rand_i8(m, k)
         assert torch.equal(sk.int4_matmul(a8, sk.pack_int4(b4), backend=backend),
                            R.int8_matmul(a8, b4))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_panel_kernel_edges(backend):
+    # With AVX-512 VNNI, products of >= 24 rows (16 for int4 weights) run the panel kernel:
+    # weights packed in 48-column panels of K quads, 8 x 48 tiles, K blocks of 1024 values,
+    # row blocks of 256. Columns 47 / 48 / 49 / 97 (part panels), K around a quad and a
+    # block (1025: one value in the second block), rows past a tile and a row block; a junk
+    # padding nibble on odd K. Exact on every other CPU path as well.
+    cases = [(24, 1, 47), (25, 3, 48), (31, 4, 49), (71, 5, 97), (263, 65, 50),
+             (40, 1024, 96), (33, 1025, 17), (264, 2053, 95), (16, 7, 3)]
+    for m, k, n in cases:
+        a, b = rand_i8(m, k), rand_i8(n, k)
+        assert torch.equal(sk.int8_matmul(a, b, backend=backend).long(), exact(a, b)), (m, k, n)
+        b4 = rand_i4(n, k)
+        pb = sk.pack_int4(b4)
+        if k % 2:
+            pb[:, -1] |= 0xF0
+        assert torch.equal(sk.int4_matmul(a, pb, k=k, backend=backend).long(), exact(a, b4)), \
+            ("w4a8", m, k, n)
+        a4 = rand_i4(m, k, signed=False)
+        got = sk.int4_matmul(sk.pack_int4(a4, False), pb, k=k, a_signed=False, backend=backend)
+        assert torch.equal(got.long(), exact(a4, b4)), ("w4a4", m, k, n)
 
 
 # -- quantized_linear ---------------------------------------------------------------------------

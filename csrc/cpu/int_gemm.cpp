@@ -13,7 +13,10 @@
 // so that the left block stays in L2 and three weight rows in L1. A portable scalar kernel
 // serves CPUs without AVX2. With AVX-512 VNNI both weight types run vpdpbusd on bytes, 64 K
 // values a step in a 4 x 4 tile (int_gemm_quads.h): int8 weights as stored, int4 ones
-// unpacked in registers. Convolution: int_conv.cpp.
+// unpacked in registers. From a few dozen left rows on (use_panel), the weights are packed
+// into 48-column panels first and an 8 x 48 tile broadcasts the left operand against them
+// (int_gemm_panel.h), which needs far less L2 traffic per multiply-add. Convolution:
+// int_conv.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,6 +34,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "int_gemm_panel.h"
 #include "int_gemm_quads.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -418,13 +422,69 @@ std::vector<AT> widen_parallel(const at::Tensor& a, int64_t K, bool packed, bool
 // rather than in every full tile (one more vpdpbusd per weight vector, 4 per 16).
 constexpr int64_t kPresumRows = 64;
 
+// Whether the panel kernel (int_gemm_panel.h) takes an M-row product from the Quads tiles. Its
+// packing pass over the weights costs as much as a few rows of the product while the weights
+// fit in cache, and about 1.8 ms for 16 MB of them from memory. Crossovers measured on the
+// AVX-512 EPYC with 1 and 2 threads (benchmarks/results/cpu_2026-11-28c/): int8 weights at
+// M = 16-32 for 512^2 and 1000 x 2048, between 128 (a tie) and 256 for 4096^2; packed int4
+// ones (whose Quads tiles unpack in registers) at M = 16 and 64.
+inline bool use_panel(int64_t M, int64_t N, int64_t K, bool int4) {
+  const bool big = N * K > (int64_t{8} << 20);
+  return M >= (int4 ? (big ? 64 : 16) : (big ? 160 : 24));
+}
+
+#if SYNQ_INT_GEMM_X86
+// The panel kernel: sums into C (M x N int32), or into a scratch handed to store() when C is
+// null.
+template <class Store>
+void run_panel(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, const BMat& B,
+               int64_t N, int32_t* C, Store& store) {
+  const int64_t M = a.size(0);
+  // Rows one cache line longer than a whole number of 64-byte steps: with K = 4096 the eight
+  // rows of a tile would otherwise sit 4 KB apart, in the same cache sets.
+  const int64_t kp = round_up(std::max<int64_t>(K, 1), Quads::step) + 64;
+  const auto A8 = widen_parallel<uint8_t>(a, K, a_packed, a_signed, kp);
+  const int64_t kq = (K + 3) / 4, np = (N + panel::kCols - 1) / panel::kCols;
+  const auto packed = at::empty({np * kq * panel::kQuad}, a.options().dtype(at::kByte));
+  uint8_t* bp = packed.mutable_data_ptr<uint8_t>();
+  std::vector<int32_t> sums(np * panel::kCols);
+  at::parallel_for(0, np, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      panel::pack(B.p, B.ld, N, K, B.int4, p, bp + p * kq * panel::kQuad,
+                  sums.data() + p * panel::kCols);
+  });
+  std::vector<int32_t> scratch(C ? 0 : M * N);
+  int32_t* out = C ? C : scratch.data();
+  const Split s = split_work(M, np * panel::kCols, kp, panel::kMR, panel::kCols);
+  const int64_t mtiles = (M + panel::kMR - 1) / panel::kMR;
+  at::parallel_for(0, s.mchunks * s.nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const auto [m0, m1] = chunk_range(t / s.nchunks, s.mchunks, mtiles, panel::kMR, M);
+      const auto [p0, p1] = chunk_range(t % s.nchunks, s.nchunks, np, 1, np);
+      if (m0 < m1 && p0 < p1)
+        panel::region(A8.data(), kp, m0, m1, bp, sums.data(), kq, p0, p1, N, out);
+    }
+  });
+  if (C) return;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      for (int64_t n = 0; n < N; ++n) store(m, n, out[m * N + n]);
+  });
+}
+#endif
+
 // store(m, n, sum_k a[m, k] b[n, k]) for every m < M (a's rows) and n < N, on the fastest
-// kernel family for this CPU and weight type.
+// kernel family for this CPU and weight type; the panel kernel writes int32 sums straight to
+// `direct` (M x N) where given.
 template <class Store>
 void run_gemm(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, const BMat& B,
-              int64_t N, Store store) {
+              int64_t N, Store store, int32_t* direct = nullptr) {
   const int64_t M = a.size(0);
 #if SYNQ_INT_GEMM_X86
+  if (cpu_use_vnni() && use_panel(M, N, K, B.int4)) {
+    run_panel(a, K, a_packed, a_signed, B, N, direct, store);
+    return;
+  }
   if (cpu_use_vnni() && B.int4) {
     // Weight sums in every tile: the unpacking costs more than they do, and an odd K's
     // padding nibble then cancels (at padded k, a + 128 = 128 meets 128 x its sum).
@@ -475,8 +535,9 @@ at::Tensor int_mm_cpu(const at::Tensor& a_, const at::Tensor& b_, int64_t K, boo
   if (K == 0) return out.zero_();
   const BMat B{static_cast<const uint8_t*>(b.const_data_ptr()), b.stride(0), K, b_packed};
   int32_t* o = out.mutable_data_ptr<int32_t>();
-  run_gemm(a, K, a_packed, a_signed, B, N,
-           [o, N](int64_t m, int64_t n, int32_t v) { o[m * N + n] = v; });
+  run_gemm(
+      a, K, a_packed, a_signed, B, N, [o, N](int64_t m, int64_t n, int32_t v) { o[m * N + n] = v; },
+      o);
   return out;
 }
 

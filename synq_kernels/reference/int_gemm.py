@@ -29,7 +29,7 @@ def pack_int4(q: torch.Tensor, signed: bool = True) -> torch.Tensor:
     v = q.to(torch.int16) & 0xF
     if n % 2:
         v = F.pad(v, (0, 1))
-    v = v.reshape(*v.shape[:-1], -1, 2)
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2)  # not -1: ambiguous with 0 rows
     return (v[..., 0] | (v[..., 1] << 4)).to(torch.uint8)
 
 
