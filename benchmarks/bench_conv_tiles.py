@@ -17,7 +17,8 @@ import synq_kernels as sk
 from synq_kernels.triton import conv_tap as T
 
 from .bench_int_gemm import RESNET18_CONVS
-from .common import markdown_table, sweep_main, tile_sweep, time_fn, write_sweep
+from .common import (markdown_table, sweep_main, tile_sweep, time_fn, unverified_kernel_allowed,
+                     write_sweep)
 
 # (name, C, H, W, Cout, k, stride, padding) at 224 x 224 input: bench_int_gemm's ResNet-18
 # convs on the tap-blocked path (>= 32 channels), and two more shapes
@@ -71,7 +72,8 @@ def _gluon_rows(rows, x, wq, ws, rs, s, p, shape, ops, base, fn, quick) -> None:
     (stride 1): one row per stage count (--quick: 4 stages, 64 and 256 channels only), its
     result checked against the tap kernel's."""
     from synq_kernels.triton import conv_gluon as G
-    if not G.usable(x, wq, (s, s), (p, p), (1, 1), 1, None, False):
+    if (not G.usable(x, wq, (s, s), (p, p), (1, 1), 1, None, False)
+            or not unverified_kernel_allowed("GLUON_CONV")):
         return
     if quick and x.shape[1] not in (64, 256):  # gpu_check's budget: layer1 and layer3 only
         return

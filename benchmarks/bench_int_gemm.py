@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import synq_kernels as sk
 
-from .common import device_name, markdown_table, time_fn, write_results
+from .common import (device_name, markdown_table, time_fn, unverified_kernel_allowed,
+                     write_results)
 
 
 def _gluon_usable(a, w) -> bool:
@@ -104,7 +105,8 @@ def _gemm_rows(m, k, n, device, quick):
     for b in _backends("int_mm", device):
         t = time_fn(lambda: sk.int8_matmul(a, w, backend=b), device, mrt)
         rows.append(_row("gemm", shape, f"synq int8_matmul [{b}]", t, ops, base_t))
-        if b == "triton" and device == "cuda" and _gluon_usable(a, w):
+        if (b == "triton" and device == "cuda" and _gluon_usable(a, w)
+                and unverified_kernel_allowed("GLUON_GEMM")):
             # the Gluon kernel, opt-in until it has run on a GPU
             with mock.patch.dict(os.environ, {"SYNQ_GLUON_GEMM": "1"}):
                 t = time_fn(lambda: sk.int8_matmul(a, w, backend=b), device, mrt)
@@ -112,7 +114,8 @@ def _gemm_rows(m, k, n, device, quick):
                              ops, base_t))
         t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
         rows.append(_row("gemm", shape, f"synq int4_matmul W4A8 [{b}]", t, ops, base_t))
-        if b == "cuda" and m <= 4:  # the dp4a GEMV, opt-in until it has run on a GPU
+        # the dp4a GEMV, opt-in until it has run on a GPU
+        if b == "cuda" and m <= 4 and unverified_kernel_allowed("CUDA_GEMV"):
             with mock.patch.dict(os.environ, {"SYNQ_CUDA_GEMV": "1"}):
                 t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
             rows.append(_row("gemm", shape, "synq int4_matmul W4A8 [cuda, SYNQ_CUDA_GEMV=1]",

@@ -15,6 +15,13 @@ import re
 import torch
 
 
+def unverified_kernel_allowed(name: str) -> bool:
+    """Whether to time an opt-in GPU kernel that has not run on a GPU before (GLUON_GEMM,
+    GLUON_CONV, CUDA_GEMV): gpu_check.sh sets SYNQ_BENCH_<name>=0 unless the kernel's own GPU
+    test passed in its test step (see benchmarks/gpu_gate.py); unset, the rows run."""
+    return os.environ.get(f"SYNQ_BENCH_{name}", "1") != "0"
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

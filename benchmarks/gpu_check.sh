@@ -64,6 +64,11 @@ timeout -s INT -k 15 70 "$PY" -m pytest "${PYT[@]}" tests/test_int_gemm.py tests
   tests/test_deploy.py tests/test_int_conv.py tests/test_cuda_graphs.py tests/test_conv_tap.py \
   tests/test_int8_act.py tests/test_finetune.py tests/test_cli.py -k "cuda" --junitxml="$OUT/gpu_int_tests.xml" || STATUS=1
 
+# Opt-in kernels that have not run on a GPU before (the Gluon GEMM and conv, the cuda dp4a
+# GEMV) are timed only if their own GPU test just passed: one that hangs or faults would
+# take the rest of the benchmark step with it (benchmarks/gpu_gate.py).
+eval "$("$PY" -m benchmarks.gpu_gate "$OUT/gpu_int_tests.xml")"
+
 step benchmarks
 # every family: kernels, the conv tile sweep, fine-tuning throughput, integer-model latency
 # (+ its PNG plot)
