@@ -3,8 +3,8 @@
 GEMM: a (M, K) @ w (N, K).T with K = N = 4096: fp32 torch.matmul and torch._int_mm on the
 CPU (fp16 / bf16 torch.matmul and torch._int_mm on a GPU) against synq int8_matmul, W4A8
 int4_matmul and int8 quantized_linear (fused dequantizing epilogue, float32 out). Conv:
-ResNet-18 layers against F.conv2d (fp32 on the CPU, fp16 channels-last cuDNN on a GPU) and
-quantized_conv2d (channels-last input on a GPU);
+ResNet-18 layers at batch 1 and 256 against F.conv2d (fp32 on the CPU, fp16 channels-last
+cuDNN on a GPU) and quantized_conv2d (channels-last input on a GPU);
 on the CPU also the ResNet-20 (1x28x28 Fashion-MNIST) layers at batch 1, 32 and 256, the
 prepacked int8-in / int8-out conv (quantized_conv2d_packed's kernel op, channels-last), the
 MobileNetV2 depthwise layers at batch 1 and 8 against channels-last fp32 F.conv2d, and the
@@ -197,14 +197,9 @@ def _resnet20_rows(batches, quick):
 
 def run(quick: bool = False, device: str = "cpu", out_dir: str | None = None,
         only: tuple[str, ...] = ("gemm", "conv", "dw", "resnet20")) -> list[dict]:
-    if device == "cpu":
-        ms = [1, 16, 256]
-        batches = [1]
-    else:
-        ms = [1, 16, 256, 4096]
-        batches = [1, 256]
-    if quick:
-        ms = ms[:2] if device == "cpu" else ms
+    ms, batches = [1, 16, 256, 4096], [1, 256]  # issue 4's shapes
+    if quick and device == "cpu":
+        ms, batches = ms[:2], batches[:1]
     rows = []
     for m in ms if "gemm" in only else []:
         rows += _gemm_rows(m, 4096, 4096, device, quick)
