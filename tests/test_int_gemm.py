@@ -299,6 +299,26 @@ def test_quantized_linear_unit_scales_are_exact(backend):
     assert torch.equal(y2, y)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_quantized_linear_rows_do_not_depend_on_the_batch(backend):
+    # The cpu backend picks its kernel by the number of rows (one-row, 4 x 4 tiles, panels
+    # with the float32 epilogue in the tile); each row's output must be the same bits
+    # whichever ran it. K past a K block (1100), N past a panel (50).
+    k, n = 1100, 50
+    w = rand_i8(n, k)
+    ws, bias = torch.rand(n) * 0.02 + 0.001, torch.randn(n)
+    x = rand_i8(300, k)
+    xs, xz = torch.rand(300) * 0.1 + 0.01, torch.randint(-128, 128, (300,))
+    for relu, b, dt in [(False, None, torch.float32), (True, bias, torch.float32),
+                        (True, bias, torch.bfloat16)]:
+        full = sk.quantized_linear(x, xs, xz, w, ws, b, relu=relu, out_dtype=dt,
+                                   backend=backend)
+        for rows in (slice(0, 1), slice(5, 8), slice(40, 70), slice(299, 300)):
+            part = sk.quantized_linear(x[rows], xs[rows], xz[rows], w, ws, b, relu=relu,
+                                       out_dtype=dt, backend=backend)
+            assert torch.equal(part, full[rows]), (relu, dt, rows)
+
+
 def test_quantized_linear_errors():
     x, w = rand_i8(4, 8), rand_i8(3, 8)
     with pytest.raises(TypeError, match="x_q must have dtype int8 or uint8, got torch.float32"):

@@ -434,11 +434,11 @@ inline bool use_panel(int64_t M, int64_t N, int64_t K, bool int4) {
 }
 
 #if SYNQ_INT_GEMM_X86
-// The panel kernel: sums into C (M x N int32), or into a scratch handed to store() when C is
-// null.
+// The panel kernel: sums into C (M x N int32; float32 results there with `epi`), or into a
+// scratch handed to store() when C is null.
 template <class Store>
 void run_panel(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, const BMat& B,
-               int64_t N, int32_t* C, Store& store) {
+               int64_t N, int32_t* C, const panel::LinearEpilogue* epi, Store& store) {
   const int64_t M = a.size(0);
   // Rows one cache line longer than a whole number of 64-byte steps: with K = 4096 the eight
   // rows of a tile would otherwise sit 4 KB apart, in the same cache sets.
@@ -462,7 +462,8 @@ void run_panel(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, con
       const auto [m0, m1] = chunk_range(t / s.nchunks, s.mchunks, mtiles, panel::kMR, M);
       const auto [p0, p1] = chunk_range(t % s.nchunks, s.nchunks, np, 1, np);
       if (m0 < m1 && p0 < p1)
-        panel::region(A8.data(), kp, m0, m1, bp, sums.data(), kq, p0, p1, N, out);
+        panel::region(A8.data(), kp, m0, m1, bp, sums.data(), kq, p0, p1, N, out,
+                      C ? epi : nullptr);
     }
   });
   if (C) return;
@@ -474,15 +475,16 @@ void run_panel(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, con
 #endif
 
 // store(m, n, sum_k a[m, k] b[n, k]) for every m < M (a's rows) and n < N, on the fastest
-// kernel family for this CPU and weight type; the panel kernel writes int32 sums straight to
-// `direct` (M x N) where given.
+// kernel family for this CPU and weight type. The panel kernel writes straight to `direct`
+// (M x N) where given: the int32 sums, or with `epi` what store() would write (float32).
 template <class Store>
 void run_gemm(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, const BMat& B,
-              int64_t N, Store store, int32_t* direct = nullptr) {
+              int64_t N, Store store, int32_t* direct = nullptr,
+              const panel::LinearEpilogue* epi = nullptr) {
   const int64_t M = a.size(0);
 #if SYNQ_INT_GEMM_X86
-  if (cpu_use_vnni() && use_panel(M, N, K, B.int4)) {
-    run_panel(a, K, a_packed, a_signed, B, N, direct, store);
+  if (cpu_use_vnni() && K > 0 && use_panel(M, N, K, B.int4)) {
+    run_panel(a, K, a_packed, a_signed, B, N, direct, epi, store);
     return;
   }
   if (cpu_use_vnni() && B.int4) {
@@ -590,11 +592,18 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x_, const at::Tensor& x_scale,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quantized_linear_cpu",
                                   [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // float32 out: the panel kernel applies the same epilogue in its tiles, writing the
+    // output directly (its memory holds the int32 partial sums until the last K block)
+    const panel::LinearEpilogue epi{xs, xz, ws, rs, bp, relu};
+    const bool f32 = std::is_same_v<scalar_t, float>;
     auto run = [&](auto relu_c, auto bias_c) {
       constexpr bool R = decltype(relu_c)::value, Bi = decltype(bias_c)::value;
-      run_gemm(x, K, false, true, B, N, [=](int64_t m, int64_t n, int32_t v) {
-        o[m * N + n] = dequant<scalar_t, R, Bi>(v, xz[m], xs[m], rs[n], ws[n], bp, n);
-      });
+      run_gemm(
+          x, K, false, true, B, N,
+          [=](int64_t m, int64_t n, int32_t v) {
+            o[m * N + n] = dequant<scalar_t, R, Bi>(v, xz[m], xs[m], rs[n], ws[n], bp, n);
+          },
+          f32 ? reinterpret_cast<int32_t*>(o) : nullptr, f32 ? &epi : nullptr);
     };
     using T = std::true_type;
     using F = std::false_type;

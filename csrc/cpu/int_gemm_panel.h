@@ -16,6 +16,26 @@
 // Included by int_gemm.cpp only.
 #pragma once
 
+#include <cstdint>
+
+namespace synq {
+namespace panel {
+
+// quantized_linear's float32 epilogue (dequant in int_gemm.cpp, the same float operations in
+// the same order), applied to a tile's sums in its last K block, in place of C:
+//   out[m, n] = relu?(float(acc - xz[m] rs[n]) * (xs[m] ws[n]) + bias[n])
+struct LinearEpilogue {
+  const float* xs;
+  const int32_t* xz;
+  const float* ws;
+  const int32_t* rs;
+  const float* bias;  // or null
+  bool relu;
+};
+
+}  // namespace panel
+}  // namespace synq
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -105,17 +125,30 @@ SYNQ_PANEL inline void pack(const uint8_t* b, int64_t ld, int64_t N, int64_t K, 
   }
 }
 
-// C[r, 0 .. ncols) (+)= sum over nq quads of a[r] . panel, rows r < MR at a[r] (bytes of
-// a + 128 at the block's first K value), C rows ldc apart; with `fix` (the last K block),
-// minus 128 fix[c] (the panel's column sums).
+// Where a tile's sums go: C (rows ldc apart; ncols valid columns), added to the partial sums
+// C holds from the earlier K blocks when `add`. In the last K block `fix` is the panel's
+// column sums (128 fix[c] comes off), and with `epi` the float32 results of rows m.. and
+// columns n0.. replace the int32 sums in C's memory (a float32 output doubles as the scratch).
+struct TileOut {
+  int32_t* C;
+  int64_t ldc;
+  int ncols;
+  bool add;
+  const int32_t* fix;
+  const LinearEpilogue* epi;
+  int64_t m, n0;
+};
+
+// The tile's sums over nq quads of a[r] . panel, for rows r < MR at a[r] (bytes of a + 128
+// at the block's first K value), into o.
 template <int MR>
-SYNQ_PANEL void micro(const uint8_t* const* a, const uint8_t* bp, int64_t nq, int32_t* C,
-                      int64_t ldc, int ncols, bool add, const int32_t* fix) {
+SYNQ_PANEL void micro(const uint8_t* const* a, const uint8_t* bp, int64_t nq, const TileOut& o) {
   // The tile of C is read (add) and written after the loop: ask for its lines now. The rows
   // are N int32 apart, too far for the hardware prefetchers, and C is mostly out of cache.
   for (int r = 0; r < MR; ++r) {
-    const char* c = reinterpret_cast<const char*>(C + r * ldc);
-    for (int off = 0; off < 4 * ncols + 63; off += 64) _mm_prefetch(c + std::min(off, 4 * ncols - 1), _MM_HINT_T0);
+    const char* c = reinterpret_cast<const char*>(o.C + r * o.ldc);
+    for (int off = 0; off < 4 * o.ncols + 63; off += 64)
+      _mm_prefetch(c + std::min(off, 4 * o.ncols - 1), _MM_HINT_T0);
   }
   __m512i acc[MR][kNV];
   for (int r = 0; r < MR; ++r)
@@ -136,42 +169,59 @@ SYNQ_PANEL void micro(const uint8_t* const* a, const uint8_t* bp, int64_t nq, in
   __mmask16 mask[kNV];
   __m512i corr[kNV];
   for (int v = 0; v < kNV; ++v) {
-    const int left = ncols - 16 * v;
+    const int left = o.ncols - 16 * v;
     mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-    corr[v] = fix ? _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask[v], fix + 16 * v), 7)
-                  : _mm512_setzero_si512();
+    corr[v] = o.fix ? _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask[v], o.fix + 16 * v), 7)
+                    : _mm512_setzero_si512();
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < kNV; ++v) {
-      int32_t* c = C + r * ldc + 16 * v;
-      __m512i y = _mm512_sub_epi32(acc[r][v], corr[v]);
-      if (add) y = _mm512_add_epi32(y, _mm512_maskz_loadu_epi32(mask[v], c));
-      _mm512_mask_storeu_epi32(c, mask[v], y);
+  const LinearEpilogue* e = o.fix ? o.epi : nullptr;
+  for (int v = 0; v < kNV; ++v) {
+    __m512i rs = _mm512_setzero_si512();
+    __m512 ws = _mm512_setzero_ps(), bias = ws;
+    if (e) {
+      rs = _mm512_maskz_loadu_epi32(mask[v], e->rs + o.n0 + 16 * v);
+      ws = _mm512_maskz_loadu_ps(mask[v], e->ws + o.n0 + 16 * v);
+      if (e->bias) bias = _mm512_maskz_loadu_ps(mask[v], e->bias + o.n0 + 16 * v);
     }
+    for (int r = 0; r < MR; ++r) {
+      int32_t* c = o.C + r * o.ldc + 16 * v;
+      __m512i y = _mm512_sub_epi32(acc[r][v], corr[v]);
+      if (o.add) y = _mm512_add_epi32(y, _mm512_maskz_loadu_epi32(mask[v], c));
+      if (!e) {
+        _mm512_mask_storeu_epi32(c, mask[v], y);
+        continue;
+      }
+      const __m512i t = _mm512_sub_epi32(y, _mm512_mullo_epi32(_mm512_set1_epi32(e->xz[o.m + r]), rs));
+      __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(t),
+                               _mm512_mul_ps(_mm512_set1_ps(e->xs[o.m + r]), ws));
+      if (e->bias) f = _mm512_add_ps(f, bias);
+      if (e->relu) f = _mm512_max_ps(_mm512_setzero_ps(), f);  // y < 0 ? 0 : y, as dequant
+      _mm512_mask_storeu_ps(reinterpret_cast<float*>(c), mask[v], f);
+    }
+  }
 }
 
 // The tile for MR = rows (1 .. kMR) left rows.
 SYNQ_PANEL inline void micro_rows(int rows, const uint8_t* const* a, const uint8_t* bp,
-                                  int64_t nq, int32_t* C, int64_t ldc, int ncols, bool add,
-                                  const int32_t* fix) {
+                                  int64_t nq, const TileOut& o) {
   switch (rows) {
-    case 8: return micro<8>(a, bp, nq, C, ldc, ncols, add, fix);
-    case 7: return micro<7>(a, bp, nq, C, ldc, ncols, add, fix);
-    case 6: return micro<6>(a, bp, nq, C, ldc, ncols, add, fix);
-    case 5: return micro<5>(a, bp, nq, C, ldc, ncols, add, fix);
-    case 4: return micro<4>(a, bp, nq, C, ldc, ncols, add, fix);
-    case 3: return micro<3>(a, bp, nq, C, ldc, ncols, add, fix);
-    case 2: return micro<2>(a, bp, nq, C, ldc, ncols, add, fix);
-    default: return micro<1>(a, bp, nq, C, ldc, ncols, add, fix);
+    case 8: return micro<8>(a, bp, nq, o);
+    case 7: return micro<7>(a, bp, nq, o);
+    case 6: return micro<6>(a, bp, nq, o);
+    case 5: return micro<5>(a, bp, nq, o);
+    case 4: return micro<4>(a, bp, nq, o);
+    case 3: return micro<3>(a, bp, nq, o);
+    case 2: return micro<2>(a, bp, nq, o);
+    default: return micro<1>(a, bp, nq, o);
   }
 }
 
 // C[m, n] = sum_k a[m, k] b[n, k] for m in [m0, m1) and the columns of panels [p0, p1):
 // A rows of bytes a + 128 (lda apart, at least 4 ceil(K / 4) of them), packed panels `bp`
-// (kq quads each), column sums `sums`, C with N columns.
+// (kq quads each), column sums `sums`, C with N columns (float32 results there with `epi`).
 SYNQ_PANEL inline void region(const uint8_t* A, int64_t lda, int64_t m0, int64_t m1,
                               const uint8_t* bp, const int32_t* sums, int64_t kq, int64_t p0,
-                              int64_t p1, int64_t N, int32_t* C) {
+                              int64_t p1, int64_t N, int32_t* C, const LinearEpilogue* epi) {
   const uint8_t* rows[kMR];
   for (int64_t q0 = 0; q0 < kq; q0 += kKQ) {
     const int64_t nq = std::min(kKQ, kq - q0);
@@ -184,8 +234,9 @@ SYNQ_PANEL inline void region(const uint8_t* A, int64_t lda, int64_t m0, int64_t
         for (int64_t m = mb; m < me; m += kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, me - m));
           for (int r = 0; r < mr; ++r) rows[r] = A + (m + r) * lda + 4 * q0;
-          micro_rows(mr, rows, panel, nq, C + m * N + p * kCols, N, ncols, !first,
-                     last ? sums + p * kCols : nullptr);
+          const TileOut o{C + m * N + p * kCols, N, ncols, !first,
+                          last ? sums + p * kCols : nullptr, epi, m, p * kCols};
+          micro_rows(mr, rows, panel, nq, o);
         }
       }
     }
