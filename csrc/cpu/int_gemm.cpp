@@ -294,6 +294,10 @@ void gemm_region(const MicroT<KT>& micro, const typename KT::A* A, int64_t lda, 
         typename KT::Tile t;
         t.nfull = nfull;
         t.tail = tail;
+        // the next tile's weight rows, prefetched by the first left tile that meets these: at
+        // a few rows the weights stream from memory, and each row tile is only K bytes long,
+        // too short for the hardware prefetchers to get ahead
+        const int64_t pf = n + NR < n1 ? NR * B.ld : 0;
         for (int j = 0; j < NR; ++j) {
           const int64_t nn = std::min(n + j, n1 - 1);
           t.b[j] = B.p + nn * B.ld + boff;
@@ -309,12 +313,14 @@ void gemm_region(const MicroT<KT>& micro, const typename KT::A* A, int64_t lda, 
           const int mm_valid = static_cast<int>(std::min<int64_t>(MR, me - m));
           for (int r = 0; r < MR; ++r) t.a[r] = A + std::min(m + r, me - 1) * lda + k0;
           const bool fix = bsum != nullptr && mm_valid == MR;
+          t.pf = m == mb ? pf : 0;
           if (mm_valid == MR) {
             micro.full(t, out);
           } else {
             for (int r = mm_valid - 1; r >= 0; --r) {  // row r's result lands in out[r]
               t.a[0] = A + (m + r) * lda + k0;
               micro.row(t, out);
+              t.pf = 0;
               for (int j = 0; j < NR; ++j) out[r][j] = out[0][j];
             }
           }

@@ -24,6 +24,7 @@ struct GemmTile {
   const uint8_t* bt[NR];
   int64_t nfull;
   bool tail;
+  int64_t pf;  // bytes from b[j] to the next tile's row j (its lines are prefetched), or 0
 };
 
 }  // namespace synq
@@ -117,6 +118,9 @@ SYNQ_QUADS void micro(const Tile& t, int32_t out[kMR][kNR]) {
   }
   const int64_t n = t.nfull;
   for (int64_t ch = 0; ch < n; ++ch) {
+    if (t.pf)
+      for (int j = 0; j < kNR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(t.b[j] + t.pf + ch * bstep), _MM_HINT_T0);
     for (int j = 0; j < kNR; ++j) w[j] = load_w<B4>(t.b[j] + ch * bstep);
     tile_step<SUMS>(c, s, w, t, ch * kStep);
   }
@@ -152,6 +156,11 @@ SYNQ_QUADS void micro_row(const Tile& t, int32_t out[kMR][kNR]) {
     const __m512i y = _mm512_xor_si512(_mm512_loadu_si512(a + (ch + 1) * kStep), flip);
     s = dpbusd(s, ones, x);
     e = dpbusd(e, ones, y);
+    if (t.pf)
+      for (int j = 0; j < kNR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(t.b[j] + t.pf + ch * bstep), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(t.b[j] + t.pf + (ch + 1) * bstep), _MM_HINT_T0);
+      }
     for (int j = 0; j < kNR; ++j) {
       c[j] = dpbusd(c[j], load_w_unsigned<B4>(t.b[j] + ch * bstep), x);
       d[j] = dpbusd(d[j], load_w_unsigned<B4>(t.b[j] + (ch + 1) * bstep), y);
