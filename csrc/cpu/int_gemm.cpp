@@ -459,8 +459,9 @@ void run_panel(const at::Tensor& a, int64_t K, bool a_packed, bool a_signed, con
       panel::pack(B.p, B.ld, N, K, B.int4, p, bp + p * kq * panel::kQuad,
                   sums.data() + p * panel::kCols);
   });
-  std::vector<int32_t> scratch(C ? 0 : M * N);
-  int32_t* out = C ? C : scratch.data();
+  // (every element is written by its first K block: no need to clear it)
+  const auto scratch = at::empty({C ? 0 : M * N}, a.options().dtype(at::kInt));
+  int32_t* out = C ? C : scratch.mutable_data_ptr<int32_t>();
   const Split s = split_work(M, np * panel::kCols, kp, panel::kMR, panel::kCols);
   const int64_t mtiles = (M + panel::kMR - 1) / panel::kMR;
   at::parallel_for(0, s.mchunks * s.nchunks, 1, [&](int64_t b, int64_t e) {
