@@ -29,7 +29,9 @@ from synq.synth import synthesize  # noqa: E402
 SHORT_FT = dict(epochs=6, calib_epochs=1, iters_per_epoch=24, batch_size=64, lr=1e-5, d0=10.0)
 LONG_FT = dict(SHORT_FT, epochs=17, lr=3e-5)
 # candidate: (synthesis num_images, steps, fine-tuning settings)
-CANDIDATES = {"A": (256, 150, SHORT_FT), "C": (256, 150, LONG_FT), "B": (512, 200, LONG_FT)}
+CANDIDATES = {"A": (256, 150, SHORT_FT), "C": (256, 150, LONG_FT), "B": (512, 200, LONG_FT),
+              # round 2 (plan2.md): twice B's fine-tuning on B's synthetic sets
+              "D": (512, 200, dict(LONG_FT, epochs=34))}
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SMALL = {"num_images=512": "num_images=32", "steps=200": "steps=2", "epochs=17": "epochs=2",
+SMALL = {"num_images=512": "num_images=32", "steps=200": "steps=2", "epochs=34": "epochs=2",
          "iters_per_epoch=24": "iters_per_epoch=2"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
