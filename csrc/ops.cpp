@@ -68,6 +68,11 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
   // of shape (1,) * x.dim()): 8-bit asymmetric per-tensor quantization over x's own range
   // widened to hold 0 (synq.deploy._quantize_dynamic's steps; scale at least eps).
   m.def("_quantize_dynamic(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
+  // x (B, C, H, W) int8 (any strides): max pooling with the geometry resolved by
+  // synq_kernels.reference.pool.pool_geometry (two values each; out_size: (OH, OW)). Padding
+  // never wins. Output channels-last for a channels-last input, else contiguous.
+  m.def("_max_pool2d_int8(Tensor x, int[] kernel, int[] stride, int[] padding, "
+        "int[] dilation, int[] out_size) -> Tensor");
   // x (B, C, H, W) int8 or uint8 (any strides), x_zero in x's own range; w_packed from
   // _conv2d_prepack; w_scale (Cout,) float32. Output channels-last (B, Cout, OH, OW).
   // y = float(acc) * (x_scale * w_scale) + bias, + residual (float32, or int8 / uint8 with

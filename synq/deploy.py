@@ -494,10 +494,9 @@ def _as_float(t):
 GPU_FUSED = True
 try:
     from synq_kernels.triton import conv_tap as _conv_tap
-    from synq_kernels.triton import pool as _tri_pool
     from synq_kernels.triton import quantize as _tri_quant
 except ImportError:         # no Triton
-    _conv_tap = _tri_pool = _tri_quant = None
+    _conv_tap = _tri_quant = None
 
 
 def _triton_act(x: torch.Tensor) -> bool:
@@ -645,22 +644,17 @@ class IntMaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d that keeps int8 activations int8 in fused mode: max commutes with the
     monotone grid, so an int8 tensor tagged with its grid comes out int8 with the same tag,
     and the conv after it takes it as is (its static input grid is that activation's). A
-    float input is pooled as by nn.MaxPool2d. PyTorch's max-pool has no usable int8 kernel
-    (none on CUDA; the CPU's checks the spatial size against int8's range), so on a GPU the
-    pool is synq's Triton kernel (synq_kernels.triton.pool; float16 through PyTorch without
-    Triton), on a CPU float32, all exact for int8 values."""
+    float input is pooled as by nn.MaxPool2d. The int8 pool is synq_kernels.max_pool2d_int8
+    (PyTorch's max-pool has no usable int8 kernel): the cpu backend on a CPU, Triton on a GPU
+    (float16 through PyTorch without Triton or under torch.compile), all exact."""
 
     def forward(self, x):
         q = getattr(x, "_synq_q", None)
         if q is None or self.return_indices:
             return super().forward(_as_float(x))
-        if _triton_act(x):
-            y = _tri_pool.max_pool2d_int8(x, self.kernel_size, self.stride, self.padding,
-                                          self.dilation, self.ceil_mode)
-        else:
-            y = F.max_pool2d(x.half() if x.is_cuda else x.float(), self.kernel_size,
-                             self.stride, self.padding, self.dilation, self.ceil_mode)
-            y = y.to(torch.int8)
+        be = "triton" if _triton_act(x) else ("reference" if x.is_cuda else None)
+        y = sk.max_pool2d_int8(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                               self.ceil_mode, backend=be)
         y._synq_q = q
         return y
 

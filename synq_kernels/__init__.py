@@ -16,6 +16,7 @@ from .ops.int_gemm import (int4_matmul, int8_matmul, pack_int4, prepack_conv2d_w
                            unpack_int4, weight_row_sums)
 from .ops import int_gemm as _int_gemm
 from .ops import quantize as _quantize  # noqa: F401  (registers its fake kernel)
+from .ops.pool import max_pool2d_int8
 
 backends.register("fake_quant", "reference",
                   (reference.fake_quant_forward, reference.fake_quant_backward))
@@ -44,9 +45,13 @@ try:
     from .triton import channel_stats as _triton_channel_stats  # noqa: F401
 except ImportError:
     pass
+try:
+    from .triton import pool as _triton_pool  # noqa: F401
+except ImportError:
+    pass
 
 __all__ = ["fake_quant", "lowpass", "channel_stats", "batch_norm_stats", "quant_range", "int8_matmul", "int4_matmul", "pack_int4",
            "unpack_int4", "quantized_linear", "quantized_conv2d", "weight_row_sums",
-           "prepack_conv2d_weight", "quantized_conv2d_packed",
+           "prepack_conv2d_weight", "quantized_conv2d_packed", "max_pool2d_int8",
            "available_backends", "value_checks", "backends", "reference"]
 __version__ = "0.1.0"

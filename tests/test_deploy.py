@@ -310,10 +310,13 @@ def test_triton_activation_kernels_give_the_same_logits(monkeypatch):
     with torch.no_grad():
         want = im(x)
     used = []
-    for mod, name in [(D._tri_quant, "quantize_static"), (D._tri_pool, "max_pool2d_int8")]:
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **k: (
-            used.append(name), real(*a, **k))[1])
+    real_q = D._tri_quant.quantize_static
+    monkeypatch.setattr(D._tri_quant, "quantize_static", lambda *a, **k: (
+        used.append("quantize_static"), real_q(*a, **k))[1])
+    impls = sk.backends._OPS["max_pool2d_int8"].impls     # the registered triton pool
+    real_p = impls["triton"]
+    monkeypatch.setitem(impls, "triton", lambda *a, **k: (
+        used.append("max_pool2d_int8"), real_p(*a, **k))[1])
     monkeypatch.setattr(D, "_triton_act", lambda x: True)
     with torch.no_grad():
         got = im(x)

@@ -1,7 +1,7 @@
-"""The Triton kernels synq.deploy runs on int8 activations on a GPU: static quantization of a
-float32 tensor (synq_kernels.triton.quantize) and max pooling of int8
-(synq_kernels.triton.pool), against the PyTorch ops they replace, bit for bit, under the
-interpreter (CPU) and on a GPU where there is one."""
+"""The kernels synq.deploy runs on int8 activations: static quantization of a float32 tensor
+(synq_kernels.triton.quantize, on a GPU) and max pooling of int8 (synq_kernels.max_pool2d_int8:
+the cpu, reference and triton backends), against the PyTorch ops they replace, bit for bit,
+the Triton ones under the interpreter (CPU) and on a GPU where there is one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,36 +118,90 @@ POOL_CASES = [(2, 64, 17, 15, 3, 2, 1, 1, False, True),    # ResNet-18's, odd si
               (1, 3, 5, 6, 2, 2, 1, 1, True, True)]    # ceil_mode's last window dropped
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_max_pool2d_int8_matches_torch(device):
+POOL_BACKENDS = ([("cpu", "cpu")] if "cpu" in sk.available_backends("max_pool2d_int8", "cpu")
+                 else []) + [("cpu", "reference")] + [
+    pytest.param("cpu", "triton", marks=pytest.mark.skipif(not TRITON_CPU, reason="no triton")),
+    pytest.param("cuda", "triton", marks=pytest.mark.skipif(not GPU, reason="needs a GPU")),
+    pytest.param("cuda", "reference", marks=pytest.mark.skipif(not GPU, reason="needs a GPU"))]
+
+
+def _pool_input(g, b, c, h, w, cl):
+    x = torch.randint(-128, 128, (b, c, h, w), dtype=torch.int8, generator=g)
+    x[..., 0, 0] = -128          # a window whose maximum is int8's least
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+def test_max_pool2d_int8_matches_torch(device, backend):
     """F.max_pool2d on the values as float32 (exact), cast back: values, shape and memory
     format, on awkward shapes, ceil_mode, dilation and padding up to half the kernel."""
-    from synq_kernels.triton.pool import max_pool2d_int8
     g = torch.Generator().manual_seed(2)
     for b, c, h, w, k, s, p, d, ceil, cl in POOL_CASES:
-        x = torch.randint(-128, 128, (b, c, h, w), dtype=torch.int8, generator=g)
-        x[..., 0, 0] = -128          # a window whose maximum is int8's least
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _pool_input(g, b, c, h, w, cl)
         want = F.max_pool2d(x.float(), k, s, p, d, ceil_mode=ceil).to(torch.int8)
-        got = max_pool2d_int8(x.to(device), k, s, p, d, ceil)
+        got = sk.max_pool2d_int8(x.to(device), k, s, p, d, ceil, backend=backend)
         assert got.shape == want.shape, (b, c, h, w, k, s, p, d, ceil, got.shape, want.shape)
         assert got.is_contiguous(memory_format=torch.channels_last if cl and c > 1
                                  else torch.contiguous_format)
         assert torch.equal(got.cpu(), want), (b, c, h, w, k, s, p, d, ceil)
 
 
-@pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+NEEDS_CPU_POOL = pytest.mark.skipif(
+    "cpu" not in sk.available_backends("max_pool2d_int8", "cpu"), reason="no cpu kernels")
+
+
+@NEEDS_CPU_POOL
+def test_max_pool2d_int8_cpu_layouts():
+    """The cpu kernel's two loops (channels-last pixels with 32-channel vectors and a scalar
+    tail; planes for other strides) on channel counts around the vector width, strided views
+    (a channel slice, a spatial slice, a transpose), and one channel."""
+    g = torch.Generator().manual_seed(3)
+    views = []
+    for c in (1, 2, 31, 32, 33, 64, 95, 129):
+        views.append(_pool_input(g, 2, c, 11, 9, True))
+        views.append(_pool_input(g, 1, c, 10, 13, False))
+    big = _pool_input(g, 2, 80, 12, 12, True)
+    views += [big[:, 7:70], big[:, :, 1:10, 2:], big[:, :, ::2], big.transpose(2, 3),
+              _pool_input(g, 3, 48, 9, 9, False)[:, ::3]]
+    for x in views:
+        for k, s, p, d, ceil in [(3, 2, 1, 1, False), (2, 2, 0, 1, True), (3, 1, 1, 2, False),
+                                 ((1, 4), (3, 1), (0, 2), (1, 1), True)]:
+            want = F.max_pool2d(x.float(), k, s, p, d, ceil_mode=ceil).to(torch.int8)
+            got = sk.max_pool2d_int8(x, k, s, p, d, ceil, backend="cpu")
+            assert torch.equal(got, want), (tuple(x.shape), x.stride(), k, s, p, d, ceil)
+
+
+@NEEDS_CPU_POOL
+def test_max_pool2d_int8_cpu_portable(tmp_path):
+    """The scalar code (SYNQ_CPU_PORTABLE=1, read once per process) on the same cases."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SYNQ_CPU_PORTABLE="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"--basetemp={tmp_path / 'child'}", __file__, "-k",
+                        "max_pool2d_int8_cpu_layouts or max_pool2d_int8_matches_torch and cpu-cpu"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 def test_max_pool2d_int8_bad_input():
-    from synq_kernels.triton.pool import max_pool2d_int8
     with pytest.raises(ValueError, match="int8"):
-        max_pool2d_int8(torch.zeros(1, 2, 4, 4), 2)
+        sk.max_pool2d_int8(torch.zeros(1, 2, 4, 4), 2)
+    with pytest.raises(ValueError, match="int8"):
+        sk.max_pool2d_int8(torch.zeros(2, 4, 4, dtype=torch.int8), 2)
     with pytest.raises(ValueError, match="half the kernel"):
-        max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 3, 1, 2)
+        sk.max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 3, 1, 2)
     with pytest.raises(ValueError, match="positive"):
-        max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 3, 0)
+        sk.max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 3, 0)
     with pytest.raises(ValueError, match="output size"):
-        max_pool2d_int8(torch.zeros(1, 2, 2, 2, dtype=torch.int8), 3)
+        sk.max_pool2d_int8(torch.zeros(1, 2, 2, 2, dtype=torch.int8), 3)
+    with pytest.raises(TypeError, match="kernel_size"):
+        sk.max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 2.5)
+    with pytest.raises(ValueError, match="not a backend"):
+        sk.max_pool2d_int8(torch.zeros(1, 2, 8, 8, dtype=torch.int8), 2, backend="gpu")
+    empty = torch.zeros(0, 3, 8, 8, dtype=torch.int8)
+    assert sk.max_pool2d_int8(empty, 2).shape == (0, 3, 4, 4)
 
 
 _AOT_SCRIPT = r"""

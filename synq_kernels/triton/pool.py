@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.int_gemm import _pair
+from .. import backends
 from ..reference.int_gemm import conv_memory_format
+from ..reference.pool import PoolGeometry
 
 
 @triton.jit
@@ -48,36 +49,11 @@ def _max_pool_kernel(x_ptr, out_ptr, P, C, OHW, OW, H, W, sxb, sxc, sxh, sxw, so
              mask=p_ok[:, None] & c_ok[None, :])
 
 
-def _out_size(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
-    """PyTorch's pooling output size (pooling_output_shape): with ceil_mode the last window
-    must start inside the input or its left padding."""
-    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
-    if ceil and (out - 1) * s >= n + p:
-        out -= 1
-    return out
-
-
-def max_pool2d_int8(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
-                    ceil_mode: bool = False) -> torch.Tensor:
-    """F.max_pool2d of an int8 (B, C, H, W) tensor (no indices), as int8, in x's memory
-    format; the arguments as F.max_pool2d's (stride None or empty: the kernel size)."""
-    if x.dtype != torch.int8 or x.dim() != 4:
-        raise ValueError(f"max_pool2d_int8 takes an int8 (B, C, H, W) tensor, got "
-                         f"{x.dtype} of shape {tuple(x.shape)}")
-    (kh, kw), (ph, pw), (dh, dw) = (_pair("kernel_size", kernel_size),
-                                    _pair("padding", padding), _pair("dilation", dilation))
-    sh, sw = _pair("stride", stride) if stride not in (None, (), []) else (kh, kw)
-    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError("max_pool2d_int8: kernel size, stride and dilation must be positive, "
-                         "padding non-negative")
-    if ph > kh // 2 or pw > kw // 2:   # as PyTorch checks it
-        raise ValueError(f"max_pool2d_int8: padding {(ph, pw)} is more than half the kernel "
-                         f"size ({kh}x{kw})")
+def max_pool2d_int8(x: torch.Tensor, g: PoolGeometry) -> torch.Tensor:
+    """The "triton" backend of synq_kernels.max_pool2d_int8 (geometry g from
+    synq_kernels.reference.pool.pool_geometry)."""
     bsz, c, h, w = x.shape
-    oh = _out_size(h, kh, sh, ph, dh, ceil_mode)
-    ow = _out_size(w, kw, sw, pw, dw, ceil_mode)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"max_pool2d_int8: output size {oh}x{ow} for an input of {h}x{w}")
+    kh, kw, sh, sw, ph, pw, dh, dw, oh, ow = g[:10]
     out = torch.empty((bsz, c, oh, ow), dtype=torch.int8, device=x.device,
                       memory_format=conv_memory_format(x))
     p = bsz * oh * ow
@@ -88,3 +64,6 @@ def max_pool2d_int8(x: torch.Tensor, kernel_size, stride=None, padding=0, dilati
                            sh, sw, ph, pw, dh, dw, KH=kh, KW=kw, BP=bp, BC=bc,
                            num_warps=4)
     return out
+
+
+backends.register("max_pool2d_int8", "triton", max_pool2d_int8)
