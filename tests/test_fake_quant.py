@@ -115,19 +115,138 @@ def test_empty_tensor(backend, device, axis):
     assert torch.equal(zp.grad, torch.zeros_like(zp))
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def all_backend_params():
+    """Every backend on every device: the reference, then backend_params() (ids "cpu-cpu",
+    "triton-cpu" under the interpreter, "cuda-cuda" and "triton-cuda" on a GPU machine,
+    where benchmarks/gpu_check.sh selects them by those names)."""
+    return [pytest.param("reference", "cpu", id="reference-cpu")] + backend_params()
+
+
+def _rne(v: float) -> float:
+    """Python's round: half to even, computed apart from any backend; inf / nan kept."""
+    return v if v != v or v in (float("inf"), float("-inf")) else float(round(v))
+
+
+def _expected_fq(t: float, zp: float, qmin: int, qmax: int) -> float:
+    """(clamp(round(t) + z, qmin, qmax) - z) in grid steps, z = clamp(round(zp)); for
+    exact t (x / s with s a power of two) and exact results."""
+    if t != t:
+        return t
+    z = min(max(_rne(zp), qmin), qmax)
+    return min(max(_rne(t) + z, qmin), qmax) - z
+
+
+def _representable(v: torch.Tensor, dtype) -> torch.Tensor:
+    return v.to(dtype).to(v.dtype) == v
+
+
+@pytest.mark.parametrize("backend,device", all_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [None, 0])
 @pytest.mark.parametrize("bits,signed,zp", [(4, False, 3.0), (4, False, 4.0), (3, True, -1.0),
-                                            (8, True, 0.0)])
-def test_rounding_ties_half_to_even(backend, bits, signed, zp):
-    """x exactly on the midpoint between two grid points rounds to the even integer; the
-    expected values are computed here with Python's round (half to even), not the reference."""
-    s = 0.125
+                                            (8, True, 0.0), (4, False, 2.5), (3, True, -2.5),
+                                            (8, False, 6.5)])
+def test_rounding_ties_half_to_even(backend, device, dtype, axis, bits, signed, zp):
+    """x exactly on the midpoint between two grid points, from below the range to above it,
+    rounds to the even integer; zero points on a midpoint (2.5, -2.5, 6.5) round to even
+    too. Per-tensor and per-channel (scales 1/8, 1/4, 1/2: x / s exact). The expected
+    values, dx (ties at the range's ends decide the clamp) and the qparam gradients (exact
+    sums of +-1/2, integers and steps with dy = 1) are computed here with Python's round,
+    not with the reference."""
     qmin, qmax = sk.quant_range(bits, signed)
-    ks = torch.arange(qmin - 3, qmax + 3, dtype=torch.float32) - zp
-    x = (ks + 0.5) * s
-    y = sk.fake_quant(x, torch.tensor(s), torch.tensor(zp), bits, signed=signed, backend=backend)
-    want = [(min(max(round(float(k) + 0.5) + zp, qmin), qmax) - zp) * s for k in ks.tolist()]
-    assert y.tolist() == want
+    zr = min(max(_rne(zp), qmin), qmax)
+    ks = torch.arange(qmin - 3, qmax + 3, dtype=torch.float32) - zr + 0.5  # x / s: ties
+    scales = [0.125] if axis is None else [0.125, 0.25, 0.5]
+    ks = ks[_representable(ks * 0.125, dtype)]  # bfloat16: 8 significant bits
+    assert ks.numel() >= 6
+    x = torch.stack([ks * s for s in scales]).to(device, dtype)
+    if axis is None:
+        x = x[0]
+    s_t = torch.tensor(scales[0] if axis is None else scales, device=device)
+    z_t = torch.full(s_t.shape, zp, device=device)
+    grad_factor = 0.5
+    y, dx, ds, dz = run_op(x, s_t, z_t, torch.ones_like(x), bits, signed, axis, backend,
+                           grad_factor)
+    assert y.dtype == dtype
+    y_want, dx_want, ds_want, dz_want = [], [], [], []
+    for s in scales:
+        q = [_rne(k) + zr for k in ks.tolist()]
+        inside = [qmin <= v <= qmax for v in q]
+        y_want.append([_expected_fq(k, zp, qmin, qmax) * s for k in ks.tolist()])
+        dx_want.append([1.0 if i else 0.0 for i in inside])
+        ds_want.append(grad_factor * sum((v - zr - k) if i else (min(max(v, qmin), qmax) - zr)
+                                         for v, k, i in zip(q, ks.tolist(), inside)))
+        dz_want.append(grad_factor * sum(0.0 if i else -s for i in inside))
+    if axis is None:
+        y_want, dx_want, ds_want, dz_want = y_want[0], dx_want[0], ds_want[0], dz_want[0]
+    assert y.float().cpu().tolist() == y_want, "ties must round half to even"
+    assert dx.float().cpu().tolist() == dx_want, "dx: the clamp decided on the even integer"
+    assert ds.cpu().tolist() == ds_want, (ds, ds_want)
+    assert dz.cpu().tolist() == dz_want, (dz, dz_want)
+
+
+LARGE_AND_SPECIAL = [8388607.5, 8388606.5, 8388608.0, 8388609.0, 1e30, -1e30, 0.5, 1.5, 2.5,
+                     -0.5, -1.5, -2.5, 4194303.5, -4194302.5, 6291457.5, float("inf"),
+                     float("-inf"), float("nan"), -0.0, 1e-40, 0.49999997, -0.49999997,
+                     1.4999999, 2.5000002]
+
+
+def _check_values(y, want):
+    y, want = y.float().cpu(), want.float()
+    assert torch.equal(y.isnan(), want.isnan())
+    ok = want.isnan() | (y == want)
+    assert bool(ok.all()), [(float(a), float(b)) for a, b in zip(y[~ok], want[~ok])]
+
+
+@pytest.mark.parametrize("backend,device", all_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rint_large_and_special_values(backend, device, dtype):
+    """The backend's forward kernel called with a grid wide enough (+-2^30) that nothing
+    small clamps: halves up to 2^23 round to even, |t| >= 2^23 passes unchanged, inf clamps
+    to the range's end, nan stays nan; values just off a half (0.49999997, where
+    floor(t + 0.5) gives 1) round to nearest. Expected values from Python's round, cast to
+    dtype as the kernels return them (float16: 2^30 and 8388608 overflow to inf)."""
+    fwd, _ = sk.backends.implementation("fake_quant", backend)
+    vals = torch.tensor(LARGE_AND_SPECIAL).to(dtype).float()  # what dtype can hold
+    one, zero = torch.tensor(1.0, device=device), torch.tensor(0.0, device=device)
+    y = fwd(vals.to(device, dtype), one, zero, -2**30, 2**30, -1, 0)
+    assert y.dtype == dtype and y.shape == vals.shape
+    want = torch.tensor([_expected_fq(v, 0.0, -2**30, 2**30) for v in vals.tolist()])
+    _check_values(y, want.to(dtype))
+    if dtype != torch.float32:
+        return
+    # Ties of large magnitude per channel and per tensor, with zero points on ties (2.5 -> 2,
+    # -3.5 -> -4), scale 1/4, no clamping: float32 only, bfloat16 cannot hold them.
+    k = torch.arange(-100, 100, dtype=torch.float32) * 4001 + 0.5
+    xw = (k * 0.25).reshape(10, 20)
+    for axis, zp in ((None, -3.5), (1, 2.5)):
+        shape = () if axis is None else (20,)
+        s = torch.full(shape, 0.25, device=device)
+        z = torch.full(shape, zp, device=device)
+        y = fwd(xw.to(device), s, z, -2**22, 2**22, -1 if axis is None else axis, 0)
+        want = torch.tensor([_expected_fq(t, zp, -2**22, 2**22) * 0.25 for t in k.tolist()])
+        _check_values(y.reshape(-1), want)
+
+
+@pytest.mark.parametrize("backend,device", all_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [None, 0])
+def test_special_values_through_the_op(backend, device, dtype, axis):
+    """inf and -inf clamp to the range's ends, nan stays nan, dx is zero for all three (they
+    are outside the range: nan compares false), through the public op on a 4-bit grid."""
+    vals = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.3, 1e30, -0.0])
+    vals = vals.to(dtype).float()  # float16: 1e30 is inf
+    sv, zv = ([0.5], [2.5]) if axis is None else ([0.5, 0.25], [2.5, 5.0])
+    x = vals.expand(2, -1).contiguous().to(device, dtype)
+    s = torch.tensor(sv, device=device).reshape(() if axis is None else (2,))
+    z = torch.tensor(zv, device=device).reshape(s.shape)
+    y, dx, _, _ = run_op(x, s, z, torch.ones_like(x), 4, False, axis, backend)
+    sv, zv = sv * (3 - len(sv)), zv * (3 - len(zv))  # per row
+    want = torch.tensor([[_expected_fq(v / sc, zp, 0, 15) * sc for v in vals.tolist()]
+                         for sc, zp in zip(sv, zv)])
+    _check_values(y, want.to(dtype))
+    dx_want = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 1.0]] * 2)
+    assert torch.equal(dx.float().cpu(), dx_want)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)

@@ -1,7 +1,10 @@
 """The triton fake_quant backend's own edge cases under the Triton interpreter (CPU): large
 ties, special values, wider dy dtypes; and an ahead-of-time sm_90 compile of its kernels,
 which the interpreter cannot stand in for. On a GPU machine the triton backend is tested on
-CUDA tensors by test_fake_quant.py instead, so this module skips there."""
+CUDA tensors by test_fake_quant.py instead, so this module skips there; that includes the
+ties, large-magnitude and special-value cases (test_rounding_ties_half_to_even,
+test_rint_large_and_special_values, test_special_values_through_the_op), which run there for
+every backend on every device against values computed with Python's round."""
 import os
 
 import pytest
