@@ -23,6 +23,8 @@ CASES = [
     ("r20.shortcut2", 2, 16, 28, 28, 32, 1, 2, 0, 1, 1),
     ("r20.block3", 1, 64, 7, 7, 64, 3, 1, 1, 1, 1),
     ("odd", 2, 3, 11, 9, 24, 5, 2, 2, 1, 1),
+    ("stem.3ch", 1, 3, 5, 37, 8, 3, 2, 1, 1, 1),     # NCHW rows of 16-pixel runs + a tail
+    ("wide.20ch", 1, 20, 3, 35, 16, 3, 1, 1, 1, 1),   # planes into 5 quads a pixel
     ("dilated", 1, 6, 13, 10, 20, 3, (2, 1), (2, 3), (2, 3), 1),
     ("grouped", 2, 8, 9, 9, 12, 3, 1, 1, 1, 2),
     ("grouped.8", 1, 16, 7, 8, 20, 3, 1, 1, 1, 2),     # 8 channels a group: shared image
