@@ -85,6 +85,17 @@ def assert_epilogue_close(y, want, mag, out_dtype):
     assert bool((err <= tol).all()), f"max excess {float((err - tol).max()):.3g}"
 
 
+def assert_rounded_from_float32(y, y32):
+    """A float16 / bfloat16 output is the same backend's float32 output rounded to nearest
+    even, bit for bit (and in the same memory format): assert_epilogue_close's half-ulp
+    allowance alone would also pass a cast that truncates (rounds toward zero)."""
+    assert y32.dtype == torch.float32 and y.shape == y32.shape
+    if y.dtype != torch.float32:
+        bad = y != y32.to(y.dtype)
+        assert not bad.any(), \
+            f"{int(bad.sum())} of {y.numel()} {y.dtype} outputs are not the float32 ones rounded"
+
+
 def conv_epilogue_cases(cases):
     """Random quantized_conv2d inputs per (B, C, H, W, Cout, k, stride, padding, dilation,
     groups): uint8 x on odd cases, int8 on even; bias except on the third; ReLU on even
@@ -105,12 +116,14 @@ def test_float_epilogue(backend, out_dtype):
     cases = [(2, 16, 15, 13, 24, 3, 2, 1, 1, 1), (1, 32, 9, 9, 32, 3, 1, 2, 2, 32),
              (2, 24, 8, 8, 12, 1, 1, 0, 1, 4), (1, 8, 11, 7, 6, 5, 3, 2, 2, 2)]
     for x_q, xz, w_q, ws, bias, relu, s, p, d, g in conv_epilogue_cases(cases):
-        y = sk.quantized_conv2d(x_q, 0.05, xz, w_q, ws, bias, stride=s, padding=p,
-                                dilation=d, groups=g, relu=relu, out_dtype=out_dtype,
-                                backend=backend)
+        kw = dict(stride=s, padding=p, dilation=d, groups=g, relu=relu, backend=backend)
+        y = sk.quantized_conv2d(x_q, 0.05, xz, w_q, ws, bias, out_dtype=out_dtype, **kw)
         want, mag = float64_conv(x_q, 0.05, xz, w_q, ws, bias, relu, stride=(s, s),
                                  padding=(p, p), dilation=(d, d), groups=g)
         assert_epilogue_close(y, want, mag, out_dtype)
+        if out_dtype != torch.float32:  # grouped, depthwise and dense cases alike
+            y32 = sk.quantized_conv2d(x_q, 0.05, xz, w_q, ws, bias, **kw)
+            assert_rounded_from_float32(y, y32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -288,6 +301,10 @@ def test_triton_int4_weights(backend):
                      **geom)
         want, mag = float64_conv(x_q, 0.05, 9, w4, ws, bias, True, **geom)
         assert_epilogue_close(y, want, mag, torch.float16)
+        y32 = T.conv2d(x_q, torch.tensor(0.05), xz, packed, ws, sk.weight_row_sums(w4), bias,
+                       relu=True, out_dtype=torch.float32, w_packed=True, kernel_size=(k, k),
+                       **geom)
+        assert_rounded_from_float32(y, y32)
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -517,10 +534,12 @@ def triton_conv_cases(device, backend="triton"):
         assert y.device.type == device and y.is_contiguous(memory_format=fmt)
         assert torch.equal(y.cpu().to(torch.int32), want), (c, cout, k, s, g)
         ws, bias = torch.rand(cout) * 0.01 + 0.001, torch.randn(cout)
-        y = sk.quantized_conv2d(xd, 0.05, -9, w_q.to(device), ws.to(device), bias.to(device),
-                                relu=True, out_dtype=out_dtype, backend=backend, **geom)
+        args = (xd, 0.05, -9, w_q.to(device), ws.to(device), bias.to(device))
+        y = sk.quantized_conv2d(*args, relu=True, out_dtype=out_dtype, backend=backend, **geom)
         want, mag = float64_conv(x_q, 0.05, -9, w_q, ws, bias, True, **geom)
         assert_epilogue_close(y.cpu(), want, mag, out_dtype)
+        y32 = sk.quantized_conv2d(*args, relu=True, backend=backend, **geom)
+        assert_rounded_from_float32(y.cpu(), y32.cpu())
 
 
 @pytest.mark.parametrize("backend", TRITON_GPU)
@@ -572,6 +591,11 @@ def test_cuda_float_epilogue(backend, out_dtype):
                                     out_dtype=out_dtype, backend=backend)
             assert y.is_contiguous(memory_format=fmt)
             assert_epilogue_close(y.cpu(), want, mag, out_dtype)
+            y32 = sk.quantized_conv2d(xd, 0.05, xz, w_q.cuda(), ws.cuda(),
+                                      bias.cuda() if bias is not None else None, stride=s,
+                                      padding=p, dilation=d, groups=g, relu=relu,
+                                      backend=backend)
+            assert_rounded_from_float32(y.cpu(), y32.cpu())
             if CPU_BACKENDS:  # the same float32 expression as the cpu backend
                 y_cpu = sk.quantized_conv2d(x_q.contiguous(memory_format=fmt), 0.05, xz, w_q,
                                             ws, bias, stride=s, padding=p, dilation=d,

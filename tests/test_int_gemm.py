@@ -254,6 +254,17 @@ def assert_epilogue_close(y, want, mag, out_dtype):
     assert bool((err <= tol).all()), f"max excess {float((err - tol).max()):.3g}"
 
 
+def assert_rounded_from_float32(y, y32):
+    """A float16 / bfloat16 output is the same backend's float32 output rounded to nearest
+    even, bit for bit: assert_epilogue_close's half-ulp allowance alone would also pass a
+    cast that truncates (rounds toward zero)."""
+    assert y32.dtype == torch.float32 and y.shape == y32.shape
+    if y.dtype != torch.float32:
+        bad = y != y32.to(y.dtype)
+        assert not bad.any(), \
+            f"{int(bad.sum())} of {y.numel()} {y.dtype} outputs are not the float32 ones rounded"
+
+
 def linear_cases(cases, w_int4):
     """Random quantized_linear inputs for each (x shape, N, out_dtype) of `cases` crossed with
     uint8 / int8 x, per-row / per-tensor x grid, bias on / off and ReLU on / off: tuples
@@ -285,6 +296,9 @@ def test_quantized_linear_matches_float64(backend, w_int4):
         assert y.shape == (*lead, n)
         want, mag = float64_linear(x_q, xs, xz, w8, ws.to(torch.float32), bias, relu)
         assert_epilogue_close(y, want, mag, out_dtype)
+        if out_dtype != torch.float32:
+            y32 = sk.quantized_linear(x_q, xs, xz, w_q, ws, bias, relu=relu, backend=backend)
+            assert_rounded_from_float32(y, y32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -551,6 +565,9 @@ def test_triton_quantized_linear(backend, w_int4):
         assert y.shape == (m, n)
         want, mag = float64_linear(x_q, xs, xz, w8, ws, bias, relu)
         assert_epilogue_close(y, want, mag, out_dtype)
+        if out_dtype != torch.float32:
+            y32 = sk.quantized_linear(x_q, xs, xz, w_q, ws, bias, relu=relu, backend=backend)
+            assert_rounded_from_float32(y, y32)
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -649,11 +666,14 @@ def triton_linear_cases(device, backend="triton"):
         assert y.device.type == device and torch.equal(y.cpu().double(), want), (m, k, n)
         xs, ws = torch.rand(m) * 0.1 + 0.01, torch.rand(n) * 0.02 + 0.001
         bias = torch.randn(n) * 10 if bias_on else None
-        y = sk.quantized_linear(x_q.to(device), xs.to(device), xz.to(device), w_q.to(device),
-                                ws.to(device), bias.to(device) if bias_on else None, relu=relu,
-                                out_dtype=out_dtype, backend=backend)
+        args = (x_q.to(device), xs.to(device), xz.to(device), w_q.to(device), ws.to(device),
+                bias.to(device) if bias_on else None)
+        y = sk.quantized_linear(*args, relu=relu, out_dtype=out_dtype, backend=backend)
         want, mag = float64_linear(x_q, xs, xz, w8, ws, bias, relu)
         assert_epilogue_close(y.cpu(), want, mag, out_dtype)
+        if out_dtype != torch.float32:
+            y32 = sk.quantized_linear(*args, relu=relu, backend=backend)
+            assert_rounded_from_float32(y.cpu(), y32.cpu())
 
 
 @pytest.mark.parametrize("backend", TRITON_GPU)
@@ -795,6 +815,10 @@ def test_cuda_quantized_linear(backend, w_int4):
         y = y.cpu()
         want, mag = float64_linear(x_q, xs, xz, w8, ws, bias, relu)
         assert_epilogue_close(y, want, mag, out_dtype)
+        if out_dtype != torch.float32:
+            y32 = sk.quantized_linear(x_q.cuda(), to(xs), to(xz), w_q.cuda(), ws.cuda(),
+                                      to(bias), relu=relu, backend=backend)
+            assert_rounded_from_float32(y, y32.cpu())
         if CPU_BACKENDS:  # same float32 expression: bit-exact with the cpu backend
             y_cpu = sk.quantized_linear(x_q, xs, xz, w_q, ws, bias, relu=relu,
                                         out_dtype=out_dtype, backend="cpu")
