@@ -406,16 +406,23 @@ def _table(rows, test_set):
     return "\n".join(lines)
 
 
+def _saved_model_kind(meta: dict) -> str:
+    """The --model a saved quantized model stands for when its test set is chosen: "default"
+    for the bundled model (Fashion-MNIST), "other" for any other (no default test set)."""
+    return "default" if (meta.get("model") or {}).get("source") == "bundled" else "other"
+
+
 def cmd_evaluate(args):
     from .evaluate import evaluate
     from .io import load_quantized
+    if args.quantized:
+        model = load_quantized(args.quantized, device=args.device)
+        # the default test set follows the saved model, not --model (as in cmd_export)
+        args.model, name = _saved_model_kind(model.meta), "quantized"
     test_set = load_test_set(args)
     if test_set is None:
         raise UsageError("evaluate needs a test set (--test-set)")
-    if args.quantized:
-        model = load_quantized(args.quantized, device=args.device)
-        name = "quantized"
-    else:
+    if not args.quantized:
         model, _, _ = load_model(args)
         model, name = model.to(args.device), "float"
     r = evaluate(model, test_set, args.device)
@@ -466,7 +473,7 @@ def cmd_export(args):
     out = Path(args.out) if args.out else Path(args.quantized) / "int"
     save_int(int_model, out)
     log.info("integer model written to %s (reload with synq.deploy.load_int)", out)
-    args.model = "default" if qmodel.meta["model"].get("source") == "bundled" else "other"
+    args.model = _saved_model_kind(qmodel.meta)
     test_set = load_test_set(args)
     result = {"out": str(out)}
     if test_set is not None:
@@ -606,8 +613,11 @@ def main(argv=None) -> int:
         print("\nsynq: interrupted; run the same command with --resume to continue",
               file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, TypeError, NotImplementedError, RuntimeError) as e:
-        # Under torchrun this rank's exit code 1 makes torchrun stop the other ranks.
+    except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError,
+            FloatingPointError) as e:
+        # OSError includes FileNotFoundError and PermissionError; FloatingPointError is a
+        # diverged fine-tuning epoch. Under torchrun this rank's exit code 1 makes torchrun
+        # stop the other ranks.
         print(f"synq: error{where}: {e}", file=sys.stderr)
         return 1
     finally:

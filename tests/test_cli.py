@@ -167,6 +167,11 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     assert cli.main(["evaluate", "--quantized", str(out), "--test-set",
                      f"{digits_module}:test_set", "--no-progress"]) == 0
     assert f"{summary['quantized']['top1']:.2f}" in capsys.readouterr().out
+    # without --test-set the saved model's metadata decides: not the bundled model, so no
+    # default test set (it used to take Fashion-MNIST, from --model's default)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--quantized", str(out), "--no-progress"])
+    assert e.value.code == 2 and "needs a test set" in capsys.readouterr().err
 
     # export to integer layers: saved, reloadable, accuracy reported beside the fake-quantized
     assert cli.main(["export", "--quantized", str(out), "--test-set",
@@ -224,6 +229,57 @@ def test_interrupt_exits_130_and_says_resume(tmp_path, digits_module, monkeypatc
             "--out", str(tmp_path / "r")] + TINY
     assert cli.main(argv) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["bundled", "callable"])
+def test_evaluate_quantized_default_test_set_follows_saved_model(source, monkeypatch, capsys):
+    """`synq evaluate --quantized DIR` picks its default test set from the saved model's
+    metadata, as `synq export` does, not from --model (whose default is the bundled model)."""
+    import synq.io
+    from synq.data.digits import digits_datasets
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    model.meta = {"model": {"source": source}}
+    monkeypatch.setattr(synq.io, "load_quantized", lambda path, device="cpu": model)
+    real, seen = cli.load_test_set, []
+
+    def spy(args):
+        seen.append(args.model)
+        return digits_datasets()[1] if args.model == "default" else real(args)
+
+    monkeypatch.setattr(cli, "load_test_set", spy)
+    argv = ["evaluate", "--quantized", "saved", "--no-progress", "--device", "cpu"]
+    if source == "bundled":
+        assert cli.main(argv) == 0
+        assert seen == ["default"] and "| quantized |" in capsys.readouterr().out
+    else:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and "needs a test set" in capsys.readouterr().err
+        assert seen == ["other"]
+
+
+@pytest.mark.parametrize("error", [
+    FloatingPointError("epoch 3 diverged: the loss is nan"),
+    PermissionError(13, "Permission denied", "/read-only/checkpoint.pt")])
+def test_run_time_errors_exit_1_with_one_line(error, tmp_path, digits_module, monkeypatch,
+                                              capsys):
+    """A diverged epoch (FloatingPointError) and an OSError other than FileNotFoundError
+    print `synq: error: ...` and exit 1, without a traceback."""
+    import synq.finetune
+    import synq.synth
+
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(synq.synth, "synthesize", lambda *a, **k: None)
+    monkeypatch.setattr(synq.finetune, "finetune", fail)
+    # a console handler of this test's stderr (an earlier test's would write to a closed one)
+    monkeypatch.setattr(cli.log, "handlers", [])
+    argv = ["quantize", "--model", f"{digits_module}:model", "--test-set", "none",
+            "--out", str(tmp_path / "r")] + TINY
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"synq: error: {error}" in err and "Traceback" not in err, err
 
 
 def test_console_script_entry_point():
