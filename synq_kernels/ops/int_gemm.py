@@ -242,8 +242,9 @@ def unpack_int4(p: Tensor, signed: bool = True, n: int | None = None) -> Tensor:
 def int8_matmul(a: Tensor, b: Tensor, backend: str | None = None) -> Tensor:
     """a (M, K) int8 @ b (N, K) int8 .T (nn.Linear weight layout) -> int32 (M, N), exact.
 
-    Any M, K, N >= 0 (batch-1 works). backend: "reference", "cpu", "cuda", "triton", or None
-    for the fastest available on a's device."""
+    Any M, N >= 0 and K <= 65536 (int32 accumulation stays exact; larger K raises
+    ValueError); batch-1 works. backend: "reference", "cpu", "cuda", "triton", or None for
+    the fastest available on a's device."""
     _check_tensor("a", a, (torch.int8,), 2)
     _check_tensor("b", b, (torch.int8,), 2)
     _checks.check_same_device(a=a, b=b)
