@@ -236,9 +236,72 @@ def test_symmetric_int4_needs_no_offsets():
     assert all(m.packed and m.offset is None for m in im.int_layers().values())
 
 
-@pytest.mark.parametrize("build, shape", [(lambda: resnet18(num_classes=10), (2, 3, 40, 40)),
-                                          (lambda: mobilenet_v2(num_classes=10), (2, 3, 32, 32))])
-def test_imagenet_style_models_export(build, shape):
+def _layer_by_layer_excess(q, im, x):
+    """Each integer layer run alone (unfused) on the input its fake-quantized layer got in
+    q(x), against that layer's output after its BN (and ReLU where the export fused it):
+    name -> max over elements of error / tolerance (a layer passes below 1).
+
+    A layer whose input lies on an activation quantizer's grid (static) sees the same values,
+    so only float rounding is left: 1e-5 of the output's magnitude (measured: 7e-7). The
+    others quantize their float input to 8 bits at run time from its range (per tensor for a
+    conv, per row for a linear layer), an error of at most half a step e_k a value; output
+    channel n then moves by sum_k w_nk e_k: at most step * |w_n|_1, and as a sum of
+    independent errors uniform in half a step either way, with standard deviation
+    step / sqrt(12) * |w_n|_2; the bound is 8 of those (measured: below 4.5 over up to
+    10^5 outputs), w the fake-quantized weight times the BN's gain."""
+    from synq.deploy import _set_fusion
+    caps, hooks = {}, []
+    for name, info in im.plan["layers"].items():
+        mod = q.get_submodule(name)
+        out_mod = q.get_submodule(info["bn"]) if info["bn"] else mod
+        hooks.append(mod.register_forward_pre_hook(
+            lambda m, a, n=name: caps.__setitem__((n, "in"), a[0])))
+        hooks.append(out_mod.register_forward_hook(
+            lambda m, a, o, n=name: caps.__setitem__((n, "out"), o)))
+    try:
+        with torch.no_grad():
+            q(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    _set_fusion(im.model, im.plan, False)
+    excess = {}
+    with torch.no_grad():
+        for name, layer in im.int_layers().items():
+            xin, want = caps[(name, "in")], caps[(name, "out")].double()
+            want = want.clamp_min(0) if layer.relu else want
+            got = layer(xin).double()
+            assert got.shape == want.shape, name
+            fq = q.get_submodule(name)
+            w = fq.weight_quantizer(fq.weight).double().flatten(1)
+            bn = im.plan["layers"][name]["bn"]
+            if bn is not None:
+                bn = q.get_submodule(bn)
+                w = w * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double()[:, None]
+            shape = (1, -1, 1, 1) if want.dim() == 4 else (1, -1)
+            w_mag = torch.minimum(w.abs().sum(1), 8 / 12 ** 0.5 * w.norm(dim=1)).reshape(shape)
+            if layer.static:
+                step = 0.0
+            elif want.dim() == 4:
+                step = float(xin.max() - xin.min()) / 255
+            else:
+                step = ((xin.amax(-1) - xin.amin(-1)).double() / 255)[:, None]
+            tol = step * w_mag + 1e-5 * want.abs().max()
+            excess[name] = float(((got - want).abs() / tol).max())
+    _set_fusion(im.model, im.plan, im.plan["fused"])
+    return excess
+
+
+@pytest.mark.parametrize("build, shape, bound", [
+    (lambda: resnet18(num_classes=10), (2, 3, 40, 40), 0.055),
+    (lambda: mobilenet_v2(num_classes=10), (2, 3, 32, 32), 0.03)], ids=["resnet18", "mobilenet_v2"])
+def test_imagenet_style_models_export(build, shape, bound):
+    """Logits within `bound` (relative; measured over seeds 0-13: ResNet-18 0.012-0.041, 0.037
+    for this one; MobileNetV2 0.007-0.020, 0.0195 here), and every layer on its own within
+    the bound of _layer_by_layer_excess. The logits alone are a weak check: MobileNetV2's
+    signal fades through random-BN blocks (logits about 0.07), so zeroing one layer's folded
+    bias kept them within 0.1 in 50 of 53 layers, and ResNet-18's within 0.06 in 1 of 21;
+    layer by layer every such change fails (the smallest: 2x the tolerance)."""
     torch.manual_seed(4)
     model = _randomize_bn(build())
     x = torch.randn(*shape)
@@ -248,7 +311,11 @@ def test_imagenet_style_models_export(build, shape):
     assert n_dw == (17 if "MobileNet" in type(model).__name__ else 0)
     with torch.no_grad():
         want, got = q(x), im(x)
-    assert _rel_err(want, got) < 0.1
+    assert _rel_err(want, got) < bound
+    excess = _layer_by_layer_excess(q, im, x)
+    assert len(excess) == len(quant_layers(q))
+    bad = {n: round(e, 2) for n, e in excess.items() if not e < 1}
+    assert not bad, f"layers beyond their tolerance (error / tolerance): {bad}"
 
 
 def test_resnet18_w4a4_export_agrees_on_8bit_grid_input():
