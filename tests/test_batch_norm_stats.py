@@ -121,8 +121,18 @@ def test_half_precision_and_strides(backend, dtype):
     m0, v0 = sk.channel_stats(x.detach().float(), backend="reference")
     torch.testing.assert_close(mean, m0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var, v0, rtol=1e-4, atol=1e-6)
-    (dx,) = torch.autograd.grad(y.float().sum() + var.sum(), x)
+    g = torch.Generator().manual_seed(9)
+    gy, gm, gv = torch.randn(x.shape, generator=g), torch.randn(6, generator=g), \
+        torch.randn(6, generator=g)
+    gy = gy.to(dtype).float()  # what reaches y (a dtype tensor) through .float()
+    (dx,) = torch.autograd.grad((y.float() * gy).sum() + (mean * gm).sum() + (var * gv).sum(),
+                                x)
     assert dx.dtype == dtype and dx.shape == x.shape
+    # float64 autograd on the rounded input: dx is computed in float32 and rounded once to
+    # dtype (half an ulp), so 2 eps(dtype) of its largest element bounds the error
+    _, _, _, dx64 = _float64(x, rm, rv, w, b, 1e-5, gy, gm, gv)
+    torch.testing.assert_close(dx.double(), dx64, rtol=0,
+                               atol=2 * torch.finfo(dtype).eps * dx64.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

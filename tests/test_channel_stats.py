@@ -71,14 +71,22 @@ def test_strides_and_half_precision(backend):
         ref_m, ref_v = _f64(x)
         torch.testing.assert_close(m.double(), ref_m, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v.double(), ref_v, rtol=1e-5, atol=1e-6)
+    gm, gv = torch.randn(5, generator=g), torch.randn(5, generator=g)
     for dt in (torch.float16, torch.bfloat16):
         x = base.to(dt).requires_grad_(True)
         m, v = sk.channel_stats(x, backend=backend)
         ref_m, ref_v = _f64(x)  # of the rounded input: computed in float32 from it
         torch.testing.assert_close(m.double(), ref_m, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v.double(), ref_v, rtol=1e-5, atol=1e-6)
-        (dx,) = torch.autograd.grad(v.sum(), x)
-        assert dx.dtype == dt
+        (dx,) = torch.autograd.grad((m * gm).sum() + (v * gv).sum(), x)
+        assert dx.dtype == dt and dx.shape == x.shape
+        # float64 autograd on the rounded input: dx is computed in float32 and rounded once
+        # to dt (half an ulp), so 2 eps(dt) of its largest element bounds the error
+        x64 = x.detach().double().requires_grad_(True)
+        v64, m64 = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
+        (dx64,) = torch.autograd.grad((m64 * gm.double()).sum() + (v64 * gv.double()).sum(), x64)
+        torch.testing.assert_close(dx.double(), dx64, rtol=0,
+                                   atol=2 * torch.finfo(dt).eps * dx64.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -127,9 +127,33 @@ def test_augment_batch_is_seeded_and_differentiable():
     assert torch.equal(a, b) and a.shape == x.shape
     a.sum().backward()
     assert x.grad is not None
-    # the full-size, unflipped crop is the identity
-    same = augment_batch(x.detach(), seeded_generator(0), crop_scale=(1.0, 1.0), flip=False)
-    assert same.shape == x.shape
+    # crop_scale (1, 1) without flip is not the identity: the aspect ratio is still drawn (3/4
+    # to 4/3), so each crop spans the whole image along one axis and at least sqrt(3/4) of it
+    # along the other (stretched back to full size), inside the image, unflipped
+    from synq.synth import apply_augmentation, augmentation_params
+    theta = augmentation_params(16, seeded_generator(0), crop_scale=(1.0, 1.0), flip=False)
+    w, h, cx, cy = theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2]
+    assert torch.equal(torch.maximum(w, h), torch.ones(16))
+    ratio = torch.minimum(w, h) ** 2  # area 1: w * h = ratio clamped to the image
+    assert bool(((ratio >= 0.75 - 1e-6) & (ratio <= 1)).all()) and bool((ratio < 1).any())
+    assert bool((cx.abs() <= 1 - w + 1e-7).all()) and bool((cy.abs() <= 1 - h + 1e-7).all())
+    assert not theta[:, 0, 1].any() and not theta[:, 1, 0].any()  # no rotation, no flip
+    # augment_batch is apply_augmentation of those maps
+    big = torch.randn(16, 2, 6, 6)
+    out = augment_batch(big, seeded_generator(0), crop_scale=(1.0, 1.0), flip=False)
+    assert torch.equal(out, apply_augmentation(big, theta))
+    assert not torch.allclose(out, big)
+    # along the axis a crop spans, nothing moves: an image that varies only along that axis
+    # comes back unchanged (and some crops span each axis)
+    full_h, full_w = (h == 1) & (cy == 0), (w == 1) & (cx == 0)
+    assert full_h.any() and full_w.any()
+    rows = torch.randn(16, 2, 6, 1).expand(16, 2, 6, 6)
+    cols = torch.randn(16, 2, 1, 6).expand(16, 2, 6, 6)
+    torch.testing.assert_close(apply_augmentation(rows, theta)[full_h], rows[full_h])
+    torch.testing.assert_close(apply_augmentation(cols, theta)[full_w], cols[full_w])
+    # the identity map itself gives the image back
+    eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(16, 2, 3)
+    torch.testing.assert_close(apply_augmentation(big, eye), big)
 
 
 def test_cpu_channels_last_copy_computes_the_same_losses(tmp_path, monkeypatch):
