@@ -317,12 +317,32 @@ def test_reference_forward_matches_torch_random_scales(axis):
     assert int((diff > 0).sum()) <= 3
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_qparam_grads_skipped_when_not_needed(backend):
-    x = torch.randn(100, requires_grad=True)
-    y = sk.fake_quant(x, torch.tensor(0.1), torch.tensor(3.0), 4, backend=backend)
-    y.sum().backward()
-    assert x.grad is not None
+@pytest.mark.parametrize("backend,device", all_backend_params())
+def test_qparam_grads_skipped_when_not_needed(backend, device, monkeypatch):
+    """The backend's backward is asked for scale / zero-point gradients only when one of them
+    requires grad (qparam_grads); dx is the same either way."""
+    impls = sk.backends._OPS["fake_quant"].impls
+    fwd, bwd = impls[backend]
+    asked = []
+
+    def spy(*args):
+        asked.append(args[8])  # (dy, x, scale, zero_point, qmin, qmax, axis, gf, qparam_grads, act)
+        return bwd(*args)
+    monkeypatch.setitem(impls, backend, (fwd, spy))
+    x0 = torch.randn(100, device=device)
+    dxs = []
+    for s_grad, z_grad in [(False, False), (True, False), (False, True), (True, True)]:
+        x = x0.clone().requires_grad_()
+        s = torch.tensor(0.1, device=device, requires_grad=s_grad)
+        z = torch.tensor(3.0, device=device, requires_grad=z_grad)
+        sk.fake_quant(x, s, z, 4, backend=backend).sum().backward()
+        assert (s.grad is not None) == s_grad and (z.grad is not None) == z_grad
+        dxs.append(x.grad)
+    assert asked == [False, True, True, True]
+    inside = ((torch.round(x0 / 0.1) + 3 >= 0) & (torch.round(x0 / 0.1) + 3 <= 15)).float()
+    assert 0 < int(inside.sum()) < 100
+    for dx in dxs:
+        assert torch.equal(dx, inside)
 
 
 def test_matches_torch_for_scalar_qparams():
