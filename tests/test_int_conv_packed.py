@@ -118,9 +118,10 @@ def test_exact_vs_reference(case, out_dtype):
         assert torch.equal(got, ref), f"variant {i}"
 
 
-OFFSET_CASES = [c for c in CASES if c[0] in ("r20.stem", "r20.block1", "r20.shortcut2", "odd",
-                                            "dilated", "grouped.8", "grouped.6", "depthwise",
-                                            "depthwise.x2", "depthwise.144.s2")]
+OFFSET_CASES = [c for c in CASES if c[0] in ("r20.stem", "stem.3ch", "r20.block1",
+                                            "r20.shortcut2", "odd", "dilated", "grouped.8",
+                                            "grouped.6", "depthwise", "depthwise.x2",
+                                            "depthwise.144.s2")]
 
 
 @needs_cpu
