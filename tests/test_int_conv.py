@@ -1,13 +1,12 @@
 """quantized_conv2d: layer shapes of ResNet-20, ResNet-18 and MobileNetV2 (small batch),
-integer accumulators bit-exact against the reference (unit scales make the float32 output
-the accumulator itself), float epilogues against float64, NCHW / channels-last / strided
-input, errors, opcheck, torch.compile."""
+integer accumulators bit-exact against an int64 unfold computation (exact_conv, for every
+backend; unit scales make the float32 output the accumulator itself), float epilogues against
+float64 from it, NCHW / channels-last / strided input, errors, opcheck, torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import synq_kernels as sk
-from synq_kernels.reference import int_gemm as R
 
 CPU_BACKENDS = [b for b in ("cpu",) if b in sk.available_backends("quantized_conv2d", "cpu")]
 BACKENDS = ["reference"] + CPU_BACKENDS
@@ -37,17 +36,24 @@ def layer_inputs(b, c, h, w, cout, k, groups):
     return rand_i8(b, c, h, w), rand_i8(cout, c // groups, k, k)
 
 
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(t) for t in v)
+
+
 def exact_conv(x_q, x_zero, w_q, stride, padding, dilation=1, groups=1):
-    """Ground truth in int64: conv of (x_q - x_zero), zero padded, by unfold."""
-    xc = (x_q.to(torch.int64) - x_zero)
+    """Ground truth in int64: conv of (x_q - x_zero), zero padded, by unfold (independent of
+    the library; stride, padding, dilation an int or a pair)."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    xc = (x_q.to(torch.int64) - int(x_zero))
     b, c, h, w = xc.shape
     cout, cg, kh, kw = w_q.shape
     cols = F.unfold(xc.to(torch.float64), (kh, kw), dilation, padding, stride)  # exact
     cols = cols.round().to(torch.int64).reshape(b, groups, cg * kh * kw, -1)
     wg = w_q.to(torch.int64).reshape(groups, cout // groups, -1)
     out = torch.einsum("gok,bgkp->bgop", wg, cols).reshape(b, cout, -1)
-    oh = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    return out.reshape(b, cout, oh, -1)
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return out.reshape(b, cout, oh, ow)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -58,15 +64,16 @@ def test_layer_accumulators_exact(backend, layer):
     xz = 7
     y = sk.quantized_conv2d(x_q, 1.0, xz, w_q, 1.0, stride=s, padding=p, groups=g,
                             backend=backend)
-    want = R.quantized_conv2d_int(x_q, xz, w_q, (s, s), (p, p), (1, 1), g)
+    want = exact_conv(x_q, xz, w_q, s, p, groups=g)  # every backend, the reference too
     assert y.dtype == torch.float32 and y.shape == want.shape
-    assert torch.equal(y.to(torch.int32), want)
-    if layer[0] in ("resnet20.down2", "mobilenetv2.dw32"):  # the reference itself, in int64
-        assert torch.equal(want.long(), exact_conv(x_q, xz, w_q, s, p, groups=g))
+    assert int(want.abs().max()) < 2 ** 24  # the float32 output holds the accumulator exactly
+    assert torch.equal(y.to(torch.int64), want)
 
 
-def float64_conv(x_q, xs, xz, w_q, ws, bias, relu, **kw):
-    acc = R.quantized_conv2d_int(x_q, xz, w_q, **kw).to(torch.float64)
+def float64_conv(x_q, xs, xz, w_q, ws, bias, relu, stride=1, padding=0, dilation=1, groups=1):
+    """The exact value in float64 (accumulator from exact_conv) and its magnitude before
+    bias / ReLU."""
+    acc = exact_conv(x_q, xz, w_q, stride, padding, dilation, groups).to(torch.float64)
     v = acc * xs * ws.to(torch.float64).reshape(1, -1, 1, 1)
     b64 = bias.to(torch.float64).reshape(1, -1, 1, 1) if bias is not None else 0
     y = v + b64
@@ -130,19 +137,17 @@ def test_float_epilogue(backend, out_dtype):
 def test_memory_formats_and_strides(backend):
     x_q, w_q = rand_i8(2, 16, 12, 10), rand_i8(8, 16, 3, 3)
     ws = torch.rand(8) + 0.5
-    want = sk.quantized_conv2d(x_q, 0.1, 2, w_q, ws, stride=(2, 1), padding=(1, 2),
-                               backend="reference")
+    want, mag = float64_conv(x_q, 0.1, 2, w_q, ws, None, False, stride=(2, 1), padding=(1, 2))
     cl = x_q.contiguous(memory_format=torch.channels_last)
     y = sk.quantized_conv2d(cl, 0.1, 2, w_q, ws, stride=(2, 1), padding=(1, 2), backend=backend)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-5)
+    assert_epilogue_close(y, want, mag, torch.float32)
     big = rand_i8(2, 32, 14, 12)
     strided = big[:, ::2, 1:13, 1:11]            # (2, 16, 12, 10), not contiguous
-    want = sk.quantized_conv2d(strided.contiguous(), 0.1, 2, w_q, ws, padding=1,
-                               backend="reference")
+    want, mag = float64_conv(strided, 0.1, 2, w_q, ws, None, False, padding=1)
     y = sk.quantized_conv2d(strided, 0.1, 2, w_q, ws, padding=1, backend=backend)
     assert y.is_contiguous()
-    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-5)
+    assert_epilogue_close(y, want, mag, torch.float32)
 
 
 def test_errors():
@@ -194,9 +199,8 @@ def test_eager_calls_skip_the_op_layer_modes_see_it(backend):
         seen = sk.quantized_conv2d(*args, **kw)
     assert "synq.quantized_conv2d.default" in spy.ops
     assert torch.equal(direct, seen)
-    ref = R.quantized_conv2d(x, torch.tensor(0.02), torch.tensor(-3), w, args[4], args[5],
-                             [1, 1], [1, 1], [1, 1], 2, True, torch.float32)
-    torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-4)   # float32 epilogue order
+    want, mag = float64_conv(x, 0.02, -3, w, args[4], args[5], True, padding=1, groups=2)
+    assert_epilogue_close(direct, want, mag, torch.float32)
 
 
 def test_torch_compile_fullgraph():
@@ -223,11 +227,11 @@ TRITON = ["triton"] if "triton" in sk.available_backends("int_mm", "cpu") else [
 def test_triton_layer_accumulators_exact(backend, layer):
     _, b, c, h, w, cout, k, s, p, g = layer
     x_q, w_q = layer_inputs(b, c, h, w, cout, k, g)
-    want = R.quantized_conv2d_int(x_q, 7, w_q, (s, s), (p, p), (1, 1), g)
+    want = exact_conv(x_q, 7, w_q, s, p, groups=g)
     y = sk.quantized_conv2d(x_q, 1.0, 7, w_q, 1.0, stride=s, padding=p, groups=g,
                             backend=backend)
     assert y.dtype == torch.float32 and y.is_contiguous()
-    assert torch.equal(y.to(torch.int32), want)
+    assert torch.equal(y.to(torch.int64), want)
     if s == 1 and g == 1:
         return
     # stride-2 and depthwise layers again on channels-last input, with ReLU (unit scales: the
@@ -236,7 +240,7 @@ def test_triton_layer_accumulators_exact(backend, layer):
     y = sk.quantized_conv2d(cl, 1.0, 7, w_q, 1.0, stride=s, padding=p, groups=g, relu=True,
                             backend=backend)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(y.to(torch.int32), want.clamp_min(0))
+    assert torch.equal(y.to(torch.int64), want.clamp_min(0))
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -255,9 +259,9 @@ def test_triton_depthwise_row_split(backend, fast_div, monkeypatch):
         if cl:
             x_q = x_q.contiguous(memory_format=torch.channels_last)
         geom = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=c)
-        want = R.quantized_conv2d_int(x_q, -5, w_q, **geom)
+        want = exact_conv(x_q, -5, w_q, **geom)
         y = sk.quantized_conv2d(x_q, 1.0, -5, w_q, 1.0, backend=backend, **geom)
-        assert torch.equal(y.to(torch.int32), want), (b, c, h, w, mult, k, s, p, d, cl)
+        assert torch.equal(y.to(torch.int64), want), (b, c, h, w, mult, k, s, p, d, cl)
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -291,8 +295,8 @@ def test_triton_int4_weights(backend):
         y = T.conv2d(x_q, torch.tensor(1.0), xz, packed, torch.ones(cout),
                      sk.weight_row_sums(w4), None, relu=False, out_dtype=torch.float32,
                      w_packed=True, kernel_size=(k, k), **geom)
-        want = R.quantized_conv2d_int(x_q, 9, w4, **geom)
-        assert torch.equal(y.to(torch.int32), want), (b, c, h, w, cout, k, s, p, d, g)
+        want = exact_conv(x_q, 9, w4, **geom)
+        assert torch.equal(y.to(torch.int64), want), (b, c, h, w, cout, k, s, p, d, g)
         if i % 2:  # the float epilogue on half the cases (GEMM and depthwise both)
             continue
         ws, bias = torch.rand(cout) * 0.01 + 0.001, torch.randn(cout)
@@ -349,9 +353,9 @@ def test_triton_tap_kernel_ragged_channels_groups_and_strides(backend, fast_div,
         elif fmt == "view":
             x_q = rand_i8(b, c, h, 2 * w)[..., ::2]
         geom = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=g)
-        want = R.quantized_conv2d_int(x_q, -3, w_q, **geom)
+        want = exact_conv(x_q, -3, w_q, **geom)
         y = sk.quantized_conv2d(x_q, 1.0, -3, w_q, 1.0, backend=backend, **geom)
-        assert torch.equal(y.to(torch.int32), want), (c, cout, k, s, p, d, g, fmt)
+        assert torch.equal(y.to(torch.int64), want), (c, cout, k, s, p, d, g, fmt)
     ws, bias = torch.rand(cout) * 0.01 + 0.001, torch.randn(cout)
     y = sk.quantized_conv2d(x_q, 0.05, -3, w_q, ws, bias, relu=True, backend=backend, **geom)
     want, mag = float64_conv(x_q, 0.05, -3, w_q, ws, bias, True, **geom)
@@ -530,9 +534,9 @@ def triton_conv_cases(device, backend="triton"):
         xd = x_q.to(device).contiguous(memory_format=fmt)
         geom = dict(stride=(s, s), padding=(p, p), dilation=(d, d), groups=g)
         y = sk.quantized_conv2d(xd, 1.0, 7, w_q.to(device), 1.0, backend=backend, **geom)
-        want = R.quantized_conv2d_int(x_q, 7, w_q, **geom)
+        want = exact_conv(x_q, 7, w_q, **geom)
         assert y.device.type == device and y.is_contiguous(memory_format=fmt)
-        assert torch.equal(y.cpu().to(torch.int32), want), (c, cout, k, s, g)
+        assert torch.equal(y.cpu().to(torch.int64), want), (c, cout, k, s, g)
         ws, bias = torch.rand(cout) * 0.01 + 0.001, torch.randn(cout)
         args = (xd, 0.05, -9, w_q.to(device), ws.to(device), bias.to(device))
         y = sk.quantized_conv2d(*args, relu=True, out_dtype=out_dtype, backend=backend, **geom)
@@ -569,9 +573,9 @@ def test_cuda_layer_accumulators_exact(backend, layer, channels_last):
         xd = xd.contiguous(memory_format=torch.channels_last)
     y = sk.quantized_conv2d(xd, 1.0, xz, w_q.cuda(), 1.0, stride=s, padding=p, groups=g,
                             backend=backend)
-    want = R.quantized_conv2d_int(x_q, xz, w_q, (s, s), (p, p), (1, 1), g)
+    want = exact_conv(x_q, xz, w_q, s, p, groups=g)
     assert y.is_cuda and y.dtype == torch.float32 and y.shape == want.shape
-    assert torch.equal(y.cpu().to(torch.int32), want)
+    assert torch.equal(y.cpu().to(torch.int64), want)
 
 
 @pytest.mark.parametrize("backend", CUDA)
@@ -627,8 +631,8 @@ def test_cuda_memory_formats_and_strides(backend):
     sl = big[:, 3:35]                            # (2, 32, 9, 9), channel stride 1
     w2 = rand_i8(24, 32, 3, 3)
     y = sk.quantized_conv2d(sl, 1.0, -3, w2.cuda(), 1.0, padding=1, backend=backend)
-    want = R.quantized_conv2d_int(sl.cpu(), -3, w2, (1, 1), (1, 1), (1, 1), 1)
-    assert torch.equal(y.cpu().to(torch.int32), want)
+    want = exact_conv(sl.cpu(), -3, w2, 1, 1)
+    assert torch.equal(y.cpu().to(torch.int64), want)
 
 
 @pytest.mark.parametrize("backend", CUDA)
