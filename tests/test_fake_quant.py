@@ -140,49 +140,75 @@ def _representable(v: torch.Tensor, dtype) -> torch.Tensor:
     return v.to(dtype).to(v.dtype) == v
 
 
+# The value tests below lay their values out in shapes that test_backend_matches_reference_*
+# also use (4097 elements per tensor; (3, 5, 7, 9) per channel along dim 1), so that on a GPU
+# the Triton kernels they need are already compiled (a new tile shape is a new compile).
+PER_CHANNEL_SHAPE, PER_CHANNEL_AXIS = (3, 5, 7, 9), 1
+CHANNEL_SCALES = [0.125, 0.25, 0.5, 0.0625, 1.0]   # powers of two: x / s exact
+
+
+def _layout(n_values: int, axis):
+    """Index into n_values values for each element of the test tensor (every value used, in
+    every channel where there is room), and the element's channel."""
+    if axis is None:
+        idx = torch.arange(4097) % n_values
+        return idx, torch.zeros(4097, dtype=torch.long)
+    b, c, h, w = PER_CHANNEL_SHAPE
+    per = b * h * w
+    idx = (torch.arange(c * per) % n_values).reshape(c, b, h, w).transpose(0, 1)
+    chan = torch.arange(c).reshape(1, c, 1, 1).expand(PER_CHANNEL_SHAPE)
+    return idx, chan
+
+
+def _channel_sum(v: torch.Tensor, chan: torch.Tensor, axis):
+    """Per-channel (or total) sums of float64 terms, in the shape of the op's qparam grads."""
+    sums = torch.zeros(5, dtype=torch.float64).index_add_(0, chan.reshape(-1), v.reshape(-1))
+    return sums[:1].reshape(()) if axis is None else sums
+
+
 @pytest.mark.parametrize("backend,device", all_backend_params())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("axis", [None, 0])
+@pytest.mark.parametrize("axis", [None, PER_CHANNEL_AXIS])
 @pytest.mark.parametrize("bits,signed,zp", [(4, False, 3.0), (4, False, 4.0), (3, True, -1.0),
                                             (8, True, 0.0), (4, False, 2.5), (3, True, -2.5),
                                             (8, False, 6.5)])
 def test_rounding_ties_half_to_even(backend, device, dtype, axis, bits, signed, zp):
     """x exactly on the midpoint between two grid points, from below the range to above it,
     rounds to the even integer; zero points on a midpoint (2.5, -2.5, 6.5) round to even
-    too. Per-tensor and per-channel (scales 1/8, 1/4, 1/2: x / s exact). The expected
+    too. Per tensor (scale 1/8) and per channel (scales CHANNEL_SCALES). The expected
     values, dx (ties at the range's ends decide the clamp) and the qparam gradients (exact
     sums of +-1/2, integers and steps with dy = 1) are computed here with Python's round,
     not with the reference."""
     qmin, qmax = sk.quant_range(bits, signed)
     zr = min(max(_rne(zp), qmin), qmax)
-    ks = torch.arange(qmin - 3, qmax + 3, dtype=torch.float32) - zr + 0.5  # x / s: ties
-    scales = [0.125] if axis is None else [0.125, 0.25, 0.5]
-    ks = ks[_representable(ks * 0.125, dtype)]  # bfloat16: 8 significant bits
-    assert ks.numel() >= 6
-    x = torch.stack([ks * s for s in scales]).to(device, dtype)
-    if axis is None:
-        x = x[0]
-    s_t = torch.tensor(scales[0] if axis is None else scales, device=device)
-    z_t = torch.full(s_t.shape, zp, device=device)
+    ts = torch.arange(qmin - 3, qmax + 3, dtype=torch.float64) - zr + 0.5  # x / s: ties
+    ts = ts[_representable(ts * 0.125, dtype)]  # bfloat16: 8 significant bits
+    assert ts.numel() >= 6
+    # per distinct t: the result in steps, inside the range?, the d scale term (dy = 1)
+    q = [_rne(t) + zr for t in ts.tolist()]
+    inside = torch.tensor([qmin <= v <= qmax for v in q])
+    steps = torch.tensor([_expected_fq(t, zp, qmin, qmax) for t in ts.tolist()],
+                         dtype=torch.float64)
+    ds_term = torch.tensor([(v - zr - t) if i else (min(max(v, qmin), qmax) - zr)
+                            for v, t, i in zip(q, ts.tolist(), inside.tolist())],
+                           dtype=torch.float64)
+    idx, chan = _layout(ts.numel(), axis)
+    scales = torch.tensor([0.125] if axis is None else CHANNEL_SCALES, dtype=torch.float64)
+    s_el = scales[chan]
+    x = (ts[idx] * s_el).to(device, dtype)
+    s_t = scales.float().reshape(()) if axis is None else scales.float()
+    z_t = torch.full(s_t.shape, zp)
     grad_factor = 0.5
-    y, dx, ds, dz = run_op(x, s_t, z_t, torch.ones_like(x), bits, signed, axis, backend,
-                           grad_factor)
-    assert y.dtype == dtype
-    y_want, dx_want, ds_want, dz_want = [], [], [], []
-    for s in scales:
-        q = [_rne(k) + zr for k in ks.tolist()]
-        inside = [qmin <= v <= qmax for v in q]
-        y_want.append([_expected_fq(k, zp, qmin, qmax) * s for k in ks.tolist()])
-        dx_want.append([1.0 if i else 0.0 for i in inside])
-        ds_want.append(grad_factor * sum((v - zr - k) if i else (min(max(v, qmin), qmax) - zr)
-                                         for v, k, i in zip(q, ks.tolist(), inside)))
-        dz_want.append(grad_factor * sum(0.0 if i else -s for i in inside))
-    if axis is None:
-        y_want, dx_want, ds_want, dz_want = y_want[0], dx_want[0], ds_want[0], dz_want[0]
-    assert y.float().cpu().tolist() == y_want, "ties must round half to even"
-    assert dx.float().cpu().tolist() == dx_want, "dx: the clamp decided on the even integer"
-    assert ds.cpu().tolist() == ds_want, (ds, ds_want)
-    assert dz.cpu().tolist() == dz_want, (dz, dz_want)
+    y, dx, ds, dz = run_op(x, s_t.to(device), z_t.to(device), torch.ones_like(x), bits, signed,
+                           axis, backend, grad_factor)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y.cpu().double(), steps[idx] * s_el), "ties must round half to even"
+    assert torch.equal(dx.cpu().double(), inside[idx].double()), \
+        "dx: the clamp decided on the even integer"
+    ds_want = grad_factor * _channel_sum(ds_term[idx], chan, axis)
+    dz_want = grad_factor * _channel_sum(torch.where(inside[idx], 0.0, -s_el), chan, axis)
+    assert torch.equal(ds.cpu().double(), ds_want), (ds, ds_want)
+    assert torch.equal(dz.cpu().double(), dz_want), (dz, dz_want)
 
 
 LARGE_AND_SPECIAL = [8388607.5, 8388606.5, 8388608.0, 8388609.0, 1e30, -1e30, 0.5, 1.5, 2.5,
@@ -208,45 +234,54 @@ def test_rint_large_and_special_values(backend, device, dtype):
     dtype as the kernels return them (float16: 2^30 and 8388608 overflow to inf)."""
     fwd, _ = sk.backends.implementation("fake_quant", backend)
     vals = torch.tensor(LARGE_AND_SPECIAL).to(dtype).float()  # what dtype can hold
-    one, zero = torch.tensor(1.0, device=device), torch.tensor(0.0, device=device)
-    y = fwd(vals.to(device, dtype), one, zero, -2**30, 2**30, -1, 0)
-    assert y.dtype == dtype and y.shape == vals.shape
     want = torch.tensor([_expected_fq(v, 0.0, -2**30, 2**30) for v in vals.tolist()])
-    _check_values(y, want.to(dtype))
+    idx, _ = _layout(vals.numel(), None)
+    one, zero = torch.tensor(1.0, device=device), torch.tensor(0.0, device=device)
+    y = fwd(vals[idx].to(device, dtype), one, zero, -2**30, 2**30, -1, 0)
+    assert y.dtype == dtype and y.shape == idx.shape
+    _check_values(y, want.to(dtype)[idx])
     if dtype != torch.float32:
         return
-    # Ties of large magnitude per channel and per tensor, with zero points on ties (2.5 -> 2,
-    # -3.5 -> -4), scale 1/4, no clamping: float32 only, bfloat16 cannot hold them.
-    k = torch.arange(-100, 100, dtype=torch.float32) * 4001 + 0.5
-    xw = (k * 0.25).reshape(10, 20)
-    for axis, zp in ((None, -3.5), (1, 2.5)):
-        shape = () if axis is None else (20,)
+    # Ties of large magnitude per tensor and per channel, with zero points on ties (-3.5 ->
+    # -4, 2.5 -> 2), scale 1/4, no clamping: float32 only, bfloat16 cannot hold them.
+    ts = torch.arange(-100, 100, dtype=torch.float32) * 4001 + 0.5
+    for axis, zp in ((None, -3.5), (PER_CHANNEL_AXIS, 2.5)):
+        idx, _ = _layout(ts.numel(), axis)
+        shape = () if axis is None else (PER_CHANNEL_SHAPE[axis],)
         s = torch.full(shape, 0.25, device=device)
         z = torch.full(shape, zp, device=device)
-        y = fwd(xw.to(device), s, z, -2**22, 2**22, -1 if axis is None else axis, 0)
-        want = torch.tensor([_expected_fq(t, zp, -2**22, 2**22) * 0.25 for t in k.tolist()])
-        _check_values(y.reshape(-1), want)
+        y = fwd((ts[idx] * 0.25).to(device), s, z, -2**22, 2**22,
+                -1 if axis is None else axis, 0)
+        want = torch.tensor([_expected_fq(t, zp, -2**22, 2**22) * 0.25 for t in ts.tolist()])
+        _check_values(y, want[idx])
 
 
 @pytest.mark.parametrize("backend,device", all_backend_params())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("axis", [None, 0])
+@pytest.mark.parametrize("axis", [None, PER_CHANNEL_AXIS])
 def test_special_values_through_the_op(backend, device, dtype, axis):
     """inf and -inf clamp to the range's ends, nan stays nan, dx is zero for all three (they
     are outside the range: nan compares false), through the public op on a 4-bit grid."""
     vals = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.3, 1e30, -0.0])
     vals = vals.to(dtype).float()  # float16: 1e30 is inf
-    sv, zv = ([0.5], [2.5]) if axis is None else ([0.5, 0.25], [2.5, 5.0])
-    x = vals.expand(2, -1).contiguous().to(device, dtype)
-    s = torch.tensor(sv, device=device).reshape(() if axis is None else (2,))
-    z = torch.tensor(zv, device=device).reshape(s.shape)
-    y, dx, _, _ = run_op(x, s, z, torch.ones_like(x), 4, False, axis, backend)
-    sv, zv = sv * (3 - len(sv)), zv * (3 - len(zv))  # per row
+    sv = [0.5] if axis is None else [0.5, 0.25, 0.5, 0.25, 2.0]
+    zv = [2.5] if axis is None else [2.5, 5.0, 0.0, 15.0, -3.0]
+    idx, chan = _layout(vals.numel(), axis)
+    x = vals[idx].to(device, dtype)
+    s = torch.tensor(sv).reshape(() if axis is None else (5,))
+    z = torch.tensor(zv).reshape(s.shape)
+    y, dx, _, _ = run_op(x, s.to(device), z.to(device), torch.ones_like(x), 4, False, axis,
+                         backend)
     want = torch.tensor([[_expected_fq(v / sc, zp, 0, 15) * sc for v in vals.tolist()]
-                         for sc, zp in zip(sv, zv)])
-    _check_values(y, want.to(dtype))
-    dx_want = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 1.0]] * 2)
-    assert torch.equal(dx.float().cpu(), dx_want)
+                         for sc, zp in zip(sv, zv)])  # [channel, value]
+    _check_values(y, want.to(dtype)[chan, idx])
+    def inside(t, zp):
+        z = min(max(_rne(zp), 0), 15)
+        return t == t and 0 <= _rne(t) + z <= 15  # nan: outside
+    dx_want = torch.tensor([[float(inside(v / sc, zp)) for v in vals.tolist()]
+                            for sc, zp in zip(sv, zv)])
+    assert dx_want[:, :3].eq(0).all() and dx_want.eq(1).any()
+    assert torch.equal(dx.cpu().float(), dx_want[chan, idx]), "dx: 1 only inside the range"
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
@@ -329,7 +364,7 @@ def test_qparam_grads_skipped_when_not_needed(backend, device, monkeypatch):
         asked.append(args[8])  # (dy, x, scale, zero_point, qmin, qmax, axis, gf, qparam_grads, act)
         return bwd(*args)
     monkeypatch.setitem(impls, backend, (fwd, spy))
-    x0 = torch.randn(100, device=device)
+    x0 = torch.randn(4097, device=device)  # a tensor size whose kernels other tests compile
     dxs = []
     for s_grad, z_grad in [(False, False), (True, False), (False, True), (True, True)]:
         x = x0.clone().requires_grad_()
@@ -340,7 +375,7 @@ def test_qparam_grads_skipped_when_not_needed(backend, device, monkeypatch):
         dxs.append(x.grad)
     assert asked == [False, True, True, True]
     inside = ((torch.round(x0 / 0.1) + 3 >= 0) & (torch.round(x0 / 0.1) + 3 <= 15)).float()
-    assert 0 < int(inside.sum()) < 100
+    assert 0 < int(inside.sum()) < 4097
     for dx in dxs:
         assert torch.equal(dx, inside)
 
