@@ -633,10 +633,13 @@ __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int3
 
 // epilogue_avx2 with the 16 channels in one 512-bit vector (AVX-512 F / BW): the same float32
 // operations in the same order, so the same values; half the instructions, which matters where
-// K is short (ResNet-20's 16-channel layers, MobileNetV2's 1x1 convs).
+// K is short (ResNet-20's 16-channel layers, MobileNetV2's 1x1 convs). nv < 16 (a last,
+// partial block: MobileNetV2's 24-channel layers) masks the residual loads and the stores;
+// scales and biases are padded to whole blocks.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void epilogue_avx512(
     const ConvArgs& a, const int32_t* acc, int mr, int64_t bi, const int64_t* poff,
-    const int64_t* roff, int64_t co0, const float* sc, const float* bs) {
+    const int64_t* roff, int64_t co0, const float* sc, const float* bs, int nv) {
+  const __mmask16 m = static_cast<__mmask16>((1u << nv) - 1);
   const __m512 s0 = _mm512_loadu_ps(sc), b0 = _mm512_loadu_ps(bs);
   const __m512 zero = _mm512_setzero_ps();
   const __m512 inv = _mm512_set1_ps(a.inv_os);
@@ -646,61 +649,67 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void epilogue_av
   const __m512 rsv = _mm512_set1_ps(a.rs);
   const __m512i rzv = _mm512_set1_epi32(a.rz);
   const bool cl = a.soc == 1;
+  // a's fields as locals: the byte stores below may alias any object (char aliasing), which
+  // made the compiler reload them from a after every store
+  const void* const res = a.res;
+  const at::ScalarType res_t = a.res_t, out_t = a.out_t;
+  void* const out = a.out;
+  const bool relu = a.relu;
+  const int64_t rbase = bi * a.srb + co0;
   alignas(64) float tf[kPT][kCB];
   alignas(64) int32_t tq[kPT][kCB];
   const int64_t obase = bi * a.sob + co0 * a.soc;
   for (int r = 0; r < mr; ++r) {
     const __m512i iv = _mm512_loadu_si512(acc + r * kCB);
     __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(iv), s0), b0);
-    if (a.res) {
-      const int64_t ri = bi * a.srb + co0 + roff[r];
+    if (res) {
+      const int64_t ri = rbase + roff[r];
       __m512 rv;
-      if (a.res_t == at::kFloat) {
-        rv = _mm512_loadu_ps(static_cast<const float*>(a.res) + ri);
+      if (res_t == at::kFloat) {
+        rv = _mm512_maskz_loadu_ps(m, static_cast<const float*>(res) + ri);
       } else {
-        const __m128i b8 = _mm_loadu_si128(
-            reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(a.res) + ri));
-        const __m512i r32 = a.res_t == at::kChar ? _mm512_cvtepi8_epi32(b8)
-                                                 : _mm512_cvtepu8_epi32(b8);
+        const __m128i b8 = _mm_maskz_loadu_epi8(m, static_cast<const uint8_t*>(res) + ri);
+        const __m512i r32 = res_t == at::kChar ? _mm512_cvtepi8_epi32(b8)
+                                               : _mm512_cvtepu8_epi32(b8);
         rv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(r32, rzv)), rsv);
       }
       y = _mm512_add_ps(y, rv);
     }
-    if (a.relu) y = _mm512_max_ps(y, zero);
+    if (relu) y = _mm512_max_ps(y, zero);
     const int64_t o = obase + poff[r];
-    if (a.out_t == at::kFloat) {
+    if (out_t == at::kFloat) {
       if (cl)
-        _mm512_storeu_ps(static_cast<float*>(a.out) + o, y);
+        _mm512_mask_storeu_ps(static_cast<float*>(out) + o, m, y);
       else
         _mm512_store_ps(tf[r], y);
     } else {
       const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), lo), hi);
       const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(t), ozv);  // nearest-even
       if (cl)  // in byte range already: truncating narrow
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(a.out) + o),
-                         _mm512_cvtepi32_epi8(q));
+        _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + o, m, _mm512_cvtepi32_epi8(q));
       else
         _mm512_store_si512(tq[r], q);
     }
   }
   if (cl) return;
-  for (int n = 0; n < kCB; ++n) {
+  for (int n = 0; n < nv; ++n) {
     const int64_t on = obase + n * a.soc;
-    if (a.out_t == at::kFloat) {
-      float* out = static_cast<float*>(a.out) + on;
-      for (int r = 0; r < mr; ++r) out[poff[r]] = tf[r][n];
+    if (out_t == at::kFloat) {
+      float* o = static_cast<float*>(out) + on;
+      for (int r = 0; r < mr; ++r) o[poff[r]] = tf[r][n];
     } else {
-      uint8_t* out = static_cast<uint8_t*>(a.out) + on;
-      for (int r = 0; r < mr; ++r) out[poff[r]] = static_cast<uint8_t>(tq[r][n]);
+      uint8_t* o = static_cast<uint8_t*>(out) + on;
+      for (int r = 0; r < mr; ++r) o[poff[r]] = static_cast<uint8_t>(tq[r][n]);
     }
   }
 }
 
-// The vector epilogue for this CPU.
+// The vector epilogue for this CPU, for nv output channels of the block (all 16 where there
+// is no AVX-512).
 void epilogue_vec(const ConvArgs& a, const int32_t* acc, int mr, int64_t bi,
                   const int64_t* poff, const int64_t* roff, int64_t co0, const float* sc,
-                  const float* bs) {
-  if (cpu_use_vnni()) return epilogue_avx512(a, acc, mr, bi, poff, roff, co0, sc, bs);
+                  const float* bs, int nv) {
+  if (cpu_use_vnni()) return epilogue_avx512(a, acc, mr, bi, poff, roff, co0, sc, bs, nv);
   epilogue_avx2(a, acc, mr, bi, poff, roff, co0, sc, bs);
 }
 #endif
@@ -781,8 +790,8 @@ void conv_tiles(const ConvArgs& a, const T* img, const int32_t* off, const int32
         const float* sc = a.scale + (gb + k) * kCB;
         const float* bs = a.bias + (gb + k) * kCB;
 #if SYNQ_INT_CONV_X86
-        if (vec_epi && nv == kCB) {
-          epilogue_vec(a, acc[k], mr, bi, poff, roff, co0, sc, bs);
+        if (vec_epi && (nv == kCB || cpu_use_vnni())) {
+          epilogue_vec(a, acc[k], mr, bi, poff, roff, co0, sc, bs, nv);
           continue;
         }
 #endif
@@ -1128,8 +1137,8 @@ void dw_epilogue(const ConvArgs& a, const DwWeights& d, const int32_t* acc, int 
                  bool vec_epi) {
   const int nv = static_cast<int>(std::min<int64_t>(kCB, a.C - c0));
 #if SYNQ_INT_CONV_X86
-  if (vec_epi && nv == kCB) {
-    epilogue_vec(a, acc, mr, bi, poff, roff, c0, d.sc.data() + c0, d.bs.data() + c0);
+  if (vec_epi && (nv == kCB || cpu_use_vnni())) {
+    epilogue_vec(a, acc, mr, bi, poff, roff, c0, d.sc.data() + c0, d.bs.data() + c0, nv);
     return;
   }
 #endif
