@@ -68,6 +68,29 @@ def _parse_pair(text):
     return (lo, hi)
 
 
+def _parse_json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as "
+                                         f"'{{\"num_classes\": 100}}', got {text!r} ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as "
+                                         f"'{{\"num_classes\": 100}}', got {text!r}")
+    return value
+
+
+def _parse_shape(text):
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W (such as "
+                                         f"1,28,28), got {text!r}")
+    return shape
+
+
 def _add_dataclass_options(parser, cls, prefix: str, dest_prefix: str, defaults: dict,
                            skip=()):
     hints = typing.get_type_hints(cls)
@@ -111,10 +134,10 @@ def _add_model_options(p):
                    help="'default' (the bundled Fashion-MNIST ResNet-20), a registry name "
                         "(resnet20, resnet18, resnet50, mobilenet_v2; needs --weights), or "
                         "'module:function' returning an nn.Module")
-    g.add_argument("--model-kwargs", default="{}", type=json.loads,
+    g.add_argument("--model-kwargs", default={}, type=_parse_json_object,
                    help="JSON keyword arguments for the registry model or the function")
     g.add_argument("--weights", help="state dict (.safetensors or .pt) to load into the model")
-    g.add_argument("--image-shape", type=lambda t: tuple(int(v) for v in t.split(",")),
+    g.add_argument("--image-shape", type=_parse_shape, metavar="C,H,W",
                    help="C,H,W of one input image (default: the bundled model's, or the test "
                         "set's)")
 
@@ -138,6 +161,9 @@ def load_model(args):
     """(float model in eval mode, model spec for reloading, default image shape or None)."""
     from . import io
     if args.model == "default":
+        if args.weights:  # (they used to be ignored without a word)
+            raise UsageError("--weights is for a registry model or a 'module:function' one "
+                             "(--model); the bundled model comes with its own weights")
         from .assets import DEFAULT_TEACHER, load_default_teacher
         model, meta = load_default_teacher()
         return model, {"source": "bundled", "name": DEFAULT_TEACHER}, tuple(meta["input_size"])
@@ -159,20 +185,53 @@ def load_model(args):
         raise UsageError(f"--model {args.model} returned {type(model).__name__}, not an "
                          f"nn.Module")
     if args.weights:
+        state = _load_state(args.weights)
         try:
-            model.load_state_dict(_load_state(args.weights))
+            model.load_state_dict(state)
         except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+            why, channels = _state_mismatch(model, state)
+            hint = (f"; a {channels}-channel model needs --model-kwargs "
+                    f"'{{\"in_channels\": {channels}}}'" if channels else "")
             raise RuntimeError(f"the weights in {args.weights} do not fit --model {args.model}"
-                               f" (--model-kwargs {json.dumps(args.model_kwargs)}; a "
-                               f"one-channel model, for one, needs "
-                               f"--model-kwargs '{{\"in_channels\": 1}}'): {e}") from e
+                               f" (--model-kwargs {json.dumps(args.model_kwargs)}{hint}): "
+                               f"{why or str(e).strip().splitlines()[0]}") from e
     return model.eval(), spec, None
+
+
+def _state_mismatch(model, state: dict, shown: int = 3) -> tuple[str, int | None]:
+    """One line on how `state` differs from the model's state dict (torch's message lists
+    every key: hundreds of lines for another architecture), and the input channels of the
+    file's first convolution where only they differ from the model's (else None)."""
+    own = model.state_dict()
+
+    def few(items):
+        more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in own if k in state and hasattr(state[k], "shape")
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(items)} {what} ({few(items)})" for what, items in (
+        ("missing key(s)", missing), ("unexpected key(s)", unexpected),
+        ("shape mismatch(es)", shapes)) if items]
+    first = next((k for k, v in own.items() if v.dim() == 4), None)
+    channels = None
+    if first is not None and first in state and hasattr(state[first], "shape"):
+        got, want = tuple(state[first].shape), tuple(own[first].shape)
+        if len(got) == 4 and got[1] != want[1] and got[:1] + got[2:] == want[:1] + want[2:]:
+            channels = got[1]
+    return "; ".join(parts), channels
 
 
 def _load_state(path):
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"weights file {p} does not exist")
+    if not p.is_file():
+        raise ValueError(f"--weights {p} is a folder, not a state dict file (.safetensors or "
+                         f".pt)")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -211,7 +270,11 @@ def load_test_set(args):
         from .data.digits import digits_datasets
         return digits_datasets()[1]
     if ":" in name:
-        return io.call_target(name)
+        data = io.call_target(name)
+        if data is None:  # (it used to read as "no test set")
+            raise ValueError(f"--test-set {name} returned None, not a Dataset or an (x, y) "
+                             f"pair of tensors")
+        return data
     raise UsageError(f"--test-set must be fashion-mnist, digits, none or module:function, "
                      f"got {name!r}")
 
@@ -241,7 +304,13 @@ def _setup_run(out_dir: Path | None, args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out {out_dir} is a file, not a folder")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create the output folder {out_dir}: "
+                          f"{e.strerror or e}") from e
     if out_dir is not None and distributed.is_main():  # one writer of log.txt
         handler = logging.FileHandler(out_dir / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -254,9 +323,16 @@ def _setup_run(out_dir: Path | None, args):
 
 
 def _check_quantizable(model, cfg) -> None:
-    """Fail before any long stage when the model holds a layer the quantizer cannot take."""
+    """Fail before any long stage when the model holds a layer the quantizer cannot take, or
+    has no module named --cam-layer."""
     from .quant import quantize_model
     quantize_model(model, cfg.wbits, cfg.abits)
+    if cfg.use_cam and cfg.cam_layer is not None:
+        names = [n for n, _ in model.named_modules() if n]
+        if cfg.cam_layer not in names:  # (fine-tuning said so only after the synthesis)
+            convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+            raise UsageError(f"--cam-layer {cfg.cam_layer!r} is not a module of the model "
+                             f"(its last convolutions: {', '.join(convs[-3:]) or 'none'})")
 
 
 def _environment(device: str) -> dict:
@@ -300,8 +376,16 @@ def cmd_synthesize(args, model=None, out_file=None):
     cfg = _synth_config(args)
     model = model.to(args.device)
     t0 = time.time()
-    synth.synthesize(model, out_file, shape, config=cfg, device=args.device,
-                     progress=not args.no_progress)
+    saved = synth.synthesize(model, out_file, shape, config=cfg, device=args.device,
+                             progress=not args.no_progress)
+    images = saved.get("images") if isinstance(saved, dict) else None
+    bad = 0 if images is None else sum(  # in chunks: the set may be gigabytes
+        int((~torch.isfinite(c).flatten(1).all(1)).sum()) for c in images.split(256))
+    if bad:  # (it used to be saved as a finished set, to fail in fine-tuning)
+        raise FloatingPointError(
+            f"synthesis diverged: {bad} of {len(images)} images in {out_file} hold "
+            f"inf / NaN; lower --synth-lr (now {cfg.lr:g}) or keep --synth-keep-best, and "
+            f"delete {out_file} (or choose another --out) before running again")
     log.info("synthetic set: %s (%d images, %.0f s)", out_file, cfg.num_images, time.time() - t0)
     return out_file
 
@@ -337,6 +421,8 @@ def cmd_finetune(args, model=None, spec=None, data=None, test_set=None, out_dir=
                              f"({type(e).__name__}: {e})") from e
         out_dir = Path(args.out)
         _guard_out_dir(out_dir, args.resume, ("checkpoint.pt", "model.json"))
+        if args.resume:
+            _check_resume(out_dir, ft_cfg=_finetune_config(args))
         _setup_run(out_dir, args)
     cfg = _finetune_config(args)
     t0 = time.time()
@@ -350,6 +436,40 @@ def cmd_finetune(args, model=None, spec=None, data=None, test_set=None, out_dir=
     if standalone and result.top1 is not None and distributed.is_main():
         print(f"quantized top-1 {result.top1:.2f}% (top-5 {result.top5:.2f}%, n={result.n})")
     return result
+
+
+def _flag(key: str, prefix: str = "") -> str:
+    return "--" + ("" if key in ("seed", "backend") else prefix) + key.replace("_", "-")
+
+
+def _check_resume(out_dir: Path, synth_cfg=None, ft_cfg=None) -> None:
+    """With --resume: refuse at once, naming the options, when the files in --out were written
+    with other settings than this command line's. (Synthesis found out only after the float
+    evaluation and printed two whole config dicts; fine-tuning only after the synthesis, with
+    "its config differs; delete it or pass resume=False", a Python argument.)"""
+    import zipfile
+
+    from .synth import _config_dict
+    checks = []
+    if synth_cfg is not None:
+        checks.append((out_dir / "synthetic.pt", _config_dict(synth_cfg), "synth-"))
+    if ft_cfg is not None:
+        checks.append((out_dir / "checkpoint.pt", ft_cfg.to_dict(), ""))
+    for path, now, prefix in checks:
+        if not path.is_file():
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False,
+                               mmap=zipfile.is_zipfile(path))
+            then = saved["meta"]["config"]
+        except Exception:  # noqa: BLE001 - unreadable: the stage itself says what is wrong
+            continue
+        diffs = [f"{_flag(k, prefix)} {then.get(k)!r} then, {v!r} now"
+                 for k, v in now.items() if then.get(k) != v]
+        if diffs:
+            raise UsageError(f"--resume: {path} was written with other options ("
+                             f"{'; '.join(diffs)}): resume with the options it was written "
+                             f"with, or choose another --out")
 
 
 def _guard_out_dir(out_dir: Path, resume: bool, markers) -> None:
@@ -369,6 +489,8 @@ def cmd_quantize(args):
     _check_quantizable(model, _finetune_config(args))
     test_set = load_test_set(args)
     args._image_shape = _image_shape(args, default_shape, test_set, model)
+    if args.resume:
+        _check_resume(out_dir, _synth_config(args), _finetune_config(args))
     model = model.to(args.device)
     fp = evaluate(model, test_set, args.device) if test_set is not None else None
     if fp:
@@ -416,9 +538,15 @@ def cmd_evaluate(args):
     from .evaluate import evaluate
     from .io import load_quantized
     if args.quantized:
-        model = load_quantized(args.quantized, device=args.device)
+        path = Path(args.quantized)
+        if (path / "int_model.json").is_file() and not (path / "model.json").is_file() \
+                or path.name == "int_model.json":  # a folder written by `synq export`
+            from .deploy import load_int
+            model, name = load_int(path, device=args.device), "integer (exported)"
+        else:
+            model, name = load_quantized(path, device=args.device), "quantized"
         # the default test set follows the saved model, not --model (as in cmd_export)
-        args.model, name = _saved_model_kind(model.meta), "quantized"
+        args.model = _saved_model_kind(model.meta)
     test_set = load_test_set(args)
     if test_set is None:
         raise UsageError("evaluate needs a test set (--test-set)")
@@ -470,7 +598,9 @@ def cmd_export(args):
         int_model = export(qmodel, weight_format=args.weight_format, input_range=input_range)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    out = Path(args.out) if args.out else Path(args.quantized) / "int"
+    folder = Path(args.quantized)
+    folder = folder if folder.is_dir() else folder.parent  # (a folder or its model.json)
+    out = Path(args.out) if args.out else folder / "int"
     save_int(int_model, out)
     log.info("integer model written to %s (reload with synq.deploy.load_int)", out)
     args.model = _saved_model_kind(qmodel.meta)
@@ -536,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="top-1 / top-5 on a test set")
     _add_model_options(e), _add_test_options(e), _add_run_options(e)
-    e.add_argument("--quantized", help="folder of a saved quantized model (else the float model)")
+    e.add_argument("--quantized", help="folder of a saved quantized model, or of its integer "
+                                       "export (`synq export`); else the float model")
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="export a saved quantized model to integer kernels")
@@ -553,12 +684,64 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="run the kernel benchmarks")
-    b.add_argument("--quick", action="store_true")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--out", default="benchmarks/results")
-    b.add_argument("--only", default=None)
+    b.add_argument("--quick", action="store_true", help="smaller sizes (CPU: under 5 minutes)")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
+    b.add_argument("--out", default="benchmarks/results",
+                   help="folder for the CSV / markdown tables (default: %(default)s)")
+    b.add_argument("--only", default=None, metavar="FAMILY",
+                   help="run one family (int_gemm, inference, train, fake_quant, lowpass, ...)")
     b.set_defaults(func=cmd_bench)
     return p
+
+
+# An option that does nothing once its component is switched off: giving both is a mistake
+# (`--no-cam --lambda-cam 5` used to run without CAM and without a word).
+_NEEDS = {
+    "ft_use_cam": ("--no-cam", ("lambda_cam", "cam_layer", "cam_eps")),
+    "ft_use_lowpass": ("--no-lowpass", ("d0", "lowpass_mask")),
+    "ft_use_hard_soft_labels": ("--no-hard-soft-labels", ("tau",)),
+    "ft_feature_attention": ("--no-feature-attention", ("fa_weight",)),
+    "ft_difficulty_promotion": ("--no-difficulty-promotion", ("dp_eps",)),
+    "ft_augment": ("--no-augment", ("crop_scale",)),
+    "synth_augment": ("--no-synth-augment", ("aug_prob", "crop_scale")),
+    "synth_lbns": ("--no-synth-lbns", ("centre_steps", "centre_ce_weight",
+                                       "centre_early_weight", "centre_late_weight",
+                                       "lbns_bns_weight", "lbns_ce_weight", "lbns_weight")),
+}
+
+
+def _check_conflicts(args) -> None:
+    from .finetune import FinetuneConfig
+    from .synth import SynthConfig
+    for switch, (off_flag, names) in _NEEDS.items():
+        if not hasattr(args, switch) or getattr(args, switch):
+            continue
+        synth = switch.startswith("synth_")
+        cls, defaults = (SynthConfig, QUICK_SYNTH) if synth else (FinetuneConfig, QUICK_FINETUNE)
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name in names:
+            value = getattr(args, ("synth_" if synth else "ft_") + name)
+            if value != defaults.get(name, fields[name]):
+                flag = _flag(name, "synth-" if synth else "")
+                raise UsageError(f"{flag} has no effect with {off_flag}: drop one of them")
+
+
+def _validate_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and distributed.env_world_size() == 1:
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no CUDA GPU here "
+                             f"(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} "
+                             f"CUDA GPU(s) here (cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1})")
 
 
 def _validate_options(args) -> None:
@@ -574,11 +757,24 @@ def _validate_options(args) -> None:
                                          skip=("seed", "backend", "d0")), d0=d0).validate()
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
+    if hasattr(args, "ft_momentum") and not 0.0 <= args.ft_momentum < 1.0:
+        raise UsageError(f"--momentum must lie in [0, 1), got {args.ft_momentum!r}")
+    _check_conflicts(args)
+    if hasattr(args, "seed") and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be an integer from 0 to 2^64 - 1, got {args.seed}")
     device = getattr(args, "device", None)
-    if isinstance(device, str) and device.startswith("cuda") and \
-            not torch.cuda.is_available() and distributed.env_world_size() == 1:
-        raise UsageError(f"--device {device}: torch sees no CUDA GPU here "
-                         f"(torch.cuda.is_available() is False); use --device cpu")
+    if isinstance(device, str):
+        _validate_device(device)
+        backend = getattr(args, "backend", None)
+        if backend is not None:  # (it failed only when the fine-tuning started)
+            import synq_kernels
+            from synq_kernels.backends import unavailable_reason
+            kind = torch.device(device).type
+            for op in ("fake_quant", "lowpass"):
+                if backend not in synq_kernels.available_backends(op, kind):
+                    why = unavailable_reason(backend, kind) or f"it has no {op} kernel"
+                    raise UsageError(f"--backend {backend} cannot run on --device {device}: "
+                                     f"{why}")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {args.threads}")
     world = distributed.env_world_size()
@@ -610,8 +806,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         parser.error(str(e) + where)  # exits 2
     except KeyboardInterrupt:
-        print("\nsynq: interrupted; run the same command with --resume to continue",
-              file=sys.stderr)
+        how = {"quantize": "; run the same command with --resume to continue",
+               "finetune": "; run the same command with --resume to continue",
+               "synthesize": "; run the same command again to continue (it resumes from --out)",
+               }.get(args.command, "")  # (the others have nothing to resume, nor --resume)
+        print(f"\nsynq: interrupted{how}", file=sys.stderr)
         return 130
     except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError,
             FloatingPointError) as e:

@@ -43,10 +43,18 @@ def call_target(target: str, kwargs: dict | None = None):
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise ValueError(f"cannot import module {mod_name!r} of {target!r}: {e}") from e
+    except Exception as e:  # a module that fails while it runs (SyntaxError, NameError, ...)
+        raise ValueError(f"importing module {mod_name!r} of {target!r} failed: "
+                         f"{type(e).__name__}: {e}") from e
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"{target!r}: module {mod_name!r} has no callable {fn_name!r}")
-    return fn(**(kwargs or {}))
+    try:
+        return fn(**(kwargs or {}))
+    except (OSError, ValueError, TypeError, RuntimeError):
+        raise  # the kinds a caller expects of a loader (`synq` prints them in one line)
+    except Exception as e:  # the user's code failed otherwise (KeyError, AttributeError, ...)
+        raise RuntimeError(f"{target} raised {type(e).__name__}: {e}") from e
 
 
 def save_quantized(model: nn.Module, out_dir, model_spec: dict, extra: dict | None = None) -> Path:
@@ -68,11 +76,20 @@ def write_saved(out_dir, stem: str, state: dict, meta: dict) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = out / f"{stem}.safetensors.tmp"
     save_file(state, str(tmp))
+    # safetensors creates its file readable by the owner alone (0600); give it the mode of
+    # any other file written here (0666 less the umask), as the JSON beside it has
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out / f"{stem}.safetensors")
     tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     os.replace(tmp, out / f"{stem}.json")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_saved(path, stem: str, fmt: str, writer: str, device="cpu") -> tuple[dict, dict]:
@@ -84,6 +101,10 @@ def read_saved(path, stem: str, fmt: str, writer: str, device="cpu") -> tuple[di
     p = Path(path)
     if not p.exists():  # (its parent would be searched otherwise, and named in the error)
         raise FileNotFoundError(f"{p} does not exist: expected a folder written by {writer}")
+    if not p.is_dir() and p.name not in (f"{stem}.json", f"{stem}.safetensors"):
+        # (its parent folder would be read otherwise, and a file missing there named)
+        raise ValueError(f"{p} is a file, not a folder written by {writer} (give the folder, "
+                         f"or its {stem}.json)")
     folder = p if p.is_dir() else p.parent
     meta_path, weights = folder / f"{stem}.json", folder / f"{stem}.safetensors"
     for f in (meta_path, weights):

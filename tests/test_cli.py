@@ -42,11 +42,18 @@ TEACHER_MODULE = textwrap.dedent('''
 
     def not_a_model():
         return 42
+
+    def raises_key_error(**kwargs):
+        raise KeyError("no such checkpoint entry")
+
+    def returns_none():
+        return None
 ''')
 
 FT_TINY = ["--image-shape", "1,8,8", "--epochs", "2", "--calib-epochs", "1",
            "--iters-per-epoch", "4", "--batch-size", "32", "--no-progress", "--device", "cpu"]
-TINY = FT_TINY + ["--synth-num-images", "64", "--synth-batch-size", "32", "--synth-steps", "10"]
+SYNTH_TINY = ["--synth-num-images", "64", "--synth-batch-size", "32", "--synth-steps", "10"]
+TINY = FT_TINY + SYNTH_TINY
 
 
 @pytest.fixture
@@ -88,12 +95,36 @@ def test_every_hyper_parameter_is_an_option():
     (["quantize", "--wbits", "four"], "invalid int value"),
     (["quantize", "--backend", "gpu"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
+    # found late (after the float evaluation) or not at all, before
+    (["quantize", "--seed", "-1"], "--seed must be"),
+    (["quantize", "--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+    (["quantize", "--device", "meta"], "--device must be cpu, cuda or cuda:N"),
+    (["quantize", "--momentum", "1"], "--momentum must lie in [0, 1)"),
+    (["quantize", "--model-kwargs", "[1]"], "expected a JSON object"),
+    (["quantize", "--model-kwargs", "{bad"], "expected a JSON object"),
+    (["quantize", "--image-shape", "1,28"], "expected three positive integers C,H,W"),
+    (["quantize", "--image-shape", "1,0,28"], "expected three positive integers C,H,W"),
+    # an option of a component that is switched off used to be ignored without a word
+    (["quantize", "--no-cam", "--lambda-cam", "5"], "--lambda-cam has no effect with --no-cam"),
+    (["quantize", "--no-lowpass", "--d0", "5"], "--d0 has no effect with --no-lowpass"),
+    (["quantize", "--fa-weight", "5"], "--fa-weight has no effect with --no-feature-attention"),
+    (["synthesize", "--synth-aug-prob", "0.9"],
+     "--synth-aug-prob has no effect with --no-synth-augment"),
 ])
 def test_bad_option_values_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_backend_that_cannot_run_on_the_device_exits_2(capsys):
+    """It used to fail (exit 1) only when fine-tuning started, after the synthesis."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--backend", "cuda", "--device", "cpu"])
+    assert e.value.code == 2 and "--backend cuda cannot run on --device cpu" in \
+        capsys.readouterr().err
 
 
 def test_missing_synthetic_file_exits_1(tmp_path, digits_module, capsys):
@@ -116,6 +147,110 @@ def test_missing_weights_and_bad_model(tmp_path, digits_module, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["evaluate", "--model", "resnet20", "--test-set", "digits"])
     assert e.value.code == 2 and "--weights" in capsys.readouterr().err
+
+
+def test_user_functions_that_fail(tmp_path, digits_module, monkeypatch, capsys):
+    """--model / --test-set functions that raise anything print one line naming the function
+    (a KeyError used to end in a traceback); one that returns None is not 'no test set'; a
+    module that fails on import is named."""
+    monkeypatch.setattr(cli.log, "handlers", [])
+    assert cli.main(["evaluate", "--model", f"{digits_module}:raises_key_error",
+                     "--test-set", "digits"]) == 1
+    err = capsys.readouterr().err
+    assert f"{digits_module}:raises_key_error raised KeyError" in err and "Traceback" not in err
+    assert cli.main(["evaluate", "--model", f"{digits_module}:model",
+                     "--test-set", f"{digits_module}:returns_none"]) == 1
+    assert "returns_none returned None" in capsys.readouterr().err
+    (tmp_path / "broken_module.py").write_text("x = undefined_name\n")
+    assert cli.main(["evaluate", "--model", "broken_module:f", "--test-set", "digits"]) == 1
+    err = capsys.readouterr().err
+    assert "importing module 'broken_module'" in err and "NameError" in err
+
+
+def test_weights_errors_are_short_and_exact(tmp_path, capsys):
+    """--weights with the bundled model used to be ignored; a state dict of another
+    architecture printed every key (hundreds of lines); a folder 'did not exist'."""
+    from synq.models import resnet20
+    sd = tmp_path / "sd.pt"
+    torch.save(resnet20(10, 1).state_dict(), sd)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--weights", str(sd), "--test-set", "digits"])
+    assert e.value.code == 2 and "the bundled model comes with its own" in \
+        capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4, 2))
+               .state_dict(), other)
+    assert cli.main(["evaluate", "--model", "resnet20", "--weights", str(other),
+                     "--test-set", "digits"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "missing key(s) (conv1.weight" in err and "in all)" in err
+    assert "4 unexpected key(s) (0.weight" in err and "in_channels" not in err
+    assert cli.main(["evaluate", "--model", "resnet20", "--weights", str(sd),
+                     "--test-set", "digits"]) == 1  # only the input channels differ
+    err = capsys.readouterr().err
+    assert "1 shape mismatch(es) (conv1.weight (16, 1, 3, 3) in the file" in err
+    assert """'{"in_channels": 1}'""" in err
+    assert cli.main(["evaluate", "--model", "resnet20", "--weights", str(tmp_path),
+                     "--test-set", "digits"]) == 1
+    assert "is a folder, not a state dict file" in capsys.readouterr().err
+
+
+def test_unknown_cam_layer_fails_before_synthesis(tmp_path, digits_module, monkeypatch,
+                                                  capsys):
+    import synq.synth
+
+    def never(*a, **k):
+        raise AssertionError("synthesis ran")
+
+    monkeypatch.setattr(synq.synth, "synthesize", never)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--model", f"{digits_module}:model", "--test-set", "none",
+                  "--cam-layer", "nosuch", "--out", str(tmp_path / "r")] + TINY)
+    assert e.value.code == 2 and "--cam-layer 'nosuch' is not a module" in \
+        capsys.readouterr().err
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, digits_module, capsys):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--model", f"{digits_module}:model", "--test-set", "none",
+                  "--out", str(tmp_path / "f")] + TINY)
+    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_diverged_synthesis_exits_1(tmp_path, digits_module, monkeypatch, capsys):
+    """NaN images used to be saved as a finished set (exit 0), to fail later in fine-tuning."""
+    import synq.synth
+    monkeypatch.setattr(synq.synth, "synthesize", lambda *a, **k: {
+        "images": torch.full((4, 1, 8, 8), float("nan")), "labels": torch.zeros(4)})
+    monkeypatch.setattr(cli.log, "handlers", [])
+    assert cli.main(["synthesize", "--model", f"{digits_module}:model", "--image-shape",
+                     "1,8,8", "--out", str(tmp_path / "s.pt")] + SYNTH_TINY) == 1
+    assert "synthesis diverged: 4 of 4 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,hint", [("synthesize", "run the same command again"),
+                                          ("evaluate", None)])
+def test_interrupt_message_fits_the_command(command, hint, tmp_path, digits_module,
+                                            monkeypatch, capsys):
+    """`synq synthesize` has no --resume (it resumes by itself), evaluate nothing to resume:
+    the message used to tell both to add --resume."""
+    import synq.evaluate
+    import synq.synth
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synq.synth, "synthesize", interrupted)
+    monkeypatch.setattr(synq.evaluate, "evaluate", interrupted)
+    argv = {"synthesize": ["--image-shape", "1,8,8", "--out", str(tmp_path / "s.pt")]
+                          + SYNTH_TINY,
+            "evaluate": ["--test-set", "digits"]}[command]
+    assert cli.main([command, "--model", f"{digits_module}:model"] + argv) == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "interrupted" in err
+    assert hint is None or hint in err
 
 
 def test_model_that_cannot_be_quantized(tmp_path, monkeypatch, capsys):
@@ -143,6 +278,9 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     assert summary["quantized"]["top1"] > 50, summary["quantized"]  # chance is 10%
     for name in ("model.safetensors", "model.json", "log.txt", "synthetic.pt", "checkpoint.pt"):
         assert (out / name).is_file(), name
+    # the weights as readable as the JSON beside them (safetensors wrote them 0600)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == \
+        (out / "model.json").stat().st_mode & 0o777
     assert summary["environment"]["torch"] == torch.__version__
 
     # the saved model reloads with one call and gives the reported accuracy
@@ -162,6 +300,14 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     assert cli.main(argv + ["--resume"]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["quantized"]["top1"] == summary["quantized"]["top1"]
+    # ... but not with other options: at once, naming them (it used to fail after the float
+    # evaluation printing two config dicts, or after the synthesis saying "resume=False")
+    for extra, message in ((["--lr", "1e-4"], "--lr 3e-05 then, 0.0001 now"),
+                           (["--synth-steps", "11"], "--synth-steps 10 then, 11 now")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv + ["--resume"] + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
 
     # the stage commands read and write the same files
     assert cli.main(["evaluate", "--quantized", str(out), "--test-set",
@@ -185,6 +331,20 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["export", "--quantized", str(out), "--input-range", "zero"])
     assert e.value.code == 2
+    # the exported model evaluates like the saved one (it used to be "model.json is missing")
+    assert cli.main(["evaluate", "--quantized", str(out / "int"), "--test-set",
+                     f"{digits_module}:test_set"]) == 0
+    assert f"| integer (exported) | {report['integer']['top1']:.2f} |" in \
+        capsys.readouterr().out
+    # --quantized DIR/model.json exports to DIR/int (it used to try DIR/model.json/int)
+    import shutil
+    shutil.rmtree(out / "int")
+    assert cli.main(["export", "--quantized", str(out / "model.json")]) == 0
+    assert (out / "int" / "int_model.json").is_file()
+    # another file than the model's: named (it used to name a missing DIR/model.json)
+    assert cli.main(["evaluate", "--quantized", str(out / "synthetic.pt"),
+                     "--test-set", "digits"]) == 1
+    assert "synthetic.pt is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
