@@ -294,6 +294,16 @@ def _image_shape(args, default, test_set, model):
     why = channel_mismatch(model, shape)
     if why:
         raise UsageError(why)
+    if test_set is not None and (args.image_shape or default):
+        try:
+            seen = tuple(test_set[0][0].shape)
+        except Exception:  # noqa: BLE001 - a test set without indexing: nothing to compare
+            seen = shape
+        if seen != shape:  # (e.g. the bundled 28x28 model on --test-set digits, 8x8)
+            log.warning("warning: the test set's images are %s but the synthetic ones will be "
+                        "%s (%s): is --test-set the model's?", ",".join(map(str, seen)),
+                        ",".join(map(str, shape)),
+                        "--image-shape" if args.image_shape else "the bundled model's")
     return shape
 
 
@@ -370,6 +380,9 @@ def cmd_synthesize(args, model=None, out_file=None):
         test_set = None if args.image_shape or default_shape else load_test_set(args)
         shape = _image_shape(args, default_shape, test_set, model)
         out_file = Path(args.out)
+        if out_file.is_dir():
+            raise UsageError(f"--out {out_file} is a folder: synthesize writes one file "
+                             f"(such as {out_file / 'synthetic.pt'})")
         _setup_run(out_file.parent, args)
     else:
         shape = args._image_shape
@@ -409,6 +422,9 @@ def cmd_finetune(args, model=None, spec=None, data=None, test_set=None, out_dir=
         model, spec, _ = load_model(args)
         test_set = load_test_set(args)
         data = Path(args.data)
+        if data.is_dir():
+            raise ValueError(f"--data {data} is a folder: give the synthetic set file in it "
+                             f"(`synq quantize` writes synthetic.pt)")
         if not data.is_file():
             raise FileNotFoundError(f"synthetic set {data} does not exist (make it with "
                                     f"`synq synthesize`)")

@@ -219,6 +219,35 @@ def test_out_that_is_a_file_exits_2(tmp_path, digits_module, capsys):
     assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
 
 
+def test_folders_where_files_are_expected(tmp_path, digits_module, capsys):
+    """`synthesize --out DIR` said "[Errno 21] Is a directory", `finetune --data DIR` that DIR
+    "does not exist"."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["synthesize", "--model", f"{digits_module}:model", "--image-shape", "1,8,8",
+                  "--out", str(tmp_path)] + SYNTH_TINY)
+    assert e.value.code == 2 and "synthesize writes one file" in capsys.readouterr().err
+    assert cli.main(["finetune", "--model", f"{digits_module}:model", "--data", str(tmp_path),
+                     "--out", str(tmp_path / "o")] + FT_TINY) == 1
+    assert "is a folder: give the synthetic set file" in capsys.readouterr().err
+
+
+def test_test_set_of_another_image_shape_is_warned(digits_module, caplog):
+    """--image-shape (or the bundled model's 28x28) and a test set of other images (digits,
+    8x8) ran on without a word, to a chance-level accuracy."""
+    from digits_teacher import model
+    from synq.data.digits import digits_datasets
+    args = cli.build_parser().parse_args(["quantize", "--image-shape", "1,28,28"])
+    with caplog.at_level("WARNING", logger="synq"):
+        assert cli._image_shape(args, None, digits_datasets()[1], model()) == (1, 28, 28)
+    assert "the test set's images are 1,8,8 but the synthetic ones will be 1,28,28" in \
+        caplog.text
+    caplog.clear()
+    args = cli.build_parser().parse_args(["quantize", "--image-shape", "1,8,8"])
+    with caplog.at_level("WARNING", logger="synq"):
+        cli._image_shape(args, None, digits_datasets()[1], model())
+    assert "warning" not in caplog.text
+
+
 def test_diverged_synthesis_exits_1(tmp_path, digits_module, monkeypatch, capsys):
     """NaN images used to be saved as a finished set (exit 0), to fail later in fine-tuning."""
     import synq.synth
