@@ -598,6 +598,11 @@ def cmd_export(args):
     from .deploy import export, save_int
     from .evaluate import evaluate
     from .io import load_quantized
+    folder = Path(args.quantized)
+    folder = folder if folder.is_dir() else folder.parent  # (a folder or its model.json)
+    out = Path(args.out) if args.out else folder / "int"
+    if out.exists() and not out.is_dir():  # (found only after the export, as "[Errno 17]")
+        raise UsageError(f"--out {out} is a file, not a folder")
     qmodel = load_quantized(args.quantized, device=args.device)
     if args.input_range is not None:
         try:
@@ -614,9 +619,6 @@ def cmd_export(args):
         int_model = export(qmodel, weight_format=args.weight_format, input_range=input_range)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    folder = Path(args.quantized)
-    folder = folder if folder.is_dir() else folder.parent  # (a folder or its model.json)
-    out = Path(args.out) if args.out else folder / "int"
     save_int(int_model, out)
     log.info("integer model written to %s (reload with synq.deploy.load_int)", out)
     args.model = _saved_model_kind(qmodel.meta)

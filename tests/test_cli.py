@@ -370,6 +370,9 @@ def test_quantize_end_to_end_on_digits(tmp_path, digits_module, capsys):
     shutil.rmtree(out / "int")
     assert cli.main(["export", "--quantized", str(out / "model.json")]) == 0
     assert (out / "int" / "int_model.json").is_file()
+    with pytest.raises(SystemExit) as e:  # (it failed after the export, "[Errno 17]")
+        cli.main(["export", "--quantized", str(out), "--out", str(out / "model.json")])
+    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     # another file than the model's: named (it used to name a missing DIR/model.json)
     assert cli.main(["evaluate", "--quantized", str(out / "synthetic.pt"),
                      "--test-set", "digits"]) == 1
