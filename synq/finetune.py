@@ -562,7 +562,8 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
         for key in ("format", "config", "teacher", "data"):
             if ckpt["meta"].get(key) != meta[key]:
                 raise ValueError(f"checkpoint {ckpt_path} belongs to another run (its {key} "
-                                 f"differs); delete it or pass resume=False")
+                                 f"differs); delete it, or start without resuming "
+                                 f"(resume=False; on the command line, no --resume)")
         student.load_state_dict(ckpt["student"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
