@@ -684,24 +684,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void epilogue_av
     if (relu) y = _mm512_max_ps(y, zero);
     const int64_t o = obase + poff[r];
     if (out_t == at::kFloat) {
-      if (cl)
-        if (part)
-          _mm512_mask_storeu_ps(static_cast<float*>(out) + o, m, y);
-        else
-          _mm512_storeu_ps(static_cast<float*>(out) + o, y);
-      else
+      if (!cl)
         _mm512_store_ps(tf[r], y);
+      else if (part)
+        _mm512_mask_storeu_ps(static_cast<float*>(out) + o, m, y);
+      else
+        _mm512_storeu_ps(static_cast<float*>(out) + o, y);
     } else {
       const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), lo), hi);
       const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(t), ozv);  // nearest-even
-      if (cl)  // in byte range already: truncating narrow
-        if (part)
-          _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + o, m, _mm512_cvtepi32_epi8(q));
-        else
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + o),
-                           _mm512_cvtepi32_epi8(q));
-      else
+      if (!cl)
         _mm512_store_si512(tq[r], q);
+      else if (part)  // in byte range already: truncating narrow
+        _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + o, m, _mm512_cvtepi32_epi8(q));
+      else
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + o),
+                         _mm512_cvtepi32_epi8(q));
     }
   }
   if (cl) return;
