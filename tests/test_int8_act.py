@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import synq_kernels as sk
+from portable import run_portable
 
 TRITON_CPU = "triton" in sk.available_backends("int_mm", "cpu")
 GPU = torch.cuda.is_available() and "triton" in sk.available_backends("int_mm", "cuda")
@@ -174,15 +175,8 @@ def test_max_pool2d_int8_cpu_layouts():
 @NEEDS_CPU_POOL
 def test_max_pool2d_int8_cpu_portable(tmp_path):
     """The scalar code (SYNQ_CPU_PORTABLE=1, read once per process) on the same cases."""
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, SYNQ_CPU_PORTABLE="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"--basetemp={tmp_path / 'child'}", __file__, "-k",
-                        "max_pool2d_int8_cpu_layouts or max_pool2d_int8_matches_torch and cpu-cpu"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    run_portable(__file__, "max_pool2d_int8_cpu_layouts or max_pool2d_int8_matches_torch "
+                 "and cpu-cpu", tmp_path, passed=2)
 
 
 def test_max_pool2d_int8_bad_input():

@@ -7,6 +7,7 @@ import torch
 import synq_kernels as sk
 from synq_kernels.ops import quantize as Q
 from synq_kernels.reference import quantize as R
+from portable import run_portable
 
 needs_cpu = pytest.mark.skipif(not Q._has_kernel(), reason="synq_kernels._C not built")
 EPS = 1e-8
@@ -89,12 +90,4 @@ def test_reference_is_the_exporters_steps():
 @needs_cpu
 def test_portable_kernel(tmp_path):
     """The scalar code (SYNQ_CPU_PORTABLE=1, read once per process) gives the same bits."""
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, SYNQ_CPU_PORTABLE="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"--basetemp={tmp_path / 'child'}", __file__, "-k",
-                        "bit_for_bit or half_to_even"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    run_portable(__file__, "bit_for_bit or half_to_even", tmp_path, passed=2)

@@ -3,12 +3,9 @@ F.conv2d, channels-last and NCHW."""
 import torch, time, synq_kernels as sk
 import torch.nn.functional as F
 torch.set_num_threads(1)
+from _timing import median_us  # noqa: E402
 def t(f, n=30):
-    for _ in range(3): f()
-    ts=[]
-    for _ in range(n):
-        s=time.perf_counter(); f(); ts.append(time.perf_counter()-s)
-    return sorted(ts)[len(ts)//2]*1e6
+    return median_us(f, n)
 g=torch.Generator().manual_seed(0)
 for (c,hw,s) in [(32,112,1),(96,112,2),(144,56,1),(144,56,2),(192,28,1),(384,14,1),(576,14,1),(960,7,1)]:
     w = torch.randint(-127,127,(c,1,3,3),dtype=torch.int8, generator=g)

@@ -3,12 +3,9 @@
 import torch, time, synq_kernels as sk
 import torch.nn.functional as F
 torch.set_num_threads(1)
+from _timing import median_us  # noqa: E402
 def t(f, n=30):
-    for _ in range(3): f()
-    ts=[]
-    for _ in range(n):
-        s=time.perf_counter(); f(); ts.append(time.perf_counter()-s)
-    return sorted(ts)[len(ts)//2]*1e6
+    return median_us(f, n)
 for B in (1, 32):
     x = torch.randint(-128,127,(B,64,112,112),dtype=torch.int8).contiguous(memory_format=torch.channels_last)
     print(B, "float path us", t(lambda: F.max_pool2d(x.float(),3,2,1).to(torch.int8), 5 if B>1 else 30), "cpu kernel us", t(lambda: sk.max_pool2d_int8(x,3,2,1)))

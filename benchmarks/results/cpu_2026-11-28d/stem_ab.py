@@ -5,12 +5,9 @@ import sys, time
 root=sys.argv[1]; sys.path.insert(0, root)
 import torch, synq_kernels as sk
 torch.set_num_threads(1)
+from _timing import median_us  # noqa: E402
 def t(f, n=15):
-    for _ in range(2): f()
-    ts=[]
-    for _ in range(n):
-        s=time.perf_counter(); f(); ts.append(time.perf_counter()-s)
-    return sorted(ts)[len(ts)//2]*1e3
+    return median_us(f, n, warm=2) / 1e3
 g=torch.Generator().manual_seed(0)
 out=[]
 for (B,cin,cout,k,s,p,hw) in [(256,1,16,3,1,1,28),(1,3,64,7,2,3,224),(1,3,32,3,2,1,224)]:

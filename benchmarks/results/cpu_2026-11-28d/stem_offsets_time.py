@@ -3,12 +3,9 @@ weight offsets (W8A8 rows beyond int8: the window sums): python stem_offsets_tim
 import sys, time
 import torch, synq_kernels as sk
 torch.set_num_threads(1)
+from _timing import median_us  # noqa: E402
 def t(f, n=7):
-    for _ in range(2): f()
-    ts=[]
-    for _ in range(n):
-        s=time.perf_counter(); f(); ts.append(time.perf_counter()-s)
-    return sorted(ts)[len(ts)//2]*1e3
+    return median_us(f, n, warm=2) / 1e3
 g=torch.Generator().manual_seed(0)
 B=int(sys.argv[1]); reps=int(sys.argv[2]) if len(sys.argv)>2 else 0
 for (cin,cout,k,s,p,hw) in [(3,64,7,2,3,224)]:
