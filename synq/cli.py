@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, distributed
+from .filters import PAPER_D0, PAPER_SIZE, scaled_d0
 
 log = logging.getLogger("synq")
 
@@ -43,7 +44,6 @@ log = logging.getLogger("synq")
 QUICK_SYNTH = {"num_images": 512, "batch_size": 256, "steps": 200}
 QUICK_FINETUNE = {"epochs": 34, "calib_epochs": 1, "iters_per_epoch": 24, "batch_size": 64,
                   "lr": 3e-5, "d0": None}
-PAPER_D0, PAPER_SIZE = 80.0, 224  # SynQ's Gaussian cut-off at ImageNet resolution
 
 
 class UsageError(Exception):
@@ -411,7 +411,7 @@ def _finetune_config(args, image_shape=None):
     d0 = args.ft_d0
     if d0 is None:
         shape = image_shape or getattr(args, "_image_shape", None)
-        d0 = PAPER_D0 * min(shape[-2:]) / PAPER_SIZE if shape else PAPER_D0
+        d0 = scaled_d0(shape) if shape else PAPER_D0
     return dataclasses.replace(cfg, seed=args.seed, backend=args.backend, d0=float(d0))
 
 

@@ -1,13 +1,16 @@
 """Synthesis-aware fine-tuning of a quantized model (METHOD.md sections 3 and 4).
 
 Per batch: augmentation (random-resized-crop, flip), the low-pass filter
-(`synq_kernels.lowpass`), then
+(`synq_kernels.lowpass`; `d0=None` scales SynQ's 80 at 224 px to the images' size,
+`filters.scaled_d0`), then
 
     L = KD(S, T) + lambda_ce * CE_easy(S, y) + lambda_cam * MSE(CAM_S, CAM_T)
         [+ fa_weight * feature attention] [+ the same on x + eps * sign(grad_x L)]
 
 with KD on every sample, CE averaged over the easy samples only (delta = 1 - p_T(y) < tau),
-and Grad-CAM maps of both models at the last convolution with spatial extent above 1x1. Each
+and Grad-CAM maps of both models at the rectified output of the last convolution with spatial
+extent above 1x1 (`find_cam_layer`: for a ResNet the last block's final ReLU, after the
+residual add; the raw conv output did much worse, see there). Each
 SynQ component has its own switch (`use_lowpass`, `use_cam`, `use_hard_soft_labels`; with the
 last off, CE covers every sample), so an ablation is one flag each.
 
@@ -113,7 +116,7 @@ class FinetuneConfig:
     flip: bool = True
     # SynQ component 1: low-pass filter
     use_lowpass: bool = True
-    d0: float = 80.0
+    d0: float | None = None               # None: filters.scaled_d0 (80 at 224 px, 10 at 28)
     lowpass_mask: str = "gaussian"
     # SynQ component 2: CAM alignment
     use_cam: bool = True
@@ -168,7 +171,7 @@ class FinetuneConfig:
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, "
                              f"got {self.crop_scale!r}")
         if self.use_lowpass:
-            filters.check_lowpass_args(self.d0, self.lowpass_mask)
+            filters.check_lowpass_args(1.0 if self.d0 is None else self.d0, self.lowpass_mask)
         if self.learnable not in (None, "lsq", "lsq+"):
             raise ValueError(f"learnable must be None, 'lsq' or 'lsq+', got {self.learnable!r}")
         return self
@@ -582,6 +585,8 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
             and x_all.numel() * x_all.element_size() <= DATA_ON_GPU_BYTES):
         src_x, src_y = x_all.to(device), y_all.to(device)
 
+    d0 = cfg.d0 if cfg.d0 is not None else filters.scaled_d0(x_all.shape)
+
     def batches(epoch):
         # Every rank draws the whole global batch (indices and augmentation) from the same
         # generator, then keeps its slice: the union over ranks is the 1-process batch.
@@ -595,7 +600,7 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
                 theta = augmentation_params(cfg.batch_size, gen, cfg.crop_scale, cfg.flip)
                 x = apply_augmentation(x, theta[local])
             if cfg.use_lowpass:
-                x = filters.lowpass(x, cfg.d0, cfg.lowpass_mask, cfg.backend)
+                x = filters.lowpass(x, d0, cfg.lowpass_mask, cfg.backend)
             yield x, y
 
     quantizers = list(act_quantizers(student).values())

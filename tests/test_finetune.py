@@ -343,3 +343,21 @@ def test_calibrated_min_max_accuracy_on_digits(digits):
     q = quantize_model(teacher, 4, 4)
     calibrate(q, [train.tensors[0][:256]])
     assert evaluate(q, test)["top1"] > 80
+
+
+@needs_lowpass
+def test_default_d0_scales_with_the_image(digits, synthetic, monkeypatch):
+    """d0=None (FinetuneConfig's default) filters with SynQ's 80 at 224 px scaled to the
+    images' smaller side; 80 itself would barely touch an 8x8 image. An explicit d0 is kept."""
+    assert filters.scaled_d0((5, 3, 224, 224)) == 80.0
+    assert filters.scaled_d0((5, 1, 28, 32)) == 10.0 and FinetuneConfig().d0 is None
+    import synq.finetune as ft
+    seen, real = [], filters.lowpass
+    monkeypatch.setattr(ft.filters, "lowpass",
+                        lambda x, d0, *a, **k: (seen.append(d0), real(x, d0, *a, **k))[1])
+    small = {**SMALL, "epochs": 1, "iters_per_epoch": 1}
+    finetune(digits[0], synthetic, **{**small, "d0": None}, progress=False)
+    assert seen and set(seen) == {80.0 * 8 / 224}, seen
+    seen.clear()
+    finetune(digits[0], synthetic, **small, progress=False)
+    assert set(seen) == {3.0}, seen
