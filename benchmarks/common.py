@@ -14,6 +14,10 @@ import re
 
 import torch
 
+# cuDNN picks its fastest algorithm per shape (timed at the first call, which every
+# benchmark leaves out as warm-up): the fp16 baselines are cuDNN at its best.
+torch.backends.cudnn.benchmark = True
+
 
 def unverified_kernel_allowed(name: str) -> bool:
     """Whether to time an opt-in GPU kernel that has not run on a GPU before (GLUON_GEMM,

@@ -24,7 +24,25 @@ def test_targets_of_the_ninth_session_run():
     v, ok = got["issue 7: fine-tuning resnet20 batch 256 >= 1.5x reference"][1:]
     assert round(v, 2) == 1.96 and ok is True
     convs = [k for k in got if "ResNet-18 conv" in k]
-    assert len(convs) >= 3 and all(got[k][2] is False for k in convs)
+    timed = [k for k in convs if got[k][0] != "no row"]
+    assert len(timed) >= 3 and all(got[k][2] is False for k in timed)
+    # the run did not time the stem and layer4 at batch 256 (--quick): listed, without a row
+    for name in ("conv1", "layer4.conv"):
+        assert got[f"issue 4: ResNet-18 conv {name} b256 faster than cuDNN fp16"] == (
+            "no row", None, None)
+
+
+def test_targets_name_the_device_and_refuse_cpu_runs(capsys):
+    """Every table names its device; a CPU folder says its ratios are not the GPU targets'
+    (they are against fp32), an H200 folder that the targets are set for an H100, and
+    ResNet-20's convs (sharing the CPU's file) are not read as ResNet-18's."""
+    assert targets.main([str(RUNS / "run4_gpu_check")]) == 0
+    out = capsys.readouterr().out
+    assert "## nvidia-h200" in out and "set for an H100" in out
+    cpu = RUNS.parent / "cpu_2026-11-28c"
+    assert targets.main([str(cpu)]) == 0
+    out = capsys.readouterr().out
+    assert "Not a GPU run (cpu)" in out and "r20." not in out
 
 
 def test_targets_without_rows_and_the_command(tmp_path, capsys):
