@@ -77,6 +77,12 @@ def _row(kind, shape, impl, t, ops, base_t):
             "GOP/s": ops / t / 1e9, "speedup_vs_float": base_t / t if base_t else ""}
 
 
+def _mismatch(ok: bool) -> str:
+    """The mark of a row whose kernel gave other integers than the tested backend (the opt-in
+    kernels that have not run on a GPU before); targets.py leaves such rows out."""
+    return "" if ok else " MISMATCH"
+
+
 def _gemm_rows(m, k, n, device, quick):
     rows = []
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
@@ -108,18 +114,22 @@ def _gemm_rows(m, k, n, device, quick):
         if (b == "triton" and device == "cuda" and _gluon_usable(a, w)
                 and unverified_kernel_allowed("GLUON_GEMM")):
             # the Gluon kernel, opt-in until it has run on a GPU
+            want = sk.int8_matmul(a, w, backend=b)      # the tested triton kernel
             with mock.patch.dict(os.environ, {"SYNQ_GLUON_GEMM": "1"}):
+                ok = torch.equal(sk.int8_matmul(a, w, backend=b), want)
                 t = time_fn(lambda: sk.int8_matmul(a, w, backend=b), device, mrt)
-            rows.append(_row("gemm", shape, "synq int8_matmul [triton, SYNQ_GLUON_GEMM=1]", t,
-                             ops, base_t))
+            rows.append(_row("gemm", shape, "synq int8_matmul [triton, SYNQ_GLUON_GEMM=1]"
+                             + _mismatch(ok), t, ops, base_t))
         t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
         rows.append(_row("gemm", shape, f"synq int4_matmul W4A8 [{b}]", t, ops, base_t))
         # the dp4a GEMV, opt-in until it has run on a GPU
         if b == "cuda" and m <= 4 and unverified_kernel_allowed("CUDA_GEMV"):
+            want = sk.int4_matmul(a, w4, backend=b)
             with mock.patch.dict(os.environ, {"SYNQ_CUDA_GEMV": "1"}):
+                ok = torch.equal(sk.int4_matmul(a, w4, backend=b), want)
                 t = time_fn(lambda: sk.int4_matmul(a, w4, backend=b), device, mrt)
-            rows.append(_row("gemm", shape, "synq int4_matmul W4A8 [cuda, SYNQ_CUDA_GEMV=1]",
-                             t, ops, base_t))
+            rows.append(_row("gemm", shape, "synq int4_matmul W4A8 [cuda, SYNQ_CUDA_GEMV=1]"
+                             + _mismatch(ok), t, ops, base_t))
         with sk.value_checks(False):
             t = time_fn(lambda: sk.quantized_linear(a, xs, xz, w, ws, w_rowsum=rs, backend=b),
                         device, mrt)
