@@ -141,10 +141,13 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                                _fused_call(x, wq, ws, rs, cout, s, p, oh, ow, residual), shape,
                                "synq triton tap fused W8A8", ops, base, dev, args)
             print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
-    write_sweep("conv_tiles", rows, dev, out_dir,
-                "config = (BM, BN, BK, num_warps, num_stages[, maxnreg]) of _conv_tap_kernel; "
-                "speedup against cuDNN fp16 channels-last, same run")
+            write_sweep("conv_tiles", rows, dev, out_dir, CONFIGS_NOTE, final=False)
+    write_sweep("conv_tiles", rows, dev, out_dir, CONFIGS_NOTE)
     return rows
+
+
+CONFIGS_NOTE = ("config = (BM, BN, BK, num_warps, num_stages[, maxnreg]) of "
+                "_conv_tap_kernel; speedup against cuDNN fp16 channels-last, same run")
 
 
 def main(argv=None):

@@ -112,13 +112,16 @@ def run(quick: bool = False, device: str = "cuda", out_dir: str | None = None,
                                CONFIGS_LINEAR, linear, shape, "synq triton quantized_linear",
                                ops, base, device, (m, n, k, False))
         print(markdown_table([r for r in rows if r["shape"] == shape]), flush=True)
-    write_sweep("gemm_tiles", rows, device, out_dir,
-                "config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of _int_mm_kernel "
+        write_sweep("gemm_tiles", rows, device, out_dir, CONFIGS_NOTE, final=False)
+    write_sweep("gemm_tiles", rows, device, out_dir, CONFIGS_NOTE)
+    return rows
+
+
+CONFIGS_NOTE = ("config = (BM, BN, BK, GROUP_M, num_warps, num_stages) of _int_mm_kernel "
                 "(and of _quantized_linear_kernel, float32 out), (BM, BN, BK, STAGES, "
                 "GROUP_M, num_warps) of the Gluon kernel ('gluon' rows), or "
                 "(BN, BKH, STAGES, num_warps) of int_gemv's kernel (the 'gemv' rows); speedup "
                 "against fp16 torch.matmul, same run")
-    return rows
 
 
 def main(argv=None):

@@ -180,11 +180,14 @@ def sweep_summary(rows: list[dict]) -> str:
 
 
 def write_sweep(name: str, rows: list[dict], device: str, out_dir: str | None,
-                configs: str) -> None:
+                configs: str, final: bool = True) -> None:
     """The end of a tile sweep: its summary printed, and with `out_dir` its rows written with
-    `configs` (what a config tuple holds) and the summary as notes."""
+    `configs` (what a config tuple holds) and the summary as notes. The sweeps also call it
+    after each shape with final=False (written, not printed), so that a time limit that cuts
+    a sweep short (gpu_check's benchmark step) leaves the shapes it finished."""
     summary = sweep_summary(rows)
-    print(summary)
+    if final:
+        print(summary)
     if out_dir:
         write_results(name, rows, device, out_dir,
                       f"{configs}; MISMATCH marks a result that differs from the first "
