@@ -146,17 +146,19 @@ at::Tensor max_pool2d_int8_cpu(const at::Tensor& x, at::IntArrayRef kernel,
   const int8_t* xp = x.const_data_ptr<int8_t>();
   int8_t* op = out.mutable_data_ptr<int8_t>();
   const int64_t window = g.kh * g.kw;
+  // units per task: about 32K window reads
+  auto grain = [](int64_t cost) {
+    return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cost));
+  };
   if (g.sxc == 1 && g.soc == 1 && g.C > 1) {  // channels-last
     const bool vec = cpu_use_avx2() && g.C >= 32;
-    const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, g.OW * g.C * window));
-    at::parallel_for(0, g.B * g.OH, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, g.B * g.OH, grain(g.OW * g.C * window), [&](int64_t r0, int64_t r1) {
       rows_pixels(g, xp, op, r0, r1, vec);
     });
     return out;
   }
   // one (b, c) plane at a time
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, g.OH * g.OW * window));
-  at::parallel_for(0, g.B * g.C, grain, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, g.B * g.C, grain(g.OH * g.OW * window), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / g.C, c = p % g.C;
       const int8_t* xb = xp + b * g.sxb + c * g.sxc;
