@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import pool as R
+from ..reference.int_gemm import conv_memory_format
 
 
 def _has_kernel() -> bool:
@@ -27,10 +28,8 @@ if _has_kernel():
 
     @torch.library.register_fake("synq::_max_pool2d_int8")
     def _(x, kernel, stride, padding, dilation, out_size):
-        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-               and not x.is_contiguous() else torch.contiguous_format)
         return torch.empty((x.shape[0], x.shape[1], *out_size), dtype=x.dtype, device=x.device,
-                           memory_format=fmt)
+                           memory_format=conv_memory_format(x))
 
 
 def max_pool2d_int8(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,

@@ -4,7 +4,7 @@ ROOT: a checkout with its extension built in place; MODEL: resnet18 | mobilenetv
 Prints the median forward time (1 thread) of the W8A8 exported model and of the fp32 model;
 run it for each ROOT in turn, alternating, on a quiet machine."""
 import sys
-import time
+from _timing import median_us
 
 root, name, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 5
@@ -29,18 +29,7 @@ im = export(calibrate(quantize_model(model, 8, 8), [calib]), example=calib[:1])
 x = torch.randn(batch, *shape)
 
 
-def median_ms(f):
-    f()
-    f()
-    ts = []
-    for _ in range(rounds):
-        s = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - s)
-    return sorted(ts)[len(ts) // 2] * 1e3
-
-
 with torch.no_grad():
-    ti = median_ms(lambda: im(x))
-    tf = median_ms(lambda: model(x))
+    ti = median_us(lambda: im(x), rounds, warm=2) / 1e3
+    tf = median_us(lambda: model(x), rounds, warm=2) / 1e3
 print(f"{root} {name} b{batch}: int W8A8 {ti:.2f} ms, fp32 {tf:.2f} ms, {tf / ti:.2f}x")
