@@ -69,7 +69,9 @@ timeout -s INT -k 15 70 "$PY" -m pytest "${PYT[@]}" tests/test_int_gemm.py tests
 
 # Opt-in kernels that have not run on a GPU before (the Gluon GEMM and conv, the cuda dp4a
 # GEMV) are timed only if their own GPU test just passed: one that hangs or faults would
-# take the rest of the benchmark step with it (benchmarks/gpu_gate.py).
+# take the rest of the benchmark step with it (benchmarks/gpu_gate.py). Those tests run
+# their bodies in a child process (tests/isolated.py: a few seconds more each), so that a
+# fault fails that test alone instead of every later test on its xdist worker.
 eval "$("$PY" -m benchmarks.gpu_gate "$OUT/gpu_int_tests.xml")"
 
 step benchmarks
