@@ -140,7 +140,7 @@ setup(
     ],
     extras_require={"test": ["pytest", "hypothesis", "scikit-learn"],
                     "bench": ["matplotlib"]},  # the latency plot of bench_inference
-    entry_points={"console_scripts": ["synq=synq.cli:main"]},
+    entry_points={"console_scripts": ["synq=synq._entry:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -75,21 +75,19 @@ def write_saved(out_dir, stem: str, state: dict, meta: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = out / f"{stem}.safetensors.tmp"
+    # safetensors leaves its file readable by the owner alone (0600); give it the mode of any
+    # other file written here (0666 less the umask), as the JSON beside it has. The mode is
+    # read off a file created the usual way (os.umask would change it process-wide: not
+    # thread-safe in a library).
+    tmp.open("wb").close()
+    mode = tmp.stat().st_mode & 0o777
     save_file(state, str(tmp))
-    # safetensors creates its file readable by the owner alone (0600); give it the mode of
-    # any other file written here (0666 less the umask), as the JSON beside it has
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, mode)
     os.replace(tmp, out / f"{stem}.safetensors")
     tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     os.replace(tmp, out / f"{stem}.json")
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def read_saved(path, stem: str, fmt: str, writer: str, device="cpu") -> tuple[dict, dict]:

@@ -516,3 +516,46 @@ def test_cuda_device_without_a_gpu(tmp_path, capsys):
         cli.main(["quantize", "--device", "cuda", "--out", str(tmp_path / "q")])
     assert e.value.code == 2 and "torch sees no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_saved_files_take_the_umask(tmp_path):
+    """write_saved gives the weights (which safetensors writes 0600) the mode of the JSON
+    beside them, 0666 less the umask, without changing the process's umask (os.umask is
+    process-wide: not thread-safe). A child process, so as not to touch this one's."""
+    code = textwrap.dedent(f"""
+        import os, torch
+        os.umask(0o027)
+        from synq.io import write_saved, read_saved
+        write_saved({str(tmp_path)!r}, "m", {{"w": torch.arange(3.)}}, {{"format": "f"}})
+        assert os.umask(0o027) == 0o027  # unchanged
+        for name in ("m.safetensors", "m.json"):
+            print(name, oct(os.stat(os.path.join({str(tmp_path)!r}, name)).st_mode & 0o777))
+        meta, state = read_saved({str(tmp_path)!r}, "m", "f", "test")
+        assert torch.equal(state["w"], torch.arange(3.)) and meta["format"] == "f"
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["m.safetensors", "0o640", "m.json", "0o640"], r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+
+
+def test_ctrl_c_while_importing_exits_130_without_traceback():
+    """The entry point (synq._entry) imports the command, torch with it, inside its handler:
+    Ctrl-C in that first half-second gives one line and exit status 130. The interrupt is
+    raised by an import hook on synq.cli, in a child process."""
+    code = textwrap.dedent("""
+        import sys
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "synq.cli":
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupt())
+        from synq._entry import main
+        sys.exit(main(["--version"]))
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stderr.strip() == "synq: interrupted", (r.returncode,
+                                                                             r.stderr)
+    r = subprocess.run([sys.executable, "-m", "synq", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "synq" in r.stdout + r.stderr, (r.stdout, r.stderr)
