@@ -80,7 +80,7 @@ from .synth import (apply_augmentation, augmentation_params, channel_mismatch, l
                     to_device_async)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "find_cam_layer",
-           "residual_add_layers"]
+           "residual_add_layers", "residual_block_layers"]
 
 CHECKPOINT_FORMAT = 1
 # Fine-tuning runs channels-last copies of the teacher and student (see the module's notes).
@@ -229,10 +229,23 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
 
 
 def residual_add_layers(model: nn.Module) -> list[str]:
-    """Names of the residual-add modules (synq.models.common.Add): the block outputs the HAST
-    feature-attention term compares."""
+    """Names of the residual-add modules (synq.models.common.Add) of `model`."""
     from .models.common import Add
     return [n for n, m in model.named_modules() if isinstance(m, Add)]
+
+
+def residual_block_layers(model: nn.Module) -> list[str]:
+    """Names of the residual blocks: the modules that hold a residual add
+    (synq.models.common.Add) as a child. The HAST feature-attention term compares their
+    outputs, i.e. after the ReLU that follows the add where the block has one (a ResNet
+    block's output; a MobileNetV2 block's is the add itself). An Add that is a child of the
+    model itself stands for itself."""
+    names = []
+    for n in residual_add_layers(model):
+        name = n.rpartition(".")[0] or n
+        if name not in names:
+            names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +550,7 @@ def finetune(teacher: nn.Module, train_data, config: FinetuneConfig | None = Non
             cam_layer = cfg.cam_layer
         else:
             cam_layer = find_cam_layer(teacher, x_all[:1].to(device))
-    fa_layers = residual_add_layers(teacher) if cfg.feature_attention else []
+    fa_layers = residual_block_layers(teacher) if cfg.feature_attention else []
     if cfg.feature_attention and not fa_layers:
         raise ValueError("feature_attention needs residual-add modules (synq.models.common.Add)"
                          f" in the model; {type(teacher).__name__} has none")

@@ -234,6 +234,31 @@ def test_hast_terms_and_real_data(digits):
     assert res.n == 50
 
 
+def test_feature_attention_compares_block_outputs():
+    """The HAST term's layers are the residual blocks (their outputs after the final ReLU,
+    as "each residual block output" in METHOD.md), not the adds before it; the quantized
+    student has the same names; MobileNetV2's blocks end at their add."""
+    from synq.finetune import residual_add_layers, residual_block_layers
+    from synq.losses import ActivationCapture
+    from synq.models import mobilenet_v2
+    from synq.quant import quantize_model
+    model = resnet20(10, 1).eval()
+    blocks = residual_block_layers(model)
+    assert blocks == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)], blocks
+    assert [f"{n}.add" for n in blocks] == residual_add_layers(model)
+    x = torch.randn(2, 1, 28, 28)
+    with ActivationCapture(model, blocks) as cap, ActivationCapture(
+            model, residual_add_layers(model)) as adds:
+        model(x)
+        for n in blocks:  # rectified, and the add's output before its ReLU
+            assert torch.equal(cap.outputs[n], F.relu(adds.outputs[f"{n}.add"]))
+            assert (adds.outputs[f"{n}.add"] < 0).any()
+    student = quantize_model(model, 4, 4)
+    assert set(blocks) <= dict(student.named_modules()).keys()
+    mb = mobilenet_v2(10).eval()
+    assert [f"{n}.add" for n in residual_block_layers(mb)] == residual_add_layers(mb)
+
+
 def test_min_max_only_when_all_epochs_calibrate(digits, synthetic):
     teacher, _, test = digits
     res = finetune(teacher, synthetic, progress=False, **dict(SMALL, epochs=1, calib_epochs=1))
