@@ -158,6 +158,57 @@ def test_w_offset_exact(case):
             assert torch.equal(acc.double(), want)
 
 
+def _general_dw_layout(wq):
+    """A depthwise weight in the general 64-byte layout (what prepack gave before the
+    compact one, and what a caller may have built by the documented indexing)."""
+    c, _, kh, kw = wq.shape
+    wp = torch.zeros(c, 1, kh, kw, 1, 64, dtype=torch.int8)
+    wp[..., 0] = wq.reshape(c, 1, kh, kw, 1)
+    return wp
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith("depthwise")
+                                  and c[0] != "depthwise.x2"], ids=lambda c: c[0])
+def test_depthwise_compact_layout(case):
+    """Depthwise weights pack as one byte per channel and tap; the general 64-byte layout
+    of the same weight still runs, with the same result, on both backends, with and
+    without weight offsets; and unpacks to the same weight."""
+    _, b, c, h, w, cout, k, s, p, d, g = case
+    x, xz, wq, ws, bias, kw = _args(case, torch.int8, torch.int8, None, True)
+    for be in ("reference", "cpu"):
+        wp = sk.prepack_conv2d_weight(wq, g, backend=be)
+        assert wp.shape == (c, 1, k, k, 1, 1) and torch.equal(wp.flatten(), wq.flatten())
+    general = _general_dw_layout(wq)
+    assert torch.equal(R.conv2d_unpack(general, cout, 1), R.conv2d_unpack(wp, cout, 1))
+    off = torch.arange(c, dtype=torch.int32) % 7 - 3
+    for be in ("reference", "cpu"):
+        for o in (None, off):
+            outs = [sk.quantized_conv2d_packed(x, 0.02, xz, packed, ws, bias, relu=True,
+                                               w_offset=o, backend=be, **kw)
+                    for packed in (wp, general)]
+            assert torch.equal(outs[0], outs[1]), (be, o is None)
+
+
+@needs_cpu
+def test_compact_layout_only_for_depthwise():
+    """A weight in the compact layout given to a conv that is not depthwise (here one with
+    two input channels per group, whose general packed shape differs only in the last
+    dim) is refused by the wrapper, the C++ op and the reference unpack."""
+    wq = torch.randint(-128, 128, (8, 1, 3, 3), dtype=torch.int8)
+    wp = sk.prepack_conv2d_weight(wq, 8)
+    x = torch.randint(-128, 128, (1, 16, 6, 6), dtype=torch.int8)
+    with pytest.raises(ValueError, match="does not fit x_q with C = 16, groups = 8"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(8), groups=8)
+    with pytest.raises(RuntimeError, match="compact depthwise layout"):
+        torch.ops.synq._quantized_conv2d_packed(
+            x, torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32), wp, torch.ones(8),
+            None, [1, 1], [0, 0], [1, 1], 8, False, torch.float32, None, None, None, None,
+            None, None, None)
+    with pytest.raises(ValueError, match="compact depthwise layout"):
+        R.conv2d_unpack(wp, 8, 2)
+
+
 @needs_cpu
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 def test_half_outputs_exact(out_dtype):

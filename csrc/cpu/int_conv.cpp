@@ -54,9 +54,13 @@ constexpr int kPT = 8;   // output pixels per micro-kernel tile
 
 const char* kWho = "synq quantized_conv2d (cpu backend): ";
 
+// dw: the compact depthwise layout (groups = C = Cout): one byte per channel and tap,
+// (groups, 1, kh, kw, 1, 1), the general layout less its 63 zero bytes per tap.
 struct PackedShape {
   int64_t groups, NB, kh, kw, Cq;  // Cq: channel quads, ceil(C / groups / 4)
-  int64_t numel() const { return groups * NB * kh * kw * Cq * kQ * kCB; }
+  bool dw;
+  int64_t row() const { return dw ? 1 : kQ * kCB; }  // bytes per (tap, quad)
+  int64_t numel() const { return groups * NB * kh * kw * Cq * row(); }
 };
 
 PackedShape packed_shape(const at::Tensor& w, int64_t groups) {
@@ -66,7 +70,8 @@ PackedShape packed_shape(const at::Tensor& w, int64_t groups) {
   TORCH_CHECK(groups >= 1 && w.size(0) % groups == 0, "synq conv2d_prepack: groups = ",
               groups, " must divide Cout = ", w.size(0));
   const int64_t Og = w.size(0) / groups;
-  return {groups, (Og + kCB - 1) / kCB, w.size(2), w.size(3), (w.size(1) + kQ - 1) / kQ};
+  const bool dw = groups > 1 && Og == 1 && w.size(1) == 1;
+  return {groups, (Og + kCB - 1) / kCB, w.size(2), w.size(3), (w.size(1) + kQ - 1) / kQ, dw};
 }
 
 // Packs w (contiguous) into dst (ps.numel() elements, every one written).
@@ -74,6 +79,10 @@ void prepack_into(const at::Tensor& w, const PackedShape& ps, int8_t* dst) {
   const int64_t groups = ps.groups, NB = ps.NB, kh = ps.kh, kw = ps.kw, Cq = ps.Cq;
   const int64_t Og = w.size(0) / groups, Cg = w.size(1);
   const int8_t* src = w.const_data_ptr<int8_t>();
+  if (ps.dw) {  // (C, 1, kh, kw) contiguous is the compact layout already
+    std::memcpy(dst, src, ps.numel());
+    return;
+  }
   // Destination offset of each source element of one output channel (the (c, ky, kx) run).
   const int64_t K = Cg * kh * kw;
   std::vector<int32_t> tab(K);
@@ -101,11 +110,12 @@ void prepack_into(const at::Tensor& w, const PackedShape& ps, int8_t* dst) {
 }
 
 // Packed weight: int8 (groups, NB, kh, kw, ceil(Cg / 4), 64); element [g, b, ky, kx, j, 4n+e]
-// = w[g Og + 16 b + n, 4 j + e, ky, kx], 0 past Og or Cg.
+// = w[g Og + 16 b + n, 4 j + e, ky, kx], 0 past Og or Cg. Depthwise (groups = C = Cout > 1):
+// (groups, 1, kh, kw, 1, 1), element [g, 0, ky, kx, 0, 0] = w[g, 0, ky, kx].
 at::Tensor conv2d_prepack_cpu(const at::Tensor& w_, int64_t groups) {
   const PackedShape ps = packed_shape(w_, groups);
   const auto w = w_.contiguous();
-  auto out = at::empty({ps.groups, ps.NB, ps.kh, ps.kw, ps.Cq, kQ * kCB},
+  auto out = at::empty({ps.groups, ps.NB, ps.kh, ps.kw, ps.Cq, ps.row()},
                        w.options().dtype(at::kChar));
   prepack_into(w, ps, out.mutable_data_ptr<int8_t>());
   return out;
@@ -335,11 +345,12 @@ struct ConvArgs {
   int64_t groups, Cg, Og, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
   int64_t Cp, Hp, Wp, NB, nq;  // nq: K steps (taps x channel quads)
   const int8_t* wp;     // packed weights
+  int64_t wrow;         // bytes per (tap, quad) of wp: 64, or 1 in the compact depthwise layout
   const int16_t* wp16;  // the same as int16 (AVX2 path), or null
-  // epilogue: per group, NB * 16 scales and biases (0 past Og)
+  // epilogue: per group, NB * 16 scales and biases (0 past Og); depthwise: one per channel
   const float* scale;
   const float* bias;
-  const int32_t* woff;  // per group, NB * 16 weight-row offsets (0 past Og), or null
+  const int32_t* woff;  // weight-row offsets, as scale (0 past Og), or null
   int32_t zb;           // the image copy's zero: 0 (int16, x - z) or z' (bytes)
   bool relu;
   // residual (optional): float32, or int8 / uint8 with scale and zero
@@ -725,12 +736,18 @@ void epilogue_vec(const ConvArgs& a, const int32_t* acc, int mr, int64_t bi,
 }
 #endif
 
-// Per-thread image buffers, reused across calls (a fresh multi-MB buffer per call costs more
-// in page faults than the widening itself).
+// Per-thread image buffers of at least n elements, reused across calls (a fresh multi-MB
+// buffer per call costs more in page faults than the widening itself), 64-byte aligned: a
+// pixel's channels then start on a cache line wherever a row of them fills whole lines. The
+// heap gave 16-byte alignment, and the alignment (so whether every 64-byte load of the
+// depthwise kernel split over two lines) changed from process to process.
 template <typename T>
-std::vector<T>& thread_buffer() {
+T* thread_buffer(int64_t n) {
   static thread_local std::vector<T> buf;
-  return buf;
+  constexpr int64_t kPad = 64 / sizeof(T);
+  if (static_cast<int64_t>(buf.size()) < n + kPad) buf.resize(n + kPad);
+  const auto p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((p + 63) & ~uintptr_t{63});
 }
 
 // Walks the output pixels of one image in tiles: for each pixel of the next tile, its window
@@ -929,21 +946,18 @@ void conv_parallel(const ConvArgs& a, int64_t units, int64_t tile, int64_t work,
   if (a.B >= nth && a.B > 1) {
     const int64_t grain = work < (1 << 18) ? a.B : 1;
     at::parallel_for(0, a.B, grain, [&](int64_t b0, int64_t b1) {
-      std::vector<T>& buf = thread_buffer<T>();
-      if (static_cast<int64_t>(buf.size()) < img_elems) buf.resize(img_elems);
+      T* const buf = thread_buffer<T>(img_elems);
       std::vector<int32_t> S(s_elems);
       for (int64_t bi = b0; bi < b1; ++bi) {
-        widen_any(a, bi, buf.data());
-        if (s_elems) window_sums(a, buf.data(), S.data());
+        widen_any(a, bi, buf);
+        if (s_elems) window_sums(a, buf, S.data());
         for (int64_t u = 0; u < units; ++u)
-          body(buf.data(), s_elems ? S.data() : nullptr, bi, u, int64_t{0}, P);
+          body(buf, s_elems ? S.data() : nullptr, bi, u, int64_t{0}, P);
       }
     });
     return;
   }
-  std::vector<T>& buf = thread_buffer<T>();
-  if (static_cast<int64_t>(buf.size()) < a.B * img_elems) buf.resize(a.B * img_elems);
-  T* bufs = buf.data();
+  T* const bufs = thread_buffer<T>(a.B * img_elems);
   std::vector<int32_t> S(a.B * s_elems);
   for (int64_t bi = 0; bi < a.B; ++bi) {
     widen_any(a, bi, bufs + bi * img_elems);
@@ -1138,7 +1152,8 @@ struct DwWeights {
   std::vector<int16_t> wv;   // AVX2: per block and tap pair, 32 int16 (see above)
   std::vector<int16_t> wz;   // VNNI: per block pair and tap pair, 64 int16 (see above)
   std::vector<int32_t> off;  // tap offsets (2 * TP; an odd T's last pair reads tap 0 at weight 0)
-  std::vector<float> sc, bs;  // per channel, NBc * 16
+  const float* sc;           // per channel, NBc * 16
+  const float* bs;
 };
 
 // The epilogue of one 16-channel block of mr pixels.
@@ -1148,11 +1163,11 @@ void dw_epilogue(const ConvArgs& a, const DwWeights& d, const int32_t* acc, int 
   const int nv = static_cast<int>(std::min<int64_t>(kCB, a.C - c0));
 #if SYNQ_INT_CONV_X86
   if (vec_epi && (nv == kCB || cpu_use_vnni())) {
-    epilogue_vec(a, acc, mr, bi, poff, roff, c0, d.sc.data() + c0, d.bs.data() + c0, nv);
+    epilogue_vec(a, acc, mr, bi, poff, roff, c0, d.sc + c0, d.bs + c0, nv);
     return;
   }
 #endif
-  epilogue_portable(a, acc, mr, bi, p0, c0, nv, d.sc.data() + c0, d.bs.data() + c0);
+  epilogue_portable(a, acc, mr, bi, p0, c0, nv, d.sc + c0, d.bs + c0);
 }
 
 #if SYNQ_INT_CONV_X86
@@ -1230,8 +1245,8 @@ void conv_run_dw(ConvArgs& a) {
   d.wt.assign(d.NBc * kCB * d.T, 0);
   for (int64_t c = 0; c < a.C; ++c)
     for (int64_t t = 0; t < d.T; ++t)  // weight offsets added back (int16 holds them)
-      d.wt[c * d.T + t] = static_cast<int16_t>(a.wp[(c * d.T + t) * kQ * kCB] +
-                                               (a.woff ? a.woff[c * kCB] : 0));
+      d.wt[c * d.T + t] = static_cast<int16_t>(a.wp[(c * d.T + t) * a.wrow] +
+                                               (a.woff ? a.woff[c] : 0));
   static const int kLane[2][8] = {{0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}};
   d.wv.assign(d.NBc * d.TP * 2 * kCB, 0);
   for (int64_t nb = 0; nb < d.NBc; ++nb)
@@ -1256,12 +1271,8 @@ void conv_run_dw(ConvArgs& a) {
   for (int64_t ky = 0; ky < a.kh; ++ky)
     for (int64_t kx = 0; kx < a.kw; ++kx)
       d.off[ky * a.kw + kx] = static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp);
-  d.sc.assign(d.NBc * kCB, 0.f);
-  d.bs.assign(d.NBc * kCB, 0.f);
-  for (int64_t c = 0; c < a.C; ++c) {  // the general layout: group c's block starts at c * 16
-    d.sc[c] = a.scale[c * kCB];
-    d.bs[c] = a.bias[c * kCB];
-  }
+  d.sc = a.scale;  // one per channel, NBc * 16 (see conv_packed_impl)
+  d.bs = a.bias;
   const bool vec_epi = vector_epilogue_ok(a);
   a.woff = nullptr;  // in the weights now
   a.zb = 0;
@@ -1347,16 +1358,24 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
   a.Wp = a.W + 2 * a.pw;
   a.nq = a.kh * a.kw * ((a.Cg + kQ - 1) / kQ);
   a.wp = wp;
+  a.wrow = ps.row();
   a.relu = relu;
-  // epilogue constants
+  const bool depthwise = groups > 1 && a.Cg == 1 && a.Og == 1;
+  TORCH_CHECK(!ps.dw || depthwise, kWho, "a packed weight in the compact depthwise layout "
+              "(last dim 1) needs groups = C = Cout, got groups = ", groups, ", C = ", a.C,
+              ", Cout = ", Cout);
+  // epilogue constants: per group NB * 16 (zero past Og), or per channel for a depthwise conv
+  // (its kernel's layout; a general one would be 16 times the size, zeroed at every call)
+  const int64_t est = depthwise ? 1 : a.NB * kCB;
+  const int64_t epi_n = depthwise ? (a.C + 2 * kCB - 1) / (2 * kCB) * 2 * kCB : groups * est;
   const float xs = x_scale.const_data_ptr<float>()[0];
   const float* ws = w_scale.const_data_ptr<float>();
   const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
-  std::vector<float> sc(groups * a.NB * kCB, 0.f), bs(groups * a.NB * kCB, 0.f);
+  std::vector<float> sc(epi_n, 0.f), bs(epi_n, 0.f);
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t o = 0; o < a.Og; ++o) {
-      sc[g * a.NB * kCB + o] = xs * ws[g * a.Og + o];
-      bs[g * a.NB * kCB + o] = bp ? bp[g * a.Og + o] : 0.f;
+      sc[g * est + o] = xs * ws[g * a.Og + o];
+      bs[g * est + o] = bp ? bp[g * a.Og + o] : 0.f;
     }
   a.scale = sc.data();
   a.bias = bs.data();
@@ -1369,9 +1388,9 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
                 kWho, "w_offset must be a contiguous int32 tensor of ", Cout, " elements, got ",
                 w_offset->scalar_type(), " ", w_offset->sizes());
     const int32_t* op = w_offset->const_data_ptr<int32_t>();
-    wo.assign(groups * a.NB * kCB, 0);
+    wo.assign(epi_n, 0);
     for (int64_t g = 0; g < groups; ++g)
-      for (int64_t o = 0; o < a.Og; ++o) wo[g * a.NB * kCB + o] = op[g * a.Og + o];
+      for (int64_t o = 0; o < a.Og; ++o) wo[g * est + o] = op[g * a.Og + o];
     a.woff = wo.data();
   }
   // output
@@ -1436,7 +1455,7 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
   a.out_t = out_dtype;
   a.sob = out.stride(0); a.soc = out.stride(1); a.soy = out.stride(2); a.sox = out.stride(3);
   if (out.numel() == 0) return out;
-  if (groups > 1 && a.Cg == 1 && a.Og == 1) {  // depthwise: its own kernel
+  if (depthwise) {  // its own kernel
     conv_run_dw(a);
     return out;
   }
@@ -1473,11 +1492,13 @@ at::Tensor quantized_conv2d_packed_cpu(
     const std::optional<at::Tensor>& w_offset) {
   TORCH_CHECK(w_scale.dim() == 1, kWho, "w_scale must be 1-D (Cout,), got ", w_scale.sizes());
   TORCH_CHECK(w_packed.dim() == 6 && w_packed.scalar_type() == at::kChar &&
-                  w_packed.size(5) == kQ * kCB && w_packed.is_contiguous(),
+                  (w_packed.size(5) == kQ * kCB ||
+                   (w_packed.size(5) == 1 && w_packed.size(1) == 1 && w_packed.size(4) == 1)) &&
+                  w_packed.is_contiguous(),
               kWho, "w_packed must come from conv2d_prepack (6-D contiguous int8), got ",
               w_packed.scalar_type(), " ", w_packed.sizes());
   const PackedShape ps{w_packed.size(0), w_packed.size(1), w_packed.size(2), w_packed.size(3),
-                       w_packed.size(4)};
+                       w_packed.size(4), w_packed.size(5) == 1};
   return conv_packed_impl(x, x_scale, x_zero, ps, w_packed.const_data_ptr<int8_t>(),
                           w_scale.size(0), w_scale, bias, stride,
                           padding, dilation, groups, relu, out_dtype,

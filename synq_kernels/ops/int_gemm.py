@@ -542,6 +542,8 @@ if _has_packed_kernel():
     @torch.library.register_fake("synq::_conv2d_prepack")
     def _(w, groups):
         cout, cg, kh, kw = w.shape
+        if R.is_depthwise(groups, cout, cg):
+            return w.new_empty((groups, 1, kh, kw, 1, 1), dtype=torch.int8)
         nb = -(-(cout // groups) // R.CONV_PACK_BLOCK)
         cq = -(-cg // R.CONV_PACK_QUAD)
         return w.new_empty((groups, nb, kh, kw, cq, R.CONV_PACK_QUAD * R.CONV_PACK_BLOCK),
@@ -579,7 +581,9 @@ def _packed_backend(device, backend):
 def prepack_conv2d_weight(w_q: Tensor, groups: int = 1, backend: str | None = None) -> Tensor:
     """Pack an int8 conv weight (Cout, C / groups, kh, kw) once for `quantized_conv2d_packed`:
     int8 (groups, ceil(Cout / groups / 16), kh, kw, ceil(C / groups / 4), 64), 16 output
-    channels per block, input channels in quads (see reference `conv2d_prepack`)."""
+    channels per block, input channels in quads; a depthwise weight (groups = Cout > 1, one
+    input channel per group) as (groups, 1, kh, kw, 1, 1), one byte per channel and tap
+    (see reference `conv2d_prepack`)."""
     _check_tensor("w_q", w_q, (torch.int8,), 4)
     _check_groups(groups)
     if w_q.shape[0] % groups:
@@ -638,7 +642,8 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
     c = x_q.shape[1]
     g_, nb, kh, kw, cq, blk = w_packed.shape
     if (c % groups or cout % groups or g_ != groups
-            or blk != R.CONV_PACK_QUAD * R.CONV_PACK_BLOCK
+            or blk not in (R.CONV_PACK_QUAD * R.CONV_PACK_BLOCK, 1)
+            or blk == 1 and not R.is_depthwise(groups, cout, c // groups)
             or cq != -(-(c // groups) // R.CONV_PACK_QUAD)
             or nb != -(-(cout // groups) // R.CONV_PACK_BLOCK)):
         raise ValueError(f"w_packed {tuple(w_packed.shape)} does not fit x_q with C = {c}, "

@@ -136,13 +136,24 @@ CONV_PACK_BLOCK = 16  # output channels per block of the packed layout
 CONV_PACK_QUAD = 4    # input channels per quad (the last dim is 16 channels x 4)
 
 
+def is_depthwise(groups: int, cout: int, cg: int) -> bool:
+    """Whether a conv of these sizes packs in the compact depthwise layout."""
+    return groups > 1 and cout == groups and cg == 1
+
+
 def conv2d_prepack(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """w_q (Cout, Cg, kh, kw) int8 -> int8 (groups, NB, kh, kw, ceil(Cg / 4), 64) with
     NB = ceil(Cout / groups / 16): element [g, b, ky, kx, j, 4 n + e] is
-    w_q[g Og + 16 b + n, 4 j + e, ky, kx], zero past Og = Cout / groups or Cg."""
+    w_q[g Og + 16 b + n, 4 j + e, ky, kx], zero past Og = Cout / groups or Cg.
+
+    A depthwise weight (groups = Cout > 1, Cg = 1) packs compactly as (groups, 1, kh, kw, 1,
+    1): the same indexing, without the 63 zero bytes of each 64 (element [g, 0, ky, kx, 0, 0]
+    is w_q[g, 0, ky, kx])."""
     if w_q.dtype != torch.int8:
         raise TypeError(f"conv2d_prepack takes int8 weights, got {w_q.dtype}")
     cout, cg, kh, kw = w_q.shape
+    if is_depthwise(groups, cout, cg):
+        return w_q.reshape(groups, 1, kh, kw, 1, 1).contiguous()
     og = cout // groups
     nb = -(-og // CONV_PACK_BLOCK)
     cq = -(-cg // CONV_PACK_QUAD)
@@ -157,7 +168,13 @@ def conv2d_prepack(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 def conv2d_unpack(w_packed: torch.Tensor, cout: int, cg: int) -> torch.Tensor:
     """Inverse of `conv2d_prepack`: int8 (cout, cg, kh, kw)."""
-    groups, nb, kh, kw, cq, _ = w_packed.shape
+    groups, nb, kh, kw, cq, row = w_packed.shape
+    if row == 1:  # the compact depthwise layout
+        if not is_depthwise(groups, cout, cg) or nb != 1 or cq != 1:
+            raise ValueError(f"a packed weight in the compact depthwise layout "
+                             f"{tuple(w_packed.shape)} needs groups = Cout and one input "
+                             f"channel per group, got Cout = {cout}, C / groups = {cg}")
+        return w_packed.reshape(cout, 1, kh, kw).to(torch.int8)
     w = w_packed.reshape(groups, nb, kh, kw, cq, CONV_PACK_BLOCK, CONV_PACK_QUAD)
     w = w.permute(0, 1, 5, 4, 6, 2, 3).reshape(groups, nb * CONV_PACK_BLOCK,
                                                CONV_PACK_QUAD * cq, kh, kw)
@@ -220,4 +237,4 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
 
 __all__ = ["int4_range", "pack_int4", "unpack_int4", "int8_matmul", "int4_matmul", "int_mm",
            "quantized_linear", "quantized_conv2d", "quantized_conv2d_int", "conv_memory_format",
-           "conv2d_prepack", "conv2d_unpack", "quantized_conv2d_packed"]
+           "conv2d_prepack", "conv2d_unpack", "quantized_conv2d_packed", "is_depthwise"]
