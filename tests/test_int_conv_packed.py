@@ -33,6 +33,11 @@ CASES = [
     ("depthwise.32.s2", 2, 32, 9, 9, 32, 3, 2, 1, 1, 32),
     ("depthwise.40.dilated", 1, 40, 10, 11, 40, 5, 1, (2, 3), (2, 1), 40),
     ("depthwise.144.s2", 1, 144, 11, 9, 144, 3, 2, 1, 1, 144),  # 9 blocks: 4 pairs + 1
+    # 3x3 rows kernel (dw_rows.h): a pair with a partial second block; a pair and a partial
+    # half; runs of 1-8 pixels along rows of 19 and 10; no padding; stride 2, odd sizes
+    ("depthwise.24.s1", 2, 24, 6, 19, 24, 3, 1, 1, 1, 24),
+    ("depthwise.40.s1.pad0", 1, 40, 7, 12, 40, 3, 1, 0, 1, 40),
+    ("depthwise.64.s2.odd", 1, 64, 13, 21, 64, 3, 2, 1, 1, 64),
     ("depthwise.x2", 1, 6, 7, 7, 12, 3, 1, 1, 1, 6),   # 2 outputs per channel: grouped path
 ]
 
@@ -121,7 +126,8 @@ def test_exact_vs_reference(case, out_dtype):
 OFFSET_CASES = [c for c in CASES if c[0] in ("r20.stem", "stem.3ch", "r20.block1",
                                             "r20.shortcut2", "odd", "dilated", "grouped.8",
                                             "grouped.6", "depthwise", "depthwise.x2",
-                                            "depthwise.144.s2")]
+                                            "depthwise.144.s2", "depthwise.24.s1",
+                                            "depthwise.64.s2.odd")]
 
 
 @needs_cpu
@@ -245,9 +251,12 @@ def test_requantize_rounds_half_to_even_and_clamps():
 def test_out_max_lowers_the_top(out_dtype, out_max):
     """out_max (a grid narrower than 8 bits) clamps inside the epilogue: exact against the
     reference, and the same as clamping the unclamped result afterwards."""
-    for case in (CASES[1], CASES[9]):                 # general and depthwise kernels
-        x, xz, wq, ws, bias, kw = _args(case, torch.int8, out_dtype, "int8", True)
-        kw["out_scale"] = 0.05                        # many values above the top
+    by_name = {c[0]: c for c in CASES}  # general and depthwise kernels; 3x3 rows without
+    for case, res in ((by_name["r20.block1"], "int8"),  # a residual (dw_rows.h)
+                      (by_name["depthwise.24.s1"], None),
+                      (by_name["depthwise.40.dilated"], "int8")):
+        x, xz, wq, ws, bias, kw = _args(case, torch.int8, out_dtype, res, True)
+        kw["out_scale"] = 0.05 if res else 0.005      # many values above the top
         outs = []
         for be in ("reference", "cpu"):
             wp = sk.prepack_conv2d_weight(wq, kw["groups"], backend=be)

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "dw_rows.h"
 #include "vnni_asm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -1151,6 +1152,7 @@ struct DwWeights {
   std::vector<int16_t> wt;   // portable: wt[c * T + t]
   std::vector<int16_t> wv;   // AVX2: per block and tap pair, 32 int16 (see above)
   std::vector<int16_t> wz;   // VNNI: per block pair and tap pair, 64 int16 (see above)
+  std::vector<int16_t> w3;   // dw_rows: per block pair, dw_rows::kPairW int16
   std::vector<int32_t> off;  // tap offsets (2 * TP; an odd T's last pair reads tap 0 at weight 0)
   const float* sc;           // per channel, NBc * 16
   const float* bs;
@@ -1197,6 +1199,46 @@ void dw_tiles_vnni(const ConvArgs& a, const DwWeights& d, const int16_t* img, in
 }
 #endif
 
+#if SYNQ_INT_CONV_X86
+// dw_rows.h's kernels: VNNI, 3x3, stride 1 or 2, no dilation, int8 / uint8 channels-last
+// output without a residual.
+bool dw_rows_ok(const ConvArgs& a) {
+  return cpu_use_vnni() && a.kh == 3 && a.kw == 3 && a.dh == 1 && a.dw == 1 &&
+         a.sh == a.sw && (a.sh == 1 || a.sh == 2) &&
+         (a.out_t == at::kChar || a.out_t == at::kByte) && !a.res && a.soc == 1;
+}
+
+// Pixels [px0, px1) of image bi in runs along output rows, every block pair.
+void dw_rows_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t bi,
+                   int64_t px0, int64_t px1) {
+  const dw_rows::Requant q{a.inv_os, static_cast<float>(a.qmin - a.oz),
+                           static_cast<float>(a.qmax - a.oz), a.oz, a.relu};
+  const int64_t pairs = (d.NBc + 1) / 2;
+  const int s = static_cast<int>(a.sh);
+  uint8_t* const out = static_cast<uint8_t*>(a.out) + bi * a.sob;
+  for (int64_t p = px0; p < px1;) {
+    const int64_t oy = p / a.OW, ox0 = p % a.OW, n = std::min(a.OW - ox0, px1 - p);
+    for (int64_t k = 0; k < n; k += dw_rows::kMaxPx) {
+      const int mr = static_cast<int>(std::min<int64_t>(dw_rows::kMaxPx, n - k));
+      const int64_t ox = ox0 + k;
+      const int16_t* x = img + (oy * a.sh * a.Wp + ox * a.sw) * a.Cp;
+      uint8_t* o = out + oy * a.soy + ox * a.sox;
+      const dw_rows::RowFn full = dw_rows::kernel_for(mr, s, false);
+      const dw_rows::RowFn half = dw_rows::kernel_for(mr, s, true);
+      for (int64_t pr = 0; pr < pairs; ++pr) {
+        const int64_t c0 = pr * 2 * kCB;
+        const int nv0 = static_cast<int>(std::min<int64_t>(kCB, a.C - c0));
+        const int nv1 = static_cast<int>(std::clamp<int64_t>(a.C - c0 - kCB, 0, kCB));
+        (2 * pr + 1 == d.NBc ? half : full)(x + c0, a.Cp, a.Wp * a.Cp,
+                                            d.w3.data() + pr * dw_rows::kPairW, d.sc + c0,
+                                            d.bs + c0, q, o + c0, a.sox, nv0, nv1);
+      }
+    }
+    p += n;
+  }
+}
+#endif
+
 // Pixels [px0, px1) of image bi, every channel block.
 void dw_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t bi,
               int64_t px0, int64_t px1, bool vec_epi) {
@@ -1233,9 +1275,10 @@ void dw_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t
   }
 }
 
-// a: groups = C = Cout (one input and one output channel per group), packed as usual (element
-// [c, 0, ky, kx, 0, 0] of the packed weight is w[c, 0, ky, kx]). The int16 image of the
-// AVX2 path, also where AVX-512 VNNI is present.
+// a: groups = C = Cout (one input and one output channel per group); element [c, 0, ky, kx,
+// 0, 0] of the packed weight is w[c, 0, ky, kx], a.wrow bytes apart (1 in the compact layout,
+// 64 in the general one). The int16 image of the AVX2 path, also where AVX-512 VNNI is
+// present; 3x3 convs with a requantized output run dw_rows.h's kernels there.
 void conv_run_dw(ConvArgs& a) {
   DwWeights d;
   d.T = a.kh * a.kw;
@@ -1247,6 +1290,29 @@ void conv_run_dw(ConvArgs& a) {
     for (int64_t t = 0; t < d.T; ++t)  // weight offsets added back (int16 holds them)
       d.wt[c * d.T + t] = static_cast<int16_t>(a.wp[(c * d.T + t) * a.wrow] +
                                                (a.woff ? a.woff[c] : 0));
+  d.sc = a.scale;  // one per channel, NBc * 16 (see conv_packed_impl)
+  d.bs = a.bias;
+  const bool vec_epi = vector_epilogue_ok(a);
+  a.woff = nullptr;  // in the weights now
+  a.zb = 0;
+#if SYNQ_INT_CONV_X86
+  if (dw_rows_ok(a)) {
+    const int64_t pairs = (d.NBc + 1) / 2;
+    d.w3.assign(pairs * dw_rows::kPairW, 0);
+    for (int64_t c = 0; c < a.C; ++c)
+      for (int ky = 0; ky < 3; ++ky)
+        for (int kx = 0; kx < 3; ++kx)
+          d.w3[c / (2 * kCB) * dw_rows::kPairW +
+               dw_rows::weight_index(static_cast<int>(c % (2 * kCB)), ky, kx)] =
+              d.wt[c * d.T + ky * 3 + kx];
+    conv_parallel<int16_t>(a, 1, dw_rows::kMaxPx, a.B * a.OH * a.OW * a.C * d.T,
+                           [&](const int16_t* img, const int32_t*, int64_t bi, int64_t,
+                               int64_t px0, int64_t px1) {
+                             dw_rows_tiles(a, d, img, bi, px0, px1);
+                           });
+    return;
+  }
+#endif
   static const int kLane[2][8] = {{0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}};
   d.wv.assign(d.NBc * d.TP * 2 * kCB, 0);
   for (int64_t nb = 0; nb < d.NBc; ++nb)
@@ -1271,11 +1337,6 @@ void conv_run_dw(ConvArgs& a) {
   for (int64_t ky = 0; ky < a.kh; ++ky)
     for (int64_t kx = 0; kx < a.kw; ++kx)
       d.off[ky * a.kw + kx] = static_cast<int32_t>((ky * a.dh * a.Wp + kx * a.dw) * a.Cp);
-  d.sc = a.scale;  // one per channel, NBc * 16 (see conv_packed_impl)
-  d.bs = a.bias;
-  const bool vec_epi = vector_epilogue_ok(a);
-  a.woff = nullptr;  // in the weights now
-  a.zb = 0;
   conv_parallel<int16_t>(a, 1, cpu_use_vnni() ? kPT : kDwPT, a.B * a.OH * a.OW * a.C * d.T,
                 [&](const int16_t* img, const int32_t*, int64_t bi, int64_t, int64_t px0,
                     int64_t px1) {
