@@ -4,7 +4,10 @@ ReLU, the op called directly as an exported model calls it, with and without wei
     python dw_time.py ROOT
 ROOT: a checkout with its extension built in place. Alternate ROOTs between processes."""
 import sys
-from _timing import median_us
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cpu_2026-11-28d"))
+from _timing import median_us  # noqa: E402  (the earlier folder's helper)
 
 root = sys.argv[1]
 sys.path.insert(0, root)
