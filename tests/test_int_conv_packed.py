@@ -1,6 +1,7 @@
 """quantized_conv2d_packed (prepacked weights, float or requantized int8 / uint8 output, fused
 residual) against its reference, bit-exact: the reference follows the kernel's float32
 operation order, so every output dtype, the int8 ones included, must match exactly."""
+import math
 import os
 import subprocess
 import sys
@@ -353,3 +354,26 @@ def test_avx2_micro_kernel_where_avx512_vnni_is_present(tmp_path):
                         __file__, "-k", "exact or requantize or out_max or thread_splits"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("inf"), float("nan")])
+def test_bad_per_tensor_scales(bad):
+    """One-element scales take a shorter check (one read, no reduction): still every bad
+    value refused, as a number or a tensor, for x_scale, w_scale (one output channel) and
+    out_scale."""
+    x = torch.randint(-128, 128, (1, 4, 5, 5), dtype=torch.int8)
+    wp = sk.prepack_conv2d_weight(torch.randint(-128, 128, (1, 4, 3, 3), dtype=torch.int8))
+    good = dict(x_scale=0.1, w_scale=torch.ones(1), out_scale=0.5)
+    for name in good:
+        for as_tensor in (False, True):
+            kw = dict(good)
+            number = not as_tensor and name != "w_scale"
+            kw[name] = bad if number else torch.tensor([bad])
+            if number and not math.isfinite(bad):  # refused before it becomes a tensor
+                match = f"{name} must be a finite number"
+            else:
+                match = f"{name} must be positive and finite"
+            with pytest.raises(ValueError, match=match):
+                sk.quantized_conv2d_packed(x, kw["x_scale"], 0, wp, kw["w_scale"],
+                                           out_dtype=torch.int8, out_scale=kw["out_scale"],
+                                           out_zero=0)

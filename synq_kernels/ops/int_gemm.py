@@ -444,6 +444,8 @@ def _check_groups(groups):
 
 
 def _pair(name, v):
+    if type(v) is int:  # the common case, first
+        return [v, v]
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     if (not isinstance(v, (tuple, list)) or len(v) != 2
@@ -533,9 +535,14 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
 # synq.deploy does). Without `_C`, or with backend="reference", the reference computes
 # the same thing in the same float32 order.
 
+_HAS_PACKED = []
+
+
 def _has_packed_kernel():
-    from .. import _ext
-    return _ext.has_cpu_kernels()
+    if not _HAS_PACKED:  # fixed for the process: asked once
+        from .. import _ext
+        _HAS_PACKED.append(_ext.has_cpu_kernels())
+    return _HAS_PACKED[0]
 
 
 if _has_packed_kernel():
@@ -663,7 +670,8 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
     # Data-dependent checks only in eager mode (the kernel checks the zero points itself).
     checks = not torch.compiler.is_compiling() and _checks.value_checks_enabled(xz)
     if checks:
-        _check_values(xs, torch.zeros(0, dtype=torch.int32), ws)
+        _checks.check_positive_finite("x_scale", xs)
+        _checks.check_positive_finite("w_scale", ws)
         if not lo <= int(xz[0]) <= hi:
             raise ValueError(f"x_zero must be within x_q's range ({lo}..{hi}), got "
                              f"{int(xz[0])}")
