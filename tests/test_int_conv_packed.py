@@ -230,6 +230,10 @@ def test_thread_splits(threads, batch):
     case = ("t", batch, 32, 14, 14, 48, 3, 1, 1, 1, 1)
     ref, got = _run(case, torch.int8, torch.int8, "int8", True, relu=True, threads=threads)
     assert torch.equal(got, ref)
+    # depthwise, split within rows (the 3x3 row kernel walks partial rows)
+    case = ("t.dw", batch, 48, 30, 41, 48, 3, 1, 1, 1, 48)  # work >= 2^18: split
+    ref, got = _run(case, torch.int8, torch.int8, None, True, relu=True, threads=threads)
+    assert torch.equal(got, ref)
 
 
 @needs_cpu
