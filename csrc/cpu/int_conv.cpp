@@ -218,8 +218,72 @@ __attribute__((target("avx2"))) void repack_pairs(const int8_t* w, int64_t nb, i
   }
 }
 
+// The AVX-512 epilogue of one 16-channel block with a channels-last output: its constants
+// (make_epi, per block and call) and one pixel's row (y = acc * scale + bias, + residual,
+// ReLU, then float32 out or q = clamp(round(y * inv)) + zero as bytes). Shared by
+// epilogue_avx512 (rows from an int32 buffer) and micro_vnni (rows from its registers).
+struct EpiVec {
+  __m512 s0, b0, inv, lo, hi, rsv;
+  __m512i ozv, rzv;
+  __mmask16 m;
+  bool part, relu;
+  at::ScalarType res_t, out_t;
+  const void* res;  // at the block's first channel of image bi, or null
+  void* out;        // likewise
+
+#define SYNQ_EPI_INLINE \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+  // y of one pixel's sums iv (residual at ri), before the output conversion
+  SYNQ_EPI_INLINE __m512 value(__m512i iv, int64_t ri) const {
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(iv), s0), b0);
+    if (res) {
+      __m512 rv;
+      if (res_t == at::kFloat) {
+        const float* rp = static_cast<const float*>(res) + ri;
+        rv = part ? _mm512_maskz_loadu_ps(m, rp) : _mm512_loadu_ps(rp);
+      } else {
+        const uint8_t* rp = static_cast<const uint8_t*>(res) + ri;
+        const __m128i b8 = part ? _mm_maskz_loadu_epi8(m, rp)
+                                : _mm_loadu_si128(reinterpret_cast<const __m128i*>(rp));
+        const __m512i r32 = res_t == at::kChar ? _mm512_cvtepi8_epi32(b8)
+                                               : _mm512_cvtepu8_epi32(b8);
+        rv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(r32, rzv)), rsv);
+      }
+      y = _mm512_add_ps(y, rv);
+    }
+    if (relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+    return y;
+  }
+  // the requantized integers of y (in the output dtype's range)
+  SYNQ_EPI_INLINE __m512i quantize(__m512 y) const {
+    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), lo), hi);
+    return _mm512_add_epi32(_mm512_cvtps_epi32(t), ozv);  // nearest-even
+  }
+  // one pixel: y, converted, stored at o (channels-last)
+  SYNQ_EPI_INLINE void row(__m512i iv, int64_t o, int64_t ri) const {
+    const __m512 y = value(iv, ri);
+    if (out_t == at::kFloat) {
+      float* op = static_cast<float*>(out) + o;
+      if (part)
+        _mm512_mask_storeu_ps(op, m, y);
+      else
+        _mm512_storeu_ps(op, y);
+      return;
+    }
+    const __m512i q = quantize(y);
+    uint8_t* op = static_cast<uint8_t*>(out) + o;
+    if (part)  // in byte range already: truncating narrow
+      _mm_mask_storeu_epi8(op, m, _mm512_cvtepi32_epi8(q));
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(op), _mm512_cvtepi32_epi8(q));
+  }
+#undef SYNQ_EPI_INLINE
+};
+
 // Byte image (x', padded with z'), AVX-512 VNNI: one vpdpbusd per pixel and step; out gets
 // the sums minus fix[n] = z' sum_k w[k][n], plus o[n] S[r] with weight offsets (o non-null).
+// With epi (one per block), the rows go through the epilogue in registers instead, to the
+// outputs at poff[r] (residuals at roff[r]).
 // One or two 16-channel blocks (NBK) per tile, each with its own weights, fix, offsets and
 // output: two blocks share each broadcast quad, 8 loads for 12 vpdpbusd at MR = 6 instead
 // of 7 for 6.
@@ -233,7 +297,7 @@ struct VnniBlock {
 template <int MR, int NBK>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void micro_vnni(
     const uint8_t* const* px, const int32_t* off, int64_t nq, const VnniBlock* blk,
-    const int32_t* S) {
+    const int32_t* S, const EpiVec* epi, const int64_t* poff, const int64_t* roff) {
   __m512i c[NBK][MR];
   const uint8_t* p[MR];
 #pragma GCC unroll 8
@@ -263,6 +327,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void micro_vnni(
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r)
         c[b][r] = _mm512_add_epi32(c[b][r], _mm512_mullo_epi32(ov, _mm512_set1_epi32(S[r])));
+    }
+    if (epi) {
+      const EpiVec e = epi[b];  // a local copy: the byte stores cannot alias it
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) e.row(_mm512_sub_epi32(c[b][r], f), poff[r], roff[r]);
+      continue;
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
@@ -320,16 +390,17 @@ void run_micro(const int16_t* const* px, int mr, const int32_t* off, int64_t nq,
 #if SYNQ_INT_CONV_X86
 template <int NBK>
 void run_micro_vnni(const uint8_t* const* px, int mr, const int32_t* off, int64_t nq,
-                    const VnniBlock* blk, const int32_t* S) {
+                    const VnniBlock* blk, const int32_t* S, const EpiVec* epi,
+                    const int64_t* poff, const int64_t* roff) {
   switch (mr) {
-    case 8: return micro_vnni<8, NBK>(px, off, nq, blk, S);
-    case 7: return micro_vnni<7, NBK>(px, off, nq, blk, S);
-    case 6: return micro_vnni<6, NBK>(px, off, nq, blk, S);
-    case 5: return micro_vnni<5, NBK>(px, off, nq, blk, S);
-    case 4: return micro_vnni<4, NBK>(px, off, nq, blk, S);
-    case 3: return micro_vnni<3, NBK>(px, off, nq, blk, S);
-    case 2: return micro_vnni<2, NBK>(px, off, nq, blk, S);
-    default: return micro_vnni<1, NBK>(px, off, nq, blk, S);
+    case 8: return micro_vnni<8, NBK>(px, off, nq, blk, S, epi, poff, roff);
+    case 7: return micro_vnni<7, NBK>(px, off, nq, blk, S, epi, poff, roff);
+    case 6: return micro_vnni<6, NBK>(px, off, nq, blk, S, epi, poff, roff);
+    case 5: return micro_vnni<5, NBK>(px, off, nq, blk, S, epi, poff, roff);
+    case 4: return micro_vnni<4, NBK>(px, off, nq, blk, S, epi, poff, roff);
+    case 3: return micro_vnni<3, NBK>(px, off, nq, blk, S, epi, poff, roff);
+    case 2: return micro_vnni<2, NBK>(px, off, nq, blk, S, epi, poff, roff);
+    default: return micro_vnni<1, NBK>(px, off, nq, blk, S, epi, poff, roff);
   }
 }
 #endif
@@ -648,80 +719,59 @@ __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int3
 // K is short (ResNet-20's 16-channel layers, MobileNetV2's 1x1 convs). nv < 16 (a last,
 // partial block: MobileNetV2's 24-channel layers) masks the residual loads and the stores;
 // scales and biases are padded to whole blocks.
+// The constants of one block's epilogue (see EpiVec), for image bi and output channel co0
+// (into *ep: an AVX-512 struct is not returned across functions of other targets).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void make_epi(
+    EpiVec* ep, const ConvArgs& a, int64_t bi, int64_t co0, const float* sc, const float* bs,
+    int nv) {
+  EpiVec& e = *ep;
+  // masked loads and stores only for a partial block: this CPU's masked stores (AMD family
+  // 26) made the full blocks 15-25% slower (ResNet-20 at batch 256, MobileNetV2 at batch 8)
+  e.part = nv < kCB;
+  e.m = static_cast<__mmask16>((1u << nv) - 1);
+  e.s0 = _mm512_loadu_ps(sc);
+  e.b0 = _mm512_loadu_ps(bs);
+  e.inv = _mm512_set1_ps(a.inv_os);
+  e.lo = _mm512_set1_ps(static_cast<float>(a.qmin - a.oz));
+  e.hi = _mm512_set1_ps(static_cast<float>(a.qmax - a.oz));
+  e.ozv = _mm512_set1_epi32(a.oz);
+  e.rsv = _mm512_set1_ps(a.rs);
+  e.rzv = _mm512_set1_epi32(a.rz);
+  e.relu = a.relu;
+  e.res_t = a.res_t;
+  e.out_t = a.out_t;
+  const int64_t esz = a.out_t == at::kFloat ? 4 : 1, rsz = a.res_t == at::kFloat ? 4 : 1;
+  e.res = a.res ? static_cast<const uint8_t*>(a.res) + (bi * a.srb + co0) * rsz : nullptr;
+  e.out = static_cast<uint8_t*>(a.out) + (bi * a.sob + co0 * a.soc) * esz;
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void epilogue_avx512(
     const ConvArgs& a, const int32_t* acc, int mr, int64_t bi, const int64_t* poff,
     const int64_t* roff, int64_t co0, const float* sc, const float* bs, int nv) {
-  // masked loads and stores only for a partial block: this CPU's masked stores (AMD family
-  // 26) made the full blocks 15-25% slower (ResNet-20 at batch 256, MobileNetV2 at batch 8)
-  const bool part = nv < kCB;
-  const __mmask16 m = static_cast<__mmask16>((1u << nv) - 1);
-  const __m512 s0 = _mm512_loadu_ps(sc), b0 = _mm512_loadu_ps(bs);
-  const __m512 zero = _mm512_setzero_ps();
-  const __m512 inv = _mm512_set1_ps(a.inv_os);
-  const __m512 lo = _mm512_set1_ps(static_cast<float>(a.qmin - a.oz));
-  const __m512 hi = _mm512_set1_ps(static_cast<float>(a.qmax - a.oz));
-  const __m512i ozv = _mm512_set1_epi32(a.oz);
-  const __m512 rsv = _mm512_set1_ps(a.rs);
-  const __m512i rzv = _mm512_set1_epi32(a.rz);
-  const bool cl = a.soc == 1;
-  // a's fields as locals: the byte stores below may alias any object (char aliasing), which
-  // made the compiler reload them from a after every store
-  const void* const res = a.res;
-  const at::ScalarType res_t = a.res_t, out_t = a.out_t;
-  void* const out = a.out;
-  const bool relu = a.relu;
-  const int64_t rbase = bi * a.srb + co0;
+  // a's fields as locals (in e): the byte stores below may alias any object (char
+  // aliasing), which made the compiler reload them from a after every store
+  EpiVec e;
+  make_epi(&e, a, bi, co0, sc, bs, nv);
+  if (a.soc == 1) {
+    for (int r = 0; r < mr; ++r) e.row(_mm512_loadu_si512(acc + r * kCB), poff[r], roff[r]);
+    return;
+  }
+  // NCHW output: the rows into a tile, then each channel's pixels
   alignas(64) float tf[kPT][kCB];
   alignas(64) int32_t tq[kPT][kCB];
-  const int64_t obase = bi * a.sob + co0 * a.soc;
-  for (int r = 0; r < mr; ++r) {
-    const __m512i iv = _mm512_loadu_si512(acc + r * kCB);
-    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(iv), s0), b0);
-    if (res) {
-      const int64_t ri = rbase + roff[r];
-      __m512 rv;
-      if (res_t == at::kFloat) {
-        rv = part ? _mm512_maskz_loadu_ps(m, static_cast<const float*>(res) + ri)
-                  : _mm512_loadu_ps(static_cast<const float*>(res) + ri);
-      } else {
-        const uint8_t* rp = static_cast<const uint8_t*>(res) + ri;
-        const __m128i b8 = part ? _mm_maskz_loadu_epi8(m, rp)
-                                : _mm_loadu_si128(reinterpret_cast<const __m128i*>(rp));
-        const __m512i r32 = res_t == at::kChar ? _mm512_cvtepi8_epi32(b8)
-                                               : _mm512_cvtepu8_epi32(b8);
-        rv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(r32, rzv)), rsv);
-      }
-      y = _mm512_add_ps(y, rv);
-    }
-    if (relu) y = _mm512_max_ps(y, zero);
-    const int64_t o = obase + poff[r];
-    if (out_t == at::kFloat) {
-      if (!cl)
-        _mm512_store_ps(tf[r], y);
-      else if (part)
-        _mm512_mask_storeu_ps(static_cast<float*>(out) + o, m, y);
-      else
-        _mm512_storeu_ps(static_cast<float*>(out) + o, y);
-    } else {
-      const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), lo), hi);
-      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(t), ozv);  // nearest-even
-      if (!cl)
-        _mm512_store_si512(tq[r], q);
-      else if (part)  // in byte range already: truncating narrow
-        _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + o, m, _mm512_cvtepi32_epi8(q));
-      else
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(out) + o),
-                         _mm512_cvtepi32_epi8(q));
-    }
+  for (int r = 0; r < mr; ++r) {  // (vector_epilogue_ok: a residual is channels-last)
+    const __m512 y = e.value(_mm512_loadu_si512(acc + r * kCB), roff[r]);
+    if (e.out_t == at::kFloat)
+      _mm512_store_ps(tf[r], y);
+    else
+      _mm512_store_si512(tq[r], e.quantize(y));
   }
-  if (cl) return;
   for (int n = 0; n < nv; ++n) {
-    const int64_t on = obase + n * a.soc;
-    if (out_t == at::kFloat) {
-      float* o = static_cast<float*>(out) + on;
+    if (e.out_t == at::kFloat) {
+      float* o = static_cast<float*>(e.out) + n * a.soc;
       for (int r = 0; r < mr; ++r) o[poff[r]] = tf[r][n];
     } else {
-      uint8_t* o = static_cast<uint8_t*>(out) + on;
+      uint8_t* o = static_cast<uint8_t*>(e.out) + n * a.soc;
       for (int r = 0; r < mr; ++r) o[poff[r]] = static_cast<uint8_t>(tq[r][n]);
     }
   }
@@ -788,9 +838,24 @@ void conv_tiles(const ConvArgs& a, const T* img, const int32_t* off, const int32
   const T* px[kPT];
   int64_t poff[kPT], roff[kPT];
   const T* ig = img + g * a.Cg;  // the group's first channel (Cg % 4 == 0 when groups > 1)
+#if SYNQ_INT_CONV_X86
+  // the byte kernel's rows go through the epilogue in its registers where the output is
+  // channels-last (and the vector epilogue takes it)
+  const bool fused = bytes && vec_epi && a.soc == 1 && cpu_use_vnni();
+  EpiVec epi[2];
+#endif
   for (int64_t nb = nb0; nb < nb1;) {
     // the byte kernel takes two blocks at a time where there are two
     const int nbk = bytes && nb + 1 < nb1 ? 2 : 1;
+#if SYNQ_INT_CONV_X86
+    if (fused)
+      for (int k = 0; k < nbk; ++k) {
+        const int64_t gb = g * a.NB + nb + k;
+        make_epi(&epi[k], a, bi, g * a.Og + (nb + k) * kCB, a.scale + gb * kCB,
+                 a.bias + gb * kCB,
+                 static_cast<int>(std::min<int64_t>(kCB, a.Og - (nb + k) * kCB)));
+      }
+#endif
     PixelWalker<T> walk(a, ig, px0);
     for (int64_t p0 = px0; p0 < px1; p0 += kPT) {
       const int mr = static_cast<int>(std::min<int64_t>(kPT, px1 - p0));
@@ -803,10 +868,12 @@ void conv_tiles(const ConvArgs& a, const T* img, const int32_t* off, const int32
         for (int k = 0; k < nbk; ++k)
           blk[k] = {a.wp + (gb + k) * a.nq * kQ * kCB, fix + (gb + k) * kCB,
                     S ? a.woff + (gb + k) * kCB : nullptr, acc[k]};
+        const EpiVec* e = fused ? epi : nullptr;
         if (nbk == 2)
-          run_micro_vnni<2>(px, mr, off, a.nq, blk, Sp);
+          run_micro_vnni<2>(px, mr, off, a.nq, blk, Sp, e, poff, roff);
         else
-          run_micro_vnni<1>(px, mr, off, a.nq, blk, Sp);
+          run_micro_vnni<1>(px, mr, off, a.nq, blk, Sp, e, poff, roff);
+        if (fused) continue;
 #endif
       } else {
         run_micro(px, mr, off, a.nq, a.wp + gb * a.nq * kQ * kCB,
