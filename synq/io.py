@@ -79,6 +79,7 @@ def write_saved(out_dir, stem: str, state: dict, meta: dict) -> Path:
     # other file written here (0666 less the umask), as the JSON beside it has. The mode is
     # read off a file created the usual way (os.umask would change it process-wide: not
     # thread-safe in a library).
+    tmp.unlink(missing_ok=True)  # (one left by an interrupted save keeps its old mode)
     tmp.open("wb").close()
     mode = tmp.stat().st_mode & 0o777
     save_file(state, str(tmp))

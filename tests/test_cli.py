@@ -559,3 +559,16 @@ def test_ctrl_c_while_importing_exits_130_without_traceback():
     r = subprocess.run([sys.executable, "-m", "synq", "--version"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "synq" in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
+def test_saved_file_mode_not_taken_from_a_leftover_tmp(tmp_path):
+    """A `.tmp` left by an interrupted save (safetensors writes it 0600) must not pass its
+    mode on to the next save: the weights get the JSON's mode."""
+    from synq.io import write_saved
+    left = tmp_path / "m.safetensors.tmp"
+    left.write_bytes(b"partial")
+    left.chmod(0o600)
+    write_saved(tmp_path, "m", {"w": torch.arange(3.)}, {"format": "f"})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["m.safetensors"] == modes["m.json"] and set(modes) == {"m.safetensors",
+                                                                        "m.json"}, modes

@@ -381,3 +381,29 @@ def test_bad_per_tensor_scales(bad):
                 sk.quantized_conv2d_packed(x, kw["x_scale"], 0, wp, kw["w_scale"],
                                            out_dtype=torch.int8, out_scale=kw["out_scale"],
                                            out_zero=0)
+
+
+@needs_cpu
+def test_w_offset_beyond_int16_refused_and_prepack_copies():
+    """The cpu kernels fold weight offsets into int16 weights (depthwise, AVX2): an offset
+    that would wrap there is refused with its channel named, at the limit it is exact. And
+    the reference prepack of a depthwise weight is a copy, as the cpu one is (a view would
+    follow later writes to the weight)."""
+    case = next(c for c in CASES if c[0] == "depthwise.24.s1")
+    x, xz, wq, ws, bias, kw = _args(case, torch.int8, torch.int8, None, True)
+    wp = sk.prepack_conv2d_weight(wq, 24)
+    off = torch.zeros(24, dtype=torch.int32)
+    off[5] = 32640
+    with pytest.raises(RuntimeError, match="w_offset must be within \\+-32639, got 32640 for "
+                                           "output channel 5"):
+        sk.quantized_conv2d_packed(x, 0.02, xz, wp, ws, bias, w_offset=off, backend="cpu",
+                                   **kw)
+    off[5] = -32639
+    got, want = (sk.quantized_conv2d_packed(x, 0.02, xz, wp, ws, bias, w_offset=off,
+                                            backend=be, **kw) for be in ("cpu", "reference"))
+    assert torch.equal(got, want)
+    for be in ("cpu", "reference"):
+        w = wq.clone()
+        packed = sk.prepack_conv2d_weight(w, 24, backend=be)
+        w.fill_(0)
+        assert torch.equal(packed.flatten(), wq.flatten()), be

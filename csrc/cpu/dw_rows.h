@@ -1,14 +1,16 @@
 // Depthwise 3x3 convs (stride 1 or 2, no dilation) on AVX-512 VNNI, a run of output pixels
 // along one row at a time, with the requantizing epilogue in registers (int8 / uint8 output,
 // channels-last, no residual: what an exported model's depthwise layers run). int_conv.cpp's
-// general depthwise kernel (dw_micro_vnni) takes everything else.
+// general depthwise kernels take everything else (dw_micro_vnni, or without VNNI the AVX2
+// and portable ones).
 //
 // The image is int16 (x - zero point, padded with 0), the weights int16 (offsets folded in).
 // vpdpwssd multiplies pairs of int16; the pairs run down a window column: (row 0, row 1) and
 // (row 2, 0). An input column's pairs serve every output pixel whose window holds it (three
 // for stride 1), where the general kernel interleaves each pixel's taps afresh: per pixel and
-// 32 channels about 19 instructions for the products (3 loads and 4 unpacks a column, 12
-// vpdpwssd) against 30, and no int32 round trip through memory before the epilogue.
+// 32 channels about 19 instructions for the products at stride 1 (3 loads and 4 unpacks a
+// column, 12 vpdpwssd; about 26 at stride 2, two new columns a pixel) against 30, and no int32
+// round trip through memory before the epilogue.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

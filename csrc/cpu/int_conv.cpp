@@ -54,6 +54,8 @@ constexpr int kQ = 4;    // input channels per packed quad
 constexpr int kPT = 8;   // output pixels per micro-kernel tile
 
 const char* kWho = "synq quantized_conv2d (cpu backend): ";
+// |w_offset| at most this: an int8 weight plus its offset fits int16
+constexpr int32_t kMaxOffset = 32767 - 128;
 
 // dw: the compact depthwise layout (groups = C = Cout): one byte per channel and tap,
 // (groups, 1, kh, kw, 1, 1), the general layout less its 63 zero bytes per tap.
@@ -714,11 +716,6 @@ __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int3
   }
 }
 
-// epilogue_avx2 with the 16 channels in one 512-bit vector (AVX-512 F / BW): the same float32
-// operations in the same order, so the same values; half the instructions, which matters where
-// K is short (ResNet-20's 16-channel layers, MobileNetV2's 1x1 convs). nv < 16 (a last,
-// partial block: MobileNetV2's 24-channel layers) masks the residual loads and the stores;
-// scales and biases are padded to whole blocks.
 // The constants of one block's epilogue (see EpiVec), for image bi and output channel co0
 // (into *ep: an AVX-512 struct is not returned across functions of other targets).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void make_epi(
@@ -745,6 +742,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void make_epi(
   e.out = static_cast<uint8_t*>(a.out) + (bi * a.sob + co0 * a.soc) * esz;
 }
 
+// epilogue_avx2 with the 16 channels in one 512-bit vector (AVX-512 F / BW): the same float32
+// operations in the same order, so the same values; half the instructions, which matters where
+// K is short (ResNet-20's 16-channel layers, MobileNetV2's 1x1 convs). nv < 16 (a last,
+// partial block: MobileNetV2's 24-channel layers) masks the residual loads and the stores;
+// scales and biases are padded to whole blocks.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void epilogue_avx512(
     const ConvArgs& a, const int32_t* acc, int mr, int64_t bi, const int64_t* poff,
     const int64_t* roff, int64_t co0, const float* sc, const float* bs, int nv) {
@@ -1221,8 +1223,8 @@ struct DwWeights {
   std::vector<int16_t> wz;   // VNNI: per block pair and tap pair, 64 int16 (see above)
   std::vector<int16_t> w3;   // dw_rows: per block pair, dw_rows::kPairW int16
   std::vector<int32_t> off;  // tap offsets (2 * TP; an odd T's last pair reads tap 0 at weight 0)
-  const float* sc;           // per channel, NBc * 16
-  const float* bs;
+  const float* sc;           // per channel, padded with 0 to whole pairs of 16-channel blocks
+  const float* bs;           // (the full-pair kernels load channels c0 .. c0 + 31)
 };
 
 // The epilogue of one 16-channel block of mr pixels.
@@ -1516,6 +1518,10 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
                 kWho, "w_offset must be a contiguous int32 tensor of ", Cout, " elements, got ",
                 w_offset->scalar_type(), " ", w_offset->sizes());
     const int32_t* op = w_offset->const_data_ptr<int32_t>();
+    // the depthwise and AVX2 kernels fold the offsets into int16 weights
+    for (int64_t n = 0; n < Cout; ++n)
+      TORCH_CHECK(op[n] >= -kMaxOffset && op[n] <= kMaxOffset, kWho, "w_offset must be within "
+                  "+-", kMaxOffset, ", got ", op[n], " for output channel ", n);
     wo.assign(epi_n, 0);
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t o = 0; o < a.Og; ++o) wo[g * est + o] = op[g * a.Og + o];

@@ -631,7 +631,8 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
             residual_scale / residual_zero (per-tensor); added before the ReLU.
         w_offset: None or (Cout,) integers o for weights packed as w_q - o (rows whose
             integers do not fit int8): the conv is taken with w_q, o[n] times each window's
-            sum of x_q - x_zero added in int32.
+            sum of x_q - x_zero added in int32. The cpu backend takes |o| <= 32639 (some of
+            its kernels fold o into int16 weights); 8-bit rows need at most 255.
     """
     _check_tensor("x_q", x_q, (torch.int8, torch.uint8), 4)
     _check_tensor("w_packed", w_packed, (torch.int8,), 6)

@@ -153,7 +153,7 @@ def conv2d_prepack(w_q: torch.Tensor, groups: int = 1) -> torch.Tensor:
         raise TypeError(f"conv2d_prepack takes int8 weights, got {w_q.dtype}")
     cout, cg, kh, kw = w_q.shape
     if is_depthwise(groups, cout, cg):
-        return w_q.reshape(groups, 1, kh, kw, 1, 1).contiguous()
+        return w_q.reshape(groups, 1, kh, kw, 1, 1).clone()  # a copy, as the cpu op's
     og = cout // groups
     nb = -(-og // CONV_PACK_BLOCK)
     cq = -(-cg // CONV_PACK_QUAD)
