@@ -105,9 +105,7 @@ def check_positive_finite(name: str, t: torch.Tensor) -> None:
     # the slower search for the culprit runs only on failure; a per-tensor scale is one
     # read and no reduction (a few microseconds less a call: the ops' Python is most of a
     # small conv's time)
-    lo = hi = t.item() if n == 1 else None
-    if lo is None:
-        lo, hi = min_max(t)
+    lo, hi = (t.item(),) * 2 if n == 1 else min_max(t)
     if lo > 0 and hi < math.inf:
         return
     bad = ~(torch.isfinite(t) & (t > 0))

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "requant_avx512.h"
 #include "vnni_asm.h"
 
 namespace synq::dw_rows {
@@ -104,10 +105,9 @@ SYNQ_DW_ROWS_TARGET void row_kernel(const int16_t* x, int64_t cs, int64_t rs, co
   const __mmask16 m0 = static_cast<__mmask16>((1u << nv0) - 1);
   const __mmask16 m1 = static_cast<__mmask16>((1u << nv1) - 1);
   auto requant = [&](__m512i v, __m512 s, __m512 b) SYNQ_DW_ROWS_LAMBDA {
-    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), b);
+    __m512 y = requant::scale_bias(v, s, b);
     if (relu) y = _mm512_max_ps(y, fz);
-    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), qlo), qhi);
-    return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(t), oz));
+    return _mm512_cvtepi32_epi8(requant::quantize(y, inv, qlo, qhi, oz));
   };
 #pragma GCC unroll 8
   for (int j = 0; j < MR; ++j) {

@@ -37,6 +37,7 @@
 
 #include "cpu_features.h"
 #include "dw_rows.h"
+#include "requant_avx512.h"
 #include "vnni_asm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -237,7 +238,7 @@ struct EpiVec {
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
   // y of one pixel's sums iv (residual at ri), before the output conversion
   SYNQ_EPI_INLINE __m512 value(__m512i iv, int64_t ri) const {
-    __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(iv), s0), b0);
+    __m512 y = requant::scale_bias(iv, s0, b0);
     if (res) {
       __m512 rv;
       if (res_t == at::kFloat) {
@@ -258,8 +259,7 @@ struct EpiVec {
   }
   // the requantized integers of y (in the output dtype's range)
   SYNQ_EPI_INLINE __m512i quantize(__m512 y) const {
-    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), lo), hi);
-    return _mm512_add_epi32(_mm512_cvtps_epi32(t), ozv);  // nearest-even
+    return requant::quantize(y, inv, lo, hi, ozv);
   }
   // one pixel: y, converted, stored at o (channels-last)
   SYNQ_EPI_INLINE void row(__m512i iv, int64_t o, int64_t ri) const {

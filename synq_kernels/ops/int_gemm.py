@@ -535,7 +535,7 @@ def quantized_conv2d(x_q: Tensor, x_scale, x_zero, w_q: Tensor, w_scale, bias=No
 # synq.deploy does). Without `_C`, or with backend="reference", the reference computes
 # the same thing in the same float32 order.
 
-_HAS_PACKED = []
+_HAS_PACKED = []  # (not functools.cache: torch.compile warns on a cached function it traces)
 
 
 def _has_packed_kernel():

@@ -3,19 +3,9 @@ exported model calls it: MobileNetV2's 1x1 expansions and a projection (batch 1)
 layer1 3x3 with an int8 residual (batch 1) and ResNet-20's 16-channel 3x3 (batch 64):
     python conv_time.py ROOT
 ROOT: a checkout with its extension built in place. Alternate ROOTs between processes."""
-import sys
-from pathlib import Path
+from _ab import start
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cpu_2026-11-28d"))
-from _timing import median_us  # noqa: E402
-
-root = sys.argv[1]
-sys.path.insert(0, root)
-import torch  # noqa: E402
-import synq_kernels as sk  # noqa: E402
-
-torch.set_num_threads(1)
-op = torch.ops.synq._quantized_conv2d_packed.default
+torch, sk, median_us, op = start()
 g = torch.Generator().manual_seed(0)
 xs, xz = torch.tensor([0.02]), torch.tensor([3], dtype=torch.int32)
 os_, oz = torch.tensor([0.05]), torch.tensor([-128], dtype=torch.int32)

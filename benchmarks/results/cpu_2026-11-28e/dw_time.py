@@ -3,20 +3,10 @@ ReLU, the op called directly as an exported model calls it, with and without wei
 (W8A8 rows beyond int8), against fp32 F.conv2d channels-last:
     python dw_time.py ROOT
 ROOT: a checkout with its extension built in place. Alternate ROOTs between processes."""
-import sys
-from pathlib import Path
+from _ab import start
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cpu_2026-11-28d"))
-from _timing import median_us  # noqa: E402  (the earlier folder's helper)
-
-root = sys.argv[1]
-sys.path.insert(0, root)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import synq_kernels as sk  # noqa: E402
-
-torch.set_num_threads(1)
-op = torch.ops.synq._quantized_conv2d_packed.default
+torch, sk, median_us, op = start()
+F = torch.nn.functional
 g = torch.Generator().manual_seed(0)
 tot = {False: 0.0, True: 0.0}
 tf_tot = 0.0
