@@ -68,6 +68,9 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
   // of shape (1,) * x.dim()): 8-bit asymmetric per-tensor quantization over x's own range
   // widened to hold 0 (synq.deploy._quantize_dynamic's steps; scale at least eps).
   m.def("_quantize_dynamic(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
+  // x (M, K) float32 (any strides) -> (q (M, K) int8 contiguous, scale (M, 1) float32, zero
+  // (M, 1) int32): the same per row (a linear layer's input).
+  m.def("_quantize_dynamic_rows(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
   // x (B, C, H, W) int8 (any strides): max pooling with the geometry resolved by
   // synq_kernels.reference.pool.pool_geometry (two values each; out_size: (OH, OW)). Padding
   // never wins. Output channels-last for a channels-last input, else contiguous.

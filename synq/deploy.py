@@ -121,10 +121,13 @@ def _quantize_dynamic(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor
     """8-bit asymmetric quantization of x over `dims` (range widened to hold 0): int8 values
     (shifted by -128), float32 scale and int32 zero point (int8 domain), both keepdim-reduced
     over `dims`."""
-    if (len(dims) == x.dim() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not _triton_act(x)):
-        # the whole tensor on the CPU: one kernel call, two passes (the same values)
-        return sk.ops.quantize.quantize_dynamic(x, quant._EPS)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not _triton_act(x):
+        # on the CPU one kernel call, two passes, the same values: the whole tensor, or each
+        # row of a linear layer's input (about 18 PyTorch ops otherwise)
+        if len(dims) == x.dim():
+            return sk.ops.quantize.quantize_dynamic(x, quant._EPS)
+        if tuple(dims) == (1,) and x.dim() == 2 and x.numel() > 0:
+            return sk.ops.quantize.quantize_dynamic_rows(x, quant._EPS)
     scale, zero = _dynamic_grid(x, dims)
     return _quantize_static(x.float(), scale, zero, -128, 127), scale, zero.to(torch.int32)
 

@@ -1,6 +1,6 @@
-"""synq_kernels.ops.quantize.quantize_dynamic (the exporter's run-time per-tensor input
-quantization): the CPU kernel against the reference's PyTorch ops, bit for bit, strides
-included."""
+"""synq_kernels.ops.quantize.quantize_dynamic / quantize_dynamic_rows (the exporter's run-time
+input quantization, per tensor and per row): the CPU kernels against the reference's PyTorch
+ops, bit for bit, strides included."""
 import pytest
 import torch
 
@@ -87,7 +87,70 @@ def test_reference_is_the_exporters_steps():
     assert torch.equal(scale, s2) and torch.equal(zero.to(torch.int32), z2)
 
 
+def _same_rows(a, b):
+    # q is contiguous (strides of size-1 dims aside, which the reference's may differ in)
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and u.shape == v.shape and u.is_contiguous()
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+
+
+def _rows_input(i, gen):
+    shapes = [(1, 64), (3, 17), (17, 1), (1000, 7), (2, 513), (16, 512)]
+    shape = shapes[i % len(shapes)]
+    mag = 10 ** (torch.rand(1, generator=gen).item() * 7 - 4)
+    x = torch.randn(shape, generator=gen) * mag
+    kind = i % 7
+    if kind == 1:
+        x[::2] = x[::2].abs() + 0.5          # rows all positive: lo widened to 0
+    elif kind == 2:
+        x[1::2] = -x[1::2].abs() - 0.1       # rows all negative: hi widened to 0
+    elif kind == 3:
+        x[0] = 0.0                           # a row at eps
+    elif kind == 4:
+        x = torch.randn(shape[::-1], generator=gen).t()       # column-major: copied
+    elif kind == 5:
+        x = torch.randn(shape[0], shape[1] + 3, generator=gen)[:, 1:-2]  # row stride > K
+    elif kind == 6:
+        x[-1] = 3.7                          # a constant row
+    return x
+
+
+@needs_cpu
+def test_rows_match_reference_bit_for_bit():
+    gen = torch.Generator().manual_seed(1)
+    for i in range(84):
+        x = _rows_input(i, gen)
+        got = torch.ops.synq._quantize_dynamic_rows(x, EPS)
+        _same_rows(got, R.quantize_dynamic_rows(x, EPS))
+        assert got[1].shape == (x.shape[0], 1)
+
+
+@needs_cpu
+def test_rows_nan_and_errors():
+    x = torch.randn(4, 9)
+    x[2, 5] = float("nan")
+    _same_rows(torch.ops.synq._quantize_dynamic_rows(x, EPS), R.quantize_dynamic_rows(x, EPS))
+    for bad in (torch.zeros(3, 4, dtype=torch.float64), torch.zeros(0, 4), torch.zeros(2, 3, 4)):
+        with pytest.raises(RuntimeError, match="non-empty 2-D float32"):
+            torch.ops.synq._quantize_dynamic_rows(bad, EPS)
+    x = torch.randn(4, 5, dtype=torch.float64)      # the wrapper: the reference's ops
+    _same_rows(Q.quantize_dynamic_rows(x, EPS), R.quantize_dynamic_rows(x, EPS))
+    torch.library.opcheck(torch.ops.synq._quantize_dynamic_rows.default,
+                          (torch.randn(6, 10), EPS))
+
+
+def test_rows_reference_is_the_exporters_steps():
+    # synq.deploy's grid helper over dim 1 and its static quantization give the same values
+    from synq import deploy, quant
+    x = torch.randn(5, 33) * 3 + 1
+    scale, zero = deploy._dynamic_grid(x, (1,))
+    q = deploy._quantize_static(x, scale, zero, -128, 127)
+    q2, s2, z2 = R.quantize_dynamic_rows(x, quant._EPS)
+    assert torch.equal(scale, s2) and torch.equal(zero.to(torch.int32), z2)
+    assert torch.equal(q, q2)
+
+
 @needs_cpu
 def test_portable_kernel(tmp_path):
     """The scalar code (SYNQ_CPU_PORTABLE=1, read once per process) gives the same bits."""
-    run_portable(__file__, "bit_for_bit or half_to_even", tmp_path, passed=2)
+    run_portable(__file__, "bit_for_bit or half_to_even", tmp_path, passed=3)

@@ -1,8 +1,8 @@
-// Dynamic per-tensor 8-bit quantization on the CPU (synq.deploy._quantize_dynamic over the
-// whole tensor), in two passes over x instead of the six PyTorch ops of the Python path
-// (aminmax, then div / round / add / clamp / to int8 over the tensor, each a dispatch and a
-// pass). Every step is the same float32 operation as there, so the results are the same
-// bits:
+// Dynamic 8-bit quantization on the CPU (synq.deploy._quantize_dynamic), per tensor or per
+// row of a matrix (a linear layer's input), in two passes over x instead of the PyTorch ops
+// of the Python path (the range, then div / round / add / clamp / to int8, each a dispatch and
+// a pass; per row about 18 ops, which cost more than the linear layer at batch 1). Every
+// step is the same float32 operation as there, so the results are the same bits:
 //   lo = min(min(x), 0), hi = max(max(x), 0)
 //   scale = max((hi - lo) / 255, eps)
 //   zero = clamp(round(-lo / scale), 0, 255) - 128               (int8 domain)
@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "cpu_features.h"
 
@@ -112,6 +113,17 @@ void quantize_span(const float* x, int64_t n, float scale, float zero, int8_t* q
   quantize_scalar(x, n, scale, zero, q);
 }
 
+// The grid of a range (no NaN): scale and zero point (int8 domain, integer-valued).
+struct Grid {
+  float scale, zero;
+};
+
+Grid grid_of(const Range& r, double eps) {
+  const float lo = std::min(r.lo, 0.f), hi = std::max(r.hi, 0.f);
+  const float scale = std::max((hi - lo) / 255.0f, static_cast<float>(eps));
+  return {scale, std::min(std::max(std::nearbyint(-lo / scale), 0.f), 255.f) - 128.f};
+}
+
 // x float32; returns (q int8 with x's sizes and memory layout, scale float32 and zero int32,
 // both of shape (1,) * x.dim()).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_cpu(const at::Tensor& x_,
@@ -147,9 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_cpu(const at::Te
     t.round_().add_(zero).clamp_(-128, 127);
     return {t.to(at::kChar), scale, zero.to(at::kInt)};
   }
-  const float lo = std::min(r.lo, 0.f), hi = std::max(r.hi, 0.f);
-  const float scale = std::max((hi - lo) / 255.0f, static_cast<float>(eps));
-  const float zero = std::min(std::max(std::nearbyint(-lo / scale), 0.f), 255.f) - 128.f;
+  const Grid gr = grid_of(r, eps);
+  const float scale = gr.scale, zero = gr.zero;
   auto q = at::empty_like(x, x.options().dtype(at::kChar));  // x's layout (dense)
   int8_t* qp = q.mutable_data_ptr<int8_t>();
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
@@ -161,8 +172,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_cpu(const at::Te
           at::full(one, static_cast<int32_t>(zero), x.options().dtype(at::kInt))};
 }
 
+// x (M, K) float32 (any strides); each row on its own grid. Returns (q (M, K) int8
+// contiguous, scale (M, 1) float32, zero (M, 1) int32): the Python path's keepdim shapes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_rows_cpu(const at::Tensor& x_,
+                                                                          double eps) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.dim() == 2 && x_.numel() > 0,
+              "synq quantize_dynamic_rows (cpu backend): x must be a non-empty 2-D float32 "
+              "tensor, got ", x_.scalar_type(), " ", x_.sizes());
+  const auto x = x_.stride(1) == 1 ? x_ : x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0);
+  const float* xp = x.const_data_ptr<float>();
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto scale = at::empty({M, 1}, x.options());
+  auto zero = at::empty({M, 1}, x.options().dtype(at::kInt));
+  int8_t* qp = q.mutable_data_ptr<int8_t>();
+  float* sp = scale.mutable_data_ptr<float>();
+  int32_t* zp = zero.mutable_data_ptr<int32_t>();
+  std::vector<uint8_t> nan(M, 0);
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const Range r = range_of(xp + m * ldx, K);
+      if (r.nan) {
+        nan[m] = 1;
+        continue;
+      }
+      const Grid g = grid_of(r, eps);
+      quantize_span(xp + m * ldx, K, g.scale, g.zero, qp + m * K);
+      sp[m] = g.scale;
+      zp[m] = static_cast<int32_t>(g.zero);
+    }
+  });
+  if (std::find(nan.begin(), nan.end(), 1) != nan.end()) {  // the Python path's ATen ops
+    const auto lo = at::amin(x, {1}, true).clamp_max(0.0);
+    const auto hi = at::amax(x, {1}, true).clamp_min(0.0);
+    const auto s = at::div(at::sub(hi, lo), 255.0).clamp_min(eps);
+    const auto z = at::sub(at::round(at::div(at::neg(lo), s)).clamp_(0, 255), 128.0);
+    auto t = at::div(x, s);
+    t.round_().add_(z).clamp_(-128, 127);
+    return {t.to(at::kChar).contiguous(), s, z.to(at::kInt)};
+  }
+  return {q, scale, zero};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(synq, CPU, m) { m.impl("_quantize_dynamic", &quantize_dynamic_cpu); }
+TORCH_LIBRARY_IMPL(synq, CPU, m) {
+  m.impl("_quantize_dynamic", &quantize_dynamic_cpu);
+  m.impl("_quantize_dynamic_rows", &quantize_dynamic_rows_cpu);
+}
 
 }  // namespace synq

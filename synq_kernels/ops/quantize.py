@@ -1,6 +1,7 @@
-"""Dynamic per-tensor 8-bit quantization (`quantize_dynamic`): the CPU kernel
-(csrc/cpu/quantize.cpp: two passes over x) where it is built, else the reference's PyTorch
-ops. Both give the same bits (the kernel repeats the reference's float32 steps)."""
+"""Dynamic 8-bit quantization, per tensor (`quantize_dynamic`) or per row of a matrix
+(`quantize_dynamic_rows`): the CPU kernel (csrc/cpu/quantize.cpp: two passes over x) where it
+is built, else the reference's PyTorch ops. Both give the same bits (the kernel repeats the
+reference's float32 steps)."""
 import torch
 from torch import Tensor
 
@@ -19,6 +20,12 @@ if _has_kernel():
         return (torch.empty_like(x, dtype=torch.int8), x.new_empty(one),
                 x.new_empty(one, dtype=torch.int32))
 
+    @torch.library.register_fake("synq::_quantize_dynamic_rows")
+    def _(x, eps):
+        m = x.shape[0]
+        return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((m, 1)),
+                x.new_empty((m, 1), dtype=torch.int32))
+
 
 def quantize_dynamic(x: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
     """(q, scale, zero) of x on its own 8-bit grid; see reference `quantize_dynamic`."""
@@ -26,3 +33,12 @@ def quantize_dynamic(x: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor, Tens
             and _has_kernel()):
         return torch.ops.synq._quantize_dynamic(x, eps)
     return R.quantize_dynamic(x, eps)
+
+
+def quantize_dynamic_rows(x: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, scale, zero) of each row of a 2-D x on its own 8-bit grid; see reference
+    `quantize_dynamic_rows`."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and x.numel() > 0 and _has_kernel()):
+        return torch.ops.synq._quantize_dynamic_rows(x, eps)
+    return R.quantize_dynamic_rows(x, eps)

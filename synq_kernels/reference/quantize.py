@@ -1,5 +1,5 @@
-"""Dynamic per-tensor 8-bit quantization, in plain PyTorch ops: the exporter's run-time
-quantization of a layer input that no activation quantizer fixed (synq.deploy)."""
+"""Dynamic 8-bit quantization, per tensor or per row, in plain PyTorch ops: the exporter's
+run-time quantization of a layer input that no activation quantizer fixed (synq.deploy)."""
 import torch
 
 
@@ -19,3 +19,15 @@ def quantize_dynamic(x: torch.Tensor, eps: float):
     t = torch.div(x.float(), scale)
     t.round_().add_(zero).clamp_(-128, 127)
     return t.to(torch.int8), scale, zero.to(torch.int32)
+
+
+def quantize_dynamic_rows(x: torch.Tensor, eps: float):
+    """x (M, K) float32 -> (q (M, K) int8 contiguous, scale (M, 1) float32, zero (M, 1)
+    int32): `quantize_dynamic` of each row on its own grid (a linear layer's input)."""
+    lo = torch.amin(x, dim=1, keepdim=True).float().clamp_(max=0.0)
+    hi = torch.amax(x, dim=1, keepdim=True).float().clamp_(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp_(min=eps)
+    zero = torch.round(-lo / scale).clamp_(0, 255) - 128.0
+    t = torch.div(x.float(), scale)
+    t.round_().add_(zero).clamp_(-128, 127)
+    return t.to(torch.int8).contiguous(), scale, zero.to(torch.int32)
