@@ -238,8 +238,8 @@ def residual_block_layers(model: nn.Module) -> list[str]:
     """Names of the residual blocks: the modules that hold a residual add
     (synq.models.common.Add) as a child. The HAST feature-attention term compares their
     outputs, i.e. after the ReLU that follows the add where the block has one (a ResNet
-    block's output; a MobileNetV2 block's is the add itself). An Add that is a child of the
-    model itself stands for itself."""
+    block's output; a MobileNetV2 block's is the add itself), once per block however many
+    adds it holds. An Add that is a child of the model itself stands for itself."""
     names = []
     for n in residual_add_layers(model):
         name = n.rpartition(".")[0] or n
