@@ -452,7 +452,7 @@ class IntLinear(_IntLayer):
         if offset is not None:
             # the offset term o[n] * sum_k (x_k - x_zero), scaled like the accumulator. The
             # sums are integers below 2^24 (K <= 65,536), exact in float32: the values of an
-            # int32 sum, in four ops a row of the batch instead of eight
+            # int32 sum, in five replayed ops instead of eight
             rows = torch.sub(xq.sum(1, keepdim=True, dtype=torch.float32), xz_col,
                              alpha=self.k)
             out = out + (xs_col * rows) * (self.w_scale * offset.float())
