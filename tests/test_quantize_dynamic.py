@@ -55,9 +55,15 @@ def test_rounds_half_to_even():
 
 
 @needs_cpu
-def test_nan_takes_the_reference_ops():
-    x = torch.randn(2, 3, 4, 4)
-    x[0, 1, 2, 3] = float("nan")
+def test_nan_and_inf_take_the_reference_ops():
+    # an infinite end makes the grid inf or NaN, whose int8 the vector clamp and ATen differ on
+    for at, v in [((0, 1, 2, 3), float("nan")), ((0, 0, 0, 0), float("inf")),
+                  ((1, 2, 3, 3), float("inf")), ((0, 0, 0, 0), -float("inf"))]:
+        x = torch.randn(2, 3, 4, 4)
+        x[at] = v
+        _same(torch.ops.synq._quantize_dynamic(x, EPS), R.quantize_dynamic(x, EPS))
+    x = torch.randn(3, 40)
+    x[0, 0], x[2, 39] = float("inf"), -float("inf")
     _same(torch.ops.synq._quantize_dynamic(x, EPS), R.quantize_dynamic(x, EPS))
 
 
@@ -126,15 +132,35 @@ def test_rows_match_reference_bit_for_bit():
 
 
 @needs_cpu
-def test_rows_nan_and_errors():
-    x = torch.randn(4, 9)
-    x[2, 5] = float("nan")
-    _same_rows(torch.ops.synq._quantize_dynamic_rows(x, EPS), R.quantize_dynamic_rows(x, EPS))
+def test_rows_special_values_and_errors():
+    inf, nan = float("inf"), float("nan")
+    cases = []
+    for K in (9, 40):                  # the scalar tail only, and vector body plus tail
+        for j, v in [(5, nan), (0, inf), (K - 1, inf), (0, -inf), (3, -inf)]:
+            x = torch.randn(4, K)
+            x[2, j] = v
+            cases.append(x)
+        x = torch.randn(4, K)
+        x[1, 0], x[1, -1] = inf, -inf
+        cases.append(x)
+    x = torch.randn(5, 45)[:, 2:42]    # row stride > K, with a NaN
+    x[1, 7] = nan
+    cases.append(x)
+    x = torch.randn(40, 5).t()         # column-major (copied), with a NaN
+    x[2, 3] = nan
+    cases.append(x)
+    cases.append(torch.full((3, 17), -0.0))
+    cases.append(torch.tensor([[3e38, -3e38, 1.0], [3.4e38, 0.5, 2.0]]))  # hi - lo overflows
+    cases.append(torch.randn(3, 20) * 1e-39)                             # subnormals
+    for x in cases:
+        _same_rows(torch.ops.synq._quantize_dynamic_rows(x, EPS),
+                   R.quantize_dynamic_rows(x, EPS))
     for bad in (torch.zeros(3, 4, dtype=torch.float64), torch.zeros(0, 4), torch.zeros(2, 3, 4)):
         with pytest.raises(RuntimeError, match="non-empty 2-D float32"):
             torch.ops.synq._quantize_dynamic_rows(bad, EPS)
     x = torch.randn(4, 5, dtype=torch.float64)      # the wrapper: the reference's ops
-    _same_rows(Q.quantize_dynamic_rows(x, EPS), R.quantize_dynamic_rows(x, EPS))
+    _same_rows(Q.quantize_dynamic_rows(x, EPS),
+               torch.ops.synq._quantize_dynamic_rows(x.float(), EPS))
     torch.library.opcheck(torch.ops.synq._quantize_dynamic_rows.default,
                           (torch.randn(6, 10), EPS))
 

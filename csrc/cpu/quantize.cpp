@@ -7,8 +7,9 @@
 //   scale = max((hi - lo) / 255, eps)
 //   zero = clamp(round(-lo / scale), 0, 255) - 128               (int8 domain)
 //   q = clamp(round(x / scale) + zero, -128, 127)                 (round half to even)
-// A tensor holding NaN takes the ATen ops of the Python path (float -> int8 of NaN is not
-// defined the same way by every path).
+// A tensor (or, per row, a row) holding NaN or +-inf takes the ATen ops of the Python path:
+// an infinite end makes the scale or the zero point inf or NaN, and float -> int8 of NaN is
+// not defined the same way by every path (ATen gives 0, a vector clamp -128).
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -36,6 +37,8 @@ namespace {
 struct Range {
   float lo, hi;
   bool nan;
+  // whether the vector steps give the ATen ops' bits: no NaN, no infinite end
+  bool finite() const { return !nan && std::isfinite(lo) && std::isfinite(hi); }
 };
 
 Range range_scalar(const float* x, int64_t n) {
@@ -149,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_cpu(const at::Te
     r.lo = std::min(r.lo, parts[c].lo);
     r.hi = std::max(r.hi, parts[c].hi);
   }
-  if (r.nan) {  // the Python path's ATen ops, as they are
+  if (!r.finite()) {  // the Python path's ATen ops, as they are
     const auto mm = at::aminmax(x);
     const auto lo = std::get<0>(mm).reshape(one).clamp_max(0.0);
     const auto hi = std::get<1>(mm).reshape(one).clamp_min(0.0);
@@ -188,12 +191,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_rows_cpu(const a
   int8_t* qp = q.mutable_data_ptr<int8_t>();
   float* sp = scale.mutable_data_ptr<float>();
   int32_t* zp = zero.mutable_data_ptr<int32_t>();
-  std::vector<uint8_t> nan(M, 0);
+  std::vector<uint8_t> odd(M, 0);  // rows with NaN or +-inf
   at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       const Range r = range_of(xp + m * ldx, K);
-      if (r.nan) {
-        nan[m] = 1;
+      if (!r.finite()) {
+        odd[m] = 1;
         continue;
       }
       const Grid g = grid_of(r, eps);
@@ -202,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_rows_cpu(const a
       zp[m] = static_cast<int32_t>(g.zero);
     }
   });
-  if (std::find(nan.begin(), nan.end(), 1) != nan.end()) {  // the Python path's ATen ops
+  if (std::find(odd.begin(), odd.end(), 1) != odd.end()) {  // the Python path's ATen ops
     const auto lo = at::amin(x, {1}, true).clamp_max(0.0);
     const auto hi = at::amax(x, {1}, true).clamp_min(0.0);
     const auto s = at::div(at::sub(hi, lo), 255.0).clamp_min(eps);
