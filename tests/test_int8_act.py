@@ -50,6 +50,21 @@ def test_quantize_static_matches_the_torch_ops(device):
         assert torch.equal(got.cpu(), want), (shape, (got.cpu() != want).sum())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_static_nan_as_the_torch_ops(device):
+    """NaN in x, and the grid of a range with an infinite end (scale inf: inf / inf is NaN;
+    zero point from -inf), give what PyTorch's clamp and int8 cast give: 0."""
+    from synq_kernels.triton.quantize import quantize_static
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([nan, 1.0, -2.0, inf, -inf, 0.0, 3e38, nan] * 5)
+    for scale, zero in [(0.1, 3), (inf, -128), (inf, 0), (1e-8, 127)]:
+        s = torch.tensor(scale, dtype=torch.float32)
+        z = torch.tensor(zero, dtype=torch.int32)
+        want = _torch_quantize(x, s, z, -128, 127)
+        got = quantize_static(x.to(device), s.to(device), z.to(device), -128, 127)
+        assert torch.equal(got.cpu(), want), (scale, zero, got.cpu()[:8], want[:8])
+
+
 @pytest.mark.skipif(not TRITON_CPU, reason="no triton")
 def test_quantize_static_gpu_division_under_the_interpreter(monkeypatch):
     """The GPU's division (reciprocal and two fused multiply-adds) under the interpreter,

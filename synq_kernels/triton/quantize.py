@@ -39,7 +39,10 @@ def _to_grid(v, s, zf, lo, hi, HW_FMA: tl.constexpr, BLOCK: tl.constexpr):
     # round half to even (exact for |q| < 2^22; larger |q| clamp to the same ends) and the
     # integer zero point: (q + 1.5 * 2^23) - (1.5 * 2^23 - zero)
     q = (q + 12582912.0) - (12582912.0 - zf)
-    return tl.minimum(tl.maximum(q, lo), hi)
+    # NaN (x NaN, or inf / inf from the grid of a range with an infinite end) goes to 0, as
+    # PyTorch's clamp (which keeps NaN) and cast to int8 give it; the GPU's max / min would
+    # turn it into lo
+    return tl.where(q != q, 0.0, tl.minimum(tl.maximum(q, lo), hi))
 
 
 @triton.jit
