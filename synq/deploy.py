@@ -248,7 +248,8 @@ class IntConv2d(_IntLayer):
             xs, xz = self.in_scale, self.in_zero
         else:
             xq, xs, xz = _quantize_dynamic(x, (0, 1, 2, 3))
-            xs, xz = xs.reshape(()), xz.reshape(())
+            if not self._use_packed(x.device):  # the packed CPU conv takes any one-element grid
+                xs, xz = xs.reshape(()), xz.reshape(())
         if xq.is_cuda and not xq.is_contiguous(memory_format=torch.channels_last):
             # the GPU kernels' fast layout (a run of channels per pixel); the output keeps it,
             # so this copies once per model, at the first conv with more than one channel
@@ -518,11 +519,6 @@ _LINEAR = (torch.ops.synq._quantized_linear.default
            if hasattr(torch.ops.synq, "_quantized_linear") else None)
 
 
-def _one(t: torch.Tensor) -> torch.Tensor:
-    """A one-element tensor as shape (1,) (as is if it already is: no view per call)."""
-    return t if t.dim() == 1 else t.reshape(1)
-
-
 class _Pending:
     """A conv whose epilogue waits for what follows it (fused mode): an IntAdd hands it the
     residual, an IntAct the ReLU and the output grid; then it runs as one kernel call. On the
@@ -552,14 +548,16 @@ class _Pending:
                 return y
             q = _quantize_static(y, out[0], out[1], -128, out[2])
         else:
+            # grids as they are: the kernel takes any one-element tensor (a view each was a
+            # replayed op each, 2 us apiece at batch 1)
             rq = getattr(res, "_synq_q", None) if res is not None else None
-            rs, rz = (_one(rq[0]), _one(rq[1])) if rq is not None else (None, None)
+            rs, rz = (rq[0], rq[1]) if rq is not None else (None, None)
             if res is not None and rq is None:
                 res = res.float()
             b = L._buffers
             wp, wo = L._packed()
             q = _PACKED_CONV(
-                self.xq, _one(self.xs), _one(self.xz), wp, b["w_scale"],
+                self.xq, self.xs, self.xz, wp, b["w_scale"],
                 b["bias"], L.stride, L.padding, L.dilation, L.groups, relu,
                 torch.int8 if out is not None else torch.float32,
                 None if out is None else out[0], None if out is None else out[1], res, rs, rz,
