@@ -51,6 +51,7 @@ def test_quantize_static_matches_the_torch_ops(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # NumPy on inf / NaN
 def test_quantize_static_nan_as_the_torch_ops(device):
     """NaN in x, and the grid of a range with an infinite end (scale inf: inf / inf is NaN;
     zero point from -inf), give what PyTorch's clamp and int8 cast give: 0."""
@@ -66,6 +67,7 @@ def test_quantize_static_nan_as_the_torch_ops(device):
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="no triton")
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # NumPy on inf / NaN
 def test_quantize_static_gpu_division_under_the_interpreter(monkeypatch):
     """The GPU's division (reciprocal and two fused multiply-adds) under the interpreter,
     whose fma rounds twice: a step off at a rare tie at most; a wrong formula is off by many."""
@@ -76,6 +78,15 @@ def test_quantize_static_gpu_division_under_the_interpreter(monkeypatch):
     s, z = torch.tensor(0.0173), torch.tensor(-7, dtype=torch.int32)
     diff = (quantize_static(x, s, z, -128, 127).int() - _torch_quantize(x, s, z, -128, 127).int())
     assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 1e-3
+    # special values exactly (double rounding does not touch them): +-inf, an overflowing
+    # quotient, NaN, and infinite scales, where the GPU's correction step makes NaN
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([nan, 1.0, -2.0, inf, -inf, 0.0, 3e38, -3e38] * 5)
+    for scale, zero in [(0.1, 3), (inf, -128), (inf, 0), (1e-8, 127), (1e-30, -5)]:
+        s = torch.tensor(scale, dtype=torch.float32)
+        z = torch.tensor(zero, dtype=torch.int32)
+        got, want = quantize_static(x, s, z, -128, 127), _torch_quantize(x, s, z, -128, 127)
+        assert torch.equal(got, want), (scale, zero, got[:8], want[:8])
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="no triton")

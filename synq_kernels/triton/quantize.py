@@ -12,8 +12,9 @@ passes over the float32 tensor plus the cast: about 1.4 GB of traffic for ResNet
 at batch 256 (256 x 3 x 224 x 224), against 0.19 GB here. Values are the ops' exactly:
 x / scale is the IEEE quotient (on a GPU a reciprocal and two fused multiply-adds, as in
 conv_tap.py's epilogue; under the interpreter tl.math.div_rn), and
-round-half-even plus the zero point is one add pair. A NaN in x becomes lo (PyTorch's cast
-of NaN to int8 is undefined)."""
+round-half-even plus the zero point is one add pair. Special values too: +-inf (in x, or
+a quotient that overflows) clamps to hi / lo, a finite x over an infinite scale is 0, and NaN
+(in x, or inf / inf) gives 0, as PyTorch's clamp (which keeps NaN) and int8 cast do."""
 from __future__ import annotations
 
 import torch
@@ -31,17 +32,21 @@ def _to_grid(v, s, zf, lo, hi, HW_FMA: tl.constexpr, BLOCK: tl.constexpr):
     [lo, hi]: PyTorch's div, round, add and clamp, to the bit."""
     if HW_FMA:  # see conv_tap.py's epilogue
         inv = tl.math.div_rn(1.0, s)
-        q = v * inv
-        e = tl.math.fma(-q, s, v)
-        q = tl.math.fma(e, inv, q)
+        q0 = v * inv
+        e = tl.math.fma(-q0, s, v)
+        q = tl.math.fma(e, inv, q0)
+        # the correction is NaN where q0 is infinite (x infinite, or an overflowing quotient)
+        # or s is (0 * inf): q0 is then the IEEE quotient itself (+-inf, +-0, or NaN for
+        # inf / inf)
+        q = tl.where(q == q, q, q0)
     else:  # the interpreter's fma rounds twice; NumPy's division is IEEE
         q = tl.math.div_rn(v, tl.broadcast_to(s, [BLOCK]))
     # round half to even (exact for |q| < 2^22; larger |q| clamp to the same ends) and the
     # integer zero point: (q + 1.5 * 2^23) - (1.5 * 2^23 - zero)
     q = (q + 12582912.0) - (12582912.0 - zf)
     # NaN (x NaN, or inf / inf from the grid of a range with an infinite end) goes to 0, as
-    # PyTorch's clamp (which keeps NaN) and cast to int8 give it; the GPU's max / min would
-    # turn it into lo
+    # PyTorch's clamp (which keeps NaN) and cast to int8 give it; the GPU's max / min (and
+    # the interpreter's, np.fmax / np.fmin) would turn it into lo
     return tl.where(q != q, 0.0, tl.minimum(tl.maximum(q, lo), hi))
 
 
