@@ -127,6 +127,19 @@ Grid grid_of(const Range& r, double eps) {
   return {scale, std::min(std::max(std::nearbyint(-lo / scale), 0.f), 255.f) - 128.f};
 }
 
+// The Python path's ATen ops, as they are, from x's range (lo, hi: keepdim-reduced): for
+// inputs holding NaN or +-inf.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aten_path(const at::Tensor& x, at::Tensor lo,
+                                                         at::Tensor hi, double eps) {
+  lo = lo.clamp_max(0.0);
+  hi = hi.clamp_min(0.0);
+  const auto scale = at::div(at::sub(hi, lo), 255.0).clamp_min(eps);
+  const auto zero = at::sub(at::round(at::div(at::neg(lo), scale)).clamp_(0, 255), 128.0);
+  auto t = at::div(x, scale);
+  t.round_().add_(zero).clamp_(-128, 127);
+  return {t.to(at::kChar), scale, zero.to(at::kInt)};
+}
+
 // x float32; returns (q int8 with x's sizes and memory layout, scale float32 and zero int32,
 // both of shape (1,) * x.dim()).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_cpu(const at::Tensor& x_,
@@ -152,15 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_cpu(const at::Te
     r.lo = std::min(r.lo, parts[c].lo);
     r.hi = std::max(r.hi, parts[c].hi);
   }
-  if (!r.finite()) {  // the Python path's ATen ops, as they are
+  if (!r.finite()) {
     const auto mm = at::aminmax(x);
-    const auto lo = std::get<0>(mm).reshape(one).clamp_max(0.0);
-    const auto hi = std::get<1>(mm).reshape(one).clamp_min(0.0);
-    const auto scale = at::div(at::sub(hi, lo), 255.0).clamp_min(eps);
-    const auto zero = at::sub(at::round(at::div(at::neg(lo), scale)).clamp_(0, 255), 128.0);
-    auto t = at::div(x, scale);
-    t.round_().add_(zero).clamp_(-128, 127);
-    return {t.to(at::kChar), scale, zero.to(at::kInt)};
+    return aten_path(x, std::get<0>(mm).reshape(one), std::get<1>(mm).reshape(one), eps);
   }
   const Grid gr = grid_of(r, eps);
   const float scale = gr.scale, zero = gr.zero;
@@ -205,14 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_rows_cpu(const a
       zp[m] = static_cast<int32_t>(g.zero);
     }
   });
-  if (std::find(odd.begin(), odd.end(), 1) != odd.end()) {  // the Python path's ATen ops
-    const auto lo = at::amin(x, {1}, true).clamp_max(0.0);
-    const auto hi = at::amax(x, {1}, true).clamp_min(0.0);
-    const auto s = at::div(at::sub(hi, lo), 255.0).clamp_min(eps);
-    const auto z = at::sub(at::round(at::div(at::neg(lo), s)).clamp_(0, 255), 128.0);
-    auto t = at::div(x, s);
-    t.round_().add_(z).clamp_(-128, 127);
-    return {t.to(at::kChar).contiguous(), s, z.to(at::kInt)};
+  if (std::find(odd.begin(), odd.end(), 1) != odd.end()) {
+    auto [t, s, z] = aten_path(x, at::amin(x, {1}, true), at::amax(x, {1}, true), eps);
+    return {t.contiguous(), s, z};
   }
   return {q, scale, zero};
 }

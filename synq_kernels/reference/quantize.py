@@ -13,6 +13,11 @@ def quantize_dynamic(x: torch.Tensor, eps: float):
     """
     one = (1,) * x.dim()
     lo, hi = (t.reshape(one) for t in torch.aminmax(x))
+    return _on_range(x, lo, hi, eps)
+
+
+def _on_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, eps: float):
+    """x on the 8-bit grid of the range (lo, hi) (keepdim-reduced), widened to hold 0."""
     lo, hi = lo.float().clamp_(max=0.0), hi.float().clamp_(min=0.0)
     scale = ((hi - lo) / 255.0).clamp_(min=eps)
     zero = torch.round(-lo / scale).clamp_(0, 255) - 128.0
@@ -24,10 +29,6 @@ def quantize_dynamic(x: torch.Tensor, eps: float):
 def quantize_dynamic_rows(x: torch.Tensor, eps: float):
     """x (M, K) float32 -> (q (M, K) int8 contiguous, scale (M, 1) float32, zero (M, 1)
     int32): `quantize_dynamic` of each row on its own grid (a linear layer's input)."""
-    lo = torch.amin(x, dim=1, keepdim=True).float().clamp_(max=0.0)
-    hi = torch.amax(x, dim=1, keepdim=True).float().clamp_(min=0.0)
-    scale = ((hi - lo) / 255.0).clamp_(min=eps)
-    zero = torch.round(-lo / scale).clamp_(0, 255) - 128.0
-    t = torch.div(x.float(), scale)
-    t.round_().add_(zero).clamp_(-128, 127)
-    return t.to(torch.int8).contiguous(), scale, zero.to(torch.int32)
+    q, scale, zero = _on_range(x, torch.amin(x, dim=1, keepdim=True),
+                               torch.amax(x, dim=1, keepdim=True), eps)
+    return q.contiguous(), scale, zero

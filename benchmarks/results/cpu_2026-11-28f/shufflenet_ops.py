@@ -8,25 +8,16 @@ ROOT = sys.argv[1]
 sys.path.insert(0, ROOT)
 sys.path.insert(1, sys.argv[2])
 import torch  # noqa: E402
-import torchvision.models as tvm  # noqa: E402
 
 import synq  # noqa: E402
 from synq import replay  # noqa: E402
 from synq.deploy import export  # noqa: E402
 from synq.quant import calibrate, quantize_model  # noqa: E402
+from torchvision_models import build  # noqa: E402 (this folder's)
 
 assert synq.__file__.startswith(ROOT), synq.__file__
 torch.set_num_threads(1)
-torch.manual_seed(0)
-m = tvm.shufflenet_v2_x0_5(weights=None)
-for mod in m.modules():
-    if isinstance(mod, torch.nn.BatchNorm2d):
-        mod.reset_running_stats()
-        mod.momentum = None
-m.train()
-with torch.no_grad():
-    m(torch.randn(16, 3, 96, 96))
-m.eval()
+m = build("shufflenet_v2_x0_5")
 x = torch.randn(4, 3, 96, 96)
 im = export(calibrate(quantize_model(m, 8, 8), [x]), example=x[:1])
 with torch.no_grad():
