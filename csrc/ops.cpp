@@ -2,16 +2,7 @@
 // are declared in Python (synq_kernels/ops/); they pick a backend and, for the "cpu" and
 // "cuda" backends, call these kernels, whose CPU and CUDA implementations are registered per
 // dispatch key in csrc/cpu/ and csrc/cuda/.
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// Importing synq_kernels._C runs the static registrations below; the module itself is empty.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace synq {
 

@@ -720,9 +720,9 @@ class IntModel(nn.Module):
             key = replay.input_key(x)
             got = self._recordings.get(key)
             if got is not None and got[0] is not None:
-                rec, tensors, versions = got
-                if all(version(t) == v for t, v in zip(tensors, versions)):
-                    return rec(x)
+                out = got[0].run_if_current(x)
+                if out is not replay.STALE:
+                    return out
                 got = None                  # a weight changed in place: record again
             if got is None:                 # first call of this shape: warm the caches
                 if len(self._recordings) >= self.MAX_RECORDINGS:
@@ -732,10 +732,12 @@ class IntModel(nn.Module):
             if got[1] != "warm":            # refused before: eager from now on
                 return self.model(x)
             tensors = [*self.model.parameters(), *self.model.buffers()]
-            versions = [version(t) for t in tensors]
+            if any(t.is_inference() for t in tensors):
+                return self.model(x)        # no version counters to guard a recording with
             out, rec, why = replay.record(self.model, x)
-            self._recordings[key] = ((rec, tensors, versions) if rec is not None
-                                     else (None, why))
+            if rec is not None:
+                rec.guard(tensors)
+            self._recordings[key] = (rec, None) if rec is not None else (None, why)
             return out
 
     def reset_replay(self) -> "IntModel":

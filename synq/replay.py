@@ -8,7 +8,10 @@ arguments. A tensor argument is the input, the output of an earlier op, or a con
 weight, a cached packed weight, a grid's scale: any tensor the call did not derive from its
 input; an op whose tensor arguments are all constants is a constant too and is not replayed).
 Replay runs the noted ops in order on the new input and drops each intermediate after its
-last use, as eager execution would.
+last use, as eager execution would. Where the compiled extension is built, a C++ plan
+(`synq_kernels._C.ReplayPlan`, csrc/replay.cpp) runs them: the same ops with the same
+arguments, converted once, called through the dispatcher without Python in between (the
+Python loop is the fallback, and `Recording(..., compiled=False)` asks for it).
 
 A recording is refused (and the function keeps running eagerly for that input key) when the
 call turns an input-derived value into a Python number (`.item()`, `bool()`, `int()`: the
@@ -112,10 +115,12 @@ class _Recorder(TorchDispatchMode):
 
 class Recording:
     """The ops of one call, replayable on inputs of the recorded shape, strides, dtype and
-    device."""
+    device. `guard(tensors)` makes `run_if_current` refuse (return STALE) once one of those
+    tensors changed in place."""
 
-    def __init__(self, steps, n_slots, result):
+    def __init__(self, steps, n_slots, result, compiled=True):
         self.steps, self.n_slots, self.result = steps, n_slots, result
+        self._guarded = ()
         last = {}
         for k, st in enumerate(steps):
             for leaf in pytree.tree_leaves((st.args, st.kwargs)):
@@ -128,8 +133,35 @@ class Recording:
                 frees.setdefault(k, []).append(s)
         for k, st in enumerate(steps):
             st.free = tuple(frees.get(k, ()))
+        self.plan = _compile(self) if compiled else None
+
+    def guard(self, tensors) -> None:
+        """Remember `tensors`' version counters (none may be an inference tensor)."""
+        tensors = list(tensors)
+        self._guarded = [(t, t._version) for t in tensors]
+        if self.plan is not None:
+            self.plan.guard(tensors)
+
+    def run_if_current(self, x):
+        """The replay on x, or STALE when a guarded tensor changed since `guard`."""
+        if self.plan is not None:
+            out = self.plan.run(x)
+            return STALE if out is None else self._rebuild(out)
+        if any(t._version != v for t, v in self._guarded):
+            return STALE
+        return self._replay(x)
 
     def __call__(self, x):
+        if self.plan is not None:
+            return self._rebuild(self.plan.run(x, False))
+        return self._replay(x)
+
+    def _rebuild(self, tensors):
+        it = iter(tensors)
+        return pytree.tree_map(lambda a: next(it) if isinstance(a, _Slot) else a, self.result,
+                               is_leaf=lambda a: isinstance(a, _Slot))
+
+    def _replay(self, x):
         env = [None] * self.n_slots
         env[0] = x
         for st in self.steps:
@@ -156,6 +188,89 @@ class Recording:
                 env[s] = None
         return pytree.tree_map(lambda a: env[a.i] if isinstance(a, _Slot) else a, self.result,
                                is_leaf=lambda a: isinstance(a, _Slot))
+
+
+STALE = object()     # run_if_current's answer when a guarded tensor changed
+
+_TENSOR_TYPES = ("Tensor", "Optional[Tensor]")
+_TENSOR_LISTS = ("List[Tensor]", "List[Optional[Tensor]]")
+
+
+def _has_slot(tree) -> bool:
+    return any(isinstance(leaf, _Slot) for leaf in pytree.tree_leaves(tree))
+
+
+def _step_spec(st: _Step):
+    """add_step's arguments for st, or None when the C++ plan cannot run it: a slot somewhere
+    other than a Tensor argument or an element of a list of tensors, or outputs nested
+    deeper than a list."""
+    schema = st.op._schema
+    params = schema.arguments
+    names = [a.name for a in params]
+    dyn, lists = [], []
+
+    def place(pos, a):
+        if isinstance(a, _Slot):
+            if str(params[pos].type) not in _TENSOR_TYPES:
+                return None
+            dyn.append((pos, a.i))
+            return _PLACEHOLDER
+        if isinstance(a, (list, tuple)) and _has_slot(a):
+            if str(params[pos].type) not in _TENSOR_LISTS:
+                return None
+            for k, e in enumerate(a):
+                if isinstance(e, _Slot):
+                    lists.append((pos, k, e.i))
+                elif _has_slot(e):
+                    return None
+            return [_PLACEHOLDER if isinstance(e, _Slot) else e for e in a]
+        return None if _has_slot(a) else a
+
+    args = []
+    for pos, a in enumerate(st.args):
+        v = place(pos, a)
+        if v is None and a is not None:
+            return None
+        args.append(v)
+    kwargs = {}
+    for k, a in st.kwargs.items():
+        v = place(names.index(k), a)
+        if v is None and a is not None:
+            return None
+        kwargs[k] = v
+    n_ret = len(schema.returns)
+    per_return = [st.outs] if n_ret == 1 else (
+        [None] * n_ret if st.outs is None else list(st.outs))
+    outs = []
+    for o in per_return:
+        if o is None or isinstance(o, int):
+            outs.append([-1 if o is None else o])
+        elif isinstance(o, (list, tuple)) and all(e is None or isinstance(e, int) for e in o):
+            outs.append([-1 if e is None else e for e in o])
+        else:
+            return None
+    return (schema.name, schema.overload_name, tuple(args), kwargs, dyn, lists, outs,
+            list(st.free))
+
+
+_PLACEHOLDER = torch.empty(0)
+
+
+def _compile(rec: Recording):
+    """The C++ plan of rec's steps, or None (no compiled extension, or a step it cannot run)."""
+    from synq_kernels import _ext
+    if not _ext.has_cpu_kernels():
+        return None
+    from synq_kernels import _C
+    specs = [_step_spec(st) for st in rec.steps]
+    if any(spec is None for spec in specs):
+        return None
+    result = [leaf.i for leaf in pytree.tree_leaves(rec.result, is_leaf=lambda a: isinstance(
+        a, _Slot)) if isinstance(leaf, _Slot)]
+    plan = _C.ReplayPlan(rec.n_slots, result)
+    for spec in specs:
+        plan.add_step(*spec)
+    return plan
 
 
 def record(fn, x: torch.Tensor):

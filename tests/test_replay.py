@@ -12,13 +12,31 @@ from synq.quant import calibrate, quantize_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+from synq_kernels import _ext
+
+compiled = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason=str(_ext.load_error()))
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+
+
 def _replayed(fn, x, *others):
-    """fn recorded on x, then replayed on x and on each of `others` against eager calls."""
+    """fn recorded on x, then replayed on x and on each of `others` against eager calls, by
+    the C++ plan (where built) and by the Python loop."""
     out, rec, why = replay.record(fn, x)
     assert rec is not None, why
-    assert torch.equal(out, fn(x))
+    assert _same(out, fn(x))
+    assert (rec.plan is not None) == _ext.has_cpu_kernels()
+    py = replay.Recording(rec.steps, rec.n_slots, rec.result, compiled=False)
+    assert py.plan is None
     for y in (x, *others):
-        assert torch.equal(rec(y), fn(y))
+        want = fn(y)
+        assert _same(rec(y), want) and _same(py(y), want)
     return rec
 
 
@@ -36,6 +54,42 @@ def test_replays_multi_output_ops_lists_and_constants():
     ops = [str(st.op) for st in rec.steps]
     assert "aten.aminmax.default" in ops and "aten.cat.default" in ops
     assert not any(op.startswith("aten.sum") for op in ops)       # folded, not replayed
+
+
+def test_replays_list_outputs_kwargs_numbers_and_in_place_ops():
+    def fn(x):
+        a, b, c = torch.split(x * 2, [1, 2, 3], dim=1)     # a list of outputs
+        y = torch.sum(torch.cat((c, b, a), dim=1), dim=0, keepdim=True)   # kwargs
+        y = y + 1                                           # a number as a tensor
+        z = x.clone()
+        z[:, 0] = y[0, 0]                                   # in place, through a view
+        return {"y": y, "parts": (a, c), "z": z.relu_()}
+
+    rec = _replayed(fn, torch.randn(4, 6), torch.randn(4, 6))
+    assert any(str(st.op) == "aten.split_with_sizes.default" for st in rec.steps)
+
+
+@compiled
+def test_plan_guard_follows_in_place_changes():
+    w = torch.randn(3, 3)
+    for build in (True, False):
+        _, rec, _ = replay.record(lambda x: x @ w, torch.randn(2, 3))
+        if not build:
+            rec = replay.Recording(rec.steps, rec.n_slots, rec.result, compiled=False)
+        rec.guard([w])
+        y = torch.randn(2, 3)
+        assert torch.equal(rec.run_if_current(y), y @ w)
+        w.add_(1.0)
+        assert rec.run_if_current(y) is replay.STALE
+        assert torch.equal(rec(y), y @ w)             # unguarded: runs on the new w
+
+
+def test_steps_the_plan_cannot_run_stay_in_python():
+    """A slot in a non-Tensor argument (here a Scalar) cannot be filled on the C++ stack."""
+    st = replay._Step(torch.ops.aten.add.Scalar, (replay._Slot(0), replay._Slot(1)), {}, 2)
+    assert replay._step_spec(st) is None
+    st = replay._Step(torch.ops.aten.add.Tensor, (replay._Slot(0), replay._Slot(1)), {}, 2)
+    assert replay._step_spec(st) is not None
 
 
 def test_constants_by_reference_folded_values_frozen():
@@ -103,6 +157,9 @@ def test_int_model_replay_equals_eager(build, shape, bits):
         assert all(torch.equal(o, want) for o in outs)
         rec = im._recordings[replay.input_key(x)][0]
         assert isinstance(rec, replay.Recording)
+        assert (rec.plan is not None) == _ext.has_cpu_kernels()
+        py = replay.Recording(rec.steps, rec.n_slots, rec.result, compiled=False)
+        assert torch.equal(py(x), want)
         y = torch.randn(b, *shape)          # new values, same shape
         assert torch.equal(im(y), im.model(y))
     x = torch.randn(2, *shape).contiguous(memory_format=torch.channels_last)
