@@ -157,6 +157,8 @@ class Recording:
         return self._replay(x)
 
     def _rebuild(self, tensors):
+        if isinstance(self.result, _Slot):      # the common case, without pytree's walk
+            return tensors[0]
         it = iter(tensors)
         return pytree.tree_map(lambda a: next(it) if isinstance(a, _Slot) else a, self.result,
                                is_leaf=lambda a: isinstance(a, _Slot))
