@@ -159,7 +159,8 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
              "row's time (NCHW as built, or channels-last with BatchNorm folded by "
              "torch.fx.experimental.optimization.fuse) over the row's. "
              "Integer rows replay the recorded ops of the model (IntModel.replay, the "
-             "default on a CPU); 'eager' rows at batch 1 run its Python every call. "
+             "default on a CPU, run by the C++ plan of csrc/replay.cpp where synq_kernels._C "
+             "is built); 'eager' rows at batch 1 run its Python every call. "
              "ResNet-18 at batch 256 is left out by --quick on a CPU."))
     suffix = f"_{threads}t" if device == "cpu" else ""
     csv_path, _ = write_results("inference_latency", rows, device, out_dir, notes, suffix)

@@ -84,6 +84,19 @@ def test_plan_guard_follows_in_place_changes():
         assert torch.equal(rec(y), y @ w)             # unguarded: runs on the new w
 
 
+@compiled
+def test_plan_raises_the_ops_errors():
+    """An op's error inside the C++ plan (here: an input of another width than recorded,
+    which IntModel never passes) comes back as a RuntimeError, and the plan stays usable."""
+    w = torch.randn(3, 3)
+    _, rec, _ = replay.record(lambda x: (x @ w).relu(), torch.randn(2, 3))
+    assert rec.plan is not None
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        rec(torch.randn(2, 5))
+    y = torch.randn(2, 3)
+    assert torch.equal(rec(y), (y @ w).relu())
+
+
 def test_steps_the_plan_cannot_run_stay_in_python():
     """A slot in a non-Tensor argument (here a Scalar) cannot be filled on the C++ stack."""
     st = replay._Step(torch.ops.aten.add.Scalar, (replay._Slot(0), replay._Slot(1)), {}, 2)
