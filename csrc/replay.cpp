@@ -78,15 +78,15 @@ class ReplayPlan {
     steps_.push_back(std::move(st));
   }
 
-  // Tensors whose version counters must not have moved since the plan was built (the
-  // model's parameters and buffers); run() returns None when one has.
-  void guard(std::vector<at::Tensor> tensors) {
-    versions_.clear();
-    for (const auto& t : tensors) {
+  // Tensors whose version counters must still read `versions` (the model's parameters and
+  // buffers, read before the recorded call); run() returns None when one has moved.
+  void guard(std::vector<at::Tensor> tensors, std::vector<int64_t> versions) {
+    TORCH_CHECK(tensors.size() == versions.size(), tensors.size(), " tensors but ",
+                versions.size(), " versions");
+    for (const auto& t : tensors)
       TORCH_CHECK(!t.is_inference(), "an inference tensor has no version counter to guard");
-      versions_.push_back(t._version());
-    }
     guarded_ = std::move(tensors);
+    versions_ = std::move(versions);
   }
 
   bool current() const {

@@ -734,11 +734,20 @@ class IntModel(nn.Module):
             tensors = [*self.model.parameters(), *self.model.buffers()]
             if any(t.is_inference() for t in tensors):
                 return self.model(x)        # no version counters to guard a recording with
+            # versions from before the call: a forward that changes its own buffers in place
+            # (folded, not replayed) leaves a recording that the next call finds stale
+            versions = [t._version for t in tensors]
             out, rec, why = replay.record(self.model, x)
             if rec is not None:
-                rec.guard(tensors)
+                rec.guard(tensors, versions)
             self._recordings[key] = (rec, None) if rec is not None else (None, why)
             return out
+
+    def load_state_dict(self, *args, **kwargs):
+        # the C++ replay plan holds the weights too: torch.utils.swap_tensors (load_state_dict
+        # under torch.__future__.set_swap_module_params_on_conversion) refuses shared tensors
+        self.reset_replay()
+        return super().load_state_dict(*args, **kwargs)
 
     def reset_replay(self) -> "IntModel":
         """Drop every recording and CUDA graph (see the class docstring)."""

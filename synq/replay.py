@@ -20,6 +20,7 @@ must drop recordings when what the Python depended on changes: weights replaced 
 place, the backend chosen (see `synq.deploy.IntModel`)."""
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -135,12 +136,17 @@ class Recording:
             st.free = tuple(frees.get(k, ()))
         self.plan = _compile(self) if compiled else None
 
-    def guard(self, tensors) -> None:
-        """Remember `tensors`' version counters (none may be an inference tensor)."""
+    def guard(self, tensors, versions=None) -> None:
+        """Remember `tensors`' version counters (none may be an inference tensor): their
+        current values, or `versions` (read before the recorded call, so that a call which
+        changed them in place leaves the recording stale)."""
         tensors = list(tensors)
-        self._guarded = [(t, t._version) for t in tensors]
+        versions = [t._version for t in tensors] if versions is None else list(versions)
+        if len(versions) != len(tensors):
+            raise ValueError(f"{len(tensors)} tensors but {len(versions)} versions")
+        self._guarded = list(zip(tensors, versions))
         if self.plan is not None:
-            self.plan.guard(tensors)
+            self.plan.guard(tensors, versions)
 
     def run_if_current(self, x):
         """The replay on x, or STALE when a guarded tensor changed since `guard`."""
@@ -264,14 +270,19 @@ def _compile(rec: Recording):
     if not _ext.has_cpu_kernels():
         return None
     from synq_kernels import _C
-    specs = [_step_spec(st) for st in rec.steps]
-    if any(spec is None for spec in specs):
+    try:
+        specs = [_step_spec(st) for st in rec.steps]
+        if any(spec is None for spec in specs):
+            return None
+        result = [leaf.i for leaf in pytree.tree_leaves(
+            rec.result, is_leaf=lambda a: isinstance(a, _Slot)) if isinstance(leaf, _Slot)]
+        plan = _C.ReplayPlan(rec.n_slots, result)
+        for spec in specs:
+            plan.add_step(*spec)
+    except Exception as e:  # noqa: BLE001 - the Python loop runs any recording
+        warnings.warn(f"synq.replay: no C++ plan for this recording ({type(e).__name__}: {e}); "
+                      "it replays in Python", RuntimeWarning, stacklevel=2)
         return None
-    result = [leaf.i for leaf in pytree.tree_leaves(rec.result, is_leaf=lambda a: isinstance(
-        a, _Slot)) if isinstance(leaf, _Slot)]
-    plan = _C.ReplayPlan(rec.n_slots, result)
-    for spec in specs:
-        plan.add_step(*spec)
     return plan
 
 

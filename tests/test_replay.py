@@ -97,6 +97,29 @@ def test_plan_raises_the_ops_errors():
     assert torch.equal(rec(y), (y @ w).relu())
 
 
+def test_plan_build_failure_falls_back_to_python(monkeypatch):
+    """A plan that cannot be built (here: a step naming an op the dispatcher does not know)
+    warns, and the recording replays in Python."""
+    real = replay._step_spec
+
+    def bogus(st):
+        spec = real(st)
+        return None if spec is None else ("synq::no_such_op", "", *spec[2:])
+
+    monkeypatch.setattr(replay, "_step_spec", bogus)
+    x = torch.randn(3)
+    with pytest.warns(RuntimeWarning, match="replays in Python") if _ext.has_cpu_kernels() \
+            else _no_warning():
+        _, rec, _ = replay.record(lambda t: t * 2 + 1, x)
+    assert rec.plan is None
+    assert torch.equal(rec(x), x * 2 + 1)
+
+
+def _no_warning():
+    import contextlib
+    return contextlib.nullcontext()
+
+
 def test_steps_the_plan_cannot_run_stay_in_python():
     """A slot in a non-Tensor argument (here a Scalar) cannot be filled on the C++ stack."""
     st = replay._Step(torch.ops.aten.add.Scalar, (replay._Slot(0), replay._Slot(1)), {}, 2)
@@ -201,6 +224,53 @@ def test_int_model_replay_follows_weight_changes_and_backend():
     a(x), a(x)
     a.to(torch.float32)
     assert a._recordings == {}
+
+
+class _Counting(torch.nn.Module):
+    """A forward that changes its own buffer in place with a constant-only op (folded by the
+    recording, not replayed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x * self.calls
+
+
+def test_int_model_guard_reads_versions_from_before_the_recorded_call():
+    from synq.deploy import IntModel
+    im, x = IntModel(_Counting(), {}, {}), torch.ones(2)
+    assert [im(x)[0].item() for _ in range(5)] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+class _Buffered(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        self.register_buffer("w", torch.randn(3, 3, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x):
+        return (x @ self.w).relu()
+
+
+def test_int_model_load_state_dict_swapping_tensors():
+    """load_state_dict under set_swap_module_params_on_conversion swaps the buffers'
+    tensors, which refuses tensors held elsewhere: the recordings (whose C++ plan holds the
+    weights) are dropped first. (An exported model's nn.Parameters cannot be swapped in either
+    case: torch refuses parameters that do not require grad.)"""
+    from synq.deploy import IntModel
+    im, other = IntModel(_Buffered(0), {}, {}), _Buffered(1)
+    x = torch.randn(2, 3)
+    [im(x) for _ in range(3)]
+    assert im._recordings
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        im.load_state_dict({"model." + k: v for k, v in other.state_dict().items()})
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+    assert all(torch.equal(im(x), other(x)) for _ in range(3))
 
 
 def test_int_model_replay_off_and_bounded():
