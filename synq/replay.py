@@ -14,8 +14,8 @@ arguments, converted once, called through the dispatcher without Python in betwe
 Python loop is the fallback, and `Recording(..., compiled=False)` asks for it).
 
 A recording is refused (and the function keeps running eagerly for that input key) when the
-call turns an input-derived value into a Python number (`.item()`, `bool()`, `int()`: the
-ops that follow may depend on it), or writes an input-derived value into a constant. Callers
+call turns an input-derived value into a Python number (`.item()`, `bool()`, `int()`,
+`.tolist()`, `.numpy()`: the ops that follow may depend on it), or writes an input-derived value into a constant. Callers
 must drop recordings when what the Python depended on changes: weights replaced or changed in
 place, the backend chosen (see `synq.deploy.IntModel`)."""
 from __future__ import annotations
@@ -25,6 +25,7 @@ import weakref
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that read a tensor's data into Python: control flow may depend on the value.
@@ -286,13 +287,32 @@ def _compile(rec: Recording):
     return plan
 
 
+class _DataReads(TorchFunctionMode):
+    """Refuses the recording when the call reads an input-derived tensor's values into Python
+    by a path that dispatches no op (`tolist()`, `numpy()`): control flow may depend on them."""
+
+    READS = {torch.Tensor.tolist: "tolist", torch.Tensor.numpy: "numpy",
+             torch.Tensor.__array__: "__array__", torch.Tensor.__dlpack__: "__dlpack__"}
+
+    def __init__(self, rec: _Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = self.READS.get(func)
+        if (name is not None and not self.rec.refused and args
+                and isinstance(args[0], torch.Tensor) and self.rec.slot(args[0]) is not None):
+            self.rec.refused = f"Tensor.{name} reads an input-derived value into Python"
+        return func(*args, **(kwargs or {}))
+
+
 def record(fn, x: torch.Tensor):
     """(fn(x), a Recording of the call or None, why None): the call runs eagerly while its
     ops are noted; a call that cannot be replayed (see the module docstring) still returns
     its result."""
     rec = _Recorder()
     rec.new_slot(x)
-    with rec:
+    with rec, _DataReads(rec):
         out = fn(x)
     if rec.refused:
         return out, None, rec.refused

@@ -156,12 +156,21 @@ def test_frees_every_intermediate_after_its_last_use():
 @pytest.mark.parametrize("fn, reason", [
     (lambda x: x * 2 if bool(x.sum() > 0) else x - 1, "reads an input-derived value"),
     (lambda x: x + int(x.argmax()), "reads an input-derived value"),
+    (lambda x: x * 2 if (x + 1).tolist()[0] > 0 else x - 1, "Tensor.tolist reads"),
+    (lambda x: x * float((x * 3).numpy().max()), "Tensor.numpy reads"),
 ])
 def test_refuses_value_dependent_python(fn, reason):
     x = torch.randn(6)
     out, rec, why = replay.record(fn, x)
     assert rec is None and reason in why
     assert torch.equal(out, fn(x))
+
+
+def test_reading_constants_into_python_is_recorded():
+    w = torch.randn(3)
+    rec = _replayed(lambda x: x * w.tolist()[0] + float(w.numpy().sum()), torch.randn(3),
+                    torch.randn(3))
+    assert rec is not None
 
 
 def test_refuses_writing_into_a_constant():
