@@ -685,10 +685,12 @@ class IntModel(nn.Module):
     Replay (CPU tensors, on by default; `replay = False` turns it off): the first call with
     a new input shape runs eagerly and builds the layers' caches, the second also records
     the ops it dispatches (`synq.replay`), and later calls with that shape replay them with
-    no Python module code in between; results are bit-identical to eager calls. A recording
-    is dropped when a parameter or buffer changes in place (load_state_dict included), on
-    `.to()` and other moves, and on `set_backend`; after replacing a buffer by assignment
-    (`layer.weight = t`), call `reset_replay()`.
+    no Python module code in between (a C++ plan runs them where synq_kernels._C is built:
+    no Python between ops either); results are bit-identical to eager calls. A recording
+    is dropped when a parameter or buffer changes in place (load_state_dict included, and
+    a forward that changes its own buffers), on `.to()` and other moves, and on
+    `set_backend`; after replacing a buffer by assignment (`layer.weight = t`), call
+    `reset_replay()`.
 
     CUDA graphs (CUDA tensors, on by default; `cuda_graphs = False` turns them off): the
     same scheme with the forward captured into a CUDA graph per input shape
