@@ -69,7 +69,10 @@ FORMAT = "synq-int-v1"
 
 # Parameter-free modules that run in float in the exported model as they did before.
 _PASSTHROUGH = (Add, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
-                nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+                nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict,
+                nn.Sigmoid, nn.Hardsigmoid)     # (float: squeeze-and-excitation gates)
+# IntAct's activations that the conv epilogue cannot apply: run in float before quantizing
+_FLOAT_ACTIVATIONS = {"hardswish": F.hardswish, "silu": F.silu}
 
 
 def _round_zero(zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -570,10 +573,11 @@ class _Pending:
 
 
 class IntAct(nn.Module):
-    """ReLU / ReLU6 (unless already applied by the layer before it) followed by the frozen
-    quantization of its activation quantizer: a float tensor on the grid (as the
-    fake-quantized model gives), or in fused mode (`emit_int`) the int8 tensor itself,
-    produced by the epilogue of the conv before it.
+    """ReLU / ReLU6 (unless already applied by the layer before it), Hardswish or SiLU (in
+    float, always here) followed by the frozen quantization of its activation quantizer: a
+    float tensor on the grid (as the fake-quantized model gives), or in fused mode
+    (`emit_int`) the int8 tensor itself, produced by the epilogue of the conv before it
+    (ReLU / ReLU6) or quantized here.
 
     `scale` / `zero` may be sequences: an activation module that the forward calls at several
     places (see synq.quant.QuantAct) has a grid per call, the k-th in buffers `scale_k` /
@@ -634,6 +638,8 @@ class IntAct(nn.Module):
         x = _as_float(x)
         if self.kind == "relu6":
             x = x.clamp(0.0, 6.0)
+        elif self.kind in _FLOAT_ACTIVATIONS:
+            x = _FLOAT_ACTIVATIONS[self.kind](x)
         elif self.apply_relu:
             x = torch.relu(x)
         if not emit_int:
@@ -841,7 +847,20 @@ def _call_quantizers(qa: quant.QuantAct) -> list:
     return [qa.quantizer, *qa.extra_quantizers]
 
 
-def _check_exportable(qmodel: nn.Module) -> None:
+def _unknown_layer(name: str, m: nn.Module) -> ValueError:
+    return ValueError(f"cannot export layer {name or '(the model itself)'} "
+                      f"({type(m).__name__}): the exporter knows quantized Conv2d / "
+                      f"Linear, BatchNorm2d after a conv, ReLU / ReLU6 / Hardswish / "
+                      f"SiLU with their quantizers, residual adds "
+                      f"(synq.models.common.Add), pooling, Flatten, Dropout, Identity, "
+                      f"Sigmoid / Hardsigmoid gates, and layers without parameters or "
+                      f"buffers that pass their input through in eval mode")
+
+
+def _check_exportable(qmodel: nn.Module) -> list[str]:
+    """Raises for a model export cannot handle; returns the names of the parameter-free leaf
+    modules it does not know, which the traced forward must show passing their input
+    through unchanged (torchvision's StochasticDepth in eval mode)."""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"export takes an nn.Module, got {type(qmodel).__name__}")
     if getattr(qmodel, "quant_config", None) is None:
@@ -851,31 +870,34 @@ def _check_exportable(qmodel: nn.Module) -> None:
     for name, m in qmodel.named_modules():
         if isinstance(m, (quant.QuantConv2d, quant.QuantLinear, quant.QuantAct)):
             inside.update(f"{name}.{c}" for c, _ in m.named_modules() if c)
+    identities = []
     for name, m in qmodel.named_modules():
         if name in inside or isinstance(m, (quant.QuantConv2d, quant.QuantLinear,
                                             quant.QuantAct, nn.BatchNorm2d) + _PASSTHROUGH):
             continue
-        if type(m) in (nn.ReLU, nn.ReLU6):
+        if type(m) in quant.QUANTIZED_ACTIVATIONS:
             raise ValueError(f"layer {name} ({type(m).__name__}) has no activation quantizer: "
                              f"the model was not produced by quantize_model")
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             raise ValueError(f"layer {name} ({type(m).__name__}) is not quantized: the model "
                              f"was not produced by quantize_model")
         own = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
-        if own or not list(m.children()):
-            raise ValueError(f"cannot export layer {name or '(the model itself)'} "
-                             f"({type(m).__name__}): the exporter knows quantized Conv2d / "
-                             f"Linear, BatchNorm2d after a conv, ReLU / ReLU6 with their "
-                             f"quantizers, residual adds (synq.models.common.Add), pooling, "
-                             f"Flatten, Dropout and Identity")
+        if own:
+            raise _unknown_layer(name, m)
+        if not list(m.children()):
+            identities.append(name)
     for q in quant.act_quantizers(qmodel).values():
         if q.calibrating or not bool(q.initialized):
             raise ValueError(f"activation quantizer {q.name} is not calibrated (or still "
                              f"calibrating): calibrate and freeze the model before export")
+    return identities
 
 
-def _make_plan(qmodel: nn.Module, example: torch.Tensor) -> dict:
+def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
     calls = _trace(qmodel, example)
+    for name, mod, _, _ in calls:       # (a pass-through call is not among the calls)
+        if name in identities:
+            raise _unknown_layer(name, mod)
     producer = {}  # id(tensor) -> call index
     for i, (_, _, _, out) in enumerate(calls):
         producer.setdefault(id(out), i)
@@ -961,6 +983,11 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
         c = consumers.get(tid, [])
         return c[0][0] if len(c) == 1 and isinstance(c[0][1], kind) else None
 
+    def rectifier(aname):
+        """Whether activation `aname` is one the conv epilogue applies (ReLU, ReLU6 by its
+        grid's clamp); Hardswish / SiLU run in float after the conv instead."""
+        return aname is not None and acts[aname]["kind"] not in _FLOAT_ACTIVATIONS
+
     mods = {n: m for n, m, _, _ in calls}
     for name, info in layers.items():
         info["defer"] = False
@@ -970,11 +997,12 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
         if counts.get(last) != 1:
             continue
         tid = out_of[last]
-        if only(tid, quant.QuantAct):
+        if rectifier(only(tid, quant.QuantAct)):
             info["defer"] = True
         else:
             add = only(tid, Add)
-            if add is not None and counts.get(add) == 1 and only(out_of[add], quant.QuantAct):
+            if add is not None and counts.get(add) == 1 and \
+                    rectifier(only(out_of[add], quant.QuantAct)):
                 info["defer"] = True
     def takes_int(n, m, aname, call, pools=True):
         """Whether call `n` of module `m` takes the int8 output of call `call` of `aname`."""
@@ -1084,7 +1112,7 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
     if weight_format not in ("auto", "int8", "int4"):
         raise ValueError(f"weight_format must be 'auto', 'int8' or 'int4', got "
                          f"{weight_format!r}")
-    _check_exportable(qmodel)
+    identities = _check_exportable(qmodel)
     qlayers = quant.quant_layers(qmodel)
     if not qlayers:
         raise ValueError("the model has no quantized Conv2d or Linear layer")
@@ -1098,7 +1126,7 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
     # residual additions written in the forward (`out += identity`) become Add modules, which
     # the plan sees and fuses (synq.add_modules; the model as it is when there are none)
     model = with_add_modules(copy.deepcopy(qmodel).eval(), example)
-    plan = _make_plan(model, example)
+    plan = _make_plan(model, example, identities)
     added = added_names(model)
     if added:
         plan["add_modules"] = {"names": added, "example_shape": list(example.shape)}

@@ -74,7 +74,8 @@ from . import filters
 from .evaluate import evaluate
 from .losses import (ActivationCapture, cam_loss, check_tau, difficulty, easy_ce, easy_ce_sum,
                      feature_attention_loss, gradcam_map, kd_loss)
-from .quant import act_quantizers, check_bits, quantize_model, set_calibration
+from .quant import (QUANTIZED_ACTIVATIONS, act_quantizers, check_bits, quantize_model,
+                    set_calibration)
 from .synth import (apply_augmentation, augmentation_params, channel_mismatch, load_synthetic,
                     model_fingerprint, progress_interval, save_atomic, seeded_generator,
                     to_device_async)
@@ -200,16 +201,16 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
 
     Runs `model` on `example` and takes the last Conv2d (in execution order) whose output is
     larger than 1x1 (a 1x1 map, e.g. a conv classifier after pooling, gives an empty CAM); the
-    result is the last ReLU / ReLU6 module that runs after it with an output larger than 1x1
-    (for a ResNet the ReLU after the last residual add, i.e. the last block's output), or that
-    conv itself when no such ReLU follows. Grad-CAM is defined on these rectified maps; on the
+    result is the last activation module (ReLU, ReLU6, Hardswish, SiLU) that runs after it
+    with an output larger than 1x1 (for a ResNet the ReLU after the last residual add, i.e.
+    the last block's output), or that conv itself when no such activation follows. Grad-CAM is defined on these rectified maps; on the
     raw (pre-BatchNorm) conv output the CAM term hurt: at W3A3 on Fashion-MNIST, 61.6% vs
     87.2% top-1 on held-out training images (baseline 74.0%)."""
     seen = []
     handles = [m.register_forward_hook(
         lambda mod, inp, out, name=name: seen.append((name, mod, tuple(out.shape[2:]))))
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) or type(m) in (nn.ReLU, nn.ReLU6)]
+        if isinstance(m, nn.Conv2d) or type(m) in QUANTIZED_ACTIVATIONS]
     try:
         with torch.no_grad():
             model(example)

@@ -34,16 +34,19 @@ from .versions import normal_tensors, version
 
 __all__ = ["WeightQuantizer", "ActQuantizer", "QuantAct", "QuantConv2d", "QuantLinear",
            "quantize_model", "quant_layers", "act_quantizers", "set_calibration",
-           "calibrate", "check_bits", "LEARNABLE_MODES"]
+           "calibrate", "check_bits", "LEARNABLE_MODES", "QUANTIZED_ACTIVATIONS"]
 
 LEARNABLE_MODES = (None, "lsq", "lsq+")
 _EPS = 1e-8  # smallest scale: a constant tensor (max == min) quantizes to itself, no NaN
 
+# Activation modules that get an activation quantizer after them (QuantAct). The gates of
+# squeeze-and-excitation blocks (nn.Sigmoid, nn.Hardsigmoid) stay float, as BatchNorm does:
+# their output scales features rather than feeding a layer.
+QUANTIZED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU)
 # Modules that quantize_model refuses: weight-bearing layers it has no quantized version of,
 # and non-linearities after which it would silently leave the activations in float.
-_UNSUPPORTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-                            nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
-                            nn.Hardtanh)
+_UNSUPPORTED_ACTIVATIONS = (nn.GELU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+                            nn.Softplus, nn.Hardtanh)
 _FLOAT_OK = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -279,7 +282,8 @@ FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
 class QuantAct(nn.Module):
-    """A ReLU / ReLU6 module followed by its activation quantizer.
+    """An activation module (ReLU, ReLU6, Hardswish or SiLU) followed by its activation
+    quantizer (asymmetric: the grid holds Hardswish's and SiLU's small negative values).
 
     A module that the forward calls at several places (torchvision's ResNet blocks call one
     `self.relu` after the first conv and again after the residual add) gets a quantizer per
@@ -377,16 +381,16 @@ def _reset_act_calls(model: nn.Module, args) -> None:
 
 
 def _activation_calls(model: nn.Module) -> dict[str, int]:
-    """{name: calls per forward} of the nn.ReLU / nn.ReLU6 modules that torch.fx's trace of
-    the forward shows called more than once; {} where the forward cannot be traced (then
-    QuantAct warns at calibration if one is)."""
+    """{name: calls per forward} of the activation modules (QUANTIZED_ACTIVATIONS) that
+    torch.fx's trace of the forward shows called more than once; {} where the forward cannot
+    be traced (then QuantAct warns at calibration if one is)."""
     graph = trace_forward(model)
     if graph is None:
         return {}
     calls = {}
     for node in graph.nodes:
         if node.op == "call_module" and \
-                type(model.get_submodule(node.target)) in (nn.ReLU, nn.ReLU6):
+                type(model.get_submodule(node.target)) in QUANTIZED_ACTIVATIONS:
             calls[node.target] = calls.get(node.target, 0) + 1
     return {k: n for k, n in calls.items() if n > 1}
 
@@ -403,12 +407,12 @@ def _check_supported(model: nn.Module) -> list[str]:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             layers.append(name)
             continue
-        if type(m) in (nn.ReLU, nn.ReLU6):  # ReLU6 is a Hardtanh subclass: test it first
+        if type(m) in QUANTIZED_ACTIVATIONS:  # ReLU6 is a Hardtanh subclass: test it first
             continue
         if isinstance(m, _UNSUPPORTED_ACTIVATIONS):
             raise ValueError(f"cannot quantize module {shown} ({type(m).__name__}): activation "
-                             f"quantizers are placed after ReLU / ReLU6 only, so its output would "
-                             f"stay in floating point")
+                             f"quantizers are placed after ReLU, ReLU6, Hardswish and SiLU "
+                             f"only, so its output would stay in floating point")
         own = [p for p, _ in m.named_parameters(recurse=False)]
         if own and not isinstance(m, _FLOAT_OK):
             raise ValueError(f"cannot quantize module {shown} ({type(m).__name__}): only Conv2d "
@@ -439,8 +443,8 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
     """A fake-quantized deep copy of `model` (the input model is left untouched).
 
     Every nn.Conv2d / nn.Linear becomes a QuantConv2d / QuantLinear with `wbits`-bit
-    per-output-channel weights; every nn.ReLU / nn.ReLU6 module becomes a QuantAct whose
-    `abits`-bit quantizer must be calibrated (see `calibrate` / `set_calibration`) before the
+    per-output-channel weights; every nn.ReLU / nn.ReLU6 / nn.Hardswish / nn.SiLU module
+    becomes a QuantAct whose `abits`-bit quantizer must be calibrated (see `calibrate` / `set_calibration`) before the
     model is evaluated. BatchNorm stays in float. The copy is returned in eval mode.
 
     Args:
@@ -480,7 +484,7 @@ def quantize_model(model: nn.Module, wbits: int = 4, abits: int = 4, *,
             bits = first_last_bits if name in edge else wbits
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
             new = cls.from_float(m, bits, symmetric_weights, learnable, backend)
-        elif type(m) in (nn.ReLU, nn.ReLU6):
+        elif type(m) in QUANTIZED_ACTIVATIONS:
             quantizers = []
             for i in range(shared.get(name, 1)):
                 with torch.device(device):  # made there: .to() copied 3 buffers from the

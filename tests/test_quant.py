@@ -316,6 +316,26 @@ def test_unsupported_layers_are_named():
         quantize_model(resnet20(10, 1), 4, 4, learnable="yes")
 
 
+def test_hardswish_and_silu_get_quantizers_gates_stay_float():
+    """Hardswish and SiLU outputs go negative (down to -0.375 and -0.278): their asymmetric
+    grids hold that, and the fake-quantized values match the activation rounded to the grid."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.SiLU(),
+                          nn.Conv2d(4, 4, 1), nn.Hardsigmoid(), nn.Flatten(), nn.Linear(36, 2))
+    x = torch.randn(8, 3, 5, 5) * 3
+    q = calibrate(quantize_model(model, 4, 4), [x])
+    assert [type(m.act).__name__ for m in q.modules() if isinstance(m, QuantAct)] == \
+        ["Hardswish", "SiLU"]
+    assert type(q[5]) is nn.Hardsigmoid     # a gate: no quantizer, float
+    act = q[1]
+    assert float(act.quantizer.running_min) < -0.3
+    with torch.no_grad():
+        h = q[0](x)
+        got = act(h)
+    assert got.min() < 0 and len(torch.unique(got)) <= 16
+    assert torch.allclose(got, nn.functional.hardswish(h), atol=float(got.unique().diff().max()))
+
+
 def test_fake_quant_is_used(monkeypatch):
     calls = []
     real = synq_kernels.fake_quant

@@ -19,7 +19,8 @@ from synq.deploy import _dynamic_grid, export
 from synq.quant import calibrate, quantize_model
 
 NAMES = ["resnet50", "mobilenet_v2", "vgg11_bn", "regnet_x_400mf", "shufflenet_v2_x0_5",
-         "squeezenet1_1", "googlenet", "densenet121", "mobilenet_v3_small", "efficientnet_b0"]
+         "squeezenet1_1", "googlenet", "densenet121", "mobilenet_v3_small", "mobilenet_v3_large",
+         "efficientnet_b0"]
 
 
 def build(name):
