@@ -22,7 +22,8 @@ What `export` does to each part of the model:
   cache that is not saved): int4 conv storage halves the file and the state dict, not the
   working memory.
 - Inputs of a layer: where the input is the output of an activation quantizer (the usual
-  case: every ReLU / ReLU6 of a quantized model), directly or through max-pools (max keeps
+  case: every ReLU / ReLU6 / Hardswish / SiLU of a quantized model), directly or through
+  max-pools (max keeps
   the grid), the layer quantizes it to int8 with that quantizer's scale and zero point (the
   values already lie on its grid, so this is exact).
   Other inputs (the image at the first conv, the average-pooled features at the classifier,
@@ -31,8 +32,9 @@ What `export` does to each part of the model:
   of such a layer depends slightly on the other images of the batch; pass `input_range` to
   `export` to fix the first layer's range), per row for a linear layer.
 - QuantAct -> IntAct: ReLU (skipped when the conv before it already applied it in its
-  epilogue) and the frozen fake quantization, so residual additions see exactly the values
-  of the fake-quantized model.
+  epilogue), ReLU6, or Hardswish / SiLU in float, and the frozen fake quantization, so
+  residual additions see exactly the values of the fake-quantized model. Squeeze-and-
+  excitation gates (Sigmoid, Hardsigmoid) and their products stay float.
 - Fused mode (default where the traced structure allows it, checked on the example): a conv
   followed by its ReLU quantizer, or by a residual Add and a ReLU quantizer, runs as one call
   of the CPU's prepacked conv whose epilogue adds the residual, applies the ReLU and
@@ -69,8 +71,11 @@ FORMAT = "synq-int-v1"
 
 # Parameter-free modules that run in float in the exported model as they did before.
 _PASSTHROUGH = (Add, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
-                nn.Dropout, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict,
-                nn.Sigmoid, nn.Hardsigmoid)     # (float: squeeze-and-excitation gates)
+                nn.modules.dropout._DropoutNd, nn.Identity, nn.Sequential, nn.ModuleList,
+                nn.ModuleDict, nn.Sigmoid, nn.Hardsigmoid)  # (float: SE gates)
+# Parameter-free layers, by class name, that are the identity in eval mode by convention
+# (torchvision's StochasticDepth, timm's DropPath); the traced forward must confirm it.
+_EVAL_IDENTITIES = ("StochasticDepth", "DropPath")
 # IntAct's activations that the conv epilogue cannot apply: run in float before quantizing
 _FLOAT_ACTIVATIONS = {"hardswish": F.hardswish, "silu": F.silu}
 
@@ -853,14 +858,15 @@ def _unknown_layer(name: str, m: nn.Module) -> ValueError:
                       f"Linear, BatchNorm2d after a conv, ReLU / ReLU6 / Hardswish / "
                       f"SiLU with their quantizers, residual adds "
                       f"(synq.models.common.Add), pooling, Flatten, Dropout, Identity, "
-                      f"Sigmoid / Hardsigmoid gates, and layers without parameters or "
-                      f"buffers that pass their input through in eval mode")
+                      f"Sigmoid / Hardsigmoid gates, and StochasticDepth / DropPath that "
+                      f"pass their input through in eval mode")
 
 
 def _check_exportable(qmodel: nn.Module) -> list[str]:
-    """Raises for a model export cannot handle; returns the names of the parameter-free leaf
-    modules it does not know, which the traced forward must show passing their input
-    through unchanged (torchvision's StochasticDepth in eval mode)."""
+    """Raises for a model export cannot handle; returns the names of the _EVAL_IDENTITIES
+    layers, which the traced forward must show passing their input through unchanged. (Any
+    other unknown layer is refused: one that passes its input through on the example alone,
+    a padding for odd sizes say, would get int8 codes at run time.)"""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"export takes an nn.Module, got {type(qmodel).__name__}")
     if getattr(qmodel, "quant_config", None) is None:
@@ -882,10 +888,10 @@ def _check_exportable(qmodel: nn.Module) -> list[str]:
             raise ValueError(f"layer {name} ({type(m).__name__}) is not quantized: the model "
                              f"was not produced by quantize_model")
         own = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
-        if own:
-            raise _unknown_layer(name, m)
-        if not list(m.children()):
+        if not own and not list(m.children()) and type(m).__name__ in _EVAL_IDENTITIES:
             identities.append(name)
+        elif own or not list(m.children()):
+            raise _unknown_layer(name, m)
     for q in quant.act_quantizers(qmodel).values():
         if q.calibrating or not bool(q.initialized):
             raise ValueError(f"activation quantizer {q.name} is not calibrated (or still "
@@ -984,8 +990,9 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
         return c[0][0] if len(c) == 1 and isinstance(c[0][1], kind) else None
 
     def rectifier(aname):
-        """Whether activation `aname` is one the conv epilogue applies (ReLU, ReLU6 by its
-        grid's clamp); Hardswish / SiLU run in float after the conv instead."""
+        """Whether activation `aname` is one the conv epilogue can take (ReLU; ReLU6, whose
+        top is the grid's clamp, checked on the example by _fusion_works with learned
+        grids); Hardswish / SiLU run in float after the conv instead."""
         return aname is not None and acts[aname]["kind"] not in _FLOAT_ACTIVATIONS
 
     mods = {n: m for n, m, _, _ in calls}

@@ -203,7 +203,8 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
     larger than 1x1 (a 1x1 map, e.g. a conv classifier after pooling, gives an empty CAM); the
     result is the last activation module (ReLU, ReLU6, Hardswish, SiLU) that runs after it
     with an output larger than 1x1 (for a ResNet the ReLU after the last residual add, i.e.
-    the last block's output), or that conv itself when no such activation follows. Grad-CAM is defined on these rectified maps; on the
+    the last block's output), or that conv itself when no such activation follows. Grad-CAM is defined on these activation maps
+    (rectified in the paper's ReLU models); on the
     raw (pre-BatchNorm) conv output the CAM term hurt: at W3A3 on Fashion-MNIST, 61.6% vs
     87.2% top-1 on held-out training images (baseline 74.0%)."""
     seen = []

@@ -6,7 +6,9 @@ The quantizer is the one of the SynQ paper (METHOD.md section 2):
 - weights: per-output-channel, asymmetric, range = min / max of the current float weights,
   recomputed at every forward (under no_grad, so the range itself gets no gradient);
 - activations: per-tensor, asymmetric (unsigned grid), one quantizer after every ReLU / ReLU6
-  module (residual adds followed by a ReLU are covered by the quantizer of that ReLU); range =
+  / Hardswish / SiLU module (residual adds followed by a ReLU are covered by the quantizer of
+  that ReLU; the zero point moves up for the small negative values of Hardswish and SiLU);
+  the gates of squeeze-and-excitation blocks (Sigmoid, Hardsigmoid) stay float; range =
   EMA (momentum 0.9) of the batch min / max while calibrating, then frozen;
 - every fake quantization goes through `synq_kernels.fake_quant` (straight-through estimator
   for the input, LSQ+ gradients for learnable scale / zero point);
@@ -321,7 +323,7 @@ class QuantAct(nn.Module):
             warnings.warn(f"activation module {self.quantizer.name or '(unnamed)'} runs more "
                           f"than {n} time(s) per forward, with one range for all its calls "
                           f"(its call sites could not be traced): give each call its own "
-                          f"nn.ReLU module for a range each", stacklevel=3)
+                          f"{type(self.act).__name__} module for a range each", stacklevel=3)
         i %= n
         return self.quantizer if i == 0 else self.extra_quantizers[i - 1]
 

@@ -620,7 +620,7 @@ class SE(nn.Module):  # torchvision's SqueezeExcitation: a float gate times the 
     def forward(self, x):
         return x * self.gate(self.fc2(self.relu(self.fc1(self.pool(x)))))
 
-class Skip(nn.Module):  # no parameters, the input as is in eval mode (StochasticDepth)
+class StochasticDepth(nn.Module):  # torchvision's: the input as is in eval mode
     def forward(self, x):
         return x * 0.5 if self.training else x
 
@@ -632,7 +632,7 @@ class Net(nn.Module):  # MobileNetV3 / EfficientNet parts
         self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False)
         self.bn1, self.act1, self.se1 = nn.BatchNorm2d(16), nn.Hardswish(), SE(16, nn.Hardsigmoid())
         self.proj, self.bn2 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
-        self.skip, self.add = Skip(), Add()
+        self.skip, self.add = StochasticDepth(), Add()
         self.exp, self.bn3, self.act3 = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.SiLU()
         self.se2, self.pool = SE(32, nn.Sigmoid()), nn.AdaptiveAvgPool2d(1)
         self.fc1, self.act4, self.fc2 = nn.Linear(32, 24), nn.Hardswish(), nn.Linear(24, 5)
@@ -652,8 +652,7 @@ def model():
 @pytest.mark.parametrize("bits, bound", [(8, 0.02), (4, 0.15)])
 def test_hardswish_silu_and_gates_export(tmp_path, monkeypatch, bits, bound):
     """Hardswish / SiLU quantizers run in float after their conv (its epilogue applies ReLU
-    only), squeeze-and-excitation gates stay float, a parameter-free pass-through is
-    transparent. Measured relative logit error: 0.0026 at 8 bits, 0.017 at 4 bits."""
+    only), squeeze-and-excitation gates stay float, StochasticDepth is transparent. Measured relative logit error: 0.0026 at 8 bits, 0.017 at 4 bits."""
     (tmp_path / "mobile_v3_net.py").write_text(_MOBILE_V3_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(0)
@@ -675,17 +674,26 @@ def test_hardswish_silu_and_gates_export(tmp_path, monkeypatch, bits, bound):
     _assert_round_trip(im, tmp_path, "mobile_v3_net:model", x)
 
 
-def test_parameter_free_layers_must_pass_their_input_through():
-    class Doubles(nn.Module):
+def test_unknown_layers_are_refused_identities_checked():
+    """A parameter-free layer the exporter does not know is refused even where it passes its
+    input through on the example (a padding for odd sizes would get int8 codes at run time);
+    DropPath / StochasticDepth must be seen passing their input through."""
+    class PadOdd(nn.Module):
+        def forward(self, x):
+            return x if x.shape[-1] % 2 == 0 else nn.functional.pad(x, (0, 1))
+
+    class DropPath(nn.Module):  # named like timm's, but not an identity
         def forward(self, x):
             return x * 2
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Doubles(), nn.Flatten(),
-                          nn.Linear(4 * 9, 5))
-    x = torch.randn(4, 3, 5, 5)
-    with pytest.raises(ValueError, match=r"cannot export layer 2 \(Doubles\).*pass their "
-                                         r"input through"):
-        export(_quantized(model, 8, x), example=x)
+    x = torch.randn(4, 3, 6, 6)
+    for layer in (PadOdd(), DropPath()):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), layer, nn.Conv2d(4, 4, 3),
+                              nn.Flatten(), nn.Linear(4 * 4, 5))
+        name = type(layer).__name__
+        with pytest.raises(ValueError, match=rf"cannot export layer 2 \({name}\).*DropPath "
+                                             r"that pass their input through"):
+            export(_quantized(model, 8, x), example=x)
 
 
 def test_errors_name_the_problem():
