@@ -114,15 +114,15 @@ def _weight_ints(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int,
-                     hi: int) -> torch.Tensor:
-    """int8 of x on the grid (scale, zero) (zero in the int8 domain), clamped to [lo, hi].
-    On a GPU one Triton pass (synq_kernels.triton.quantize, the same values) where the
-    PyTorch ops below make four over the float tensor."""
+                     hi: int, hardswish: bool = False) -> torch.Tensor:
+    """int8 of x (after Hardswish if asked) on the grid (scale, zero) (zero in the int8
+    domain), clamped to [lo, hi]. One pass where the PyTorch ops make four or five over the
+    float tensor: on a GPU Triton's (synq_kernels.triton.quantize, the same values), on a CPU
+    synq_kernels' static quantization (the same bits, Hardswish fused in)."""
     if _triton_act(x) and _tri_quant.usable(x, scale, zero):
-        return _tri_quant.quantize_static(x, scale, zero, lo, hi)
-    t = torch.div(x, scale)
-    t.round_().add_(zero).clamp_(lo, hi)
-    return t.to(torch.int8)
+        return _tri_quant.quantize_static(F.hardswish(x) if hardswish else x, scale, zero, lo,
+                                          hi)
+    return sk.ops.quantize.quantize_static(x, scale, zero, lo, hi, int(hardswish))
 
 
 def _quantize_dynamic(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -641,17 +641,19 @@ class IntAct(nn.Module):
             q = x.run(True, self._grid(suffix))
             return q if emit_int else _dequant(q)
         x = _as_float(x)
+        fused_hs = emit_int and self.kind == "hardswish"  # in the quantization's pass
         if self.kind == "relu6":
             x = x.clamp(0.0, 6.0)
         elif self.kind in _FLOAT_ACTIVATIONS:
-            x = _FLOAT_ACTIVATIONS[self.kind](x)
+            if not fused_hs:
+                x = _FLOAT_ACTIVATIONS[self.kind](x)
         elif self.apply_relu:
             x = torch.relu(x)
         if not emit_int:
             return sk.fake_quant(x, self._buffers["scale" + suffix],
                                  self._buffers["zero" + suffix], self.bits)
         scale, zero, hi = self._grid(suffix)
-        q = _quantize_static(x, scale, zero, -128, hi)
+        q = _quantize_static(x, scale, zero, -128, hi, hardswish=fused_hs)
         q._synq_q = (scale, zero)
         return q
 

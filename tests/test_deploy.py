@@ -10,6 +10,7 @@ differences flip some roundings of the coarse activation grids, so the bounds ar
 """
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -659,7 +660,12 @@ def test_hardswish_silu_and_gates_export(tmp_path, monkeypatch, bits, bound):
     model = _randomize_bn(importlib.import_module("mobile_v3_net").model().eval())
     x = torch.randn(16, 3, 17, 15)
     q = _quantized(model, bits, x)
-    im = export(q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # fused mode kept: it gives the unfused result
+        im = export(q)
+    assert im.plan["fused"]
+    hs = im.model.act0                      # to the dw conv and the residual add: int8
+    assert hs.kind == "hardswish" and hs.emit_int  # Hardswish in the quantization's pass
     kinds = {n: type(m.act).__name__ for n, m in q.named_modules() if type(m).__name__ == "QuantAct"}
     assert kinds == {"act0": "Hardswish", "act1": "Hardswish", "se1.relu": "ReLU",
                      "act3": "SiLU", "se2.relu": "ReLU", "act4": "Hardswish"}
@@ -672,6 +678,20 @@ def test_hardswish_silu_and_gates_export(tmp_path, monkeypatch, bits, bound):
     assert _rel_err(want, outs[0]) < bound
     assert all(torch.equal(o, outs[0]) for o in outs)
     _assert_round_trip(im, tmp_path, "mobile_v3_net:model", x)
+
+
+@pytest.mark.parametrize("kind", ["hardswish", "silu"])
+def test_float_activation_int_act_emits_the_fake_quant_grid(kind):
+    """An IntAct of Hardswish / SiLU (apply_relu set, as export sets it for every activation
+    no conv fused) gives, as int8, exactly the grid values of its float path: no ReLU first,
+    the activation's negative values kept."""
+    from synq.deploy import IntAct
+    x = torch.linspace(-5, 5, 1001).reshape(1, 1, 7, 143)
+    a = IntAct("a", kind, 8, 0.02, 30.0, apply_relu=True)
+    b = IntAct("b", kind, 8, 0.02, 30.0, apply_relu=True, emit_int=True)
+    f, q = a(x), b(x)
+    assert q.dtype == torch.int8 and f.min() < 0
+    assert torch.equal((q.float() - (30 - 128)) * 0.02, f)
 
 
 def test_unknown_layers_are_refused_identities_checked():

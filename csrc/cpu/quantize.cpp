@@ -219,11 +219,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_rows_cpu(const a
   return {q, scale, zero};
 }
 
+// Static quantization on a given grid (synq.deploy._quantize_static), optionally after
+// Hardswish: q = clamp(round(f(x) / scale) + zero, lo, hi) as int8, with f(x) = x or
+// x * clamp(x + 3, 0, 6) / 6 (F.hardswish's steps and order: the same bits). One pass where
+// the ATen ops make five (six with the activation). NaN gives 0, as ATen's float -> int8
+// conversion does; +-inf clamp to the ends.
+inline float hardswish(float v) { return v * std::min(std::max(v + 3.f, 0.f), 6.f) / 6.f; }
+
+void quantize_static_scalar(const float* x, int64_t n, float scale, float zero, float lo,
+                            float hi, bool hs, int8_t* q) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float t = (hs ? hardswish(x[i]) : x[i]) / scale;
+    q[i] = std::isnan(t) ? 0
+                         : static_cast<int8_t>(std::min(std::max(std::nearbyint(t) + zero, lo), hi));
+  }
+}
+
+#if SYNQ_QUANTIZE_X86
+__attribute__((target("avx2"))) void quantize_static_avx2(const float* x, int64_t n,
+                                                          float scale, float zero, float lo,
+                                                          float hi, bool hs, int8_t* q) {
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  const __m256 three = _mm256_set1_ps(3.f), six = _mm256_set1_ps(6.f);
+  const __m256 zero_v = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    if (hs)  // a NaN sum meets max's second operand (0): v * 0 is NaN again, as in ATen
+      v = _mm256_div_ps(
+          _mm256_mul_ps(v, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, three), zero_v), six)),
+          six);
+    __m256 t = _mm256_div_ps(v, s);
+    const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);
+    t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, z), vlo), vhi);
+    t = _mm256_andnot_ps(nan, t);
+    const __m256i w = _mm256_cvtps_epi32(t);  // integer-valued: exact
+    const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(h, h));
+  }
+  quantize_static_scalar(x + i, n - i, scale, zero, lo, hi, hs, q + i);
+}
+#endif
+
+float one_value(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(),
+              "synq quantize_static (cpu backend): ", what, " must be one CPU value, got ",
+              t.sizes(), " on ", t.device());
+  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>()[0];
+  if (t.scalar_type() == at::kInt) return static_cast<float>(t.const_data_ptr<int32_t>()[0]);
+  return t.to(at::kFloat).item<float>();
+}
+
+// x float32 (dense layouts kept); scale, zero: one value each (zero in the int8 domain);
+// -128 <= lo <= hi <= 127; act: 0 none, 1 Hardswish first. Returns int8 like x.
+at::Tensor quantize_static_cpu(const at::Tensor& x_, const at::Tensor& scale_,
+                               const at::Tensor& zero_, int64_t lo, int64_t hi, int64_t act) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat,
+              "synq quantize_static (cpu backend): x must be float32, got ", x_.scalar_type());
+  TORCH_CHECK(-128 <= lo && lo <= hi && hi <= 127,
+              "synq quantize_static: need -128 <= lo <= hi <= 127, got ", lo, ", ", hi);
+  TORCH_CHECK(act == 0 || act == 1, "synq quantize_static: act must be 0 (none) or 1 "
+              "(Hardswish), got ", act);
+  const float scale = one_value(scale_, "scale"), zero = one_value(zero_, "zero");
+  const auto x = x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous();
+  auto q = at::empty_like(x, x.options().dtype(at::kChar));
+  const int64_t n = x.numel();
+  if (n == 0) return q;
+  const float* xp = x.const_data_ptr<float>();
+  int8_t* qp = q.mutable_data_ptr<int8_t>();
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  const bool hs = act == 1;
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+#if SYNQ_QUANTIZE_X86
+    if (cpu_use_avx2())
+      return quantize_static_avx2(xp + b, e - b, scale, zero, flo, fhi, hs, qp + b);
+#endif
+    quantize_static_scalar(xp + b, e - b, scale, zero, flo, fhi, hs, qp + b);
+  });
+  return q;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(synq, CPU, m) {
   m.impl("_quantize_dynamic", &quantize_dynamic_cpu);
   m.impl("_quantize_dynamic_rows", &quantize_dynamic_rows_cpu);
+  m.impl("_quantize_static", &quantize_static_cpu);
 }
 
 }  // namespace synq

@@ -1,7 +1,8 @@
-"""Dynamic 8-bit quantization, per tensor (`quantize_dynamic`) or per row of a matrix
-(`quantize_dynamic_rows`): the CPU kernel (csrc/cpu/quantize.cpp: two passes over x) where it
-is built, else the reference's PyTorch ops. Both give the same bits (the kernel repeats the
-reference's float32 steps)."""
+"""8-bit quantization: dynamic, per tensor (`quantize_dynamic`) or per row of a matrix
+(`quantize_dynamic_rows`), and static on a given grid, optionally after Hardswish
+(`quantize_static`): the CPU kernels (csrc/cpu/quantize.cpp: two passes over x for the dynamic
+ones, one for the static) where they are built, else the reference's PyTorch ops. Both give
+the same bits (the kernels repeat the reference's float32 steps)."""
 import torch
 from torch import Tensor
 
@@ -19,6 +20,10 @@ if _has_kernel():
         one = (1,) * x.dim()
         return (torch.empty_like(x, dtype=torch.int8), x.new_empty(one),
                 x.new_empty(one, dtype=torch.int32))
+
+    @torch.library.register_fake("synq::_quantize_static")
+    def _(x, scale, zero, lo, hi, act=0):
+        return torch.empty_like(x, dtype=torch.int8)
 
     @torch.library.register_fake("synq::_quantize_dynamic_rows")
     def _(x, eps):
@@ -42,3 +47,16 @@ def quantize_dynamic_rows(x: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor,
             and x.numel() > 0 and _has_kernel()):
         return torch.ops.synq._quantize_dynamic_rows(x, eps)
     return R.quantize_dynamic_rows(x, eps)
+
+
+def quantize_static(x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int,
+                    act: int = 0) -> Tensor:
+    """int8 of x on the grid (scale, zero), clamped to [lo, hi], after Hardswish when act is
+    1; see reference `quantize_static`."""
+    if not (-128 <= lo <= hi <= 127):
+        raise ValueError(f"need -128 <= lo <= hi <= 127, got {lo}, {hi}")
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and scale.numel() == 1
+            and zero.numel() == 1 and scale.device.type == "cpu" and zero.device.type == "cpu"
+            and _has_kernel()):
+        return torch.ops.synq._quantize_static(x, scale, zero, lo, hi, act)
+    return R.quantize_static(x, scale, zero, lo, hi, act)

@@ -1,6 +1,21 @@
-"""Dynamic 8-bit quantization, per tensor or per row, in plain PyTorch ops: the exporter's
-run-time quantization of a layer input that no activation quantizer fixed (synq.deploy)."""
+"""8-bit quantization in plain PyTorch ops: dynamic, per tensor or per row (the exporter's
+run-time quantization of a layer input that no activation quantizer fixed, synq.deploy), and
+static, on a given grid (an activation quantizer's)."""
 import torch
+import torch.nn.functional as F
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int,
+                    act: int = 0) -> torch.Tensor:
+    """int8 of clamp(round(f(x) / scale) + zero, lo, hi), f = identity (act 0) or Hardswish
+    (act 1); scale, zero: one value each (zero in the int8 domain, any dtype); NaN gives 0."""
+    if act == 1:
+        x = F.hardswish(x)
+    elif act != 0:
+        raise ValueError(f"act must be 0 (none) or 1 (Hardswish), got {act!r}")
+    t = torch.div(x, scale)
+    t.round_().add_(zero).clamp_(lo, hi)
+    return t.to(torch.int8)
 
 
 def quantize_dynamic(x: torch.Tensor, eps: float):

@@ -1,0 +1,93 @@
+"""synq_kernels.ops.quantize.quantize_static (an activation's grid, optionally after Hardswish:
+the exporter's static quantization): the CPU kernel against the reference's PyTorch ops (and
+F.hardswish), bit for bit, on awkward shapes, layouts, grids and special values."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synq_kernels.ops import quantize as Q
+from synq_kernels.reference import quantize as R
+
+needs_cpu = pytest.mark.skipif(not Q._has_kernel(), reason="synq_kernels._C not built")
+
+
+def _dense(x):
+    return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
+        memory_format=torch.channels_last)) or (x.dim() == 2 and x.t().is_contiguous()))
+
+
+def _ref(x, scale, zero, lo, hi, act):
+    """The exporter's former steps, written out: F.hardswish, div, round, add, clamp, int8."""
+    if act:
+        x = F.hardswish(x)
+    t = torch.div(x, scale)
+    t.round_().add_(zero).clamp_(lo, hi)
+    return t.to(torch.int8)
+
+
+@needs_cpu
+@pytest.mark.parametrize("act", [0, 1])
+def test_matches_reference_bit_for_bit(act):
+    gen = torch.Generator().manual_seed(act)
+    shapes = [(1, 24, 56, 56), (2, 3, 7, 5), (1, 1000), (3, 17), (1, 1, 1, 1), (70001,), (0, 3)]
+    for i in range(84):
+        shape = shapes[i % len(shapes)]
+        mag = 10 ** (torch.rand(1, generator=gen).item() * 6 - 3)
+        x = torch.randn(shape, generator=gen) * mag
+        if i % 4 == 1 and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif i % 4 == 2 and x.dim() == 2:
+            x = x.t()                               # dense, not contiguous
+        elif i % 4 == 3 and x.dim() >= 2:
+            x = x[..., ::2]                         # not dense: copied first
+        scale = torch.rand(1, generator=gen) * mag / 20 + 1e-6
+        bits = 2 + i % 7
+        hi = (1 << bits) - 1 - 128
+        zero = torch.randint(-128, hi + 1, (1,), generator=gen, dtype=torch.int32)
+        if i % 3 == 0:
+            zero = zero.float()                     # the float zero of a dynamic grid
+        got = Q.quantize_static(x, scale, zero, -128, hi, act)
+        want = _ref(x, scale, zero, -128, hi, act)
+        assert got.dtype == torch.int8 and got.shape == want.shape
+        assert torch.equal(got, want), (i, shape, act)
+        assert torch.equal(R.quantize_static(x, scale, zero, -128, hi, act), want)
+        if _dense(x) and x.numel():
+            assert [st for st, n in zip(got.stride(), got.shape) if n > 1] == \
+                [st for st, n in zip(want.stride(), want.shape) if n > 1]
+
+
+@needs_cpu
+@pytest.mark.parametrize("act", [0, 1])
+def test_special_values_and_ties(act):
+    inf, nan = float("inf"), float("nan")
+    scale, zero = torch.tensor([0.5]), torch.tensor([3], dtype=torch.int32)
+    x = torch.tensor([nan, inf, -inf, 0.0, -0.0, 0.25, 0.75, -0.25, -0.75, 1.25, -3.0, 3.0,
+                      -2.9999, 1e30, -1e30, 63.0, -70.0, 1e-40] * 3)   # every lane position
+    got = Q.quantize_static(x, scale, zero, -100, 60, act)
+    assert torch.equal(got, _ref(x, scale, zero, -100, 60, act))
+    assert got[0] == 0                                   # NaN: 0, as ATen's conversion
+    # round half to even on the ties 0.25 / 0.5 = 0.5 and 0.75 / 0.5 = 1.5
+    if not act:
+        assert got[5].item() == 3 and got[6].item() == 5 and got[1] == 60 and got[2] == -100
+
+
+def test_bad_arguments():
+    x, s, z = torch.randn(4), torch.tensor([0.1]), torch.tensor([0])
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Q.quantize_static(x, s, z, 10, -10)
+    with pytest.raises(ValueError, match="act must be 0"):
+        R.quantize_static(x, s, z, -128, 127, act=2)
+    if Q._has_kernel():
+        with pytest.raises(RuntimeError, match="act must be 0"):
+            torch.ops.synq._quantize_static(x, s, z, -128, 127, 2)
+        with pytest.raises(RuntimeError, match="one CPU value"):
+            torch.ops.synq._quantize_static(x, torch.ones(2), z, -128, 127, 0)
+
+
+@needs_cpu
+def test_opcheck():
+    x = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last)
+    for act in (0, 1):
+        torch.library.opcheck(torch.ops.synq._quantize_static,
+                              (x, torch.tensor([0.05]), torch.tensor([-3], dtype=torch.int32),
+                               -128, 100, act))
