@@ -71,6 +71,34 @@ def test_special_values_and_ties(act):
         assert got[5].item() == 3 and got[6].item() == 5 and got[1] == 60 and got[2] == -100
 
 
+@needs_cpu
+def test_odd_grids_and_layouts():
+    """Found in review: a fractional or NaN / infinite zero (no exporter grid has one, but
+    the op takes any), float64 scales (which promote the ATen steps), and a channel slice
+    of a channels-last tensor (not dense: the kernel copies it in the same layout as ATen's
+    result)."""
+    gen = torch.Generator().manual_seed(3)
+    inf, nan = float("inf"), float("nan")
+    x = torch.cat([torch.randn(997, generator=gen) * 3,
+                   torch.tensor([0.3, -0.3, 0.25, inf, -inf, nan, 0.0, -0.0])])
+    grids = [(torch.tensor([0.5]), torch.tensor([0.5])), (torch.tensor([0.07]),
+             torch.tensor([-2.75])), (torch.tensor([0.1]), torch.tensor([nan])),
+             (torch.tensor([0.1]), torch.tensor([inf])), (torch.tensor([0.1]),
+             torch.tensor([-inf])), (torch.tensor([0.013], dtype=torch.float64),
+             torch.tensor([4], dtype=torch.int32)), (torch.tensor(0.02), torch.tensor(-7.0)),
+            (torch.tensor([0.02]), torch.tensor([5], dtype=torch.int64))]
+    for act in (0, 1):
+        for scale, zero in grids:
+            got = Q.quantize_static(x, scale, zero, -128, 100, act)
+            assert torch.equal(got, _ref(x, scale, zero, -128, 100, act)), (scale, zero, act)
+    cl = torch.randn(2, 16, 5, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    part = cl[:, :8]
+    s, z = torch.tensor([0.03]), torch.tensor([-1], dtype=torch.int32)
+    got, want = Q.quantize_static(part, s, z, -128, 127, 1), _ref(part, s, z, -128, 127, 1)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    torch.library.opcheck(torch.ops.synq._quantize_static, (part, s, z, -128, 127, 1))
+
+
 def test_bad_arguments():
     x, s, z = torch.randn(4), torch.tensor([0.1]), torch.tensor([0])
     with pytest.raises(ValueError, match="lo <= hi"):

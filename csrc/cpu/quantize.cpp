@@ -222,16 +222,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_rows_cpu(const a
 // Static quantization on a given grid (synq.deploy._quantize_static), optionally after
 // Hardswish: q = clamp(round(f(x) / scale) + zero, lo, hi) as int8, with f(x) = x or
 // x * clamp(x + 3, 0, 6) / 6 (F.hardswish's steps and order: the same bits). One pass where
-// the ATen ops make five (six with the activation). NaN gives 0, as ATen's float -> int8
-// conversion does; +-inf clamp to the ends.
+// the ATen ops make five (six with the activation). NaN (also from inf + -inf with an
+// infinite zero) gives 0, as ATen's float -> int8 conversion does; +-inf clamp to the ends;
+// the conversion truncates, as ATen's does, for a fractional zero.
 inline float hardswish(float v) { return v * std::min(std::max(v + 3.f, 0.f), 6.f) / 6.f; }
 
 void quantize_static_scalar(const float* x, int64_t n, float scale, float zero, float lo,
                             float hi, bool hs, int8_t* q) {
   for (int64_t i = 0; i < n; ++i) {
-    const float t = (hs ? hardswish(x[i]) : x[i]) / scale;
-    q[i] = std::isnan(t) ? 0
-                         : static_cast<int8_t>(std::min(std::max(std::nearbyint(t) + zero, lo), hi));
+    const float t = std::nearbyint((hs ? hardswish(x[i]) : x[i]) / scale) + zero;
+    q[i] = std::isnan(t) ? 0 : static_cast<int8_t>(std::min(std::max(t, lo), hi));
   }
 }
 
@@ -250,12 +250,12 @@ __attribute__((target("avx2"))) void quantize_static_avx2(const float* x, int64_
       v = _mm256_div_ps(
           _mm256_mul_ps(v, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, three), zero_v), six)),
           six);
-    __m256 t = _mm256_div_ps(v, s);
-    const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);
-    t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, z), vlo), vhi);
-    t = _mm256_andnot_ps(nan, t);
-    const __m256i w = _mm256_cvtps_epi32(t);  // integer-valued: exact
+    __m256 t = _mm256_round_ps(_mm256_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t = _mm256_add_ps(t, z);
+    const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);  // (inf + -inf too)
+    t = _mm256_andnot_ps(nan, _mm256_min_ps(_mm256_max_ps(t, vlo), vhi));
+    const __m256i w = _mm256_cvttps_epi32(t);  // truncating, as float -> int8 (a zero may
+                                               // be fractional)
     const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(h, h));
   }
@@ -283,7 +283,9 @@ at::Tensor quantize_static_cpu(const at::Tensor& x_, const at::Tensor& scale_,
   TORCH_CHECK(act == 0 || act == 1, "synq quantize_static: act must be 0 (none) or 1 "
               "(Hardswish), got ", act);
   const float scale = one_value(scale_, "scale"), zero = one_value(zero_, "zero");
-  const auto x = x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous();
+  // a non-dense x (a channel slice) in its suggested layout, as empty_like and ATen give it
+  const auto x =
+      x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous(x_.suggest_memory_format());
   auto q = at::empty_like(x, x.options().dtype(at::kChar));
   const int64_t n = x.numel();
   if (n == 0) return q;

@@ -49,14 +49,19 @@ def quantize_dynamic_rows(x: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor,
     return R.quantize_dynamic_rows(x, eps)
 
 
+_ZERO_DTYPES = (torch.float32, torch.int32, torch.int64, torch.int16, torch.int8)
+
+
 def quantize_static(x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int,
                     act: int = 0) -> Tensor:
     """int8 of x on the grid (scale, zero), clamped to [lo, hi], after Hardswish when act is
     1; see reference `quantize_static`."""
     if not (-128 <= lo <= hi <= 127):
         raise ValueError(f"need -128 <= lo <= hi <= 127, got {lo}, {hi}")
+    # the kernel computes in float32: a float64 scale or zero would promote the ATen steps
     if (x.device.type == "cpu" and x.dtype == torch.float32 and scale.numel() == 1
             and zero.numel() == 1 and scale.device.type == "cpu" and zero.device.type == "cpu"
-            and _has_kernel()):
+            and scale.dtype == torch.float32 and zero.dtype in _ZERO_DTYPES
+            and scale.dim() <= x.dim() and zero.dim() <= x.dim() and _has_kernel()):
         return torch.ops.synq._quantize_static(x, scale, zero, lo, hi, act)
     return R.quantize_static(x, scale, zero, lo, hi, act)
