@@ -163,7 +163,6 @@ void bind_replay(py::module_& m) {
       .def(py::init<int64_t, std::vector<int64_t>>(), py::arg("n_slots"), py::arg("result"))
       .def("add_step", &ReplayPlan::add_step)
       .def("guard", &ReplayPlan::guard)
-      .def("current", &ReplayPlan::current)
       .def("run", &ReplayPlan::run, py::arg("x"), py::arg("check") = true)
       .def("__len__", &ReplayPlan::size);
 }

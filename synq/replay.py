@@ -15,8 +15,8 @@ Python loop is the fallback, and `Recording(..., compiled=False)` asks for it).
 
 A recording is refused (and the function keeps running eagerly for that input key) when the
 call turns an input-derived value into a Python number (`.item()`, `bool()`, `int()`,
-`.tolist()`, `.numpy()`: the ops that follow may depend on it), or writes an input-derived value into a constant. Callers
-must drop recordings when what the Python depended on changes: weights replaced or changed in
+`.tolist()`, `.numpy()`: the ops that follow may depend on it), or writes an input-derived
+value into a constant. Callers must drop recordings when what the Python depended on changes: weights replaced or changed in
 place, the backend chosen (see `synq.deploy.IntModel`)."""
 from __future__ import annotations
 
@@ -123,6 +123,9 @@ class Recording:
     def __init__(self, steps, n_slots, result, compiled=True):
         self.steps, self.n_slots, self.result = steps, n_slots, result
         self._guarded = ()
+        # the result's slots, in the leaf order _rebuild fills them in
+        self._result_slots = [leaf.i for leaf in pytree.tree_leaves(
+            result, is_leaf=lambda a: isinstance(a, _Slot)) if isinstance(leaf, _Slot)]
         last = {}
         for k, st in enumerate(steps):
             for leaf in pytree.tree_leaves((st.args, st.kwargs)):
@@ -195,8 +198,7 @@ class Recording:
                         env[o] = t
             for s in st.free:
                 env[s] = None
-        return pytree.tree_map(lambda a: env[a.i] if isinstance(a, _Slot) else a, self.result,
-                               is_leaf=lambda a: isinstance(a, _Slot))
+        return self._rebuild([env[s] for s in self._result_slots])
 
 
 STALE = object()     # run_if_current's answer when a guarded tensor changed
@@ -275,9 +277,7 @@ def _compile(rec: Recording):
         specs = [_step_spec(st) for st in rec.steps]
         if any(spec is None for spec in specs):
             return None
-        result = [leaf.i for leaf in pytree.tree_leaves(
-            rec.result, is_leaf=lambda a: isinstance(a, _Slot)) if isinstance(leaf, _Slot)]
-        plan = _C.ReplayPlan(rec.n_slots, result)
+        plan = _C.ReplayPlan(rec.n_slots, rec._result_slots)
         for spec in specs:
             plan.add_step(*spec)
     except Exception as e:  # noqa: BLE001 - the Python loop runs any recording
