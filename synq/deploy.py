@@ -7,7 +7,10 @@ What `export` does to each part of the model:
 - QuantConv2d / QuantLinear -> IntConv2d / IntLinear: the fake-quantized weight
   `(q - z) * s` is stored as its integers `q - z` and the per-channel scales `s`; a BatchNorm2d
   that directly follows a conv is folded into the scales and a float bias (a negative BN
-  weight flips the sign of that channel's integers, so scales stay positive).
+  weight flips the sign of that channel's integers, so scales stay positive). Any other
+  BatchNorm2d (after a concatenation or an addition, as in DenseNet and pre-activation
+  ResNets, or after a conv whose output something else reads too) runs in float
+  (FloatBatchNorm2d), in eval mode.
 - Weight storage by bit-width: 5-8 bits as int8; 2-4 bits as packed int4
   (`synq_kernels.pack_int4`; a conv weight is packed per output channel along its flattened
   (C / groups) * kh * kw in PyTorch's order, shape (Cout, ceil(K / 2))). The paper's
@@ -677,6 +680,15 @@ class IntMaxPool2d(nn.MaxPool2d):
         return y
 
 
+class FloatBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that does not directly follow a conv (DenseNet's and pre-activation
+    ResNets' BN -> ReLU -> conv), so it cannot be folded: it runs in float, in eval mode, on
+    its input made float first."""
+
+    def forward(self, x):
+        return super().forward(_as_float(x))
+
+
 class IntAdd(Add):
     """Residual addition: in fused mode it hands the other operand to the pending conv as the
     epilogue's residual; otherwise a float addition."""
@@ -801,20 +813,46 @@ class IntModel(nn.Module):
 
 # -- export ------------------------------------------------------------------------------------
 
-def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, list, object]]:
+class _LooseReads(torch.overrides.TorchFunctionMode):
+    """Records the tensors that torch functions read outside the hooked modules (the
+    `torch.cat` in DenseNet's forward, say): the ids of those tensors go into `ids`, the
+    tensors themselves into `keep` so that the ids stay unique. Calls that return no tensor
+    (`x.size()`, `x.dim()`) read no values and are not counted."""
+
+    def __init__(self, depth: list):
+        super().__init__()
+        self.depth, self.ids, self.keep = depth, set(), []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth[0] == 0 and any(isinstance(o, torch.Tensor) for o in
+                                      torch.utils._pytree.tree_leaves(out)):
+            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor):
+                    self.ids.add(id(t))
+                    self.keep.append(t)
+        return out
+
+
+def _trace(qmodel: nn.Module, example: torch.Tensor
+           ) -> tuple[list[tuple[str, nn.Module, list, object]], set]:
     """(name, module, input tensors, output) of every leaf-level call of one forward, in
-    execution order. Tensors are kept alive so that their ids stay unique."""
+    execution order, and the ids of the tensors that code outside those calls read (see
+    _LooseReads). Tensors are kept alive so that their ids stay unique."""
     calls = []
+    depth = [0]     # hooked module calls in progress
     watched = (quant.QuantConv2d, quant.QuantLinear, quant.QuantAct, nn.BatchNorm2d)
     made = {}       # id(output) -> its version counter when its module returned it
     entered = {}    # id(module) -> [(input, its version when the module was called)]
     unknown = []    # stand-ins for inputs changed in place since they were made
 
     def pre_hook(mod, args):
+        depth[0] += 1
         entered[id(mod)] = [(a, None if a.is_inference() else a._version)
                             for a in args if isinstance(a, torch.Tensor)]
 
     def hook(mod, args, out, name):
+        depth[0] -= 1
         ins = []
         for t, v in entered.pop(id(mod), []):
             if v is not None and made.get(id(t), v) != v:
@@ -840,13 +878,14 @@ def _trace(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Modul
     handles = [m.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name))
                for n, m in hooked]
     handles += [m.register_forward_pre_hook(pre_hook) for _, m in hooked]
+    loose = _LooseReads(depth)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), loose:
             qmodel(example)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, loose.ids
 
 
 def _call_quantizers(qa: quant.QuantAct) -> list:
@@ -857,7 +896,7 @@ def _call_quantizers(qa: quant.QuantAct) -> list:
 def _unknown_layer(name: str, m: nn.Module) -> ValueError:
     return ValueError(f"cannot export layer {name or '(the model itself)'} "
                       f"({type(m).__name__}): the exporter knows quantized Conv2d / "
-                      f"Linear, BatchNorm2d after a conv, ReLU / ReLU6 / Hardswish / "
+                      f"Linear, BatchNorm2d, ReLU / ReLU6 / Hardswish / "
                       f"SiLU with their quantizers, residual adds "
                       f"(synq.models.common.Add), pooling, Flatten, Dropout, Identity, "
                       f"Sigmoid / Hardsigmoid gates, and StochasticDepth / DropPath that "
@@ -902,7 +941,7 @@ def _check_exportable(qmodel: nn.Module) -> list[str]:
 
 
 def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
-    calls = _trace(qmodel, example)
+    calls, loose = _trace(qmodel, example)
     for name, mod, _, _ in calls:       # (a pass-through call is not among the calls)
         if name in identities:
             raise _unknown_layer(name, mod)
@@ -918,15 +957,21 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
     for i, (name, *_) in enumerate(calls):
         rank[i] = seen.get(name, 0)
         seen[name] = rank[i] + 1
+    takers = {}  # id(tensor) -> how many calls took it as an input
+    for _, _, ins, _ in calls:
+        for t in ins:
+            takers[id(t)] = takers.get(id(t), 0) + 1
+    for t in loose:
+        takers[t] = takers.get(t, 0) + 1
+    out_id = {name: id(out) for name, _, _, out in calls}
     for i, (name, mod, ins, out) in enumerate(calls):
         src = calls[producer[id(ins[0])]] if ins and id(ins[0]) in producer else None
         if isinstance(mod, nn.BatchNorm2d):
-            if src is None or not isinstance(src[1], quant.QuantConv2d) or counts[name] > 1 \
-                    or counts[src[0]] > 1:
-                raise ValueError(f"cannot export BatchNorm2d {name}: the exporter folds a "
-                                 f"BatchNorm into the quantized conv right before it, and "
-                                 f"{name} does not directly follow one")
-            bn_of[src[0]] = name
+            # folded into the conv whose output only it takes; any other BatchNorm (DenseNet's
+            # and pre-activation ResNets' BN -> ReLU -> conv) runs in float (FloatBatchNorm2d)
+            if src is not None and isinstance(src[1], quant.QuantConv2d) \
+                    and counts[name] == 1 and counts[src[0]] == 1 and takers[id(ins[0])] == 1:
+                bn_of[src[0]] = name
         elif isinstance(mod, (quant.QuantConv2d, quant.QuantLinear)):
             # a max-pool keeps its input's grid (max commutes with the monotone rounding)
             while (src is not None and isinstance(src[1], nn.MaxPool2d)
@@ -964,20 +1009,22 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
         conv = None
         if kind == "relu" and len(srcs) == 1 and None not in srcs:
             s = next(iter(srcs))
-            conv = bn_to_conv.get(s, s if s in layers else None)
+            if counts.get(s) == 1 and takers.get(out_id[s]) == 1:  # read by this ReLU only
+                conv = bn_to_conv.get(s, s if s in layers else None)
         if conv is not None and counts.get(conv, 0) == 1:
             fused[conv] = aname
         acts[aname] = {"kind": kind, "fused_from": conv if conv in fused else None}
     for name, info in layers.items():
         info["bn"] = bn_of.get(name)
         info["relu"] = name in fused
-    _plan_fusion(calls, counts, layers, acts, bn_of)
+    _plan_fusion(calls, loose, counts, layers, acts, bn_of)
     return {"layers": layers, "acts": acts, "fused": True}
 
 
-def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
+def _plan_fusion(calls, loose, counts, layers, acts, bn_of) -> None:
     """Which convs hand their epilogue to what follows (`defer`) and which activation
-    quantizers pass int8 on (`emit_int`): the fused mode of IntConv2d / IntAct / IntAdd."""
+    quantizers pass int8 on (`emit_int`): the fused mode of IntConv2d / IntAct / IntAdd.
+    Neither happens to a tensor that code outside the modules reads (`loose`)."""
     consumers = {}   # id(tensor) -> [(name, module)] of the calls that took it as an input
     out_of = {}      # module name -> id of its output (modules called once)
     outs_of = {}     # module name -> ids of its outputs, call by call
@@ -989,7 +1036,8 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
 
     def only(tid, kind):
         c = consumers.get(tid, [])
-        return c[0][0] if len(c) == 1 and isinstance(c[0][1], kind) else None
+        return c[0][0] if len(c) == 1 and isinstance(c[0][1], kind) and tid not in loose \
+            else None
 
     def rectifier(aname):
         """Whether activation `aname` is one the conv epilogue can take (ReLU; ReLU6, whose
@@ -1023,14 +1071,16 @@ def _plan_fusion(calls, counts, layers, acts, bn_of) -> None:
         if pools and isinstance(m, nn.MaxPool2d) and not m.return_indices \
                 and counts.get(n) == 1:     # IntMaxPool2d passes int8 on
             c = consumers.get(out_of.get(n), [])
-            return bool(c) and all(takes_int(n2, m2, aname, call, False) for n2, m2 in c)
+            return bool(c) and out_of.get(n) not in loose and \
+                all(takes_int(n2, m2, aname, call, False) for n2, m2 in c)
         return False
 
     for aname, info in acts.items():
         # per call: an activation module called at several places has a grid per call, and
         # each call passes int8 on where all its consumers take it (a list then)
-        emits = [bool(c) and all(takes_int(n, m, aname, r) for n, m in c)
-                 for r, c in enumerate(consumers.get(t, []) for t in outs_of.get(aname, []))]
+        emits = [bool(c) and t not in loose and all(takes_int(n, m, aname, r) for n, m in c)
+                 for r, (t, c) in enumerate((t, consumers.get(t, []))
+                                            for t in outs_of.get(aname, []))]
         info["emit_int"] = emits[0] if len(emits) == 1 else (emits or False)
 
 
@@ -1046,6 +1096,12 @@ def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
     for name, m in list(model.named_modules()):
         if type(m) is Add:
             _set_child(model, name, IntAdd())
+        elif type(m) is nn.BatchNorm2d:     # one not folded into a conv: runs in float
+            new = FloatBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine,
+                                   m.track_running_stats)
+            new.load_state_dict(m.state_dict())
+            _set_child(model, name, new.to(next(iter(m.buffers()), torch.empty(0)).device)
+                       .train(m.training))
         elif type(m) is nn.MaxPool2d:
             _set_child(model, name, IntMaxPool2d(m.kernel_size, m.stride, m.padding,
                                                  m.dilation, m.return_indices, m.ceil_mode))

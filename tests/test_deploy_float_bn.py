@@ -1,0 +1,195 @@
+"""synq.deploy: BatchNorms that cannot be folded into a conv (DenseNet, pre-activation ResNets)
+run in float, and tensors that code outside the modules reads (`torch.cat` in a forward) are
+neither folded into nor passed on as int8.
+
+Agreement is the relative logit error of tests/test_deploy.py: max |int - fq| / max |fq|."""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from synq.deploy import FloatBatchNorm2d, export, load_int, save_int
+from synq.quant import calibrate, quantize_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_DENSE_MODULE = """
+import torch
+from torch import nn
+from torch.nn import functional as F
+from synq.models import Add
+
+class DenseLayer(nn.Module):  # torchvision's _DenseLayer: BN -> ReLU -> conv on a concatenation
+    def __init__(self, c, growth):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(c), nn.ReLU()
+        self.conv1 = nn.Conv2d(c, 8, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2 = nn.Conv2d(8, growth, 3, padding=1, bias=False)
+
+    def forward(self, features):
+        x = torch.cat(features, 1)
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+class PreActBlock(nn.Module):  # BN -> ReLU -> conv twice, then the identity added
+    def __init__(self, c):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(c), nn.ReLU()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(c), nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.add = Add()
+
+    def forward(self, x):
+        return self.add(x, self.conv2(self.relu2(self.bn2(self.conv1(self.relu1(self.bn1(x)))))))
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.norm0, self.relu0 = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.pool0 = nn.MaxPool2d(2)
+        self.layers = nn.ModuleList([DenseLayer(8, 4), DenseLayer(12, 4)])
+        self.trans = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 12, 1, bias=False),
+                                   nn.AvgPool2d(2))
+        self.block = PreActBlock(12)
+        self.norm5 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        features = [self.pool0(self.relu0(self.norm0(self.conv0(x))))]
+        for layer in self.layers:
+            features.append(layer(features))
+        x = self.block(self.trans(torch.cat(features, 1)))
+        x = F.relu(self.norm5(x))   # a functional ReLU, as in torchvision's DenseNet
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+def model():
+    return Net()
+"""
+
+_STANDALONE = {"layers.0.norm1", "layers.1.norm1", "trans.0", "block.bn1", "norm5"}
+
+
+def _randomized(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / a.abs().max())
+
+
+@pytest.mark.parametrize("bits, bound", [(8, 0.02), (4, 0.15)])
+def test_densenet_and_pre_activation_export(tmp_path, monkeypatch, bits, bound):
+    """BatchNorms after a concatenation or an addition stay float (eval mode), those right
+    after a conv fold; fused mode stays on; save / load gives the same outputs. Measured
+    relative logit error: 0.0083 at 8 bits, 0.0090 at 4 bits."""
+    (tmp_path / "dense_net.py").write_text(_DENSE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = _randomized(importlib.import_module("dense_net").model())
+    x = torch.randn(16, 3, 13, 11)
+    q = calibrate(quantize_model(model, bits, bits), [x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # fused mode kept: it gives the unfused result
+        im = export(q)
+    assert im.plan["fused"]
+    floats = {n for n, m in im.model.named_modules() if isinstance(m, FloatBatchNorm2d)}
+    assert floats == _STANDALONE
+    assert {n for n, i in im.plan["layers"].items() if i["bn"]} == {
+        "conv0", "layers.0.conv1", "layers.1.conv1", "block.conv1"}
+    assert not any(isinstance(m, nn.BatchNorm2d) and not isinstance(m, FloatBatchNorm2d)
+                   for m in im.model.modules())
+    with torch.no_grad():
+        want = q(x)
+        outs = [im(x) for _ in range(3)]    # eager, recorded, replayed
+    assert _rel_err(want, outs[0]) < bound
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    save_int(im, tmp_path / "int", model_spec={"source": "callable", "target": "dense_net:model",
+                                               "kwargs": {}})
+    back = load_int(tmp_path / "int")
+    assert {n for n, m in back.model.named_modules() if isinstance(m, FloatBatchNorm2d)} \
+        == _STANDALONE
+    with torch.no_grad():
+        assert torch.equal(back(x), outs[0])
+
+
+class _ConvReadTwice(nn.Module):
+    """A conv whose output a BatchNorm takes and something else reads too: `how` = "module"
+    (another conv) or "cat" (torch.cat in the forward, which no hook sees)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.side = nn.Conv2d(4, 4, 1) if how == "module" else None
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.relu(self.bn(y))
+        other = self.side(y) if self.how == "module" else y
+        return self.head(torch.cat([z, other], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("how", ["module", "cat"])
+def test_bn_not_folded_into_a_conv_whose_output_is_read_elsewhere(how):
+    """Folding would hand the BN's output (and its ReLU) to the conv's other reader too."""
+    torch.manual_seed(1)
+    model = _randomized(_ConvReadTwice(how), seed=3)
+    x = torch.randn(8, 3, 9, 9)
+    q = calibrate(quantize_model(model, 8, 8), [x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        im = export(q)
+    assert im.plan["fused"] and im.plan["layers"]["conv"]["bn"] is None
+    assert isinstance(im.model.bn, FloatBatchNorm2d)
+    with torch.no_grad():
+        assert _rel_err(q(x), im(x)) < 0.02
+
+
+class _LooseReaders(nn.Module):
+    """A conv whose output goes to its ReLU quantizer and to torch.cat in the forward, and a
+    ReLU whose quantized output goes to a conv and to torch.cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        a = self.relu1(y)
+        b = self.relu2(self.conv2(a))
+        return self.head(torch.cat([y, a, b], 1)).mean((2, 3))
+
+
+def test_tensors_read_outside_modules_stay_float():
+    """Neither a deferred conv result nor an int8 activation reaches torch.cat, and conv1
+    does not apply relu1 in its epilogue (torch.cat reads its output before the ReLU): fused
+    mode stays on for the rest (before, the whole model fell back to unfused mode with a
+    warning)."""
+    torch.manual_seed(2)
+    x = torch.randn(8, 3, 9, 9)
+    q = calibrate(quantize_model(_LooseReaders().eval(), 8, 8), [x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        im = export(q)
+    plan = im.plan
+    assert plan["fused"]
+    assert not plan["layers"]["conv1"]["defer"] and not plan["layers"]["conv1"]["relu"]
+    assert plan["layers"]["conv2"]["defer"] and plan["layers"]["conv2"]["relu"]
+    assert plan["acts"]["relu1"]["emit_int"] is False
+    with torch.no_grad():
+        assert _rel_err(q(x), im(x)) < 0.02
