@@ -62,11 +62,12 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
   // x (M, K) float32 (any strides) -> (q (M, K) int8 contiguous, scale (M, 1) float32, zero
   // (M, 1) int32): the same per row (a linear layer's input).
   m.def("_quantize_dynamic_rows(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
-  // x float32 (any layout; dense keeps it) -> int8 like x: clamp(round(f(x) / scale) + zero,
-  // lo, hi) with f the identity (act 0) or Hardswish (act 1); scale, zero one value each
+  // x float32 (any layout; dense keeps it) -> int8 like x: clamp(round(f(x') / scale) +
+  // zero, lo, hi), x' = x * mul[c] + add[c] (per channel, dim 1; x itself without mul / add),
+  // f the identity (act 0), Hardswish (act 1) or ReLU (act 2); scale, zero one value each
   // (zero in the int8 domain); NaN gives 0 (synq.deploy._quantize_static's steps).
-  m.def("_quantize_static(Tensor x, Tensor scale, Tensor zero, int lo, int hi, int act=0) "
-        "-> Tensor");
+  m.def("_quantize_static(Tensor x, Tensor scale, Tensor zero, int lo, int hi, int act=0, "
+        "Tensor? mul=None, Tensor? add=None) -> Tensor");
   // x (B, C, H, W) int8 (any strides): max pooling with the geometry resolved by
   // synq_kernels.reference.pool.pool_geometry (two values each; out_size: (OH, OW)). Padding
   // never wins. Output channels-last for a channels-last input, else contiguous.

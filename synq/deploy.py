@@ -117,15 +117,22 @@ def _weight_ints(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int,
-                     hi: int, hardswish: bool = False) -> torch.Tensor:
-    """int8 of x (after Hardswish if asked) on the grid (scale, zero) (zero in the int8
-    domain), clamped to [lo, hi]. One pass where the PyTorch ops make four or five over the
-    float tensor: on a GPU Triton's (synq_kernels.triton.quantize, the same values), on a CPU
-    synq_kernels' static quantization (the same bits, Hardswish fused in)."""
+                     hi: int, hardswish: bool = False, relu: bool = False,
+                     affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """int8 of x (times mul plus add per channel for affine = (mul, add), then Hardswish or
+    ReLU if asked) on the grid (scale, zero) (zero in the int8 domain), clamped to [lo, hi].
+    One pass where the PyTorch ops make four to eight over the float tensor: on a CPU
+    synq_kernels' static quantization (the same bits, the rest fused in); on a GPU Triton's
+    (synq_kernels.triton.quantize, the same values) after the rest in PyTorch ops."""
     if _triton_act(x) and _tri_quant.usable(x, scale, zero):
-        return _tri_quant.quantize_static(F.hardswish(x) if hardswish else x, scale, zero, lo,
-                                          hi)
-    return sk.ops.quantize.quantize_static(x, scale, zero, lo, hi, int(hardswish))
+        if affine is not None:
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            x = x * affine[0].reshape(view) + affine[1].reshape(view)
+        x = F.hardswish(x) if hardswish else torch.relu(x) if relu else x
+        return _tri_quant.quantize_static(x, scale, zero, lo, hi)
+    return sk.ops.quantize.quantize_static(x, scale, zero, lo, hi,
+                                           1 if hardswish else 2 if relu else 0,
+                                           *(affine or (None, None)))
 
 
 def _quantize_dynamic(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -639,6 +646,17 @@ class IntAct(nn.Module):
 
     def forward(self, x):
         suffix, emit_int = self._next_call()
+        if isinstance(x, _Affine):
+            if emit_int and self.kind in ("relu", "hardswish"):
+                # the BatchNorm before it, the activation and the quantization: one pass
+                scale, zero, hi = self._grid(suffix)
+                q = _quantize_static(x.x, scale, zero, -128, hi,
+                                     hardswish=self.kind == "hardswish",
+                                     relu=self.kind == "relu" and self.apply_relu,
+                                     affine=x.bn.mul_add())
+                q._synq_q = (scale, zero)
+                return q
+            x = x.run()
         if isinstance(x, _Pending):
             # ReLU6's top is the calibrated range's, which the clamp to the grid applies
             q = x.run(True, self._grid(suffix))
@@ -683,10 +701,53 @@ class IntMaxPool2d(nn.MaxPool2d):
 class FloatBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d that does not directly follow a conv (DenseNet's and pre-activation
     ResNets' BN -> ReLU -> conv), so it cannot be folded: it runs in float, in eval mode, on
-    its input made float first."""
+    its input made float first. In fused mode (`defer`, where its output goes only to a ReLU
+    or Hardswish quantizer that emits int8) it hands the IntAct its input and its map
+    x * mul + add (`mul_add`), which that applies in its quantization pass."""
+
+    defer = False
 
     def forward(self, x):
-        return super().forward(_as_float(x))
+        x = _as_float(x)
+        if self.defer and not self.training and self.running_mean is not None:
+            return _Affine(x, self)
+        return super().forward(x)
+
+    def mul_add(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mul, add) float32 per channel: eval mode's x * mul + add, mul = weight /
+        sqrt(running_var + eps), add = bias - running_mean * mul (cached; rebuilt when the
+        buffers change)."""
+        ts = [self.running_mean, self.running_var, self.weight, self.bias]
+        if not torch.compiler.is_compiling():
+            key = tuple((t, version(t)) if t is not None else None for t in ts)
+            hit = self.__dict__.get("_affine_cache")
+            if hit is not None and len(hit[0]) == len(key) and all(
+                    (a is None and b is None) or (a is not None and b is not None
+                                                  and a[0] is b[0] and a[1] == b[1])
+                    for a, b in zip(hit[0], key)):
+                return hit[1]
+        with torch.no_grad():
+            mul = 1.0 / torch.sqrt(self.running_var.float() + self.eps)  # ATen's order
+            if self.weight is not None:
+                mul = mul * self.weight.float()
+            add = -self.running_mean.float() * mul
+            if self.bias is not None:
+                add = add + self.bias.float()
+        if not torch.compiler.is_compiling():
+            self.__dict__["_affine_cache"] = (key, (mul, add))
+        return mul, add
+
+
+class _Affine:
+    """A FloatBatchNorm2d's input waiting for the IntAct after it (see FloatBatchNorm2d)."""
+
+    __slots__ = ("x", "bn")
+
+    def __init__(self, x, bn):
+        self.x, self.bn = x, bn
+
+    def run(self) -> torch.Tensor:
+        return nn.BatchNorm2d.forward(self.bn, self.x)
 
 
 class IntAdd(Add):
@@ -1061,6 +1122,16 @@ def _plan_fusion(calls, loose, counts, layers, acts, bn_of) -> None:
             if add is not None and counts.get(add) == 1 and \
                     rectifier(only(out_of[add], quant.QuantAct)):
                 info["defer"] = True
+    # a BatchNorm left in float whose output only a ReLU / Hardswish quantizer takes, called
+    # once, that passes int8 on: that quantization applies the BN (FloatBatchNorm2d.defer)
+    folded = set(bn_of.values())
+    for name, mod in mods.items():
+        if isinstance(mod, nn.BatchNorm2d) and name not in folded and counts.get(name) == 1:
+            a = only(out_of[name], quant.QuantAct)
+            if a is not None and counts.get(a) == 1 and acts[a]["kind"] in ("relu",
+                                                                             "hardswish"):
+                acts[a]["bn"] = name
+
     def takes_int(n, m, aname, call, pools=True):
         """Whether call `n` of module `m` takes the int8 output of call `call` of `aname`."""
         info = layers.get(n, {})
@@ -1082,6 +1153,8 @@ def _plan_fusion(calls, loose, counts, layers, acts, bn_of) -> None:
                  for r, (t, c) in enumerate((t, consumers.get(t, []))
                                             for t in outs_of.get(aname, []))]
         info["emit_int"] = emits[0] if len(emits) == 1 else (emits or False)
+        if info.get("bn") and info["emit_int"] is not True:
+            del info["bn"]
 
 
 def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
@@ -1093,6 +1166,7 @@ def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
             layer.defer = fused and info.get("defer", False)
     for name, info in plan["acts"].items():
         model.get_submodule(name).emit_int = fused and info.get("emit_int", False)
+    defer = {info["bn"] for info in plan["acts"].values() if info.get("bn")}
     for name, m in list(model.named_modules()):
         if type(m) is Add:
             _set_child(model, name, IntAdd())
@@ -1105,6 +1179,8 @@ def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
         elif type(m) is nn.MaxPool2d:
             _set_child(model, name, IntMaxPool2d(m.kernel_size, m.stride, m.padding,
                                                  m.dilation, m.return_indices, m.ceil_mode))
+    for name in defer:
+        model.get_submodule(name).defer = fused
 
 
 @torch.no_grad()

@@ -110,16 +110,27 @@ def test_densenet_and_pre_activation_export(tmp_path, monkeypatch, bits, bound):
         "conv0", "layers.0.conv1", "layers.1.conv1", "block.conv1"}
     assert not any(isinstance(m, nn.BatchNorm2d) and not isinstance(m, FloatBatchNorm2d)
                    for m in im.model.modules())
+    # BN -> ReLU -> conv: the ReLU's quantization applies the BN (norm5's ReLU is functional)
+    deferred = {n for n, m in im.model.named_modules() if getattr(m, "defer", False)
+                and isinstance(m, FloatBatchNorm2d)}
+    assert deferred == _STANDALONE - {"norm5"}
+    assert im.plan["acts"]["trans.1"]["bn"] == "trans.0"
+    unfused = export(q, fuse=False)
+    assert not any(getattr(m, "defer", False) for m in unfused.model.modules())
     with torch.no_grad():
         want = q(x)
         outs = [im(x) for _ in range(3)]    # eager, recorded, replayed
     assert _rel_err(want, outs[0]) < bound
     assert all(torch.equal(o, outs[0]) for o in outs)
+    with torch.no_grad():
+        assert _rel_err(unfused(x), outs[0]) < bound / 2
     save_int(im, tmp_path / "int", model_spec={"source": "callable", "target": "dense_net:model",
                                                "kwargs": {}})
     back = load_int(tmp_path / "int")
     assert {n for n, m in back.model.named_modules() if isinstance(m, FloatBatchNorm2d)} \
         == _STANDALONE
+    assert {n for n, m in back.model.named_modules() if getattr(m, "defer", False)
+            and isinstance(m, FloatBatchNorm2d)} == deferred
     with torch.no_grad():
         assert torch.equal(back(x), outs[0])
 

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -219,37 +220,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_dynamic_rows_cpu(const a
   return {q, scale, zero};
 }
 
-// Static quantization on a given grid (synq.deploy._quantize_static), optionally after
-// Hardswish: q = clamp(round(f(x) / scale) + zero, lo, hi) as int8, with f(x) = x or
-// x * clamp(x + 3, 0, 6) / 6 (F.hardswish's steps and order: the same bits). One pass where
-// the ATen ops make five (six with the activation). NaN (also from inf + -inf with an
-// infinite zero) gives 0, as ATen's float -> int8 conversion does; +-inf clamp to the ends;
-// the conversion truncates, as ATen's does, for a fractional zero.
+// Static quantization on a given grid (synq.deploy._quantize_static), optionally after a
+// per-channel affine map and an activation:
+//   q = clamp(round(f(x * mul[c] + add[c]) / scale) + zero, lo, hi) as int8
+// with the affine map skipped when no mul / add is given (an eval-mode BatchNorm that no conv
+// could take: DenseNet's) and f the identity, Hardswish (x * clamp(x + 3, 0, 6) / 6) or ReLU.
+// Each step is the float32 operation of the ATen ops (a multiply, then an add, never fused;
+// F.hardswish's steps and order; max(x, 0) keeping NaN as torch.relu does): the same bits.
+// One pass where the ATen ops make five to eight. NaN (also from inf + -inf with an infinite
+// zero) gives 0, as ATen's float -> int8 conversion does; +-inf clamp to the ends; the
+// conversion truncates, as ATen's does, for a fractional zero.
+enum Act : int64_t { kNone = 0, kHardswish = 1, kRelu = 2 };
+
+struct StaticGrid {
+  float scale, zero, lo, hi;
+  int64_t act;
+};
+
 inline float hardswish(float v) { return v * std::min(std::max(v + 3.f, 0.f), 6.f) / 6.f; }
 
-void quantize_static_scalar(const float* x, int64_t n, float scale, float zero, float lo,
-                            float hi, bool hs, int8_t* q) {
+// x[i] for i < n; mul / add: nullptr (no affine map), one value each (per_elem false: a
+// plane of one channel) or n values (per_elem true: a row of channels, channels-last).
+void quantize_static_scalar(const float* x, int64_t n, const float* mul, const float* add,
+                            bool per_elem, const StaticGrid& g, int8_t* q) {
   for (int64_t i = 0; i < n; ++i) {
-    const float t = std::nearbyint((hs ? hardswish(x[i]) : x[i]) / scale) + zero;
-    q[i] = std::isnan(t) ? 0 : static_cast<int8_t>(std::min(std::max(t, lo), hi));
+    float v = x[i];
+    if (mul != nullptr) {
+      const float m = mul[per_elem ? i : 0], a = add[per_elem ? i : 0];
+      volatile float prod = v * m;  // rounded on its own, as ATen's mul (no fused multiply-add)
+      v = prod + a;
+    }
+    if (g.act == kHardswish) v = hardswish(v);
+    else if (g.act == kRelu) v = v < 0.f ? 0.f : v;  // NaN stays NaN
+    const float t = std::nearbyint(v / g.scale) + g.zero;
+    q[i] = std::isnan(t) ? 0 : static_cast<int8_t>(std::min(std::max(t, g.lo), g.hi));
   }
 }
 
 #if SYNQ_QUANTIZE_X86
 __attribute__((target("avx2"))) void quantize_static_avx2(const float* x, int64_t n,
-                                                          float scale, float zero, float lo,
-                                                          float hi, bool hs, int8_t* q) {
-  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
-  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+                                                          const float* mul, const float* add,
+                                                          bool per_elem, const StaticGrid& g,
+                                                          int8_t* q) {
+  const __m256 s = _mm256_set1_ps(g.scale), z = _mm256_set1_ps(g.zero);
+  const __m256 vlo = _mm256_set1_ps(g.lo), vhi = _mm256_set1_ps(g.hi);
   const __m256 three = _mm256_set1_ps(3.f), six = _mm256_set1_ps(6.f);
   const __m256 zero_v = _mm256_setzero_ps();
+  const bool affine = mul != nullptr;
+  const __m256 m1 = affine ? _mm256_set1_ps(mul[0]) : zero_v;
+  const __m256 a1 = affine ? _mm256_set1_ps(add[0]) : zero_v;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 v = _mm256_loadu_ps(x + i);
-    if (hs)  // a NaN sum meets max's second operand (0): v * 0 is NaN again, as in ATen
+    if (affine)  // (no FMA: this function's target has none)
+      v = _mm256_add_ps(_mm256_mul_ps(v, per_elem ? _mm256_loadu_ps(mul + i) : m1),
+                        per_elem ? _mm256_loadu_ps(add + i) : a1);
+    if (g.act == kHardswish)  // a NaN sum meets max's second operand (0): v * 0 is NaN again
       v = _mm256_div_ps(
           _mm256_mul_ps(v, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, three), zero_v), six)),
           six);
+    else if (g.act == kRelu)
+      v = _mm256_max_ps(zero_v, v);  // max_ps returns its second operand for NaN: NaN stays
     __m256 t = _mm256_round_ps(_mm256_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     t = _mm256_add_ps(t, z);
     const __m256 nan = _mm256_cmp_ps(t, t, _CMP_UNORD_Q);  // (inf + -inf too)
@@ -259,9 +290,18 @@ __attribute__((target("avx2"))) void quantize_static_avx2(const float* x, int64_
     const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(h, h));
   }
-  quantize_static_scalar(x + i, n - i, scale, zero, lo, hi, hs, q + i);
+  quantize_static_scalar(x + i, n - i, affine ? mul + (per_elem ? i : 0) : nullptr,
+                         affine ? add + (per_elem ? i : 0) : nullptr, per_elem, g, q + i);
 }
 #endif
+
+void quantize_static_span(const float* x, int64_t n, const float* mul, const float* add,
+                          bool per_elem, const StaticGrid& g, int8_t* q) {
+#if SYNQ_QUANTIZE_X86
+  if (cpu_use_avx2()) return quantize_static_avx2(x, n, mul, add, per_elem, g, q);
+#endif
+  quantize_static_scalar(x, n, mul, add, per_elem, g, q);
+}
 
 float one_value(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(),
@@ -273,33 +313,77 @@ float one_value(const at::Tensor& t, const char* what) {
 }
 
 // x float32 (dense layouts kept); scale, zero: one value each (zero in the int8 domain);
-// -128 <= lo <= hi <= 127; act: 0 none, 1 Hardswish first. Returns int8 like x.
+// -128 <= lo <= hi <= 127; act: 0 none, 1 Hardswish, 2 ReLU; mul, add: both or neither,
+// float32 (C,) for x's dim 1 (C), applied first. Returns int8 like x.
 at::Tensor quantize_static_cpu(const at::Tensor& x_, const at::Tensor& scale_,
-                               const at::Tensor& zero_, int64_t lo, int64_t hi, int64_t act) {
+                               const at::Tensor& zero_, int64_t lo, int64_t hi, int64_t act,
+                               const std::optional<at::Tensor>& mul_,
+                               const std::optional<at::Tensor>& add_) {
   TORCH_CHECK(x_.scalar_type() == at::kFloat,
               "synq quantize_static (cpu backend): x must be float32, got ", x_.scalar_type());
   TORCH_CHECK(-128 <= lo && lo <= hi && hi <= 127,
               "synq quantize_static: need -128 <= lo <= hi <= 127, got ", lo, ", ", hi);
-  TORCH_CHECK(act == 0 || act == 1, "synq quantize_static: act must be 0 (none) or 1 "
-              "(Hardswish), got ", act);
-  const float scale = one_value(scale_, "scale"), zero = one_value(zero_, "zero");
+  TORCH_CHECK(act == kNone || act == kHardswish || act == kRelu,
+              "synq quantize_static: act must be 0 (none), 1 (Hardswish) or 2 (ReLU), got ", act);
+  TORCH_CHECK(mul_.has_value() == add_.has_value(),
+              "synq quantize_static: give mul and add together, or neither");
+  const bool affine = mul_.has_value();
+  at::Tensor mul, add;
+  if (affine) {
+    TORCH_CHECK(x_.dim() >= 2, "synq quantize_static: a per-channel mul / add needs x with a "
+                "channel dim (dim 1), got x of shape ", x_.sizes());
+    const int64_t C = x_.size(1);
+    for (const auto* t : {&*mul_, &*add_})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == C &&
+                      t->device().is_cpu(),
+                  "synq quantize_static: mul and add must be float32 CPU tensors of shape (",
+                  C, ",) (x's channels), got ", t->scalar_type(), " ", t->sizes());
+    mul = mul_->contiguous();
+    add = add_->contiguous();
+  }
+  const StaticGrid g{one_value(scale_, "scale"), one_value(zero_, "zero"),
+                     static_cast<float>(lo), static_cast<float>(hi), act};
   // a non-dense x (a channel slice) in its suggested layout, as empty_like and ATen give it
-  const auto x =
-      x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous(x_.suggest_memory_format());
+  auto x = x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous(x_.suggest_memory_format());
+  // with the affine map the kernel walks rows of channels (channels-last, or (N, C)) or
+  // planes of one channel (contiguous); any other layout is made contiguous first
+  bool rows = false;
+  if (affine) {
+    rows = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+    if (!rows) {
+      if (!x.is_contiguous()) x = x.contiguous();
+      rows = x.dim() == 2;
+    }
+  }
   auto q = at::empty_like(x, x.options().dtype(at::kChar));
   const int64_t n = x.numel();
   if (n == 0) return q;
   const float* xp = x.const_data_ptr<float>();
   int8_t* qp = q.mutable_data_ptr<int8_t>();
-  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
-  const bool hs = act == 1;
-  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-#if SYNQ_QUANTIZE_X86
-    if (cpu_use_avx2())
-      return quantize_static_avx2(xp + b, e - b, scale, zero, flo, fhi, hs, qp + b);
-#endif
-    quantize_static_scalar(xp + b, e - b, scale, zero, flo, fhi, hs, qp + b);
-  });
+  if (!affine) {
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      quantize_static_span(xp + b, e - b, nullptr, nullptr, false, g, qp + b);
+    });
+    return q;
+  }
+  const float* mp = mul.const_data_ptr<float>();
+  const float* ap = add.const_data_ptr<float>();
+  const int64_t C = x.size(1);
+  if (rows) {
+    const int64_t rows_n = n / C;
+    at::parallel_for(0, rows_n, std::max<int64_t>(1, (1 << 16) / C), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        quantize_static_span(xp + r * C, C, mp, ap, true, g, qp + r * C);
+    });
+  } else {  // planes of one channel, `plane` elements each
+    const int64_t plane = n / (x.size(0) * C);
+    at::parallel_for(0, n / plane, std::max<int64_t>(1, (1 << 16) / plane),
+                     [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p)
+        quantize_static_span(xp + p * plane, plane, mp + p % C, ap + p % C, false, g,
+                             qp + p * plane);
+    });
+  }
   return q;
 }
 

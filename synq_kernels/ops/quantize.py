@@ -1,6 +1,6 @@
 """8-bit quantization: dynamic, per tensor (`quantize_dynamic`) or per row of a matrix
 (`quantize_dynamic_rows`), and static on a given grid, optionally after Hardswish
-(`quantize_static`): the CPU kernels (csrc/cpu/quantize.cpp: two passes over x for the dynamic
+(`quantize_static`, also after a per-channel affine map or ReLU): the CPU kernels (csrc/cpu/quantize.cpp: two passes over x for the dynamic
 ones, one for the static) where they are built, else the reference's PyTorch ops. Both give
 the same bits (the kernels repeat the reference's float32 steps)."""
 import torch
@@ -22,7 +22,7 @@ if _has_kernel():
                 x.new_empty(one, dtype=torch.int32))
 
     @torch.library.register_fake("synq::_quantize_static")
-    def _(x, scale, zero, lo, hi, act=0):
+    def _(x, scale, zero, lo, hi, act=0, mul=None, add=None):
         return torch.empty_like(x, dtype=torch.int8)
 
     @torch.library.register_fake("synq::_quantize_dynamic_rows")
@@ -53,15 +53,22 @@ _ZERO_DTYPES = (torch.float32, torch.int32, torch.int64, torch.int16, torch.int8
 
 
 def quantize_static(x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int,
-                    act: int = 0) -> Tensor:
-    """int8 of x on the grid (scale, zero), clamped to [lo, hi], after Hardswish when act is
-    1; see reference `quantize_static`."""
+                    act: int = 0, mul: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+    """int8 of x (times mul plus add per channel, when given) on the grid (scale, zero),
+    clamped to [lo, hi], after Hardswish (act 1) or ReLU (act 2); see reference
+    `quantize_static`."""
     if not (-128 <= lo <= hi <= 127):
         raise ValueError(f"need -128 <= lo <= hi <= 127, got {lo}, {hi}")
-    # the kernel computes in float32: a float64 scale or zero would promote the ATen steps
+    # the kernel computes in float32: a float64 scale, zero, mul or add would promote the
+    # ATen steps
+    affine_ok = mul is None or (
+        add is not None and x.dim() >= 2 and mul.dtype == add.dtype == torch.float32
+        and mul.device.type == add.device.type == "cpu"
+        and mul.shape == add.shape == (x.shape[1],))
     if (x.device.type == "cpu" and x.dtype == torch.float32 and scale.numel() == 1
             and zero.numel() == 1 and scale.device.type == "cpu" and zero.device.type == "cpu"
             and scale.dtype == torch.float32 and zero.dtype in _ZERO_DTYPES
-            and scale.dim() <= x.dim() and zero.dim() <= x.dim() and _has_kernel()):
-        return torch.ops.synq._quantize_static(x, scale, zero, lo, hi, act)
-    return R.quantize_static(x, scale, zero, lo, hi, act)
+            and scale.dim() <= x.dim() and zero.dim() <= x.dim() and affine_ok
+            and _has_kernel()):
+        return torch.ops.synq._quantize_static(x, scale, zero, lo, hi, act, mul, add)
+    return R.quantize_static(x, scale, zero, lo, hi, act, mul, add)

@@ -6,13 +6,27 @@ import torch.nn.functional as F
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int,
-                    act: int = 0) -> torch.Tensor:
-    """int8 of clamp(round(f(x) / scale) + zero, lo, hi), f = identity (act 0) or Hardswish
-    (act 1); scale, zero: one value each (zero in the int8 domain, any dtype); NaN gives 0."""
+                    act: int = 0, mul: torch.Tensor | None = None,
+                    add: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 of clamp(round(f(x') / scale) + zero, lo, hi): x' = x * mul[c] + add[c] per channel
+    c (dim 1; an eval-mode BatchNorm), or x without mul / add; f = identity (act 0), Hardswish
+    (act 1) or ReLU (act 2); scale, zero: one value each (zero in the int8 domain, any dtype);
+    NaN gives 0."""
+    if (mul is None) != (add is None):
+        raise ValueError("give mul and add together, or neither")
+    if mul is not None:
+        if x.dim() < 2 or mul.shape != (x.shape[1],) or add.shape != (x.shape[1],):
+            raise ValueError(f"mul and add must have shape ({x.shape[1] if x.dim() > 1 else '?'},)"
+                             f" (x's channels, dim 1), got {tuple(mul.shape)} and "
+                             f"{tuple(add.shape)} for x of shape {tuple(x.shape)}")
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        x = x * mul.reshape(view) + add.reshape(view)
     if act == 1:
         x = F.hardswish(x)
+    elif act == 2:
+        x = torch.relu(x)
     elif act != 0:
-        raise ValueError(f"act must be 0 (none) or 1 (Hardswish), got {act!r}")
+        raise ValueError(f"act must be 0 (none), 1 (Hardswish) or 2 (ReLU), got {act!r}")
     t = torch.div(x, scale)
     t.round_().add_(zero).clamp_(lo, hi)
     return t.to(torch.int8)
