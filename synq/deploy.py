@@ -10,7 +10,8 @@ What `export` does to each part of the model:
   weight flips the sign of that channel's integers, so scales stay positive). Any other
   BatchNorm2d (after a concatenation or an addition, as in DenseNet and pre-activation
   ResNets, or after a conv whose output something else reads too) runs in float
-  (FloatBatchNorm2d), in eval mode.
+  (FloatBatchNorm2d), in eval mode; in fused mode, where a ReLU / Hardswish quantizer is
+  its output's only reader, as `x * mul + add` in that quantizer's pass.
 - Weight storage by bit-width: 5-8 bits as int8; 2-4 bits as packed int4
   (`synq_kernels.pack_int4`; a conv weight is packed per output channel along its flattened
   (C / groups) * kh * kw in PyTorch's order, shape (Cout, ceil(K / 2))). The paper's
