@@ -597,12 +597,16 @@ class IntAct(nn.Module):
 
     `scale` / `zero` may be sequences: an activation module that the forward calls at several
     places (see synq.quant.QuantAct) has a grid per call, the k-th in buffers `scale_k` /
-    `zero_k` (k >= 2), picked by the call's rank in the forward."""
+    `zero_k` (k >= 2), picked by the call's rank in the forward.
+
+    `tops` (ReLU6): per call, the int8 code of 6.0 on the grid where it is below the grid's
+    top (a learned LSQ step can reach past 6), else None; int8 results are clamped to it,
+    since min(6, x) and the monotone rounding commute. Set by the export from the grids."""
 
     _counts_calls = True  # reset at each forward by synq.quant's hook on the model
 
     def __init__(self, name: str, kind: str, bits: int, scale, zero, apply_relu: bool,
-                 emit_int: bool = False):
+                 emit_int: bool = False, tops=None):
         super().__init__()
         self.name, self.kind, self.bits = name, kind, int(bits)
         scales = list(scale) if isinstance(scale, (list, tuple)) else [scale]
@@ -618,6 +622,7 @@ class IntAct(nn.Module):
             self.register_buffer("zero" + suffix, torch.tensor(float(z)))
         self.apply_relu = bool(apply_relu)
         self.emit_int = bool(emit_int)
+        self.tops = None if tops is None else [None if t is None else int(t) for t in tops]
 
     def _next_call(self) -> tuple[str, bool]:
         """The buffer-name suffix of this call's grid, and whether this call emits int8."""
@@ -627,21 +632,38 @@ class IntAct(nn.Module):
         emit = self.emit_int[k] if isinstance(self.emit_int, list) else self.emit_int
         return ("" if k == 0 else f"_{k + 1}"), bool(emit)
 
-    def _make_grid(self, scale, zero):
-        return (scale.reshape(1), (zero - 128).to(torch.int32).reshape(1),
-                (1 << self.bits) - 1 - 128)
+    def _make_grid(self, scale, zero, suffix=""):
+        hi = (1 << self.bits) - 1 - 128
+        if self.tops is not None:
+            top = self.tops[int(suffix[1:]) - 1 if suffix else 0]
+            hi = hi if top is None else min(hi, top)
+        return scale.reshape(1), (zero - 128).to(torch.int32).reshape(1), hi
+
+    def relu6_tops(self) -> list | None:
+        """`tops` from this module's grids (None unless ReLU6)."""
+        if self.kind != "relu6":
+            return None
+        out = []
+        for k in range(self.calls):
+            suffix = "" if k == 0 else f"_{k + 1}"
+            scale, zero = self._buffers["scale" + suffix], self._buffers["zero" + suffix]
+            qmax = (1 << self.bits) - 1
+            code = int(torch.clamp(torch.round(torch.tensor(6.0) / scale.cpu().float())
+                                   + zero.cpu().float(), 0, qmax)) - 128
+            out.append(code if code < qmax - 128 else None)
+        return out
 
     def _grid(self, suffix: str = ""):
         """(scale, zero in the int8 domain, highest int8 value) of a call's grid, as
         one-element tensors (cached; rebuilt when the buffers change or move)."""
         scale, zero = self._buffers["scale" + suffix], self._buffers["zero" + suffix]
         if torch.compiler.is_compiling():  # no version counters while tracing: no cache
-            return self._make_grid(scale, zero)
+            return self._make_grid(scale, zero, suffix)
         cache = self.__dict__.setdefault("_grid_caches", {})
         key, grid = cache.get(suffix, (None, None))
         if (key is None or key[0] is not scale or key[1] != version(scale)
                 or key[2] is not zero or key[3] != version(zero)):
-            grid = self._make_grid(scale, zero)
+            grid = self._make_grid(scale, zero, suffix)
             cache[suffix] = ((scale, version(scale), zero, version(zero)), grid)
         return grid
 
@@ -659,7 +681,7 @@ class IntAct(nn.Module):
                 return q
             x = x.run()
         if isinstance(x, _Pending):
-            # ReLU6's top is the calibrated range's, which the clamp to the grid applies
+            # ReLU6's top: the grid's top, or the code of 6.0 below it (`tops`)
             q = x.run(True, self._grid(suffix))
             return q if emit_int else _dequant(q)
         x = _as_float(x)
@@ -1103,8 +1125,8 @@ def _plan_fusion(calls, loose, counts, layers, acts, bn_of) -> None:
 
     def rectifier(aname):
         """Whether activation `aname` is one the conv epilogue can take (ReLU; ReLU6, whose
-        top is the grid's clamp, checked on the example by _fusion_works with learned
-        grids); Hardswish / SiLU run in float after the conv instead."""
+        top is the grid's clamp or the code of 6.0, IntAct.tops); Hardswish / SiLU run in
+        float after the conv instead."""
         return aname is not None and acts[aname]["kind"] not in _FLOAT_ACTIVATIONS
 
     mods = {n: m for n, m, _, _ in calls}
@@ -1312,8 +1334,12 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
     for name, info in plan["acts"].items():
         qa = model.get_submodule(name)
         scale, zero = zip(*(_act_params(q) for q in _call_quantizers(qa)))
-        _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, scale, zero,
-                                       apply_relu=info["fused_from"] is None))
+        act = IntAct(name, info["kind"], qa.quantizer.bits, scale, zero,
+                     apply_relu=info["fused_from"] is None)
+        tops = act.relu6_tops()
+        if tops is not None and any(t is not None for t in tops):
+            act.tops = info["relu6_tops"] = tops
+        _set_child(model, name, act)
     # the new modules' scales and zero points were made from Python numbers (on the CPU):
     # the integer model lives where the quantized model's layers are
     model = model.to(device)
@@ -1412,7 +1438,8 @@ def load_int(path, device="cpu") -> IntModel:
         qa = model.get_submodule(name)
         n = len(_call_quantizers(qa))
         _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, [1.0] * n,
-                                       [0] * n, apply_relu=info["fused_from"] is None))
+                                       [0] * n, apply_relu=info["fused_from"] is None,
+                                       tops=info.get("relu6_tops")))
     _set_fusion(model, plan, plan.get("fused", False))
     model.load_state_dict(state, strict=True)
     meta.pop("plan")

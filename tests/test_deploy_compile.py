@@ -9,15 +9,16 @@ from synq.deploy import export, load_int, save_int
 from synq.models import resnet18, resnet20
 
 from test_deploy import _MOBILE_V3_MODULE, _quantized, _randomize_bn
+from test_deploy_float_bn import _DENSE_MODULE
 from test_quant import _shared_relu_model
 from test_quant_compile import _compiled
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
-def _mobile_v3():
+def _from_text(text):
     ns = {}
-    exec(_MOBILE_V3_MODULE, ns)  # noqa: S102 - the test module's own source text
+    exec(text, ns)  # noqa: S102 - a test module's own source text
     return _randomize_bn(ns["model"]())
 
 
@@ -27,7 +28,9 @@ CASES = {  # W4: packed int4 weights and offsets, fused residual epilogues; W8: 
     "resnet18_w8": (lambda: _randomize_bn(resnet18(num_classes=10)), 8, (2, 3, 32, 32)),
     "shared_relu_w4": (lambda: _shared_relu_model(False), 4, (4, 1, 9, 9)),  # calls per grid
     # Hardswish fused into the static quantization, SiLU, SE gates
-    "mobile_v3_w8": (_mobile_v3, 8, (2, 3, 17, 15)),
+    "mobile_v3_w8": (lambda: _from_text(_MOBILE_V3_MODULE), 8, (2, 3, 17, 15)),
+    # float BatchNorms, applied in the next ReLU's quantization; torch.cat in the forward
+    "dense_w4": (lambda: _from_text(_DENSE_MODULE), 4, (2, 3, 13, 11)),
 }
 
 
