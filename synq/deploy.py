@@ -737,27 +737,29 @@ class FloatBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
     def mul_add(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mul, add) float32 per channel: eval mode's x * mul + add, mul = weight /
-        sqrt(running_var + eps), add = bias - running_mean * mul (cached; rebuilt when the
-        buffers change)."""
+        """(mul, add) float32 per channel: eval mode's x * mul + add, mul = 1 /
+        sqrt(running_var + eps) * weight, add = bias - running_mean * mul (cached; rebuilt
+        when the buffers or eps change). ATen's BatchNorm rounds its own way: a few values
+        differ from its output in the last bit, which moves a value across a grid boundary
+        now and then."""
         ts = [self.running_mean, self.running_var, self.weight, self.bias]
         if not torch.compiler.is_compiling():
-            key = tuple((t, version(t)) if t is not None else None for t in ts)
+            # (data_ptr: an assignment to .data keeps the object and its version)
+            key = (float(self.eps),) + tuple(
+                None if t is None else (id(t), version(t), t.data_ptr()) for t in ts)
             hit = self.__dict__.get("_affine_cache")
-            if hit is not None and len(hit[0]) == len(key) and all(
-                    (a is None and b is None) or (a is not None and b is not None
-                                                  and a[0] is b[0] and a[1] == b[1])
-                    for a, b in zip(hit[0], key)):
+            if hit is not None and hit[0] == key and all(
+                    a is b for a, b in zip(hit[2], ts)):
                 return hit[1]
         with torch.no_grad():
-            mul = 1.0 / torch.sqrt(self.running_var.float() + self.eps)  # ATen's order
+            mul = 1.0 / torch.sqrt(self.running_var.float() + self.eps)
             if self.weight is not None:
                 mul = mul * self.weight.float()
             add = -self.running_mean.float() * mul
             if self.bias is not None:
                 add = add + self.bias.float()
         if not torch.compiler.is_compiling():
-            self.__dict__["_affine_cache"] = (key, (mul, add))
+            self.__dict__["_affine_cache"] = (key, (mul, add), ts)
         return mul, add
 
 
@@ -864,6 +866,8 @@ class IntModel(nn.Module):
         """Drop every recording and CUDA graph (see the class docstring)."""
         self._recordings = {}
         self._graphs = cuda_graphs.GraphCache()
+        for m in self.model.modules():
+            m.__dict__.pop("_affine_cache", None)
         return self
 
     def graph_refusals(self) -> dict:
@@ -899,9 +903,15 @@ class IntModel(nn.Module):
 
 class _LooseReads(torch.overrides.TorchFunctionMode):
     """Records the tensors that torch functions read outside the hooked modules (the
-    `torch.cat` in DenseNet's forward, say): the ids of those tensors go into `ids`, the
-    tensors themselves into `keep` so that the ids stay unique. Calls that return no tensor
-    (`x.size()`, `x.dim()`) read no values and are not counted."""
+    `torch.cat` in DenseNet's forward, a slice assignment, `tolist()`): the ids of those
+    tensors go into `ids`, the tensors themselves into `keep` so that the ids stay unique.
+    Metadata queries (`x.size()`, `x.dim()`, `x.shape`, `x.dtype`) read no values and are not
+    counted, unless they return a tensor (`x.data`, `x.T`)."""
+
+    _METADATA = frozenset({"size", "dim", "ndimension", "numel", "nelement", "stride",
+                           "is_contiguous", "__len__", "data_ptr", "element_size",
+                           "storage_offset", "is_floating_point", "is_complex", "is_signed",
+                           "get_device", "__get__"})
 
     def __init__(self, depth: list):
         super().__init__()
@@ -909,13 +919,17 @@ class _LooseReads(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.depth[0] == 0 and any(isinstance(o, torch.Tensor) for o in
-                                      torch.utils._pytree.tree_leaves(out)):
-            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    self.ids.add(id(t))
-                    self.keep.append(t)
+        if self.depth[0] == 0 and (
+                getattr(func, "__name__", None) not in self._METADATA
+                or any(isinstance(o, torch.Tensor) for o in torch.utils._pytree.tree_leaves(out))):
+            self.add((args, kwargs))
         return out
+
+    def add(self, tree) -> None:
+        for t in torch.utils._pytree.tree_leaves(tree):
+            if isinstance(t, torch.Tensor):
+                self.ids.add(id(t))
+                self.keep.append(t)
 
 
 def _trace(qmodel: nn.Module, example: torch.Tensor
@@ -936,7 +950,15 @@ def _trace(qmodel: nn.Module, example: torch.Tensor
                             for a in args if isinstance(a, torch.Tensor)]
 
     def hook(mod, args, out, name):
-        depth[0] -= 1
+        try:
+            record(mod, out, name)
+        finally:            # (the hook's own torch calls count as the module's)
+            depth[0] -= 1
+
+    def record(mod, out, name):
+        if out is None:     # (also after an exception in the forward: always_call below)
+            entered.pop(id(mod), None)
+            return
         ins = []
         for t, v in entered.pop(id(mod), []):
             if v is not None and made.get(id(t), v) != v:
@@ -959,13 +981,14 @@ def _trace(qmodel: nn.Module, example: torch.Tensor
     # consumes an activation)
     hooked = [(n, m) for n, m in qmodel.named_modules() if n not in inside and n and (
         isinstance(m, watched + (Add,)) or not list(m.children()))]
-    handles = [m.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name))
+    handles = [m.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name),
+                                       always_call=True)    # keeps `depth` right
                for n, m in hooked]
     handles += [m.register_forward_pre_hook(pre_hook) for _, m in hooked]
     loose = _LooseReads(depth)
     try:
         with torch.no_grad(), loose:
-            qmodel(example)
+            loose.add(qmodel(example))  # what the forward returns, its caller reads
     finally:
         for h in handles:
             h.remove()
@@ -1054,7 +1077,8 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
             # folded into the conv whose output only it takes; any other BatchNorm (DenseNet's
             # and pre-activation ResNets' BN -> ReLU -> conv) runs in float (FloatBatchNorm2d)
             if src is not None and isinstance(src[1], quant.QuantConv2d) \
-                    and counts[name] == 1 and counts[src[0]] == 1 and takers[id(ins[0])] == 1:
+                    and counts[name] == 1 and counts[src[0]] == 1 and takers[id(ins[0])] == 1 \
+                    and mod.running_mean is not None and mod.weight is not None:
                 bn_of[src[0]] = name
         elif isinstance(mod, (quant.QuantConv2d, quant.QuantLinear)):
             # a max-pool keeps its input's grid (max commutes with the monotone rounding)
@@ -1147,9 +1171,13 @@ def _plan_fusion(calls, loose, counts, layers, acts, bn_of) -> None:
                 info["defer"] = True
     # a BatchNorm left in float whose output only a ReLU / Hardswish quantizer takes, called
     # once, that passes int8 on: that quantization applies the BN (FloatBatchNorm2d.defer)
+    # (and its input unread by code outside the modules, which could change it in place
+    # before the quantization reads it)
     folded = set(bn_of.values())
+    in_of = {n: id(ins[0]) for n, _, ins, _ in calls if ins}
     for name, mod in mods.items():
-        if isinstance(mod, nn.BatchNorm2d) and name not in folded and counts.get(name) == 1:
+        if isinstance(mod, nn.BatchNorm2d) and name not in folded and counts.get(name) == 1 \
+                and in_of.get(name) not in loose:
             a = only(out_of[name], quant.QuantAct)
             if a is not None and counts.get(a) == 1 and acts[a]["kind"] in ("relu",
                                                                              "hardswish"):
@@ -1197,8 +1225,8 @@ def _set_fusion(model: nn.Module, plan: dict, fused: bool) -> None:
             new = FloatBatchNorm2d(m.num_features, m.eps, m.momentum, m.affine,
                                    m.track_running_stats)
             new.load_state_dict(m.state_dict())
-            _set_child(model, name, new.to(next(iter(m.buffers()), torch.empty(0)).device)
-                       .train(m.training))
+            where = next(iter([*m.parameters(), *m.buffers()]), torch.empty(0)).device
+            _set_child(model, name, new.to(where).train(m.training))
         elif type(m) is nn.MaxPool2d:
             _set_child(model, name, IntMaxPool2d(m.kernel_size, m.stride, m.padding,
                                                  m.dilation, m.return_indices, m.ceil_mode))

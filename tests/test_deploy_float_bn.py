@@ -137,23 +137,37 @@ def test_densenet_and_pre_activation_export(tmp_path, monkeypatch, bits, bound):
 
 class _ConvReadTwice(nn.Module):
     """A conv whose output a BatchNorm takes and something else reads too: `how` = "module"
-    (another conv) or "cat" (torch.cat in the forward, which no hook sees)."""
+    (another conv), "cat" (torch.cat in the forward, which no hook sees), "setitem" (a slice
+    assignment into a buffer), "caught" (torch.cat after a module whose exception the forward
+    catches) or "returned" (the forward returns it beside the logits)."""
 
     def __init__(self, how):
         super().__init__()
         self.how = how
         self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
         self.side = nn.Conv2d(4, 4, 1) if how == "module" else None
+        self.probe = nn.MaxPool2d(50) if how == "caught" else None   # larger than the input
         self.head = nn.Conv2d(8, 5, 1)
 
     def forward(self, x):
         y = self.conv(x)
         z = self.relu(self.bn(y))
+        if self.how == "caught":
+            try:
+                self.probe(y)
+            except RuntimeError:
+                pass
         other = self.side(y) if self.how == "module" else y
-        return self.head(torch.cat([z, other], 1)).mean((2, 3))
+        if self.how == "setitem":
+            both = torch.empty(z.shape[0], 8, *z.shape[2:])
+            both[:, :4], both[:, 4:] = z, other
+        else:
+            both = torch.cat([z, other], 1)
+        out = self.head(both).mean((2, 3))
+        return (out, y) if self.how == "returned" else out
 
 
-@pytest.mark.parametrize("how", ["module", "cat"])
+@pytest.mark.parametrize("how", ["module", "cat", "setitem", "caught", "returned"])
 def test_bn_not_folded_into_a_conv_whose_output_is_read_elsewhere(how):
     """Folding would hand the BN's output (and its ReLU) to the conv's other reader too."""
     torch.manual_seed(1)
@@ -161,12 +175,73 @@ def test_bn_not_folded_into_a_conv_whose_output_is_read_elsewhere(how):
     x = torch.randn(8, 3, 9, 9)
     q = calibrate(quantize_model(model, 8, 8), [x])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        # (a tuple output turns fused mode off, with a warning)
+        warnings.simplefilter("ignore" if how == "returned" else "error")
         im = export(q)
-    assert im.plan["fused"] and im.plan["layers"]["conv"]["bn"] is None
+    assert im.plan["fused"] == (how != "returned")
+    assert im.plan["layers"]["conv"]["bn"] is None and not im.plan["layers"]["conv"]["relu"]
     assert isinstance(im.model.bn, FloatBatchNorm2d)
     with torch.no_grad():
+        want, got = q(x), im(x)
+    if how == "returned":
+        assert _rel_err(want[1], got[1]) < 0.02
+        want, got = want[0], got[0]
+    assert _rel_err(want, got) < 0.02
+
+
+class _ChangedAfterBN(nn.Module):
+    """The BatchNorm's input changed in place after the BN ran, before its ReLU does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.relu0 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.bn, self.relu, self.conv = nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        t = self.relu0(self.conv0(x)) * 1.0
+        b = self.bn(t)
+        t.add_(0.5)
+        return self.conv(self.relu(b)).mean((2, 3)) + t.mean()
+
+
+def test_bn_input_changed_in_place_is_not_deferred():
+    torch.manual_seed(4)
+    model = _randomized(_ChangedAfterBN(), seed=5)
+    x = torch.randn(8, 3, 9, 9)
+    q = calibrate(quantize_model(model, 8, 8), [x])
+    im = export(q)
+    assert "bn" not in im.plan["acts"]["relu"] and not im.model.bn.defer
+    with torch.no_grad():
         assert _rel_err(q(x), im(x)) < 0.02
+
+
+@pytest.mark.parametrize("kw", [{"affine": False}, {"track_running_stats": False}])
+def test_unfoldable_bn_after_a_conv_runs_in_float(kw):
+    """A BatchNorm without affine parameters or running statistics (batch statistics even in
+    eval mode) right after a conv: not folded (it crashed the fold before)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, **kw), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(5 * 5 * 5, 3)).eval()
+    x = torch.randn(8, 3, 9, 9)
+    q = calibrate(quantize_model(model, 8, 8), [x])
+    im = export(q, example=x[:1])
+    assert im.plan["layers"]["0"]["bn"] is None and isinstance(im.model[1], FloatBatchNorm2d)
+    with torch.no_grad():
+        assert _rel_err(q(x), im(x)) < 0.02
+
+
+@torch.no_grad()
+def test_mul_add_cache_follows_eps_and_data():
+    bn = _randomized(FloatBatchNorm2d(6))
+    want = lambda: (1.0 / torch.sqrt(bn.running_var + bn.eps) * bn.weight,  # noqa: E731
+                    bn.bias - bn.running_mean * (1.0 / torch.sqrt(bn.running_var + bn.eps)
+                                                 * bn.weight))
+    for change in (lambda: None, lambda: setattr(bn, "eps", 0.5),
+                   lambda: setattr(bn.running_var, "data", bn.running_var * 2),
+                   lambda: bn.weight.mul_(3)):
+        change()
+        for got, ref in zip(bn.mul_add(), want()):
+            assert torch.equal(got, ref.detach())
 
 
 class _LooseReaders(nn.Module):

@@ -176,6 +176,26 @@ def test_per_channel_affine_bit_for_bit(act):
 
 
 @needs_cpu
+def test_per_channel_affine_keeps_dense_layouts():
+    """With mul / add, a dense x in a layout the kernel does not walk (transposed, permuted,
+    channels-last 3-D) is computed contiguous; the result keeps x's layout, as the fake kernel
+    (empty_like) says."""
+    gen = torch.Generator().manual_seed(7)
+    s, z = torch.tensor([0.02]), torch.tensor([-5], dtype=torch.int32)
+    xs = [torch.randn(6, 5, generator=gen).t(),
+          torch.randn(2, 3, 4, 5, generator=gen).permute(0, 3, 1, 2),
+          torch.randn(2, 3, 4, 5, 6, generator=gen).contiguous(
+              memory_format=torch.channels_last_3d)]
+    for x in xs:
+        c = x.shape[1]
+        mul, add = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+        got = Q.quantize_static(x, s, z, -128, 127, 2, mul, add)
+        assert got.stride() == torch.empty_like(x, dtype=torch.int8).stride()
+        assert torch.equal(got, _ref(x, s, z, -128, 127, 2, mul, add))
+        torch.library.opcheck(torch.ops.synq._quantize_static, (x, s, z, -128, 127, 2, mul, add))
+
+
+@needs_cpu
 def test_opcheck():
     x = torch.randn(2, 3, 5, 4).contiguous(memory_format=torch.channels_last)
     for act in (0, 1, 2):

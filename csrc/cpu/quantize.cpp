@@ -345,13 +345,19 @@ at::Tensor quantize_static_cpu(const at::Tensor& x_, const at::Tensor& scale_,
                      static_cast<float>(lo), static_cast<float>(hi), act};
   // a non-dense x (a channel slice) in its suggested layout, as empty_like and ATen give it
   auto x = x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous(x_.suggest_memory_format());
-  // with the affine map the kernel walks rows of channels (channels-last, or (N, C)) or
-  // planes of one channel (contiguous); any other layout is made contiguous first
+  // with the affine map the kernel walks planes of one channel (contiguous) or rows of
+  // channels (channels-last, or (N, C)); any other layout is computed contiguous and copied
+  // into x's layout
   bool rows = false;
+  at::Tensor like;  // the result's layout, where x had to be made contiguous
   if (affine) {
-    rows = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-    if (!rows) {
-      if (!x.is_contiguous()) x = x.contiguous();
+    if (x.is_contiguous()) {
+      rows = x.dim() == 2;
+    } else if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      rows = true;
+    } else {
+      like = x;
+      x = x.contiguous();
       rows = x.dim() == 2;
     }
   }
@@ -384,6 +390,7 @@ at::Tensor quantize_static_cpu(const at::Tensor& x_, const at::Tensor& scale_,
                              qp + p * plane);
     });
   }
+  if (like.defined()) return at::empty_like(like, q.options()).copy_(q);
   return q;
 }
 
