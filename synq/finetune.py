@@ -203,7 +203,11 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
     larger than 1x1 (a 1x1 map, e.g. a conv classifier after pooling, gives an empty CAM); the
     result is the last activation module (ReLU, ReLU6, Hardswish, SiLU) that runs after it
     with an output larger than 1x1 (for a ResNet the ReLU after the last residual add, i.e.
-    the last block's output), or that conv itself when no such activation follows. Grad-CAM is defined on these activation maps
+    the last block's output); where none follows, the last BatchNorm2d that runs after it
+    (torchvision's DenseNet applies its final ReLU as a function: its `features.norm5`
+    holds all the final features, where the last conv makes only the last layer's 32 new
+    channels; pytorch-grad-cam's documentation names `features[-1]` for DenseNet too); else
+    that conv itself. Grad-CAM is defined on these activation maps
     (rectified in the paper's ReLU models); on the
     raw (pre-BatchNorm) conv output the CAM term hurt: at W3A3 on Fashion-MNIST, 61.6% vs
     87.2% top-1 on held-out training images (baseline 74.0%)."""
@@ -211,7 +215,7 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
     handles = [m.register_forward_hook(
         lambda mod, inp, out, name=name: seen.append((name, mod, tuple(out.shape[2:]))))
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) or type(m) in QUANTIZED_ACTIVATIONS]
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or type(m) in QUANTIZED_ACTIVATIONS]
     try:
         with torch.no_grad():
             model(example)
@@ -226,8 +230,10 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
                          f"for input {tuple(example.shape[1:])}; name a CAM layer "
                          f"(cam_layer=...)")
     last_conv, conv_name = convs[-1]
-    relus = [name for i, name, mod in big if i > last_conv and not isinstance(mod, nn.Conv2d)]
-    return relus[-1] if relus else conv_name
+    after = [(name, mod) for i, name, mod in big if i > last_conv]
+    relus = [name for name, mod in after if type(mod) in QUANTIZED_ACTIVATIONS]
+    bns = [name for name, mod in after if isinstance(mod, nn.BatchNorm2d)]
+    return relus[-1] if relus else bns[-1] if bns else conv_name
 
 
 def residual_add_layers(model: nn.Module) -> list[str]:

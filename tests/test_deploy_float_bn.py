@@ -279,3 +279,23 @@ def test_tensors_read_outside_modules_stay_float():
     assert plan["acts"]["relu1"]["emit_int"] is False
     with torch.no_grad():
         assert _rel_err(q(x), im(x)) < 0.02
+
+
+def test_densenet_style_fine_tunes_and_exports(tmp_path, monkeypatch):
+    """SynQ fine-tuning (CAM on the final BatchNorm, which find_cam_layer picks where the last
+    ReLU is a function) and the export of the result, end to end."""
+    from synq.finetune import FinetuneConfig, find_cam_layer, finetune
+    (tmp_path / "dense_net_ft.py").write_text(_DENSE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = _randomized(importlib.import_module("dense_net_ft").model())
+    assert find_cam_layer(model, torch.zeros(1, 3, 16, 16)) == "norm5"
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 5, (64,))
+    res = finetune(model, (x, y), FinetuneConfig(wbits=4, abits=4, epochs=2, calib_epochs=1,
+                                                 iters_per_epoch=2, batch_size=32),
+                   progress=False)
+    assert res.history[-1]["cam"] > 0
+    im = export(res.student, example=x[:1])
+    assert im.plan["fused"]
+    with torch.no_grad():
+        assert _rel_err(res.student(x), im(x)) < 0.15

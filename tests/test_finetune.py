@@ -276,9 +276,14 @@ def test_cam_layer_selection():
     assert find_cam_layer(model, torch.zeros(1, 1, 6, 6)) == "2"
     with pytest.raises(ValueError, match="1x1"):
         find_cam_layer(model, torch.zeros(1, 1, 1, 1))
-    # no ReLU after the last conv: the conv itself
+    # no ReLU after the last conv: the last BatchNorm after it, else the conv itself
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten()).eval()
-    assert find_cam_layer(plain, torch.zeros(1, 1, 6, 6)) == "0"
+    assert find_cam_layer(plain, torch.zeros(1, 1, 6, 6)) == "1"
+    bare = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()).eval()
+    assert find_cam_layer(bare, torch.zeros(1, 1, 6, 6)) == "0"
+    # a BatchNorm before the last conv (DenseNet's norm1 / norm2) does not count
+    pre = nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3), nn.Flatten()).eval()
+    assert find_cam_layer(pre, torch.zeros(1, 1, 6, 6)) == "1"
     # the project's models: the last block's output
     assert find_cam_layer(resnet20(10, 1).eval(), torch.zeros(1, 1, 28, 28)) == "layer3.2.relu2"
 
