@@ -64,7 +64,7 @@ timeout -s INT -k 15 105 "$PY" -m pytest "${PYT[@]}" tests/test_fake_quant.py te
 # The integer kernels' CUDA backend (tests named test_cuda_*; no -x, so that one failing
 # case does not hide the others' results).
 timeout -s INT -k 15 70 "$PY" -m pytest "${PYT[@]}" tests/test_int_gemm.py tests/test_int_gemv.py tests/test_int_gemm_gluon.py tests/test_conv_gluon.py \
-  tests/test_deploy.py tests/test_int_conv.py tests/test_cuda_graphs.py tests/test_conv_tap.py \
+  tests/test_deploy.py tests/test_deploy_float_bn.py tests/test_int_conv.py tests/test_cuda_graphs.py tests/test_conv_tap.py \
   tests/test_int8_act.py tests/test_finetune.py tests/test_cli.py -k "cuda" --junitxml="$OUT/gpu_int_tests.xml" || STATUS=1
 
 # Opt-in kernels that have not run on a GPU before (the Gluon GEMM and conv, the cuda dp4a

@@ -299,3 +299,21 @@ def test_densenet_style_fine_tunes_and_exports(tmp_path, monkeypatch):
     assert im.plan["fused"]
     with torch.no_grad():
         assert _rel_err(res.student(x), im(x)) < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dense_export_on_cuda(tmp_path, monkeypatch):
+    """The float BatchNorms on a GPU: applied before Triton's quantization (or by the
+    reference's ops without Triton), the same plan as on the CPU."""
+    (tmp_path / "dense_net_cuda.py").write_text(_DENSE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = _randomized(importlib.import_module("dense_net_cuda").model()).cuda()
+    x = torch.randn(16, 3, 13, 11, device="cuda")
+    for bits, bound in ((8, 0.03), (4, 0.2)):
+        q = calibrate(quantize_model(model, bits, bits), [x])
+        im = export(q)
+        assert im.plan["fused"] and im.plan["acts"]["trans.1"]["bn"] == "trans.0"
+        with torch.no_grad():
+            want, got = q(x), im(x)
+        assert got.device.type == "cuda" and _rel_err(want, got) < bound
