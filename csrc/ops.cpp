@@ -76,7 +76,8 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
   // x (B, C, H, W) int8 or uint8 (any strides), x_zero in x's own range; w_packed from
   // _conv2d_prepack; w_scale (Cout,) float32. Output channels-last (B, Cout, OH, OW).
   // y = float(acc) * (x_scale * w_scale) + bias, + residual (float32, or int8 / uint8 with
-  // residual_scale / residual_zero), ReLU; out_dtype float32 / float16 / bfloat16, or int8 /
+  // residual_scale / residual_zero), ReLU (or Hardswish: hardswish, F.hardswish's steps);
+  // out_dtype float32 / float16 / bfloat16, or int8 /
   // uint8: clamp(round(y * (1 / out_scale)) + out_zero, lowest, out_max), out_max defaulting
   // to the dtype's highest value (a lower one for grids narrower than 8 bits). w_offset
   // (Cout,) int32: per-row offsets o of weights packed as w - o (rows beyond int8).
@@ -84,7 +85,7 @@ TORCH_LIBRARY_FRAGMENT(synq, m) {
         "Tensor w_scale, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, "
         "bool relu, ScalarType out_dtype, Tensor? out_scale, Tensor? out_zero, "
         "Tensor? residual, Tensor? residual_scale, Tensor? residual_zero, int? out_max=None, "
-        "Tensor? w_offset=None) -> Tensor");
+        "Tensor? w_offset=None, bool hardswish=False) -> Tensor");
 }
 
 }  // namespace synq

@@ -84,8 +84,10 @@ def _args(case, x_dtype, out_dtype, residual, cl, seed=0):
                                      out_dtype=out_dtype, **kw)
 
 
-def _run(case, x_dtype, out_dtype, residual, cl, relu, threads=None):
+def _run(case, x_dtype, out_dtype, residual, cl, relu, threads=None, hardswish=False):
     x, xz, wq, ws, bias, kw = _args(case, x_dtype, out_dtype, residual, cl)
+    if hardswish:
+        kw["hardswish"] = True
     outs = []
     for be in ("reference", "cpu"):
         wp = sk.prepack_conv2d_weight(wq, kw["groups"], backend=be)
@@ -122,6 +124,27 @@ def test_exact_vs_reference(case, out_dtype):
         assert got.dtype == out_dtype and got.shape == ref.shape
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got, ref), f"variant {i}"
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.int8, torch.uint8])
+def test_hardswish_exact_vs_reference(case, out_dtype):
+    """Hardswish in the epilogue (MobileNetV3's conv -> BN -> Hardswish), on every kernel
+    path: vector and strided epilogues, the depthwise rows kernel, residuals."""
+    for i, (x_dtype, residual, cl) in enumerate([(torch.int8, None, True),
+                                                 (torch.uint8, "int8", False),
+                                                 (torch.int8, "float", True)]):
+        ref, got = _run(case, x_dtype, out_dtype, residual, cl, relu=False, hardswish=True)
+        plain, _ = _run(case, x_dtype, out_dtype, residual, cl, relu=False)
+        assert got.dtype == out_dtype and got.shape == ref.shape
+        assert torch.equal(got, ref), f"variant {i}"
+        assert not torch.equal(ref, plain)      # (the activation did something)
+
+
+def test_reference_hardswish_is_f_hardswish():
+    y = torch.cat([torch.randn(10000) * 4, torch.tensor([-3.0, 3.0, 0.0, -0.0, 1e-30, 6.0])])
+    assert torch.equal(y * (y + 3.0).clamp(0.0, 6.0) / 6.0, torch.nn.functional.hardswish(y))
 
 
 OFFSET_CASES = [c for c in CASES if c[0] in ("r20.stem", "stem.3ch", "r20.block1",
@@ -315,6 +338,13 @@ def test_errors():
                                    out_scale=0.1, out_zero=0, out_max=200)
     with pytest.raises(TypeError, match="w_packed must have dtype int8"):
         sk.quantized_conv2d_packed(x, 0.1, 0, wp.to(torch.int16), torch.ones(4))
+    with pytest.raises(ValueError, match="relu and hardswish cannot both be set"):
+        sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), relu=True, hardswish=True)
+    with pytest.raises(RuntimeError, match="relu and hardswish cannot both be set"):
+        torch.ops.synq._quantized_conv2d_packed(
+            x, torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32), wp, torch.ones(4),
+            None, [1, 1], [0, 0], [1, 1], 1, True, torch.float32, None, None, None, None,
+            None, None, None, True)
     with pytest.raises(ValueError, match=r"w_offset must be a \(4,\) integer tensor"):
         sk.quantized_conv2d_packed(x, 0.1, 0, wp, torch.ones(4), w_offset=torch.zeros(3))
     with pytest.raises(TypeError, match="w_offset must have dtype"):

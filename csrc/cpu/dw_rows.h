@@ -31,7 +31,7 @@ constexpr int kPairW = 384;   // int16 weights per block pair: 12 vectors of 32
 struct Requant {
   float inv, lo, hi;  // 1 / out_scale; qmin - zero, qmax - zero
   int32_t oz;
-  bool relu;
+  bool relu, hs;  // ReLU, or Hardswish (requant::hardswish), before the quantization
 };
 
 // Index in a block pair's weights of channel c (0..31 of the pair), weight row ky, column kx:
@@ -101,12 +101,13 @@ SYNQ_DW_ROWS_TARGET void row_kernel(const int16_t* x, int64_t cs, int64_t rs, co
   const __m512 inv = _mm512_set1_ps(q.inv), qlo = _mm512_set1_ps(q.lo);
   const __m512 qhi = _mm512_set1_ps(q.hi), fz = _mm512_setzero_ps();
   const __m512i oz = _mm512_set1_epi32(q.oz);
-  const bool relu = q.relu;
+  const bool relu = q.relu, hs = q.hs;
   const __mmask16 m0 = static_cast<__mmask16>((1u << nv0) - 1);
   const __mmask16 m1 = static_cast<__mmask16>((1u << nv1) - 1);
   auto requant = [&](__m512i v, __m512 s, __m512 b) SYNQ_DW_ROWS_LAMBDA {
     __m512 y = requant::scale_bias(v, s, b);
     if (relu) y = _mm512_max_ps(y, fz);
+    else if (hs) y = requant::hardswish(y);
     return _mm512_cvtepi32_epi8(requant::quantize(y, inv, qlo, qhi, oz));
   };
 #pragma GCC unroll 8

@@ -229,7 +229,7 @@ struct EpiVec {
   __m512 s0, b0, inv, lo, hi, rsv;
   __m512i ozv, rzv;
   __mmask16 m;
-  bool part, relu;
+  bool part, relu, hs;
   at::ScalarType res_t, out_t;
   const void* res;  // at the block's first channel of image bi, or null
   void* out;        // likewise
@@ -255,6 +255,7 @@ struct EpiVec {
       y = _mm512_add_ps(y, rv);
     }
     if (relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+    else if (hs) y = requant::hardswish(y);
     return y;
   }
   // the requantized integers of y (in the output dtype's range)
@@ -426,7 +427,7 @@ struct ConvArgs {
   const float* bias;
   const int32_t* woff;  // weight-row offsets, as scale (0 past Og), or null
   int32_t zb;           // the image copy's zero: 0 (int16, x - z) or z' (bytes)
-  bool relu;
+  bool relu, hs;        // ReLU or Hardswish (F.hardswish's steps) after the residual
   // residual (optional): float32, or int8 / uint8 with scale and zero
   const void* res;
   at::ScalarType res_t;
@@ -617,6 +618,7 @@ void epilogue_portable(const ConvArgs& a, const int32_t* acc, int mr, int64_t bi
       float y = static_cast<float>(acc[r * kCB + n]) * sc[n] + bs[n];
       if (a.res) y = y + residual_at(a, bi, co0 + n, oy, ox);
       if (a.relu) y = y < 0.f ? 0.f : y;
+      else if (a.hs) y = y * std::min(std::max(y + 3.f, 0.f), 6.f) / 6.f;
       const int64_t idx = bi * a.sob + (co0 + n) * a.soc + oy * a.soy + ox * a.sox;
       switch (a.out_t) {
         case at::kFloat: store_scalar<float>(a.out, idx, y, a); break;
@@ -680,7 +682,14 @@ __attribute__((target("avx2"))) void epilogue_avx2(const ConvArgs& a, const int3
         }
         y = _mm256_add_ps(y, rv);
       }
-      if (a.relu) y = _mm256_max_ps(y, zero);
+      if (a.relu) {
+        y = _mm256_max_ps(y, zero);
+      } else if (a.hs) {
+        const __m256 six = _mm256_set1_ps(6.f);
+        y = _mm256_div_ps(_mm256_mul_ps(y, _mm256_min_ps(_mm256_max_ps(
+                                               _mm256_add_ps(y, _mm256_set1_ps(3.f)), zero), six)),
+                          six);
+      }
       const int64_t o = obase + poff[r] + 8 * v;
       if (a.out_t == at::kFloat) {
         if (cl)
@@ -735,6 +744,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void make_epi(
   e.rsv = _mm512_set1_ps(a.rs);
   e.rzv = _mm512_set1_epi32(a.rz);
   e.relu = a.relu;
+  e.hs = a.hs;
   e.res_t = a.res_t;
   e.out_t = a.out_t;
   const int64_t esz = a.out_t == at::kFloat ? 4 : 1, rsz = a.res_t == at::kFloat ? 4 : 1;
@@ -1281,7 +1291,7 @@ bool dw_rows_ok(const ConvArgs& a) {
 void dw_rows_tiles(const ConvArgs& a, const DwWeights& d, const int16_t* img, int64_t bi,
                    int64_t px0, int64_t px1) {
   const dw_rows::Requant q{a.inv_os, static_cast<float>(a.qmin - a.oz),
-                           static_cast<float>(a.qmax - a.oz), a.oz, a.relu};
+                           static_cast<float>(a.qmax - a.oz), a.oz, a.relu, a.hs};
   const int64_t pairs = (d.NBc + 1) / 2;
   const int s = static_cast<int>(a.sh);
   uint8_t* const out = static_cast<uint8_t*>(a.out) + bi * a.sob;
@@ -1439,7 +1449,7 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
                             const std::optional<at::Tensor>& residual_scale,
                             const std::optional<at::Tensor>& residual_zero,
                             std::optional<int64_t> out_max,
-                            const std::optional<at::Tensor>& w_offset) {
+                            const std::optional<at::Tensor>& w_offset, bool hardswish) {
   TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kChar || x.scalar_type() == at::kByte),
               kWho, "x must be 4-D int8 or uint8, got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kWho,
@@ -1489,7 +1499,9 @@ at::Tensor conv_packed_impl(const at::Tensor& x, const at::Tensor& x_scale,
   a.nq = a.kh * a.kw * ((a.Cg + kQ - 1) / kQ);
   a.wp = wp;
   a.wrow = ps.row();
+  TORCH_CHECK(!(relu && hardswish), kWho, "relu and hardswish cannot both be set");
   a.relu = relu;
+  a.hs = hardswish;
   const bool depthwise = groups > 1 && a.Cg == 1 && a.Og == 1;
   TORCH_CHECK(!ps.dw || depthwise, kWho, "a packed weight in the compact depthwise layout "
               "(last dim 1) needs groups = C = Cout, got groups = ", groups, ", C = ", a.C,
@@ -1623,7 +1635,7 @@ at::Tensor quantized_conv2d_packed_cpu(
     const std::optional<at::Tensor>& out_zero, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& residual_scale,
     const std::optional<at::Tensor>& residual_zero, std::optional<int64_t> out_max,
-    const std::optional<at::Tensor>& w_offset) {
+    const std::optional<at::Tensor>& w_offset, bool hardswish) {
   TORCH_CHECK(w_scale.dim() == 1, kWho, "w_scale must be 1-D (Cout,), got ", w_scale.sizes());
   TORCH_CHECK(w_packed.dim() == 6 && w_packed.scalar_type() == at::kChar &&
                   (w_packed.size(5) == kQ * kCB ||
@@ -1637,7 +1649,7 @@ at::Tensor quantized_conv2d_packed_cpu(
                           w_scale.size(0), w_scale, bias, stride,
                           padding, dilation, groups, relu, out_dtype,
                           at::MemoryFormat::ChannelsLast, out_scale, out_zero, residual,
-                          residual_scale, residual_zero, out_max, w_offset);
+                          residual_scale, residual_zero, out_max, w_offset, hardswish);
 }
 
 // The unpacked op (int8 x, weights packed per call): output in x's memory format.
@@ -1671,7 +1683,7 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& x_scale,
   return conv_packed_impl(x, x_scale, x_zero, ps, wbuf.data(), w.size(0), w_scale, bias,
                           stride, padding, dilation, groups, relu, out_dtype, fmt,
                           std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                          std::nullopt, std::nullopt);
+                          std::nullopt, std::nullopt, false);
 }
 
 }  // namespace

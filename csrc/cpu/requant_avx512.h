@@ -23,6 +23,14 @@ SYNQ_REQUANT_INLINE __m512i quantize(__m512 y, __m512 inv, __m512 lo, __m512 hi,
   return _mm512_add_epi32(_mm512_cvtps_epi32(t), zero);
 }
 
+// F.hardswish's float32 steps: y * min(max(y + 3, 0), 6) / 6
+SYNQ_REQUANT_INLINE __m512 hardswish(__m512 y) {
+  const __m512 three = _mm512_set1_ps(3.f), six = _mm512_set1_ps(6.f);
+  return _mm512_div_ps(
+      _mm512_mul_ps(y, _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, three),
+                                                   _mm512_setzero_ps()), six)), six);
+}
+
 #undef SYNQ_REQUANT_INLINE
 
 }  // namespace synq::requant

@@ -563,7 +563,7 @@ if _has_packed_kernel():
     @torch.library.register_fake("synq::_quantized_conv2d_packed")
     def _(x, x_scale, x_zero, w_packed, w_scale, bias, stride, padding, dilation, groups, relu,
           out_dtype, out_scale, out_zero, residual, residual_scale, residual_zero,
-          out_max=None, w_offset=None):
+          out_max=None, w_offset=None, hardswish=False):
         kh, kw = w_packed.shape[2], w_packed.shape[3]
         oh = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
         ow = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
@@ -606,12 +606,12 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
                             out_scale=None, out_zero=None, residual: Tensor | None = None,
                             residual_scale=None, residual_zero=None,
                             out_max: int | None = None, w_offset: Tensor | None = None,
-                            backend: str | None = None) -> Tensor:
+                            hardswish: bool = False, backend: str | None = None) -> Tensor:
     """Integer conv2d on a prepacked weight, with a fused epilogue; output channels-last.
 
         y = x_scale w_scale[n] conv2d(x_q - x_zero, w_q)[n] + bias[n]
             (+ residual, or + residual_scale (residual - residual_zero) for an int residual)
-        y = ReLU(y) if relu
+        y = ReLU(y) if relu, Hardswish(y) if hardswish (F.hardswish's float32 steps)
         out = y as out_dtype (float32 / float16 / bfloat16), or requantized for int8 / uint8:
               clamp(round(y / out_scale) + out_zero, lowest, out_max)   (exact float32
               order: reference `quantized_conv2d_packed`; / out_scale is
@@ -636,6 +636,8 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
     """
     _check_tensor("x_q", x_q, (torch.int8, torch.uint8), 4)
     _check_tensor("w_packed", w_packed, (torch.int8,), 6)
+    if relu and hardswish:
+        raise ValueError("relu and hardswish cannot both be set")
     _checks.check_same_device(x_q=x_q, w_packed=w_packed)
     if out_dtype not in OUT_DTYPES + (torch.int8, torch.uint8):
         raise TypeError(f"out_dtype must be float32, float16, bfloat16, int8 or uint8, got "
@@ -723,7 +725,7 @@ def quantized_conv2d_packed(x_q: Tensor, x_scale, x_zero, w_packed: Tensor, w_sc
                                              torch.int64))
         wo = w_offset.to(device=dev, dtype=torch.int32).contiguous()
     args = (x_q, xs, xz, w_packed, ws, b, stride, padding, dilation, groups, bool(relu),
-            out_dtype, os_, oz, residual, rs, rz, out_max, wo)
+            out_dtype, os_, oz, residual, rs, rz, out_max, wo, bool(hardswish))
     if _packed_backend(dev, backend) == "cpu":
         return torch.ops.synq._quantized_conv2d_packed(*args)
     return R.quantized_conv2d_packed(*args)

@@ -185,7 +185,8 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
                             stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
                             relu=False, out_dtype=torch.float32, out_scale=None, out_zero=None,
                             residual=None, residual_scale=None,
-                            residual_zero=None, out_max=None, w_offset=None) -> torch.Tensor:
+                            residual_zero=None, out_max=None, w_offset=None,
+                            hardswish=False) -> torch.Tensor:
     """The packed-weight conv, computed in the kernel's float32 operation order so that
     int8 / uint8 outputs are bit-exact:
 
@@ -193,7 +194,8 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
               w = the unpacked weight + w_offset[n] when given
         y = float32(acc) * (x_scale * w_scale[n]) + bias[n]      (float32, mul then add)
         y = y + residual   or   y + float32(residual - residual_zero) * residual_scale
-        y = max(y, 0) if relu
+        y = max(y, 0) if relu, or y * min(max(y + 3, 0), 6) / 6 if hardswish (F.hardswish's
+              float32 steps)
         out = y.to(out_dtype), or for int8 / uint8:
             clamp(round_half_even(min(max(y * (1 / out_scale), qmin - z), qmax - z)) + z)
               with z = out_zero, 1 / out_scale a float32 division, qmax = out_max if given
@@ -220,8 +222,12 @@ def quantized_conv2d_packed(x_q, x_scale, x_zero, w_packed, w_scale, bias=None,
         else:
             r = (residual.to(torch.int32) - residual_zero.to(torch.int32).reshape(()))
             y = y + r.to(torch.float32) * residual_scale.to(torch.float32).reshape(())
+    if relu and hardswish:
+        raise ValueError("relu and hardswish cannot both be set")
     if relu:
         y = y.clamp_min(0)
+    elif hardswish:
+        y = y * (y + 3.0).clamp(0.0, 6.0) / 6.0
     if out_dtype in (torch.int8, torch.uint8):
         qmin, qmax = (-128, 127) if out_dtype == torch.int8 else (0, 255)
         if out_max is not None:
