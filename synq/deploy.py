@@ -36,13 +36,14 @@ What `export` does to each part of the model:
   of such a layer depends slightly on the other images of the batch; pass `input_range` to
   `export` to fix the first layer's range), per row for a linear layer.
 - QuantAct -> IntAct: ReLU (skipped when the conv before it already applied it in its
-  epilogue), ReLU6, or Hardswish / SiLU in float, and the frozen fake quantization, so
+  epilogue), ReLU6, or Hardswish / SiLU in float (in fused mode Hardswish in the conv
+  epilogue where a conv feeds it), and the frozen fake quantization, so
   residual additions see exactly the values of the fake-quantized model. Squeeze-and-
   excitation gates (Sigmoid, Hardsigmoid) and their products stay float.
 - Fused mode (default where the traced structure allows it, checked on the example): a conv
-  followed by its ReLU quantizer, or by a residual Add and a ReLU quantizer, runs as one call
-  of the CPU's prepacked conv whose epilogue adds the residual, applies the ReLU and
-  requantizes to the quantizer's grid; the int8 result goes to the next conv as is (through
+  followed by its ReLU / ReLU6 / Hardswish quantizer, or by a residual Add and such a
+  quantizer, runs as one call of the CPU's prepacked conv whose epilogue adds the residual,
+  applies the activation and requantizes to the quantizer's grid; the int8 result goes to the next conv as is (through
   a max-pool too: IntMaxPool2d). On a GPU the same epilogue is Triton's
   (synq_kernels/triton/conv_tap.py) for convs with more than one input channel per group;
   elsewhere the steps run as the float path plus PyTorch ops. On the CPU path rows
@@ -80,7 +81,8 @@ _PASSTHROUGH = (Add, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatte
 # Parameter-free layers, by class name, that are the identity in eval mode by convention
 # (torchvision's StochasticDepth, timm's DropPath); the traced forward must confirm it.
 _EVAL_IDENTITIES = ("StochasticDepth", "DropPath")
-# IntAct's activations that the conv epilogue cannot apply: run in float before quantizing
+# IntAct's activations that run in float before quantizing (Hardswish: unless the conv before
+# it applies it in its CPU epilogue, see _Pending)
 _FLOAT_ACTIVATIONS = {"hardswish": F.hardswish, "silu": F.silu}
 
 
@@ -549,12 +551,22 @@ class _Pending:
     def __init__(self, layer, xq, xs, xz):
         self.layer, self.xq, self.xs, self.xz, self.residual = layer, xq, xs, xz, None
 
-    def run(self, relu: bool, out):
+    def run(self, relu: bool, out, hardswish: bool = False):
         """out: None (float32 result) or (scale, zero in the int8 domain, highest int8 value)
-        for an int8 result tagged with its grid."""
+        for an int8 result tagged with its grid. hardswish (instead of relu): in the CPU
+        kernel's epilogue; elsewhere on the float result, in the quantization's pass."""
         L, res = self.layer, self.residual
         if isinstance(res, _Pending):
             res = res.run(False, None)
+        if hardswish and (L._use_tap(self.xq) or getattr(self.xq, "_synq_s2d", False)
+                          or not L._use_packed(self.xq.device)):
+            self.residual = res
+            y = self.run(False, None)
+            if out is None:
+                return F.hardswish(y)
+            q = _quantize_static(y, out[0], out[1], -128, out[2], hardswish=True)
+            q._synq_q = (out[0], out[1])
+            return q
         if L._use_tap(self.xq) or getattr(self.xq, "_synq_s2d", False):
             return L._conv_tap(self.xq, self.xs, self.xz, relu, res, out)
         if not L._use_packed(self.xq.device):
@@ -581,7 +593,7 @@ class _Pending:
                 torch.int8 if out is not None else torch.float32,
                 None if out is None else out[0], None if out is None else out[1], res, rs, rz,
                 # activation grids below 8 bits end under int8's top
-                None if out is None or out[2] >= 127 else out[2], wo)
+                None if out is None or out[2] >= 127 else out[2], wo, hardswish)
             if out is None:
                 return q
         q._synq_q = (out[0], out[1])
@@ -590,10 +602,10 @@ class _Pending:
 
 class IntAct(nn.Module):
     """ReLU / ReLU6 (unless already applied by the layer before it), Hardswish or SiLU (in
-    float, always here) followed by the frozen quantization of its activation quantizer: a
-    float tensor on the grid (as the fake-quantized model gives), or in fused mode
-    (`emit_int`) the int8 tensor itself, produced by the epilogue of the conv before it
-    (ReLU / ReLU6) or quantized here.
+    float here) followed by the frozen quantization of its activation quantizer: a float
+    tensor on the grid (as the fake-quantized model gives), or in fused mode (`emit_int`)
+    the int8 tensor itself, produced by the epilogue of the conv before it (ReLU / ReLU6 /
+    Hardswish) or quantized here.
 
     `scale` / `zero` may be sequences: an activation module that the forward calls at several
     places (see synq.quant.QuantAct) has a grid per call, the k-th in buffers `scale_k` /
@@ -682,7 +694,8 @@ class IntAct(nn.Module):
             x = x.run()
         if isinstance(x, _Pending):
             # ReLU6's top: the grid's top, or the code of 6.0 below it (`tops`)
-            q = x.run(True, self._grid(suffix))
+            hs = self.kind == "hardswish"
+            q = x.run(not hs, self._grid(suffix), hardswish=hs)
             return q if emit_int else _dequant(q)
         x = _as_float(x)
         fused_hs = emit_int and self.kind == "hardswish"  # in the quantization's pass
@@ -1149,9 +1162,9 @@ def _plan_fusion(calls, loose, counts, layers, acts, bn_of) -> None:
 
     def rectifier(aname):
         """Whether activation `aname` is one the conv epilogue can take (ReLU; ReLU6, whose
-        top is the grid's clamp or the code of 6.0, IntAct.tops); Hardswish / SiLU run in
+        top is the grid's clamp or the code of 6.0, IntAct.tops; Hardswish); SiLU runs in
         float after the conv instead."""
-        return aname is not None and acts[aname]["kind"] not in _FLOAT_ACTIVATIONS
+        return aname is not None and acts[aname]["kind"] in ("relu", "relu6", "hardswish")
 
     mods = {n: m for n, m, _, _ in calls}
     for name, info in layers.items():
