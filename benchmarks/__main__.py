@@ -24,6 +24,8 @@ FAMILIES = {  # the families with the issues' end-to-end targets first (a time l
     "bench_fake_quant": "fake_quant forward / forward+backward vs torch fake-quant ops",
     "bench_lowpass": "low-pass filter vs the torch.fft path",
     "bench_channel_stats": "BN channel statistics (synthesis) vs torch.var_mean",
+    "bench_quantize": "activation quantization (static, fused activation / BN; dynamic) vs PyTorch ops",
+    "bench_pool": "int8 max-pool vs float32 max-pool",
 }
 
 
