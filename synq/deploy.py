@@ -1311,8 +1311,9 @@ def export(qmodel: nn.Module, example: torch.Tensor | None = None,
         input_range: (lo, hi) of the model's input; the first layer then quantizes its input
             to 8 bits on this fixed range instead of each batch's own range.
         fuse: pass int8 tensors from layer to layer where the structure allows (a conv
-            followed by its ReLU quantizer, or by a residual add and a ReLU quantizer, runs as
-            one kernel with a requantizing epilogue); checked on `example`, else off.
+            followed by its ReLU / ReLU6 / Hardswish quantizer, or by a residual add and such
+            a quantizer, runs as one kernel with a requantizing epilogue); checked on
+            `example`, else off.
     """
     if weight_format not in ("auto", "int8", "int4"):
         raise ValueError(f"weight_format must be 'auto', 'int8' or 'int4', got "
@@ -1479,9 +1480,12 @@ def load_int(path, device="cpu") -> IntModel:
         qa = model.get_submodule(name)
         n = len(_call_quantizers(qa))
         _set_child(model, name, IntAct(name, info["kind"], qa.quantizer.bits, [1.0] * n,
-                                       [0] * n, apply_relu=info["fused_from"] is None,
-                                       tops=info.get("relu6_tops")))
+                                       [0] * n, apply_relu=info["fused_from"] is None))
     _set_fusion(model, plan, plan.get("fused", False))
     model.load_state_dict(state, strict=True)
+    for m in model.modules():   # ReLU6 tops from the loaded grids (plans before them lack them)
+        if isinstance(m, IntAct) and m.kind == "relu6":
+            tops = m.relu6_tops()
+            m.tops = tops if any(t is not None for t in tops) else None
     meta.pop("plan")
     return IntModel(model.to(device).eval(), plan, meta).eval()

@@ -204,10 +204,12 @@ def find_cam_layer(model: nn.Module, example: torch.Tensor) -> str:
     result is the last activation module (ReLU, ReLU6, Hardswish, SiLU) that runs after it
     with an output larger than 1x1 (for a ResNet the ReLU after the last residual add, i.e.
     the last block's output); where none follows, the last BatchNorm2d that runs after it
-    (torchvision's DenseNet applies its final ReLU as a function: its `features.norm5`
-    holds all the final features, where the last conv makes only the last layer's 32 new
-    channels; pytorch-grad-cam's documentation names `features[-1]` for DenseNet too); else
-    that conv itself. Grad-CAM is defined on these activation maps
+    (torchvision's DenseNet applies its final ReLU as a function, in place: its
+    `features.norm5` holds all the final features, where the last conv makes only the last
+    layer's 32 new channels; pytorch-grad-cam's documentation names `features[-1]` for
+    DenseNet too. GoogLeNet's pick is one branch's BN, as its conv was before); else that
+    conv itself. The maps are captured before any in-place op after the layer (the models
+    go on with a copy). Grad-CAM is defined on these activation maps
     (rectified in the paper's ReLU models); on the
     raw (pre-BatchNorm) conv output the CAM term hurt: at W3A3 on Fashion-MNIST, 61.6% vs
     87.2% top-1 on held-out training images (baseline 74.0%)."""
@@ -354,8 +356,11 @@ class _Step:
         self.cam_layer, self.fa_layers = cam_layer, fa_layers
         self.t_cam = self.s_cam = self.t_fa = self.s_fa = None
         if cfg.use_cam:
-            self.t_cam = stack.enter_context(ActivationCapture(teacher, [cam_layer], True))
-            self.s_cam = stack.enter_context(ActivationCapture(student, [cam_layer]))
+            # (copies: the layer's output may be changed in place after it, see find_cam_layer)
+            self.t_cam = stack.enter_context(ActivationCapture(teacher, [cam_layer], True,
+                                                               copy_out=True))
+            self.s_cam = stack.enter_context(ActivationCapture(student, [cam_layer],
+                                                               copy_out=True))
         if cfg.feature_attention:
             self.t_fa = stack.enter_context(ActivationCapture(teacher, fa_layers))
             self.s_fa = stack.enter_context(ActivationCapture(student, fa_layers))

@@ -163,17 +163,21 @@ class ActivationCapture:
     With `make_leaf=True` the captured output is replaced by a detached copy that requires
     grad, so a frozen model (no parameter needs grad) still builds the graph from that
     activation to its output: torch.autograd.grad(score, capture.outputs[name]) is then the
-    Grad-CAM gradient without touching the layers below it. Use as a context manager; hooks are
-    registered once on entry and removed on exit."""
+    Grad-CAM gradient without touching the layers below it. With `copy_out=True` the model
+    goes on with a copy of the captured output, so that an in-place op after the layer
+    (torchvision's DenseNet applies F.relu(inplace=True) to its final BatchNorm's output)
+    changes neither the captured map nor, for a leaf, raises. Use as a context manager; hooks
+    are registered once on entry and removed on exit."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], make_leaf: bool = False):
+    def __init__(self, model: nn.Module, names: Sequence[str], make_leaf: bool = False,
+                 copy_out: bool = False):
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"module(s) {', '.join(map(repr, missing))} not found in "
                              f"{type(model).__name__}")
         self.modules = {n: modules[n] for n in names}
-        self.make_leaf = make_leaf
+        self.make_leaf, self.copy_out = make_leaf, copy_out
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = []
 
@@ -187,9 +191,9 @@ class ActivationCapture:
             if self.make_leaf and torch.is_grad_enabled():
                 output = output.detach().requires_grad_(True)
                 self.outputs[name] = output
-                return output
+                return output.clone() if self.copy_out else output
             self.outputs[name] = output
-            return None
+            return output.clone() if self.copy_out else None
         return hook
 
     def __exit__(self, *exc):

@@ -65,7 +65,7 @@ class Net(nn.Module):
         for layer in self.layers:
             features.append(layer(features))
         x = self.block(self.trans(torch.cat(features, 1)))
-        x = F.relu(self.norm5(x))   # a functional ReLU, as in torchvision's DenseNet
+        x = F.relu(self.norm5(x), inplace=True)   # functional, in place: torchvision's
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 def model():

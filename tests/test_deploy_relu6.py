@@ -1,6 +1,7 @@
 """synq.deploy: ReLU6 whose learned grid reaches past 6 (an LSQ step grown in fine-tuning) keeps
 fused mode: the conv epilogue clamps the int8 result to the code of 6.0 (IntAct.tops), as the
 fake-quantized model's ReLU6 does before rounding."""
+import json
 import warnings
 
 import pytest
@@ -67,3 +68,13 @@ def test_relu6_grid_past_six_stays_fused(tmp_path, bits):
     back = load_int(tmp_path / "int")
     with torch.no_grad():
         assert torch.equal(back(x), got)
+    # a model saved before the plans held the tops: load_int finds them from the grids
+    meta_path = tmp_path / "int" / "int_model.json"
+    meta = json.loads(meta_path.read_text())
+    for info in meta["plan"]["acts"].values():
+        info.pop("relu6_tops", None)
+    meta_path.write_text(json.dumps(meta))
+    old = load_int(tmp_path / "int")
+    assert old.model[2].tops == [top]
+    with torch.no_grad():
+        assert torch.equal(old(x), got)
