@@ -12,6 +12,12 @@ CPU: the C++ kernels against the reference's ops. GPU: the Triton static quantiz
 exporter's, after the activation and the affine map in PyTorch ops) against the same ops;
 the dynamic rows have no GPU kernel and are skipped there.
 
+On a CPU the reference's large intermediates are fresh allocations each call. glibc hands
+large freed blocks back to the OS and faults them in again, and whether a process does so
+depends on what it allocated before: a review measured the batch-32 reference rows 1.9x
+and 16x the kernel in two processes of the same run, and 0.75-1.5 ms instead of 11 ms with
+MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ set high. Read those rows across runs.
+
     python -m benchmarks.bench_quantize [--quick] [--device cpu|cuda] [--threads N] [--out DIR]
 """
 from __future__ import annotations
@@ -98,7 +104,10 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
         notes = ("Activation quantization: synq's one-pass kernels against the PyTorch ops of "
                  "synq_kernels.reference.quantize, same run, channels-last float32 inputs "
                  "(microseconds per call, medians). static + BN + ReLU: x * mul + add per "
-                 "channel, ReLU, then the grid (DenseNet's BN -> ReLU -> conv).")
+                 "channel, ReLU, then the grid (DenseNet's BN -> ReLU -> conv). On a CPU the "
+                 "reference rows of large tensors depend on whether glibc's allocator "
+                 "returns their intermediates to the OS in this process (page faults at "
+                 "every call): compare runs (see the module docstring).")
         paths = write_results("quantize", rows, device, out_dir, notes)
         print(f"wrote {paths[0]} and {paths[1]}")
     return rows
