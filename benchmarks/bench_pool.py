@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import synq_kernels as sk
 
-from .common import bench_main, markdown_table, time_fn, write_results
+from .common import bench_main, report, time_fn
 
 SHAPES = [(1, 64, 112, 112), (32, 64, 112, 112), (256, 64, 112, 112)]
 QUICK = SHAPES[:2]
@@ -46,14 +46,11 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             print(f"{rows[-1]['shape']:>16} {be:>8} {t * 1e6:10.1f} us  x{t_float / t:6.2f} "
                   f"vs the {name} pool  x{t_conv / t:6.2f} vs int8 -> {name} -> pool",
                   flush=True)
-    print(markdown_table(rows))
-    if out_dir:
-        notes = ("max_pool2d_int8 (3x3, stride 2, padding 1, channels-last int8) against "
-                 "F.max_pool2d of the float tensor and of the int8 tensor converted to float "
-                 "first (float32 on a CPU, float16 on a GPU), same run (microseconds per "
-                 "call, medians).")
-        paths = write_results("max_pool_int8", rows, device, out_dir, notes)
-        print(f"wrote {paths[0]} and {paths[1]}")
+    notes = ("max_pool2d_int8 (3x3, stride 2, padding 1, channels-last int8) against "
+             "F.max_pool2d of the float tensor and of the int8 tensor converted to float "
+             "first (float32 on a CPU, float16 on a GPU), same run (microseconds per "
+             "call, medians).")
+    report("max_pool_int8", rows, device, out_dir, notes)
     return rows
 
 

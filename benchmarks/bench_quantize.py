@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from synq_kernels.ops import quantize as Q
 from synq_kernels.reference import quantize as R
 
-from .common import bench_main, markdown_table, time_fn, write_results
+from .common import bench_main, report, time_fn
 
 # (what, activation shape): MobileNetV3 / DenseNet / ResNet activations at batch 1 and 32
 SHAPES = [("stem, batch 1", (1, 16, 112, 112)), ("mid, batch 1", (1, 256, 28, 28)),
@@ -99,17 +99,14 @@ def run(quick: bool = False, device: str = "cpu", out_dir: str = "benchmarks/res
             t = time_fn(lambda: Q.quantize_dynamic_rows(x, 1e-8), device, min_t)
             rows.append({"op": "dynamic, per row", "tensor": f"{what} {'x'.join(map(str, shape))}",
                          "synq_us": t * 1e6, "reference_us": t_ref * 1e6, "speedup": t_ref / t})
-    print(markdown_table(rows))
-    if out_dir:
-        notes = ("Activation quantization: synq's one-pass kernels against the PyTorch ops of "
-                 "synq_kernels.reference.quantize, same run, channels-last float32 inputs "
-                 "(microseconds per call, medians). static + BN + ReLU: x * mul + add per "
-                 "channel, ReLU, then the grid (DenseNet's BN -> ReLU -> conv). On a CPU the "
-                 "reference rows of large tensors depend on whether glibc's allocator "
-                 "returns their intermediates to the OS in this process (page faults at "
-                 "every call): compare runs (see the module docstring).")
-        paths = write_results("quantize", rows, device, out_dir, notes)
-        print(f"wrote {paths[0]} and {paths[1]}")
+    notes = ("Activation quantization: synq's one-pass kernels against the PyTorch ops of "
+             "synq_kernels.reference.quantize, same run, channels-last float32 inputs "
+             "(microseconds per call, medians). static + BN + ReLU: x * mul + add per "
+             "channel, ReLU, then the grid (DenseNet's BN -> ReLU -> conv). On a CPU the "
+             "reference rows of large tensors depend on whether glibc's allocator "
+             "returns their intermediates to the OS in this process (page faults at "
+             "every call): compare runs (see the module docstring).")
+    report("quantize", rows, device, out_dir, notes)
     return rows
 
 

@@ -92,6 +92,14 @@ def write_results(name: str, rows: list[dict], device: str, out_dir: str,
     return stem + ".csv", stem + ".md"
 
 
+def report(name: str, rows: list[dict], device: str, out_dir: str | None, notes: str) -> None:
+    """Print rows as a markdown table and, with an out_dir, write them (write_results)."""
+    print(markdown_table(rows))
+    if out_dir:
+        paths = write_results(name, rows, device, out_dir, notes)
+        print(f"wrote {paths[0]} and {paths[1]}")
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"

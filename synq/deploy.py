@@ -558,8 +558,8 @@ class _Pending:
         L, res = self.layer, self.residual
         if isinstance(res, _Pending):
             res = res.run(False, None)
-        if hardswish and (L._use_tap(self.xq) or getattr(self.xq, "_synq_s2d", False)
-                          or not L._use_packed(self.xq.device)):
+        tap = L._use_tap(self.xq) or getattr(self.xq, "_synq_s2d", False)
+        if hardswish and (tap or not L._use_packed(self.xq.device)):
             self.residual = res
             y = self.run(False, None)
             if out is None:
@@ -567,7 +567,7 @@ class _Pending:
             q = _quantize_static(y, out[0], out[1], -128, out[2], hardswish=True)
             q._synq_q = (out[0], out[1])
             return q
-        if L._use_tap(self.xq) or getattr(self.xq, "_synq_s2d", False):
+        if tap:
             return L._conv_tap(self.xq, self.xs, self.xz, relu, res, out)
         if not L._use_packed(self.xq.device):
             y = L._conv_float(self.xq, self.xs, self.xz, relu and res is None)
@@ -1060,6 +1060,19 @@ def _check_exportable(qmodel: nn.Module) -> list[str]:
     return identities
 
 
+def _dataflow(calls) -> tuple[dict, dict, dict]:
+    """Who reads what in the traced calls: id(tensor) -> [(name, module)] of the calls that
+    took it as an input; module name -> id of its (last) output; module name -> ids of its
+    outputs, call by call."""
+    consumers, out_of, outs_of = {}, {}, {}
+    for name, mod, ins, out in calls:
+        for t in ins:
+            consumers.setdefault(id(t), []).append((name, mod))
+        out_of[name] = id(out)
+        outs_of.setdefault(name, []).append(id(out))
+    return consumers, out_of, outs_of
+
+
 def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
     calls, loose = _trace(qmodel, example)
     for name, mod, _, _ in calls:       # (a pass-through call is not among the calls)
@@ -1077,20 +1090,19 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
     for i, (name, *_) in enumerate(calls):
         rank[i] = seen.get(name, 0)
         seen[name] = rank[i] + 1
-    takers = {}  # id(tensor) -> how many calls took it as an input
-    for _, _, ins, _ in calls:
-        for t in ins:
-            takers[id(t)] = takers.get(id(t), 0) + 1
-    for t in loose:
-        takers[t] = takers.get(t, 0) + 1
-    out_id = {name: id(out) for name, _, _, out in calls}
+    flow = _dataflow(calls)
+    consumers, out_of = flow[0], flow[1]
+
+    def readers(tid):  # the calls that took the tensor, and code outside the modules
+        return len(consumers.get(tid, ())) + (tid in loose)
+
     for i, (name, mod, ins, out) in enumerate(calls):
         src = calls[producer[id(ins[0])]] if ins and id(ins[0]) in producer else None
         if isinstance(mod, nn.BatchNorm2d):
             # folded into the conv whose output only it takes; any other BatchNorm (DenseNet's
             # and pre-activation ResNets' BN -> ReLU -> conv) runs in float (FloatBatchNorm2d)
             if src is not None and isinstance(src[1], quant.QuantConv2d) \
-                    and counts[name] == 1 and counts[src[0]] == 1 and takers[id(ins[0])] == 1 \
+                    and counts[name] == 1 and counts[src[0]] == 1 and readers(id(ins[0])) == 1 \
                     and mod.running_mean is not None and mod.weight is not None:
                 bn_of[src[0]] = name
         elif isinstance(mod, (quant.QuantConv2d, quant.QuantLinear)):
@@ -1130,7 +1142,7 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
         conv = None
         if kind == "relu" and len(srcs) == 1 and None not in srcs:
             s = next(iter(srcs))
-            if counts.get(s) == 1 and takers.get(out_id[s]) == 1:  # read by this ReLU only
+            if counts.get(s) == 1 and readers(out_of[s]) == 1:  # read by this ReLU only
                 conv = bn_to_conv.get(s, s if s in layers else None)
         if conv is not None and counts.get(conv, 0) == 1:
             fused[conv] = aname
@@ -1138,22 +1150,16 @@ def _make_plan(qmodel: nn.Module, example: torch.Tensor, identities=()) -> dict:
     for name, info in layers.items():
         info["bn"] = bn_of.get(name)
         info["relu"] = name in fused
-    _plan_fusion(calls, loose, counts, layers, acts, bn_of)
+    _plan_fusion(calls, flow, loose, counts, layers, acts, bn_of)
     return {"layers": layers, "acts": acts, "fused": True}
 
 
-def _plan_fusion(calls, loose, counts, layers, acts, bn_of) -> None:
+def _plan_fusion(calls, flow, loose, counts, layers, acts, bn_of) -> None:
     """Which convs hand their epilogue to what follows (`defer`) and which activation
     quantizers pass int8 on (`emit_int`): the fused mode of IntConv2d / IntAct / IntAdd.
-    Neither happens to a tensor that code outside the modules reads (`loose`)."""
-    consumers = {}   # id(tensor) -> [(name, module)] of the calls that took it as an input
-    out_of = {}      # module name -> id of its output (modules called once)
-    outs_of = {}     # module name -> ids of its outputs, call by call
-    for name, mod, ins, out in calls:
-        for t in ins:
-            consumers.setdefault(id(t), []).append((name, mod))
-        out_of[name] = id(out)
-        outs_of.setdefault(name, []).append(id(out))
+    Neither happens to a tensor that code outside the modules reads (`loose`). flow:
+    _dataflow(calls) (out_of is used for modules called once)."""
+    consumers, out_of, outs_of = flow
 
     def only(tid, kind):
         c = consumers.get(tid, [])
